@@ -1,0 +1,195 @@
+//! Wire types of the APIXO-compatible task API.
+//!
+//! Both the server and the client speak through these types, so a field renamed here is renamed on
+//! both sides at once. Everything follows APIXO's conventions: camelCase field names, optional
+//! fields left out rather than sent as `null`, and `resultJson` as a JSON *string*.
+
+use serde::{Deserialize, Serialize};
+
+pub mod webhook;
+
+/// The envelope every response is wrapped in: `code` mirrors the HTTP status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub code: u16,
+    pub message: String,
+    pub data: Option<T>,
+}
+
+impl<T> Envelope<T> {
+    /// A `200 success` envelope around `data`.
+    pub fn success(data: T) -> Self {
+        Envelope {
+            code: 200,
+            message: "success".to_owned(),
+            data: Some(data),
+        }
+    }
+}
+
+/// How the client wants to hear about the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestType {
+    /// Poll `statusTask` until the task is final.
+    #[default]
+    Async,
+    /// The server POSTs the final status to `callback_url`.
+    Callback,
+}
+
+impl RequestType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestType::Async => "async",
+            RequestType::Callback => "callback",
+        }
+    }
+}
+
+/// Body of `POST /api/v1/generateTask/{model}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateTaskRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_type: Option<RequestType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    pub input: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `data` of a successful submit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskCreated {
+    pub task_id: String,
+}
+
+/// The four states APIXO clients know. `pending` and `processing` are not final; a task reaches
+/// exactly one of `success` or `failed`, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Pending,
+    Processing,
+    Success,
+    Failed,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Processing => "processing",
+            TaskState::Success => "success",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    /// Parses the lowercase wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(TaskState::Pending),
+            "processing" => Some(TaskState::Processing),
+            "success" => Some(TaskState::Success),
+            "failed" => Some(TaskState::Failed),
+            _ => None,
+        }
+    }
+
+    /// Whether no further transition can happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Success | TaskState::Failed)
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `data` of `GET /api/v1/statusTask/{model}` and of a callback delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    /// Unix milliseconds.
+    pub create_time: i64,
+    /// A JSON string holding [`ResultJson`]; present only on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_json: Option<String>,
+    /// Milliseconds from creation to completion; present only on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_time: Option<i64>,
+    /// Unix milliseconds; present once the task is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_msg: Option<String>,
+}
+
+impl TaskStatus {
+    /// Decodes `resultJson`, if present.
+    pub fn result(&self) -> Option<Result<ResultJson, serde_json::Error>> {
+        self.result_json.as_deref().map(serde_json::from_str)
+    }
+}
+
+/// What `resultJson` holds once decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultJson {
+    pub result_urls: Vec<String>,
+}
+
+impl ResultJson {
+    /// Encodes as the string APIXO puts in `resultJson`.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"resultUrls\":[]}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pending_status_leaves_out_every_optional_field() {
+        let s = TaskStatus {
+            task_id: "task_1".into(),
+            state: TaskState::Pending,
+            create_time: 5,
+            result_json: None,
+            cost_time: None,
+            complete_time: None,
+            fail_code: None,
+            fail_msg: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"taskId":"task_1","state":"pending","createTime":5}"#
+        );
+    }
+
+    #[test]
+    fn result_json_is_a_string_holding_result_urls() {
+        let r = ResultJson {
+            result_urls: vec!["http://x/a.png".into()],
+        };
+        assert_eq!(r.to_json_string(), r#"{"resultUrls":["http://x/a.png"]}"#);
+    }
+
+    #[test]
+    fn request_type_defaults_to_async_and_rejects_unknown_values() {
+        let r: GenerateTaskRequest = serde_json::from_str(r#"{"input":{}}"#).unwrap();
+        assert_eq!(r.request_type.unwrap_or_default(), RequestType::Async);
+        assert!(serde_json::from_str::<GenerateTaskRequest>(
+            r#"{"request_type":"sync","input":{}}"#
+        )
+        .is_err());
+    }
+}

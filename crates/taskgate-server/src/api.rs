@@ -1,0 +1,375 @@
+//! The HTTP API: APIXO's two endpoints, result files, health.
+//!
+//! Handlers parse and check input themselves (rather than through axum's extractors) so that
+//! every bad request gets a precise message in the envelope; they talk to the store only through
+//! its trait. Order of checks: key (401), model (404), body size (413), body content (400).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Map, Value};
+use taskgate_proto::{Envelope, RequestType, TaskCreated, TaskStatus};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::artifacts::{ArtifactStore, LocalArtifacts};
+use crate::auth::Authenticator;
+use crate::dispatch::{Dispatcher, ModelRuntime};
+use crate::domain::{new_task_id, now_ms, Task};
+use crate::error::{envelope_response, ApiError};
+use crate::store::{NewTask, Store};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub auth: Authenticator,
+    pub dispatcher: Arc<Dispatcher>,
+    pub artifacts: Arc<dyn ArtifactStore>,
+    pub local_files: Option<Arc<LocalArtifacts>>,
+    pub max_body_bytes: usize,
+    pub result_url_ttl_secs: i64,
+}
+
+impl AppState {
+    /// The status view of a task, with result URLs valid until completion + the URL lifetime.
+    pub fn status_of(&self, task: &Task) -> TaskStatus {
+        let expires = task.complete_time.unwrap_or_else(now_ms) / 1000 + self.result_url_ttl_secs;
+        task.status(|key| self.artifacts.url(key, expires))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/generateTask/{model}", post(generate_task))
+        .route("/api/v1/statusTask/{model}", get(status_task))
+        .route("/files/{task_id}/{name}", get(get_file))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                envelope_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error on the server; it has been logged, try again later".into(),
+                )
+            },
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<Envelope<Value>> {
+    Json(Envelope::success(serde_json::json!({ "status": "ok" })))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such endpoint: {}; the API is POST /api/v1/generateTask/{{model}} and GET /api/v1/statusTask/{{model}}?taskId=",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed(
+        "method not allowed: generateTask takes POST, statusTask takes GET".into(),
+    )
+}
+
+fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {
+    state.dispatcher.model(model).ok_or_else(|| {
+        let known: Vec<&str> = state.dispatcher.models().map(|m| m.name.as_str()).collect();
+        ApiError::NotFound(format!(
+            "model {model:?} not found; this server offers: {}",
+            known.join(", ")
+        ))
+    })
+}
+
+fn json_type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The checked parts of a generateTask body.
+struct Submission {
+    callback_url: Option<String>,
+    input: Map<String, Value>,
+}
+
+fn parse_submission(bytes: &[u8]) -> Result<Submission, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(m);
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        bad(format!(
+            "the request body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(bad(
+            "the request body is empty; send JSON like {\"input\": {\"prompt\": \"...\"}}".into(),
+        ));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    let Value::Object(mut body) = value else {
+        return Err(bad(format!(
+            "the request body must be a JSON object, got {}",
+            json_type_name(&value)
+        )));
+    };
+    let request_type = match body.get("request_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "async" => Some(RequestType::Async),
+        Some(Value::String(s)) if s == "callback" => Some(RequestType::Callback),
+        Some(other) => {
+            return Err(bad(format!(
+                "request_type must be \"async\" or \"callback\", got {other}"
+            )))
+        }
+    };
+    let callback_url = match body.get("callback_url") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(check_callback_url(s)?),
+        Some(other) => {
+            return Err(bad(format!(
+                "callback_url must be a string, got {}",
+                json_type_name(other)
+            )))
+        }
+    };
+    // An explicit "async" ignores a callback_url; with no request_type, a callback_url means
+    // the client wants a callback.
+    let callback_url = match (request_type, callback_url) {
+        (Some(RequestType::Callback), None) => {
+            return Err(bad(
+                "callback_url is required when request_type is \"callback\"".into(),
+            ))
+        }
+        (Some(RequestType::Async), _) => None,
+        (_, url) => url,
+    };
+    let input = match body.remove("input") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => {
+            return Err(bad(
+                "input is required: an object with the model's parameters, e.g. {\"input\": {\"prompt\": \"...\"}}".into(),
+            ))
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "input must be a JSON object, got {}",
+                json_type_name(&other)
+            )))
+        }
+    };
+    Ok(Submission {
+        callback_url,
+        input,
+    })
+}
+
+/// An absolute http(s) URL of reasonable length.
+fn check_callback_url(raw: &str) -> Result<String, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("callback_url {raw:?} {why}"));
+    if raw.len() > 2048 {
+        return Err(bad("is longer than 2048 characters"));
+    }
+    let url = url::Url::parse(raw).map_err(|e| bad(&format!("is not an absolute URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("must use http or https"));
+    }
+    if url.host().is_none() {
+        return Err(bad("has no host"));
+    }
+    Ok(url.to_string())
+}
+
+async fn generate_task(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<TaskCreated>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    let runtime = model_or_404(&state, &model)?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is larger than the limit of {} bytes; pass large media as URLs",
+                state.max_body_bytes
+            ))
+        } else {
+            ApiError::BadRequest(format!("cannot read the request body: {rejection}"))
+        }
+    })?;
+    let submission = parse_submission(&body)?;
+    runtime
+        .backend
+        .validate(&submission.input)
+        .map_err(ApiError::BadRequest)?;
+    let task = NewTask {
+        id: new_task_id(),
+        tenant_id: tenant.id,
+        model: runtime.name.clone(),
+        input: submission.input,
+        callback_url: submission.callback_url,
+        max_attempts: runtime.config.max_attempts,
+        create_time: now_ms(),
+    };
+    let task_id = task.id.clone();
+    state
+        .store
+        .insert_task(task)
+        .await
+        .map_err(ApiError::internal)?;
+    state.dispatcher.notify(&runtime.name);
+    Ok(Json(Envelope::success(TaskCreated { task_id })))
+}
+
+async fn status_task(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Envelope<TaskStatus>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    let runtime = model_or_404(&state, &model)?;
+    let task_id = uri
+        .query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "taskId")
+                .map(|(_, v)| v.into_owned())
+        })
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
+            ))
+        })?;
+    let not_found =
+        || ApiError::NotFound(format!("task {task_id:?} not found for model {model:?}"));
+    let task = state
+        .store
+        .get_task(&task_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(not_found)?;
+    // Another tenant's task, or one of another model, does not exist as far as this key knows.
+    if task.tenant_id != tenant.id || task.model != runtime.name {
+        return Err(not_found());
+    }
+    Ok(Json(Envelope::success(state.status_of(&task))))
+}
+
+async fn get_file(
+    State(state): State<AppState>,
+    Path((task_id, name)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let refused = || ApiError::Forbidden("this link is invalid or has expired".into());
+    let files = state
+        .local_files
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("result files are not served by this node".into()))?;
+    let (mut expires, mut sig) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "expires" => expires = v.parse::<i64>().ok(),
+            "sig" => sig = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let (Some(expires), Some(sig)) = (expires, sig) else {
+        return Err(refused());
+    };
+    let key = format!("{task_id}/{name}");
+    if !files.signer().verify(&key, expires, &sig) || expires < now_ms() / 1000 {
+        return Err(refused());
+    }
+    let path = files.path_of(&task_id, &name).ok_or_else(refused)?;
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound(
+                "this result file no longer exists".into(),
+            ))
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let len = file.metadata().await.map_err(ApiError::internal)?.len();
+    let content_type = mime_guess::from_path(&name).first_or_octet_stream();
+    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(content_type.as_ref()) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let max_age = (expires - now_ms() / 1000).max(0);
+    if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={max_age}")) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn err(body: &str) -> String {
+        match parse_submission(body.as_bytes()) {
+            Err(ApiError::BadRequest(m)) => m,
+            _ => panic!("expected a 400 for {body}"),
+        }
+    }
+
+    #[test]
+    fn each_malformed_body_gets_a_message_naming_the_problem() {
+        assert!(err("{").contains("not valid JSON"));
+        assert!(err("[]").contains("must be a JSON object, got an array"));
+        assert!(err("{}").contains("input is required"));
+        assert!(err(r#"{"input": "x"}"#).contains("input must be a JSON object, got a string"));
+        assert!(err(r#"{"request_type": "sync", "input": {}}"#).contains("request_type"));
+        assert!(err(r#"{"request_type": "callback", "input": {}}"#)
+            .contains("callback_url is required"));
+        assert!(err(r#"{"callback_url": "ftp://x/y", "input": {}}"#).contains("http or https"));
+        assert!(err(r#"{"callback_url": "/relative", "input": {}}"#).contains("absolute"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_before_parsing() {
+        let m = match parse_submission(b"{\"input\": {\"p\": \"\xff\"}}") {
+            Err(ApiError::BadRequest(m)) => m,
+            _ => panic!(),
+        };
+        assert!(m.contains("UTF-8"), "{m}");
+    }
+
+    #[test]
+    fn a_callback_url_without_request_type_asks_for_a_callback() {
+        let s =
+            parse_submission(br#"{"callback_url": "https://example.com/h", "input": {}}"#).unwrap();
+        assert_eq!(s.callback_url.as_deref(), Some("https://example.com/h"));
+        let s = parse_submission(
+            br#"{"request_type": "async", "callback_url": "https://example.com/h", "input": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.callback_url, None);
+    }
+}

@@ -1,0 +1,196 @@
+//! Result files: where outputs are kept and the signed URLs that fetch them.
+//!
+//! An artifact key is `{task_id}/{file name}`. The local store keeps it under
+//! `DATA_DIR/files/{task_id}/{name}` and serves it at `/files/{task_id}/{name}?expires=&sig=`,
+//! where `sig` is an HMAC-SHA256 over the key and the expiry with a server-wide secret kept in
+//! the store (so every node of a cluster signs alike). URLs need no API key: like APIXO's CDN
+//! links they are meant to be handed to browsers, and they stop working at `expires`.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact key {0:?} is not of the form TASK_ID/NAME")]
+    BadKey(String),
+    #[error("cannot store artifact {key}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where result files live. A later S3 implementation answers `url` with a presigned URL.
+#[async_trait]
+pub trait ArtifactStore: Send + Sync + 'static {
+    /// Moves (or copies) the file at `src` in under `key`.
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError>;
+    /// An absolute URL that fetches `key` until `expires_at` (Unix seconds).
+    fn url(&self, key: &str, expires_at: i64) -> String;
+}
+
+/// Signs and checks `/files/...` links.
+#[derive(Clone)]
+pub struct UrlSigner {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for UrlSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UrlSigner(<redacted>)")
+    }
+}
+
+impl UrlSigner {
+    pub fn new(key: Vec<u8>) -> Self {
+        UrlSigner { key }
+    }
+
+    fn mac(&self, key: &str, expires_at: i64) -> Hmac<Sha256> {
+        // new_from_slice only fails for fixed-size MACs; HMAC takes any key length.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires_at.to_string().as_bytes());
+        mac
+    }
+
+    pub fn sign(&self, key: &str, expires_at: i64) -> String {
+        hex::encode(self.mac(key, expires_at).finalize().into_bytes())
+    }
+
+    /// Constant-time check of a signature given as hex.
+    pub fn verify(&self, key: &str, expires_at: i64, sig_hex: &str) -> bool {
+        match hex::decode(sig_hex) {
+            Ok(sig) => self.mac(key, expires_at).verify_slice(&sig).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+pub struct LocalArtifacts {
+    root: PathBuf,
+    public_url: String,
+    signer: UrlSigner,
+}
+
+impl LocalArtifacts {
+    pub fn new(root: PathBuf, public_url: String, signer: UrlSigner) -> Self {
+        LocalArtifacts {
+            root,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            signer,
+        }
+    }
+
+    pub fn signer(&self) -> &UrlSigner {
+        &self.signer
+    }
+
+    /// The file behind `task_id/name`, if both parts are plain names (no path tricks).
+    pub fn path_of(&self, task_id: &str, name: &str) -> Option<PathBuf> {
+        (is_safe_name(task_id) && is_safe_name(name)).then(|| self.root.join(task_id).join(name))
+    }
+}
+
+/// A single path component we produced ourselves: no separators, no leading dot.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// Makes a backend's file name safe to serve: other characters become `_`.
+pub fn sanitize_name(raw: &str) -> String {
+    let mut s: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while s.starts_with('.') {
+        s.replace_range(0..1, "_");
+    }
+    if s.is_empty() {
+        s.push_str("output");
+    }
+    if s.len() > 200 {
+        // Keep the extension, which decides the Content-Type.
+        let ext = Path::new(&s)
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| format!(".{}", &e[..e.len().min(16)]))
+            .unwrap_or_default();
+        s.truncate(200 - ext.len());
+        s.push_str(&ext);
+    }
+    s
+}
+
+#[async_trait]
+impl ArtifactStore for LocalArtifacts {
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError> {
+        let (task_id, name) = key
+            .split_once('/')
+            .ok_or_else(|| ArtifactError::BadKey(key.to_owned()))?;
+        let dest = self
+            .path_of(task_id, name)
+            .ok_or_else(|| ArtifactError::BadKey(key.to_owned()))?;
+        let io = |source| ArtifactError::Io {
+            key: key.to_owned(),
+            source,
+        };
+        if let Some(dir) = dest.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        }
+        // The work dir is on the same file system, so this is a rename; copy if it is not.
+        if tokio::fs::rename(src, &dest).await.is_err() {
+            tokio::fs::copy(src, &dest).await.map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn url(&self, key: &str, expires_at: i64) -> String {
+        format!(
+            "{}/files/{key}?expires={expires_at}&sig={}",
+            self.public_url,
+            self.signer.sign(key, expires_at)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_fails_for_another_key_expiry_or_secret() {
+        let s = UrlSigner::new(b"secret".to_vec());
+        let sig = s.sign("task_1/a.png", 100);
+        assert!(s.verify("task_1/a.png", 100, &sig));
+        assert!(!s.verify("task_1/b.png", 100, &sig));
+        assert!(!s.verify("task_1/a.png", 101, &sig));
+        assert!(!UrlSigner::new(b"other".to_vec()).verify("task_1/a.png", 100, &sig));
+        assert!(!s.verify("task_1/a.png", 100, "zz"));
+    }
+
+    #[test]
+    fn names_are_made_safe_and_keep_their_extension() {
+        assert_eq!(sanitize_name("../etc/passwd"), "_._etc_passwd");
+        assert_eq!(sanitize_name(".hidden"), "_hidden");
+        assert_eq!(sanitize_name("a b.png"), "a_b.png");
+        assert!(sanitize_name(&format!("{}.png", "x".repeat(300))).ends_with(".png"));
+        assert!(is_safe_name(&sanitize_name("ü/../../x")));
+    }
+}

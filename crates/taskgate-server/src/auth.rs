@@ -1,0 +1,169 @@
+//! API keys and tenants.
+//!
+//! A key is `tg_` + 43 characters of base64url (256 random bits). Only its SHA-256 is stored;
+//! a fast hash is enough because the key itself is unguessable. A request's key is looked up by
+//! its hash, and the stored hash is then compared in constant time, so neither the lookup nor
+//! the comparison tells an attacker anything about a real key.
+
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap};
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::store::{ApiKeyRecord, Store, StoreError, Tenant};
+
+/// Tenant that the `TASKGATE_API_KEY` key belongs to.
+pub const DEFAULT_TENANT: &str = "default";
+
+pub fn generate_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!(
+        "tg_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The start of a key, safe to show in listings.
+pub fn key_prefix(key: &str) -> String {
+    key.chars().take(10).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no tenant named {0:?}; list tenants with `taskgate keys list`")]
+    NoSuchTenant(String),
+    #[error("a tenant named {0:?} already exists: pass --tenant {0} to add a key to it, or choose another --name")]
+    TenantExists(String),
+    #[error("the key name must be 1 to 100 printable characters")]
+    BadName,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates a key: in tenant `tenant` if given (it must exist), else in a new tenant named `name`.
+/// Returns the record and the key itself, which is never stored and cannot be shown again.
+pub async fn create_key(
+    store: &dyn Store,
+    name: &str,
+    tenant: Option<&str>,
+) -> Result<(ApiKeyRecord, String), KeyError> {
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err(KeyError::BadName);
+    }
+    let tenant = match tenant {
+        Some(t) => store
+            .tenant_by_name(t)
+            .await?
+            .ok_or_else(|| KeyError::NoSuchTenant(t.to_owned()))?,
+        None => match store.create_tenant(name).await {
+            Ok(t) => t,
+            Err(StoreError::Conflict(_)) => return Err(KeyError::TenantExists(name.to_owned())),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let key = generate_key();
+    let record = store
+        .insert_key(&tenant, name, &key_prefix(&key), &hash_key(&key))
+        .await?;
+    Ok((record, key))
+}
+
+/// Registers a key given from outside (`TASKGATE_API_KEY`) in the default tenant, once.
+pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), StoreError> {
+    let hash = hash_key(key);
+    if let Some(existing) = store.key_by_hash(&hash).await? {
+        if existing.revoked_at.is_some() {
+            tracing::warn!(key_id = %existing.id, "TASKGATE_API_KEY names a revoked key; it stays revoked");
+        }
+        return Ok(());
+    }
+    let tenant = match store.tenant_by_name(DEFAULT_TENANT).await? {
+        Some(t) => t,
+        None => match store.create_tenant(DEFAULT_TENANT).await {
+            Ok(t) => t,
+            // Another node created it first.
+            Err(StoreError::Conflict(_)) => store
+                .tenant_by_name(DEFAULT_TENANT)
+                .await?
+                .ok_or_else(|| StoreError::Invalid("default tenant vanished".into()))?,
+            Err(e) => return Err(e),
+        },
+    };
+    store
+        .insert_key(&tenant, "TASKGATE_API_KEY", &key_prefix(key), &hash)
+        .await?;
+    Ok(())
+}
+
+/// Turns an `Authorization` header into the tenant it acts for.
+#[derive(Clone)]
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Authenticator { store }
+    }
+
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+        let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing API key: send the header \"Authorization: Bearer YOUR_API_KEY\"".into(),
+            )
+        })?;
+        let key = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "malformed Authorization header: expected \"Bearer YOUR_API_KEY\"".into(),
+                )
+            })?;
+        let hash = hash_key(key);
+        let record = self
+            .store
+            .key_by_hash(&hash)
+            .await
+            .map_err(ApiError::internal)?;
+        match record {
+            Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => {
+                Ok(r.tenant)
+            }
+            Some(r) if r.revoked_at.is_some() => Err(ApiError::Unauthorized(
+                "this API key has been revoked; create a new one with `taskgate keys create`"
+                    .into(),
+            )),
+            _ => Err(ApiError::Unauthorized("invalid API key".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_256_random_bits_and_differ() {
+        let a = generate_key();
+        let b = generate_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with("tg_"));
+        assert_eq!(a.len(), 3 + 43);
+        assert_eq!(key_prefix(&a).len(), 10);
+    }
+}

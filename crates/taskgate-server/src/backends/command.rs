@@ -1,0 +1,146 @@
+//! The `command` backend: one program run per attempt, no shell.
+//!
+//! The input JSON goes to stdin; `TASKGATE_OUTPUT_DIR` names the empty directory whose files
+//! become the results. Exit 0 succeeds; exit 75 (`EX_TEMPFAIL`) is a retryable failure; any
+//! other exit fails the task with the tail of stderr. The program runs in its own process group,
+//! and the whole group is killed when the attempt is dropped (timeout, shutdown) or ends, so no
+//! grandchild outlives its task.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::{Backend, BackendError, Job};
+use crate::domain::fail_code;
+
+/// Exit status meaning "temporary failure, try again" (sysexits.h).
+pub const EXIT_TEMPFAIL: i32 = 75;
+/// How much of stderr is kept for failMsg.
+const STDERR_TAIL_BYTES: usize = 2000;
+
+pub struct CommandBackend {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+}
+
+impl CommandBackend {
+    pub fn new(
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        working_dir: Option<PathBuf>,
+    ) -> Self {
+        CommandBackend {
+            argv,
+            env,
+            working_dir,
+        }
+    }
+}
+
+/// Kills the process group when dropped: on every exit path, including a dropped future.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // ESRCH (already gone) is the common case after a clean exit.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for CommandBackend {
+    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+        let input = serde_json::to_vec(&serde_json::Value::Object(job.input.clone()))
+            .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .envs(&self.env)
+            // The server's own key must not leak into model code.
+            .env_remove("TASKGATE_API_KEY")
+            .env("TASKGATE_OUTPUT_DIR", &job.output_dir)
+            .env("TASKGATE_TASK_ID", &job.task_id)
+            .env("TASKGATE_MODEL", &job.model)
+            .env("TASKGATE_ATTEMPT", job.attempt.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.working_dir {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            BackendError::fatal(
+                fail_code::MODEL_UNAVAILABLE,
+                format!("cannot start {:?}: {e}", self.argv[0]),
+            )
+        })?;
+        let _guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+
+        let mut stdin = child.stdin.take();
+        let write_input = async move {
+            if let Some(stdin) = stdin.as_mut() {
+                // A program that does not read its input closes the pipe: not an error.
+                let _ = stdin.write_all(&input).await;
+                let _ = stdin.shutdown().await;
+            }
+            drop(stdin);
+        };
+        let mut stderr = child.stderr.take();
+        let read_stderr = async move {
+            let mut tail = VecDeque::with_capacity(STDERR_TAIL_BYTES);
+            let mut buf = [0u8; 4096];
+            if let Some(err) = stderr.as_mut() {
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend(&buf[..n]);
+                    while tail.len() > STDERR_TAIL_BYTES {
+                        tail.pop_front();
+                    }
+                }
+            }
+            tail
+        };
+        let (_, mut tail, status) = tokio::join!(write_input, read_stderr, child.wait());
+        let status = status.map_err(|e| {
+            BackendError::retryable(
+                fail_code::INTERNAL_ERROR,
+                format!("waiting for the program failed: {e}"),
+            )
+        })?;
+        if status.success() {
+            return Ok(());
+        }
+        let tail = String::from_utf8_lossy(tail.make_contiguous())
+            .trim()
+            .to_owned();
+        let how = match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "was killed by a signal".to_owned(),
+        };
+        let message = if tail.is_empty() {
+            format!("the model program {how} and wrote nothing to stderr")
+        } else {
+            tail
+        };
+        if status.code() == Some(EXIT_TEMPFAIL) {
+            Err(BackendError::retryable(
+                fail_code::GENERATION_FAILED,
+                message,
+            ))
+        } else {
+            Err(BackendError::fatal(fail_code::GENERATION_FAILED, message))
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The `http` backend: POSTs the input JSON to an upstream model server.
+//!
+//! The answer is either the output itself (raw bytes, typed by `Content-Type`) or JSON that
+//! carries URLs to fetch or base64 data, found at configured JSON pointers. Upstream 5xx, 429,
+//! timeouts and connection errors are retryable; any other 4xx is the input's fault and is not.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use serde_json::Value;
+
+use super::{human, Backend, BackendError, Job};
+use crate::config::{HttpBackendConfig, HttpResponseKind};
+use crate::domain::fail_code;
+
+pub struct HttpBackend {
+    cfg: HttpBackendConfig,
+    client: reqwest::Client,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+impl HttpBackend {
+    /// `cfg` has been validated, so header names and values parse.
+    pub fn new(cfg: HttpBackendConfig, client: reqwest::Client, timeout: Duration) -> Self {
+        let headers = cfg
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect();
+        HttpBackend {
+            cfg,
+            client,
+            headers,
+            timeout,
+        }
+    }
+}
+
+fn transport_error(what: &str, e: &reqwest::Error, timeout: Duration) -> BackendError {
+    let message = if e.is_timeout() {
+        format!("{what} timed out after {}", human(timeout))
+    } else {
+        format!("{what} failed: {}", crate::error::error_chain(e))
+    };
+    BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
+}
+
+/// 5xx and 429 may pass; other 4xx will not.
+fn status_error(what: &str, status: reqwest::StatusCode, body: &[u8]) -> BackendError {
+    let snippet: String = String::from_utf8_lossy(body).chars().take(500).collect();
+    let message = format!("{what} answered {status}: {}", snippet.trim());
+    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
+    } else {
+        BackendError::fatal(fail_code::GENERATION_FAILED, message)
+    }
+}
+
+/// `output-{i}.{ext}` with the extension the content type usually has.
+fn file_name(index: usize, content_type: Option<&str>, url_path: Option<&str>) -> String {
+    let from_type = content_type
+        .and_then(|ct| ct.split(';').next())
+        .and_then(|ct| mime_guess::get_mime_extensions_str(ct.trim()))
+        .and_then(|exts| exts.first().copied());
+    let from_url = url_path
+        .and_then(|p| Path::new(p).extension())
+        .and_then(|e| e.to_str())
+        .filter(|e| e.len() <= 8 && e.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let ext = from_url.or(from_type).unwrap_or("bin");
+    format!("output-{index}.{ext}")
+}
+
+/// The strings at `pointer`: one string, or an array of strings.
+fn strings_at<'a>(doc: &'a Value, pointer: &str) -> Result<Vec<&'a str>, BackendError> {
+    let missing = || {
+        BackendError::fatal(
+            fail_code::GENERATION_FAILED,
+            format!("the upstream response has no string or array of strings at {pointer:?}"),
+        )
+    };
+    match doc.pointer(pointer).ok_or_else(missing)? {
+        Value::String(s) => Ok(vec![s.as_str()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().ok_or_else(missing))
+            .collect(),
+        _ => Err(missing()),
+    }
+}
+
+impl HttpBackend {
+    async fn write(&self, job: &Job, name: String, bytes: &[u8]) -> Result<(), BackendError> {
+        tokio::fs::write(job.output_dir.join(name), bytes)
+            .await
+            .map_err(|e| {
+                BackendError::retryable(
+                    fail_code::INTERNAL_ERROR,
+                    format!("cannot write output: {e}"),
+                )
+            })
+    }
+
+    async fn fetch(&self, job: &Job, index: usize, url: &str) -> Result<(), BackendError> {
+        let what = format!("download of {url}");
+        let resp = self
+            .client
+            .get(url)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| transport_error(&what, &e, self.timeout))?;
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let path = resp.url().path().to_owned();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(&what, &e, self.timeout))?;
+        if !status.is_success() {
+            return Err(status_error(&what, status, &body));
+        }
+        self.write(
+            job,
+            file_name(index, content_type.as_deref(), Some(&path)),
+            &body,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Backend for HttpBackend {
+    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+        let what = "the upstream model server";
+        let resp = self
+            .client
+            .post(&self.cfg.url)
+            .headers(self.headers.clone())
+            .header("x-taskgate-task-id", &job.task_id)
+            .json(&job.input)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| transport_error(what, &e, self.timeout))?;
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(what, &e, self.timeout))?;
+        if !status.is_success() {
+            return Err(status_error(what, status, &body));
+        }
+        match self.cfg.response {
+            HttpResponseKind::Raw => {
+                self.write(job, file_name(0, content_type.as_deref(), None), &body)
+                    .await
+            }
+            HttpResponseKind::Json => {
+                let doc: Value = serde_json::from_slice(&body).map_err(|e| {
+                    BackendError::fatal(
+                        fail_code::GENERATION_FAILED,
+                        format!("the upstream response is not JSON: {e}"),
+                    )
+                })?;
+                let mut index = 0;
+                for pointer in &self.cfg.url_pointers {
+                    for url in strings_at(&doc, pointer)? {
+                        self.fetch(job, index, url).await?;
+                        index += 1;
+                    }
+                }
+                for pointer in &self.cfg.base64_pointers {
+                    for data in strings_at(&doc, pointer)? {
+                        let (ct, payload) = match data.strip_prefix("data:") {
+                            Some(rest) => match rest.split_once(";base64,") {
+                                Some((ct, payload)) => (Some(ct), payload),
+                                None => (None, rest),
+                            },
+                            None => (self.cfg.base64_content_type.as_deref(), data),
+                        };
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(payload.trim())
+                            .map_err(|e| {
+                                BackendError::fatal(
+                                    fail_code::GENERATION_FAILED,
+                                    format!("the upstream response has invalid base64 at {pointer:?}: {e}"),
+                                )
+                            })?;
+                        self.write(job, file_name(index, ct, None), &bytes).await?;
+                        index += 1;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_take_their_extension_from_the_url_or_the_content_type() {
+        assert_eq!(file_name(0, Some("image/png"), None), "output-0.png");
+        assert_eq!(
+            file_name(1, Some("text/plain; charset=utf-8"), Some("/a/b.mp4")),
+            "output-1.mp4"
+        );
+        assert_eq!(file_name(2, None, None), "output-2.bin");
+    }
+}

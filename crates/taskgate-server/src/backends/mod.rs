@@ -1,0 +1,107 @@
+//! Backends run one attempt of a task. Dispatch gives each attempt an empty output directory;
+//! every file the backend leaves there becomes a result. Later kinds (pull workers, upstream
+//! providers) implement the same trait and need no change to dispatch.
+
+mod builtin;
+mod command;
+mod http;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::config::{BackendConfig, ModelConfig};
+
+pub use builtin::{DemoImage, Echo};
+pub use command::CommandBackend;
+pub use http::HttpBackend;
+
+/// One attempt of one task.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub task_id: String,
+    pub model: String,
+    pub input: Map<String, Value>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Empty at start; what is in it at the end is the result.
+    pub output_dir: PathBuf,
+}
+
+/// How an attempt failed: retryable errors run again while attempts remain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("{message}")]
+    Retryable { code: String, message: String },
+    #[error("{message}")]
+    Fatal { code: String, message: String },
+}
+
+impl BackendError {
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        BackendError::Fatal {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        BackendError::Retryable {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Checks an input at submit time, so that a bad one gets a 400 instead of a failed task.
+    /// The message names the field and what it takes.
+    fn validate(&self, _input: &Map<String, Value>) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs one attempt. Dropping the future must stop the work (the dispatcher does so on
+    /// timeout and at shutdown).
+    async fn run(&self, job: &Job) -> Result<(), BackendError>;
+}
+
+/// Builds the backend a model's configuration names.
+pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
+    match &model.backend {
+        BackendConfig::Builtin { builtin } => match builtin {
+            crate::config::BuiltinKind::Echo => Arc::new(Echo),
+            crate::config::BuiltinKind::DemoImage => Arc::new(DemoImage),
+        },
+        BackendConfig::Command {
+            command,
+            env,
+            working_dir,
+        } => Arc::new(CommandBackend::new(
+            command.clone(),
+            env.clone(),
+            working_dir.clone(),
+        )),
+        BackendConfig::Http(cfg) => {
+            Arc::new(HttpBackend::new(cfg.clone(), http.clone(), model.timeout))
+        }
+    }
+}
+
+/// Reads an optional non-negative integer field, for validation messages that name it.
+fn optional_u64(input: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
+    match input.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("input.{field} must be a non-negative integer, got {v}")),
+    }
+}
+
+/// Shortest useful form of a duration for messages: `90s`, `10m`.
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

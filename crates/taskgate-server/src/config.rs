@@ -1,0 +1,384 @@
+//! Server settings and the per-model table, as read from the TOML file.
+//!
+//! Precedence (flags > environment > file > defaults) is applied by the binary, which owns the
+//! flags; this module defines the file format, the defaults and the validation that stops a bad
+//! start with a message saying what to change.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration cannot be used. Every message names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {setting}: {message}")]
+    Invalid { setting: String, message: String },
+}
+
+fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file: an optional `[server]` table and one `[models.NAME]` table per model.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: FileServerSettings,
+    /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
+    pub models: Option<BTreeMap<String, ModelConfig>>,
+}
+
+/// `[server]`: every key may also come from a flag or a `TASKGATE_*` variable, which win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServerSettings {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub result_url_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file; unknown keys are errors so that typos do not pass silently.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// One model: which backend runs it and how much of it may run at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(flatten)]
+    pub backend: BackendConfig,
+    /// Tasks of this model that may run at the same time.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Longest one attempt may run before the task fails with `PROCESSING_TIMEOUT`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts (first run included) before a retryable error or a lost worker fails the task.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// The kind of backend and its own settings, tagged by `backend = "..."`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum BackendConfig {
+    /// Stand-ins that need nothing installed.
+    Builtin { builtin: BuiltinKind },
+    /// A program run per task, input JSON on stdin, outputs left in `$TASKGATE_OUTPUT_DIR`.
+    Command {
+        command: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        working_dir: Option<PathBuf>,
+    },
+    /// An upstream model server that takes the input JSON in a POST.
+    Http(HttpBackendConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuiltinKind {
+    Echo,
+    DemoImage,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBackendConfig {
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `raw`: the response body is the one output file. `json`: outputs are found at pointers.
+    #[serde(default)]
+    pub response: HttpResponseKind,
+    /// JSON pointers (RFC 6901) to a URL string or an array of them; each URL is downloaded.
+    #[serde(default)]
+    pub url_pointers: Vec<String>,
+    /// JSON pointers to base64 data (or an array of it), plain or as a `data:` URL.
+    #[serde(default)]
+    pub base64_pointers: Vec<String>,
+    /// Content type assumed for base64 data that is not a `data:` URL.
+    pub base64_content_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpResponseKind {
+    #[default]
+    Raw,
+    Json,
+}
+
+/// The models offered when no config file names any.
+pub fn default_models() -> BTreeMap<String, ModelConfig> {
+    let builtin = |kind| ModelConfig {
+        backend: BackendConfig::Builtin { builtin: kind },
+        concurrency: default_concurrency(),
+        timeout: default_timeout(),
+        max_attempts: default_max_attempts(),
+    };
+    BTreeMap::from([
+        ("echo".to_owned(), builtin(BuiltinKind::Echo)),
+        ("demo-image".to_owned(), builtin(BuiltinKind::DemoImage)),
+    ])
+}
+
+/// Everything `run` needs, after layering and validation.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Base of result URLs; `None` means "the address actually bound".
+    pub public_url: Option<String>,
+    pub max_body_bytes: usize,
+    pub result_url_ttl: Duration,
+    pub shutdown_grace: Duration,
+    /// A key registered at start (from `TASKGATE_API_KEY`), for local use and tests.
+    pub bootstrap_api_key: Option<String>,
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Delays between attempts after a retryable backend error; the last one repeats.
+    pub retry_backoff: Vec<Duration>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("public_url", &self.public_url)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("result_url_ttl", &self.result_url_ttl)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field(
+                "bootstrap_api_key",
+                &self.bootstrap_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+pub const DEFAULT_RESULT_URL_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+impl Config {
+    /// Defaults for everything, with the builtin models: what tests and `serve` with no flags use.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.into(),
+            public_url: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            result_url_ttl: DEFAULT_RESULT_URL_TTL,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            bootstrap_api_key: None,
+            models: default_models(),
+            retry_backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+        }
+    }
+
+    /// Checks everything a start depends on, so that a bad value stops the start, not a task.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.public_url {
+            let parsed = url::Url::parse(url).map_err(|e| {
+                invalid(
+                    "public_url",
+                    format!(
+                        "{url:?} is not an absolute URL ({e}); example: https://tasks.example.com"
+                    ),
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid("public_url", "must start with http:// or https://"));
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be greater than 0"));
+        }
+        if self.result_url_ttl.is_zero() {
+            return Err(invalid("result_url_ttl", "must be longer than 0s"));
+        }
+        if self.models.is_empty() {
+            return Err(invalid(
+                "models",
+                "the config file names no model; add a [models.NAME] table",
+            ));
+        }
+        for (name, model) in &self.models {
+            let at = |k: &str| format!("models.{name}.{k}");
+            if !valid_model_name(name) {
+                return Err(invalid(
+                    format!("models.{name}"),
+                    "model names use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
+                ));
+            }
+            if model.concurrency == 0 {
+                return Err(invalid(at("concurrency"), "must be at least 1"));
+            }
+            if model.max_attempts == 0 {
+                return Err(invalid(at("max_attempts"), "must be at least 1"));
+            }
+            if model.timeout.is_zero() {
+                return Err(invalid(at("timeout"), "must be longer than 0s"));
+            }
+            match &model.backend {
+                BackendConfig::Builtin { .. } => {}
+                BackendConfig::Command { command, .. } => {
+                    if command.is_empty() || command[0].is_empty() {
+                        return Err(invalid(
+                            at("command"),
+                            "must name a program, e.g. command = [\"python3\", \"model.py\"]",
+                        ));
+                    }
+                }
+                BackendConfig::Http(http) => {
+                    let parsed = url::Url::parse(&http.url).map_err(|e| {
+                        invalid(
+                            at("url"),
+                            format!("{:?} is not an absolute URL ({e})", http.url),
+                        )
+                    })?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        return Err(invalid(at("url"), "must start with http:// or https://"));
+                    }
+                    for pointer in http.url_pointers.iter().chain(&http.base64_pointers) {
+                        if !pointer.is_empty() && !pointer.starts_with('/') {
+                            return Err(invalid(
+                                at("url_pointers"),
+                                format!("{pointer:?} is not a JSON pointer; they start with '/', e.g. \"/images/0\""),
+                            ));
+                        }
+                    }
+                    if http.response == HttpResponseKind::Json
+                        && http.url_pointers.is_empty()
+                        && http.base64_pointers.is_empty()
+                    {
+                        return Err(invalid(
+                            at("response"),
+                            "response = \"json\" needs url_pointers or base64_pointers",
+                        ));
+                    }
+                    for (k, v) in &http.headers {
+                        if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                            || reqwest::header::HeaderValue::from_str(v).is_err()
+                        {
+                            return Err(invalid(
+                                at("headers"),
+                                format!("header {k:?} is not a valid HTTP header"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Model names appear in URL paths and file names, so they are kept to a safe alphabet.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_model_table_parses_with_defaults() {
+        let f = FileConfig::parse(
+            r#"
+            [models.sd]
+            backend = "command"
+            command = ["python3", "sd.py"]
+            timeout = "90s"
+            "#,
+        )
+        .unwrap();
+        let m = &f.models.unwrap()["sd"];
+        assert_eq!(m.timeout, Duration::from_secs(90));
+        assert_eq!(m.concurrency, 4);
+        assert!(matches!(m.backend, BackendConfig::Command { .. }));
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = FileConfig::parse("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_command_is_refused_with_the_setting_named() {
+        let mut c = Config::new("/tmp/x");
+        c.models.insert(
+            "bad".into(),
+            ModelConfig {
+                backend: BackendConfig::Command {
+                    command: vec![],
+                    env: BTreeMap::new(),
+                    working_dir: None,
+                },
+                concurrency: 1,
+                timeout: Duration::from_secs(1),
+                max_attempts: 1,
+            },
+        );
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("models.bad.command"), "{err}");
+    }
+}

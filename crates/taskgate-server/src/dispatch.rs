@@ -1,0 +1,417 @@
+//! Dispatch: starts pending tasks as soon as their model has capacity, runs each attempt on its
+//! backend, and writes the outcome.
+//!
+//! Concurrency model: one loop per model holds a semaphore of `concurrency` permits. It takes a
+//! permit, then claims a task; with no task due it sleeps until notified (a submit, a shutdown),
+//! until the next retry is due, or for a long safety interval. Each claimed task runs in its own
+//! tokio task, which owns the permit, renews its lease while it runs, and writes the outcome
+//! guarded by its attempt token. Shutdown stops the loops, gives running attempts a grace
+//! period, then interrupts the rest and puts them back to pending without counting the attempt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::artifacts::{sanitize_name, ArtifactStore};
+use crate::backends::{Backend, BackendError, Job};
+use crate::config::ModelConfig;
+use crate::domain::{fail_code, now_ms};
+use crate::store::{Claim, Outcome, Store};
+
+/// How long a claim lasts without renewal; renewed every third of it.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// Safety net for a missed wake-up; notifications are the main path.
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
+
+pub struct ModelRuntime {
+    pub name: String,
+    pub config: ModelConfig,
+    pub backend: Arc<dyn Backend>,
+    notify: Notify,
+    permits: Arc<Semaphore>,
+}
+
+impl ModelRuntime {
+    pub fn new(name: String, config: ModelConfig, backend: Arc<dyn Backend>) -> Self {
+        let permits = Arc::new(Semaphore::new(config.concurrency));
+        ModelRuntime {
+            name,
+            config,
+            backend,
+            notify: Notify::new(),
+            permits,
+        }
+    }
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    artifacts: Arc<dyn ArtifactStore>,
+    models: BTreeMap<String, Arc<ModelRuntime>>,
+    work_dir: PathBuf,
+    retry_backoff: Vec<Duration>,
+    /// Stops claiming.
+    stop: CancellationToken,
+    /// Interrupts running attempts (after the grace period).
+    interrupt: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        artifacts: Arc<dyn ArtifactStore>,
+        models: BTreeMap<String, Arc<ModelRuntime>>,
+        work_dir: PathBuf,
+        retry_backoff: Vec<Duration>,
+    ) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            store,
+            artifacts,
+            models,
+            work_dir,
+            retry_backoff,
+            stop: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Arc<ModelRuntime>> {
+        self.models.get(name)
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<ModelRuntime>> {
+        self.models.values()
+    }
+
+    /// Wakes the loop of `model`: a task may be ready.
+    pub fn notify(&self, model: &str) {
+        if let Some(m) = self.models.get(model) {
+            m.notify.notify_one();
+        }
+    }
+
+    /// Starts one loop per model and the lease sweeper.
+    pub fn start(self: &Arc<Self>) {
+        for model in self.models.values() {
+            let this = self.clone();
+            let model = model.clone();
+            self.tracker.spawn(
+                async move { this.model_loop(model).await }.instrument(info_span!("dispatch")),
+            );
+        }
+        let this = self.clone();
+        self.tracker.spawn(async move { this.sweep_leases().await });
+    }
+
+    /// Stops claiming, waits up to `grace` for running attempts, then interrupts the rest, which
+    /// go back to pending for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = %humantime::format_duration(grace), "grace period over; interrupting running tasks, they stay pending");
+            self.interrupt.cancel();
+            self.tracker.wait().await;
+        }
+    }
+
+    async fn model_loop(self: Arc<Self>, model: Arc<ModelRuntime>) {
+        loop {
+            let permit = tokio::select! {
+                p = model.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = self.stop.cancelled() => return,
+            };
+            let now = now_ms();
+            match self.store.claim(&model.name, now, LEASE).await {
+                Ok(Some(claim)) => {
+                    let this = self.clone();
+                    let model = model.clone();
+                    let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
+                    self.tracker.spawn(
+                        async move {
+                            this.run_attempt(&model, claim).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Ok(None) => {
+                    drop(permit);
+                    let wait = match self.store.next_due(&model.name).await {
+                        Ok(Some(due)) => Duration::from_millis((due - now).clamp(5, 30_000) as u64),
+                        Ok(None) => IDLE_RECHECK,
+                        Err(e) => {
+                            error!(error = %crate::error::error_chain(&e), model = %model.name, "cannot read the queue");
+                            Duration::from_secs(1)
+                        }
+                    };
+                    tokio::select! {
+                        _ = model.notify.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    error!(error = %crate::error::error_chain(&e), model = %model.name, "cannot claim a task; retrying in 1s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands on tasks whose holder stopped renewing (a node that died, in a cluster).
+    async fn sweep_leases(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            match self.store.recover_expired(now_ms()).await {
+                Ok(r) => {
+                    if !r.requeued.is_empty() || !r.failed.is_empty() {
+                        warn!(
+                            requeued = r.requeued.len(),
+                            failed = r.failed.len(),
+                            "recovered tasks with expired leases"
+                        );
+                        for m in self.models.keys() {
+                            self.notify(m);
+                        }
+                    }
+                }
+                Err(e) => error!(error = %crate::error::error_chain(&e), "lease sweep failed"),
+            }
+        }
+    }
+
+    async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
+        let task = &claim.task;
+        let output_dir = self.work_dir.join(format!("{}.{}", task.id, task.attempts));
+        let job = Job {
+            task_id: task.id.clone(),
+            model: model.name.clone(),
+            input: task.input.clone(),
+            attempt: task.attempts,
+            output_dir: output_dir.clone(),
+        };
+        info!("started");
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = self.execute(model, &job) => r,
+            lost = self.keep_lease(&claim) => {
+                // Another node owns the task now; whatever we produced is not ours to write.
+                warn!(lost, "claim lost while running; abandoning the attempt");
+                remove_dir(&output_dir).await;
+                return;
+            }
+            _ = self.interrupt.cancelled() => {
+                remove_dir(&output_dir).await;
+                match self.store.requeue(&task.id, &claim.token, now_ms(), true).await {
+                    Ok(_) => info!("interrupted by shutdown; left pending"),
+                    // The lease will expire and hand the task on at the next start.
+                    Err(e) => error!(error = %crate::error::error_chain(&e), "cannot requeue interrupted task"),
+                }
+                return;
+            }
+        };
+        let elapsed = started.elapsed();
+        let outcome = match result {
+            Ok(outputs) => Some(Outcome::Success { outputs }),
+            Err(BackendError::Retryable { code, message }) if task.attempts < task.max_attempts => {
+                let delay = self
+                    .retry_backoff
+                    .get(task.attempts as usize - 1)
+                    .or(self.retry_backoff.last())
+                    .copied()
+                    .unwrap_or(Duration::from_secs(1));
+                warn!(%code, %message, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
+                match self
+                    .store
+                    .requeue(
+                        &task.id,
+                        &claim.token,
+                        now_ms() + delay.as_millis() as i64,
+                        false,
+                    )
+                    .await
+                {
+                    Ok(_) => self.notify(&model.name),
+                    Err(e) => {
+                        error!(error = %crate::error::error_chain(&e), "cannot requeue task; its lease will expire and hand it on")
+                    }
+                }
+                None
+            }
+            Err(BackendError::Retryable { code, message }) => Some(Outcome::Failure {
+                code,
+                message: format!("{message} (gave up after {} attempts)", task.attempts),
+            }),
+            Err(BackendError::Fatal { code, message }) => Some(Outcome::Failure { code, message }),
+        };
+        remove_dir(&output_dir).await;
+        if let Some(outcome) = outcome {
+            self.write_outcome(&claim, &outcome, elapsed).await;
+        }
+    }
+
+    /// Runs the backend within the model's timeout and moves its outputs into the artifact store.
+    async fn execute(&self, model: &ModelRuntime, job: &Job) -> Result<Vec<String>, BackendError> {
+        let internal = |what: &str, e: std::io::Error| {
+            BackendError::retryable(fail_code::INTERNAL_ERROR, format!("{what}: {e}"))
+        };
+        remove_dir(&job.output_dir).await;
+        tokio::fs::create_dir_all(&job.output_dir)
+            .await
+            .map_err(|e| internal("cannot create the output directory", e))?;
+        let timeout = model.config.timeout;
+        match tokio::time::timeout(timeout, model.backend.run(job)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(BackendError::fatal(
+                    fail_code::PROCESSING_TIMEOUT,
+                    format!(
+                        "the task ran longer than model {}'s timeout of {}",
+                        model.name,
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            }
+        }
+        let files = collect_files(&job.output_dir)
+            .await
+            .map_err(|e| internal("cannot read the output directory", e))?;
+        if files.is_empty() {
+            return Err(BackendError::fatal(
+                fail_code::GENERATION_FAILED,
+                "the model finished without producing any output file",
+            ));
+        }
+        let mut keys = Vec::with_capacity(files.len());
+        let mut used = std::collections::HashSet::new();
+        for (relative, path) in files {
+            let mut name = sanitize_name(&relative);
+            while !used.insert(name.clone()) {
+                name = format!("_{name}");
+            }
+            let key = format!("{}/{name}", job.task_id);
+            self.artifacts.put_file(&key, &path).await.map_err(|e| {
+                BackendError::retryable(fail_code::INTERNAL_ERROR, crate::error::error_chain(&e))
+            })?;
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Renews the lease until it is lost; returns only then (with how it was lost).
+    async fn keep_lease(&self, claim: &Claim) -> &'static str {
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(LEASE / 3).await;
+            match self
+                .store
+                .renew_lease(
+                    &claim.task.id,
+                    &claim.token,
+                    now_ms() + LEASE.as_millis() as i64,
+                )
+                .await
+            {
+                Ok(true) => failures = 0,
+                Ok(false) => return "taken over",
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %crate::error::error_chain(&e), "cannot renew lease");
+                    if failures >= 2 {
+                        return "could not renew";
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_outcome(&self, claim: &Claim, outcome: &Outcome, elapsed: Duration) {
+        // A failed write leaves the task processing; its lease then expires and hands it on, so
+        // nothing is lost. Retry a few times first, to spare the task a rerun.
+        for attempt in 0..5u32 {
+            match self
+                .store
+                .finish(&claim.task.id, &claim.token, outcome, now_ms())
+                .await
+            {
+                Ok(true) => {
+                    match outcome {
+                        Outcome::Success { outputs } => {
+                            info!(
+                                outputs = outputs.len(),
+                                elapsed_ms = elapsed.as_millis() as u64,
+                                "succeeded"
+                            )
+                        }
+                        Outcome::Failure { code, message } => {
+                            info!(%code, %message, elapsed_ms = elapsed.as_millis() as u64, "failed")
+                        }
+                    }
+                    return;
+                }
+                Ok(false) => {
+                    warn!("the task was handed on before this attempt finished; outcome dropped");
+                    return;
+                }
+                Err(e) => {
+                    error!(error = %crate::error::error_chain(&e), "cannot write the outcome");
+                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                }
+            }
+        }
+    }
+}
+
+async fn remove_dir(dir: &Path) {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove work directory"),
+    }
+}
+
+/// Every regular file under `dir`, with its path relative to `dir` (`a/b.png` → `a_b.png` later).
+async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries = tokio::fs::read_dir(&d).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let ft = entry.file_type().await?;
+            let path = entry.path();
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let rel = path
+                    .strip_prefix(dir)
+                    .map(|p| p.to_string_lossy().replace('/', "_"))
+                    .unwrap_or_else(|_| entry.file_name().to_string_lossy().into_owned());
+                out.push((rel, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

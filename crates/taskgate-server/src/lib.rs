@@ -1,0 +1,184 @@
+//! taskgate's server: the APIXO-compatible task API over an embedded store, with dispatch to
+//! pluggable backends and signed result URLs.
+//!
+//! The entry point is [`run`], which takes a bound listener (tests pass `127.0.0.1:0`) and a
+//! shutdown future. See ARCHITECTURE.md at the repository root for the map.
+
+pub mod api;
+pub mod artifacts;
+pub mod auth;
+pub mod backends;
+pub mod config;
+pub mod dispatch;
+pub mod domain;
+pub mod error;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::Config;
+
+use crate::artifacts::{LocalArtifacts, UrlSigner};
+use crate::dispatch::{Dispatcher, ModelRuntime};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot use data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another taskgate process is already using data directory {0}; stop it or pass another --data-dir")]
+    DataDirLocked(PathBuf),
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The SQLite file inside a data dir.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("taskgate.db")
+}
+
+/// Opens the embedded store in `data_dir` (creating it), for `serve` and the `keys` commands.
+pub async fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>, ServerError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(SqliteStore::open(&database_path(data_dir)).await?))
+}
+
+/// Holds an exclusive lock on the data dir for the life of the server: two servers on one
+/// SQLite file would each think the other's running tasks were orphans.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
+    use fs4::fs_std::FileExt;
+    let path = data_dir.join("taskgate.lock");
+    let io = |source| ServerError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock_exclusive() {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(ServerError::DataDirLocked(data_dir.to_owned())),
+        Err(e) => Err(io(e)),
+    }
+}
+
+const URL_SIGNING_KEY: &str = "artifact_url_signing_key";
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains: stops accepting, gives
+/// running tasks `config.shutdown_grace`, and leaves the rest pending for the next start.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    let store = open_store(&data_dir).await?;
+    let _lock = lock_data_dir(&data_dir)?;
+
+    if let Some(key) = &config.bootstrap_api_key {
+        auth::register_bootstrap_key(store.as_ref(), key).await?;
+    }
+
+    let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"));
+    let mut fresh_key = vec![0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut fresh_key);
+    let signing_key = store.setting_or_init(URL_SIGNING_KEY, &fresh_key).await?;
+    let local_files = Arc::new(LocalArtifacts::new(
+        data_dir.join("files"),
+        public_url.clone(),
+        UrlSigner::new(signing_key),
+    ));
+
+    // Work dirs of attempts that died with the last process hold nothing worth keeping.
+    let work_dir = data_dir.join("work");
+    let _ = tokio::fs::remove_dir_all(&work_dir).await;
+    tokio::fs::create_dir_all(&work_dir)
+        .await
+        .map_err(|source| ServerError::DataDir {
+            path: work_dir.clone(),
+            source,
+        })?;
+
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+    let models: BTreeMap<String, Arc<ModelRuntime>> = config
+        .models
+        .iter()
+        .map(|(name, cfg)| {
+            let backend = backends::build(cfg, &http);
+            (
+                name.clone(),
+                Arc::new(ModelRuntime::new(name.clone(), cfg.clone(), backend)),
+            )
+        })
+        .collect();
+
+    // This process holds the data-dir lock, so every task still `processing` was left by a
+    // process that died: hand them all on before starting.
+    let recovered = store.recover_expired(i64::MAX).await?;
+    if !recovered.requeued.is_empty() || !recovered.failed.is_empty() {
+        info!(
+            requeued = recovered.requeued.len(),
+            failed = recovered.failed.len(),
+            "recovered tasks interrupted by the previous process"
+        );
+    }
+
+    let dispatcher = Dispatcher::new(
+        store.clone(),
+        local_files.clone(),
+        models,
+        work_dir,
+        config.retry_backoff.clone(),
+    );
+    dispatcher.start();
+
+    let state = api::AppState {
+        store: store.clone(),
+        auth: auth::Authenticator::new(store.clone()),
+        dispatcher: dispatcher.clone(),
+        artifacts: local_files.clone(),
+        local_files: Some(local_files),
+        max_body_bytes: config.max_body_bytes,
+        result_url_ttl_secs: config.result_url_ttl.as_secs() as i64,
+    };
+    info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    info!("no longer accepting requests; draining running tasks");
+    dispatcher.shutdown(config.shutdown_grace).await;
+    store.close().await;
+    info!("stopped");
+    served.map_err(ServerError::Serve)
+}

@@ -1,0 +1,628 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Concurrency model: all writes go through one connection (SQLite has one writer anyway; one
+//! connection means no `SQLITE_BUSY` between our own writers), reads through a small pool.
+//! Submits are group-committed: `insert_task` hands its row to a batching task that writes every
+//! row waiting at that moment in one transaction, so many submits share one fsync while each
+//! caller still returns only after its row is durable (`synchronous = FULL`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use taskgate_proto::TaskState;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ApiKeyRecord, Claim, NewTask, Outcome, Recovered, Store, StoreError, Tenant};
+use crate::domain::{fail_code, new_id, Task};
+
+/// Most rows written by one group commit.
+const MAX_BATCH: usize = 512;
+
+type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    inserts: mpsc::Sender<InsertRequest>,
+}
+
+const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
+     max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg";
+
+impl SqliteStore {
+    /// Opens (creating if needed) `path` and applies the embedded migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit survives power loss, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(insert_batches(writer.clone(), rx));
+        Ok(SqliteStore {
+            writer,
+            reader,
+            inserts: tx,
+        })
+    }
+
+    /// Opens an in-memory-backed temporary file store for unit tests of this module.
+    #[cfg(test)]
+    async fn open_temp() -> (Self, tempfile::TempDir) {
+        #[allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        #[allow(clippy::unwrap_used)]
+        let store = Self::open(&dir.path().join("t.db")).await.unwrap();
+        (store, dir)
+    }
+}
+
+/// The group-commit loop: waits for one insert, takes every other one already queued, writes
+/// them in one transaction and answers each caller.
+async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>) {
+    let mut batch: Vec<InsertRequest> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let result = write_batch(&pool, &batch).await;
+        match result {
+            Ok(()) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Invalid(e.to_string())));
+                }
+            }
+            Err(_) => {
+                // One bad row must not fail its neighbours: retry each on its own.
+                for (task, reply) in batch.drain(..) {
+                    let r = write_batch_one(&pool, &task).await;
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(pool: &SqlitePool, batch: &[InsertRequest]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for (task, _) in batch {
+        insert_one(&mut tx, task).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn write_batch_one(pool: &SqlitePool, task: &NewTask) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    insert_one(&mut tx, task).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn insert_one(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    task: &NewTask,
+) -> Result<(), StoreError> {
+    let input = serde_json::Value::Object(task.input.clone()).to_string();
+    sqlx::query(
+        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
+         run_after, create_time) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+    )
+    .bind(&task.id)
+    .bind(&task.tenant_id)
+    .bind(&task.model)
+    .bind(input)
+    .bind(&task.callback_url)
+    .bind(task.max_attempts as i64)
+    .bind(task.create_time)
+    .bind(task.create_time)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
+    let state: String = row.try_get("state")?;
+    let state = TaskState::parse(&state)
+        .ok_or_else(|| StoreError::Invalid(format!("unknown task state {state:?}")))?;
+    let input: String = row.try_get("input")?;
+    let input = match serde_json::from_str(&input) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => {
+            return Err(StoreError::Invalid(
+                "task input is not a JSON object".into(),
+            ))
+        }
+    };
+    let outputs: Option<String> = row.try_get("outputs")?;
+    let outputs = match outputs {
+        Some(s) => serde_json::from_str(&s)
+            .map_err(|e| StoreError::Invalid(format!("task outputs: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(Task {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        model: row.try_get("model")?,
+        state,
+        input,
+        callback_url: row.try_get("callback_url")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        create_time: row.try_get("create_time")?,
+        start_time: row.try_get("start_time")?,
+        complete_time: row.try_get("complete_time")?,
+        outputs,
+        fail_code: row.try_get("fail_code")?,
+        fail_msg: row.try_get("fail_msg")?,
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        tenant: Tenant {
+            id: row.try_get("tenant_id")?,
+            name: row.try_get("tenant_name")?,
+        },
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        key_hash: row.try_get("key_hash")?,
+    })
+}
+
+const KEY_SELECT: &str = "SELECT k.id, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
+     k.created_at, k.revoked_at, k.key_hash FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_task(&self, task: NewTask) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inserts
+            .send((task, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn claim(
+        &self,
+        model: &str,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Option<Claim>, StoreError> {
+        let token = new_id("att");
+        let row = sqlx::query(&format!(
+            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, lease_token = ?1, \
+             lease_expires_at = ?2, start_time = ?3 \
+             WHERE id = (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
+                         AND run_after <= ?3 ORDER BY priority DESC, id LIMIT 1) \
+             RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(&token)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(model)
+        .fetch_optional(&self.writer)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(Claim {
+                task: task_from_row(&row)?,
+                token,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(run_after) FROM tasks WHERE model = ? AND state = 'pending'",
+        )
+        .bind(model)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(due)
+    }
+
+    async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = ? \
+             WHERE id = ? AND state = 'processing' AND lease_token = ?",
+        )
+        .bind(until)
+        .bind(id)
+        .bind(token)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (state, outputs, code, message) = match outcome {
+            Outcome::Success { outputs } => (
+                TaskState::Success,
+                Some(
+                    serde_json::to_string(outputs)
+                        .map_err(|e| StoreError::Invalid(e.to_string()))?,
+                ),
+                None,
+                None,
+            ),
+            Outcome::Failure { code, message } => (
+                TaskState::Failed,
+                None,
+                Some(code.as_str()),
+                Some(message.as_str()),
+            ),
+        };
+        let r = sqlx::query(
+            "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
+             fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND state = 'processing' AND lease_token = ?",
+        )
+        .bind(state.as_str())
+        .bind(now)
+        .bind(outputs)
+        .bind(code)
+        .bind(message)
+        .bind(id)
+        .bind(token)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn requeue(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        refund_attempt: bool,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE tasks SET state = 'pending', run_after = ?, lease_token = NULL, \
+             lease_expires_at = NULL, attempts = attempts - ? \
+             WHERE id = ? AND state = 'processing' AND lease_token = ?",
+        )
+        .bind(run_after)
+        .bind(i64::from(refund_attempt))
+        .bind(id)
+        .bind(token)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let failed: Vec<String> = sqlx::query_scalar(
+            "UPDATE tasks SET state = 'failed', complete_time = ?1, fail_code = ?2, \
+             fail_msg = 'the task was interrupted ' || attempts || ' time(s) (its worker \
+             stopped or was killed) and has no attempts left', \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE state = 'processing' AND lease_expires_at <= ?3 AND attempts >= max_attempts \
+             RETURNING id",
+        )
+        .bind(crate::domain::now_ms())
+        .bind(fail_code::ATTEMPTS_EXHAUSTED)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let requeued: Vec<String> = sqlx::query_scalar(
+            "UPDATE tasks SET state = 'pending', lease_token = NULL, lease_expires_at = NULL \
+             WHERE state = 'processing' AND lease_expires_at <= ? RETURNING id",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Recovered { requeued, failed })
+    }
+
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        let row = sqlx::query("SELECT id, name FROM tenants WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.writer)
+            .await?;
+        row.map(|r| {
+            Ok(Tenant {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let tenant = Tenant {
+            id: new_id("ten"),
+            name: name.to_owned(),
+        };
+        let r = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&tenant.id)
+            .bind(&tenant.name)
+            .bind(crate::domain::now_ms())
+            .execute(&self.writer)
+            .await;
+        match r {
+            Ok(_) => Ok(tenant),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                format!("a tenant named {name:?} already exists"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn insert_key(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> Result<ApiKeyRecord, StoreError> {
+        let record = ApiKeyRecord {
+            id: new_id("key"),
+            tenant: tenant.clone(),
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            created_at: crate::domain::now_ms(),
+            revoked_at: None,
+            key_hash: key_hash.to_vec(),
+        };
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&record.id)
+        .bind(&tenant.id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(prefix)
+        .bind(record.created_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(record)
+    }
+
+    async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.key_hash = ?"))
+            .bind(key_hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!("{KEY_SELECT} ORDER BY k.created_at, k.id"))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&self.writer)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn setting_or_init(&self, name: &str, init: &[u8]) -> Result<Vec<u8>, StoreError> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(init)
+        .execute(&self.writer)
+        .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(value)
+    }
+
+    async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::Map;
+
+    fn new_task(id: &str, model: &str, now: i64) -> NewTask {
+        NewTask {
+            id: id.into(),
+            tenant_id: "ten_1".into(),
+            model: model.into(),
+            input: Map::new(),
+            callback_url: None,
+            max_attempts: 2,
+            create_time: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_takes_the_oldest_pending_task_of_its_model_only() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        s.insert_task(new_task("task_c", "other", 1)).await.unwrap();
+        let c = s
+            .claim("m", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.task.id, "task_a");
+        assert_eq!(c.task.state, TaskState::Processing);
+        assert_eq!(c.task.attempts, 1);
+        let c2 = s
+            .claim("m", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c2.task.id, "task_b");
+        assert!(s
+            .claim("m", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn the_final_state_is_written_once_and_only_by_the_claim_holder() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s
+            .claim("m", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let ok = Outcome::Success {
+            outputs: vec!["task_a/x.png".into()],
+        };
+        assert!(!s.finish("task_a", "att_stale", &ok, 20).await.unwrap());
+        assert!(s.finish("task_a", &c.token, &ok, 20).await.unwrap());
+        let fail = Outcome::Failure {
+            code: "X".into(),
+            message: "y".into(),
+        };
+        assert!(!s.finish("task_a", &c.token, &fail, 30).await.unwrap());
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Success);
+        assert_eq!(t.outputs, vec!["task_a/x.png".to_string()]);
+        assert_eq!(t.complete_time, Some(20));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_requeues_until_attempts_run_out() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c1 = s
+            .claim("m", 10, Duration::from_millis(5))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = s.recover_expired(100).await.unwrap();
+        assert_eq!(r.requeued, vec!["task_a".to_string()]);
+        // The stale holder cannot finish a task that was handed on.
+        let ok = Outcome::Success { outputs: vec![] };
+        assert!(!s.finish("task_a", &c1.token, &ok, 101).await.unwrap());
+        let c2 = s
+            .claim("m", 200, Duration::from_millis(5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c2.task.attempts, 2);
+        let r = s.recover_expired(300).await.unwrap();
+        assert_eq!(r.failed, vec!["task_a".to_string()]);
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.fail_code.as_deref(), Some(fail_code::ATTEMPTS_EXHAUSTED));
+    }
+
+    #[tokio::test]
+    async fn a_requeued_task_waits_for_its_run_after_time() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s
+            .claim("m", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(s.requeue("task_a", &c.token, 500, true).await.unwrap());
+        assert!(s
+            .claim("m", 499, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(s.next_due("m").await.unwrap(), Some(500));
+        let c = s
+            .claim("m", 500, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        // The refunded attempt does not count.
+        assert_eq!(c.task.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_are_all_durable() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        let s = std::sync::Arc::new(s);
+        let mut handles = Vec::new();
+        for i in 0..200 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                s.insert_task(new_task(&format!("task_{i:04}"), "m", 1))
+                    .await
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks")
+            .fetch_one(&s.reader)
+            .await
+            .unwrap();
+        assert_eq!(n, 200);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_id_fails_only_its_own_insert() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        assert!(s.insert_task(new_task("task_a", "m", 1)).await.is_err());
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_setting_keeps_its_first_value() {
+        let (s, _d) = SqliteStore::open_temp().await;
+        assert_eq!(s.setting_or_init("k", b"one").await.unwrap(), b"one");
+        assert_eq!(s.setting_or_init("k", b"two").await.unwrap(), b"one");
+    }
+}

@@ -1,0 +1,291 @@
+//! The `taskgate` binary: parses flags, layers them over the environment and the config file,
+//! sets up tracing, binds, and hands over to the server library. Nothing else lives here.
+
+mod client_cli;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use taskgate_server::config::{self, FileConfig};
+use taskgate_server::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "taskgate",
+    version,
+    about = "Self-hosted, APIXO-compatible server for asynchronous AI generation tasks"
+)]
+struct Cli {
+    #[command(flatten)]
+    connection: client_cli::Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage API keys (works while the server runs).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    #[command(flatten)]
+    Client(client_cli::ClientCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file with [server] settings and [models.NAME] tables.
+    #[arg(long, env = "TASKGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "TASKGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for the database and result files [default: ./data].
+    #[arg(long, env = "TASKGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Base of result URLs, as clients reach this server [default: the listen address].
+    #[arg(long, env = "TASKGATE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Largest accepted request body in bytes [default: 10 MiB].
+    #[arg(long, env = "TASKGATE_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// How long result URLs stay valid after the task completes [default: 24h].
+    #[arg(long, env = "TASKGATE_RESULT_URL_TTL", value_parser = humantime::parse_duration)]
+    result_url_ttl: Option<Duration>,
+    /// How long running tasks may finish after SIGTERM before they are left pending [default: 30s].
+    #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    shutdown_grace: Option<Duration>,
+    /// Log format on stderr.
+    #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Args)]
+struct DataDirArg {
+    /// The server's data directory [default: ./data].
+    #[arg(long, env = "TASKGATE_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; it is printed once, on the last line.
+    Create {
+        /// What the key is for.
+        #[arg(long)]
+        name: String,
+        /// Join an existing tenant instead of starting a new one named after the key.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Revoke a key by its id (key_...).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Flags and environment (already merged by clap) over the file over the defaults.
+fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let s = file.server;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(s.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./data"));
+    let mut config = Config::new(data_dir);
+    config.listen = args.listen.or(s.listen).unwrap_or(config.listen);
+    config.public_url = args.public_url.clone().or(s.public_url);
+    config.max_body_bytes = args
+        .max_body_bytes
+        .or(s.max_body_bytes)
+        .unwrap_or(config::DEFAULT_MAX_BODY_BYTES);
+    config.result_url_ttl = args
+        .result_url_ttl
+        .or(s.result_url_ttl)
+        .unwrap_or(config::DEFAULT_RESULT_URL_TTL);
+    config.shutdown_grace = args
+        .shutdown_grace
+        .or(s.shutdown_grace)
+        .unwrap_or(config::DEFAULT_SHUTDOWN_GRACE);
+    if let Some(models) = file.models {
+        config.models = models;
+    }
+    config.bootstrap_api_key = std::env::var("TASKGATE_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    if let Some(key) = &config.bootstrap_api_key {
+        if key.len() < 16 {
+            bail!("TASKGATE_API_KEY is too short to be safe: use at least 16 characters (or create keys with `taskgate keys create`)");
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_format);
+    let config = layered_config(&args)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read the bound address from this line (useful with port 0).
+    println!("taskgate listening on http://{addr}");
+    taskgate_server::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn open_store(
+    dir: &Path,
+) -> anyhow::Result<std::sync::Arc<dyn taskgate_server::store::Store>> {
+    taskgate_server::open_store(dir)
+        .await
+        .with_context(|| format!("cannot open the store in {}", dir.display()))
+}
+
+fn format_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            name,
+            tenant,
+            data_dir,
+        } => {
+            let store = open_store(&data_dir.data_dir).await?;
+            let (record, key) =
+                taskgate_server::auth::create_key(store.as_ref(), &name, tenant.as_deref()).await?;
+            store.close().await;
+            println!(
+                "Created key {} ({:?}) in tenant {:?}.",
+                record.id, record.name, record.tenant.name
+            );
+            println!("Store it now: it is shown only this once.");
+            println!("API key: {key}");
+        }
+        KeysCommand::List { data_dir } => {
+            let store = open_store(&data_dir.data_dir).await?;
+            let keys = store.list_keys().await?;
+            store.close().await;
+            if keys.is_empty() {
+                println!("No keys yet: create one with `taskgate keys create --name NAME`.");
+            }
+            println!(
+                "{:<32}  {:<20}  {:<20}  {:<12}  {:<20}  STATUS",
+                "ID", "NAME", "TENANT", "PREFIX", "CREATED"
+            );
+            for k in keys {
+                let status = match k.revoked_at {
+                    Some(t) => format!("revoked {}", format_time(t)),
+                    None => "active".to_owned(),
+                };
+                println!(
+                    "{:<32}  {:<20}  {:<20}  {:<12}  {:<20}  {status}",
+                    k.id,
+                    k.name,
+                    k.tenant.name,
+                    format!("{}…", k.prefix),
+                    format_time(k.created_at)
+                );
+            }
+        }
+        KeysCommand::Revoke { id, data_dir } => {
+            let store = open_store(&data_dir.data_dir).await?;
+            let done = store
+                .revoke_key(&id, taskgate_server::domain::now_ms())
+                .await?;
+            store.close().await;
+            if !done {
+                bail!("no active key with id {id:?}; see `taskgate keys list`");
+            }
+            println!("Revoked key {id}; requests with it now get 401.");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Keys(cmd) => keys(cmd).await,
+            Command::Client(c) => return Ok(client_cli::run(cli.connection, c).await),
+        }
+        .map(|()| ExitCode::SUCCESS)
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
