@@ -69,14 +69,36 @@ fn status_error(what: &str, status: reqwest::StatusCode, body: &[u8]) -> Backend
 fn file_name(index: usize, content_type: Option<&str>, url_path: Option<&str>) -> String {
     let from_type = content_type
         .and_then(|ct| ct.split(';').next())
-        .and_then(|ct| mime_guess::get_mime_extensions_str(ct.trim()))
-        .and_then(|exts| exts.first().copied());
+        .map(|ct| ct.trim().to_ascii_lowercase())
+        .and_then(|ct| extension_for(&ct));
     let from_url = url_path
         .and_then(|p| Path::new(p).extension())
         .and_then(|e| e.to_str())
         .filter(|e| e.len() <= 8 && e.bytes().all(|b| b.is_ascii_alphanumeric()));
     let ext = from_url.or(from_type).unwrap_or("bin");
     format!("output-{index}.{ext}")
+}
+
+/// The usual extension of a media type. mime_guess lists extensions alphabetically (image/jpeg
+/// would become `.jfif`), so the common generation outputs are named first.
+fn extension_for(content_type: &str) -> Option<&'static str> {
+    let common = match content_type {
+        "image/jpeg" => "jpg",
+        "image/png" => "png",
+        "image/webp" => "webp",
+        "image/gif" => "gif",
+        "video/mp4" => "mp4",
+        "video/webm" => "webm",
+        "audio/mpeg" => "mp3",
+        "audio/wav" | "audio/x-wav" => "wav",
+        "audio/ogg" => "ogg",
+        "application/json" => "json",
+        "text/plain" => "txt",
+        other => {
+            return mime_guess::get_mime_extensions_str(other).and_then(|e| e.first().copied())
+        }
+    };
+    Some(common)
 }
 
 /// The strings at `pointer`: one string, or an array of strings.
@@ -226,5 +248,6 @@ mod tests {
             "output-1.mp4"
         );
         assert_eq!(file_name(2, None, None), "output-2.bin");
+        assert_eq!(file_name(3, Some("image/jpeg"), None), "output-3.jpg");
     }
 }
