@@ -316,24 +316,20 @@ impl Client {
         decode_data(&url, Some(data))
     }
 
-    /// Reads the tenant's current webhook signing secret (`GET /api/v1/webhookSecret`, a taskgate
-    /// extension that APIXO does not have).
+    /// Reads the tenant's webhook signing secrets (`GET /api/v1/webhookSecret`, a taskgate
+    /// extension that APIXO does not have): the current one and, during a rotation, the previous
+    /// one that still signs until `previous_expires_time`.
     ///
     /// ```no_run
     /// # async fn demo(client: taskgate_client::Client) -> Result<(), taskgate_client::Error> {
-    /// let secret = client.webhook_secret().await?;
-    /// assert!(secret.starts_with("whsec_"));
+    /// let secrets = client.webhook_secret().await?;
+    /// assert!(secrets.secret.starts_with("whsec_"));
     /// # Ok(()) }
     /// ```
-    pub async fn webhook_secret(&self) -> Result<String, Error> {
-        #[derive(serde::Deserialize)]
-        struct Data {
-            secret: String,
-        }
+    pub async fn webhook_secret(&self) -> Result<taskgate_proto::WebhookSecretData, Error> {
         let url = self.endpoint(&["webhookSecret"])?;
         let data = self.call(Method::GET, url.clone(), None, true).await?;
-        let d: Data = decode_data(&url, data)?;
-        Ok(d.secret)
+        decode_data(&url, data)
     }
 
     fn endpoint(&self, segments: &[&str]) -> Result<Url, Error> {

@@ -152,6 +152,59 @@ impl ResultJson {
     }
 }
 
+/// `data` of `GET /api/v1/webhookSecret` and of its rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSecretData {
+    /// `whsec_` + base64: the secret that signs callbacks now.
+    pub secret: String,
+    /// The secret it replaced, which still signs until `previousExpiresTime` (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_expires_time: Option<i64>,
+}
+
+/// One callback of a task, as listed by `GET /api/v1/webhookDeliveries?taskId=`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDelivery {
+    /// Sent as `webhook-id` on every attempt.
+    pub id: String,
+    pub task_id: String,
+    pub url: String,
+    /// `pending`, `delivering`, `succeeded` or `failed`.
+    pub state: String,
+    pub attempts: u32,
+    pub create_time: i64,
+    /// When the next attempt is due (Unix ms), while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub attempt_log: Vec<WebhookAttempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttempt {
+    /// Unix ms.
+    pub time: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    pub latency_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of `GET /api/v1/webhookDeliveries`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDeliveries {
+    pub deliveries: Vec<WebhookDelivery>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

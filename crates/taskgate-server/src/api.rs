@@ -18,30 +18,29 @@ use taskgate_proto::{Envelope, RequestType, TaskCreated, TaskStatus};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::artifacts::{ArtifactStore, LocalArtifacts};
+use crate::artifacts::{LocalArtifacts, ResultLinks};
 use crate::auth::Authenticator;
+use crate::config::WebhookConfig;
 use crate::dispatch::{Dispatcher, ModelRuntime};
-use crate::domain::{new_task_id, now_ms, Task};
+use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
+use crate::store::{Delivery, DeliveryAttempt, Redeliver};
 use crate::store::{NewTask, Store};
+use crate::webhooks::{ssrf, Deliverer};
+use taskgate_proto::{
+    webhook, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookSecretData,
+};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Authenticator,
     pub dispatcher: Arc<Dispatcher>,
-    pub artifacts: Arc<dyn ArtifactStore>,
+    pub links: ResultLinks,
     pub local_files: Option<Arc<LocalArtifacts>>,
     pub max_body_bytes: usize,
-    pub result_url_ttl_secs: i64,
-}
-
-impl AppState {
-    /// The status view of a task, with result URLs valid until completion + the URL lifetime.
-    pub fn status_of(&self, task: &Task) -> TaskStatus {
-        let expires = task.complete_time.unwrap_or_else(now_ms) / 1000 + self.result_url_ttl_secs;
-        task.status(|key| self.artifacts.url(key, expires))
-    }
+    pub webhooks: WebhookConfig,
+    pub deliverer: Arc<Deliverer>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -50,6 +49,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/v1/generateTask/{model}", post(generate_task))
         .route("/api/v1/statusTask/{model}", get(status_task))
+        .route("/api/v1/webhookSecret", get(webhook_secret))
+        .route("/api/v1/webhookSecret/rotate", post(rotate_webhook_secret))
+        .route("/api/v1/webhookDeliveries", get(list_deliveries))
+        .route("/api/v1/webhookDeliveries/{id}/retry", post(retry_delivery))
         .route("/files/{task_id}/{name}", get(get_file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -111,7 +114,7 @@ struct Submission {
     input: Map<String, Value>,
 }
 
-fn parse_submission(bytes: &[u8]) -> Result<Submission, ApiError> {
+fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
     let bad = |m: String| ApiError::BadRequest(m);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         bad(format!(
@@ -144,7 +147,7 @@ fn parse_submission(bytes: &[u8]) -> Result<Submission, ApiError> {
     };
     let callback_url = match body.get("callback_url") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(check_callback_url(s)?),
+        Some(Value::String(s)) => Some(check_callback_url(s, allow_private)?),
         Some(other) => {
             return Err(bad(format!(
                 "callback_url must be a string, got {}",
@@ -183,19 +186,14 @@ fn parse_submission(bytes: &[u8]) -> Result<Submission, ApiError> {
     })
 }
 
-/// An absolute http(s) URL of reasonable length.
-fn check_callback_url(raw: &str) -> Result<String, ApiError> {
+/// An absolute http(s) URL of reasonable length that does not point into a private network.
+fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError> {
     let bad = |why: &str| ApiError::BadRequest(format!("callback_url {raw:?} {why}"));
     if raw.len() > 2048 {
         return Err(bad("is longer than 2048 characters"));
     }
     let url = url::Url::parse(raw).map_err(|e| bad(&format!("is not an absolute URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("must use http or https"));
-    }
-    if url.host().is_none() {
-        return Err(bad("has no host"));
-    }
+    ssrf::check_url(&url, allow_private).map_err(|e| bad(&e.to_string()))?;
     Ok(url.to_string())
 }
 
@@ -217,7 +215,7 @@ async fn generate_task(
             ApiError::BadRequest(format!("cannot read the request body: {rejection}"))
         }
     })?;
-    let submission = parse_submission(&body)?;
+    let submission = parse_submission(&body, state.webhooks.allow_private)?;
     runtime
         .backend
         .validate(&submission.input)
@@ -249,19 +247,11 @@ async fn status_task(
 ) -> Result<Json<Envelope<TaskStatus>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
     let runtime = model_or_404(&state, &model)?;
-    let task_id = uri
-        .query()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "taskId")
-                .map(|(_, v)| v.into_owned())
-        })
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
-            ))
-        })?;
+    let task_id = query_param(&uri, "taskId").ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
+        ))
+    })?;
     let not_found =
         || ApiError::NotFound(format!("task {task_id:?} not found for model {model:?}"));
     let task = state
@@ -274,7 +264,150 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != runtime.name {
         return Err(not_found());
     }
-    Ok(Json(Envelope::success(state.status_of(&task))))
+    Ok(Json(Envelope::success(state.links.status_of(&task))))
+}
+
+fn secret_data(s: crate::store::WebhookSecrets) -> WebhookSecretData {
+    let live = s.previous_expires_at.is_some_and(|t| t > now_ms());
+    WebhookSecretData {
+        secret: s.current,
+        previous_secret: s.previous.filter(|_| live),
+        previous_expires_time: s.previous_expires_at.filter(|_| live),
+    }
+}
+
+async fn webhook_secret(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    let secrets = state
+        .store
+        .webhook_secrets(&tenant.id, &webhook::generate_secret())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(Envelope::success(secret_data(secrets))))
+}
+
+async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    // Make sure a first secret exists, so that rotation always has one to overlap with.
+    state
+        .store
+        .webhook_secrets(&tenant.id, &webhook::generate_secret())
+        .await
+        .map_err(ApiError::internal)?;
+    let until = now_ms() + state.webhooks.secret_overlap.as_millis() as i64;
+    let secrets = state
+        .store
+        .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), until)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(Envelope::success(secret_data(secrets))))
+}
+
+fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery {
+    WebhookDelivery {
+        next_attempt_time: (d.state == "pending").then_some(d.next_attempt_at),
+        id: d.id,
+        task_id: d.task_id,
+        url: d.url,
+        state: d.state,
+        attempts: d.attempts,
+        create_time: d.created_at,
+        complete_time: d.completed_at,
+        last_error: d.last_error,
+        attempt_log: attempts
+            .into_iter()
+            .map(|a| WebhookAttempt {
+                time: a.attempted_at,
+                status_code: a.status_code,
+                latency_ms: a.latency_ms,
+                error: a.error,
+            })
+            .collect(),
+    }
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+        .filter(|v| !v.is_empty())
+}
+
+async fn list_deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Envelope<WebhookDeliveries>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    let task_id = query_param(&uri, "taskId").ok_or_else(|| {
+        ApiError::BadRequest(
+            "the taskId query parameter is required: /api/v1/webhookDeliveries?taskId=TASK_ID"
+                .into(),
+        )
+    })?;
+    let task = state
+        .store
+        .get_task(&task_id)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|t| t.tenant_id == tenant.id)
+        .ok_or_else(|| ApiError::NotFound(format!("task {task_id:?} not found")))?;
+    let deliveries = state
+        .store
+        .deliveries_for_task(&task.id)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|(d, a)| delivery_view(d, a))
+        .collect();
+    Ok(Json(Envelope::success(WebhookDeliveries { deliveries })))
+}
+
+async fn retry_delivery(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
+    let tenant = state.auth.authenticate(&headers).await?;
+    let not_found = || ApiError::NotFound(format!("webhook delivery {id:?} not found"));
+    let delivery = state
+        .store
+        .get_delivery(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|d| d.tenant_id == tenant.id)
+        .ok_or_else(not_found)?;
+    match state
+        .store
+        .redeliver(&delivery.id, now_ms())
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Redeliver::Scheduled => {}
+        Redeliver::InFlight => {
+            return Err(ApiError::Conflict(
+                "this delivery is being sent right now; look at its attempts again shortly".into(),
+            ))
+        }
+        Redeliver::NotFound => return Err(not_found()),
+    }
+    state.deliverer.wake();
+    let updated = state
+        .store
+        .get_delivery(&delivery.id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(not_found)?;
+    Ok(Json(Envelope::success(delivery_view(updated, Vec::new()))))
 }
 
 async fn get_file(
@@ -333,7 +466,7 @@ mod tests {
     use super::*;
 
     fn err(body: &str) -> String {
-        match parse_submission(body.as_bytes()) {
+        match parse_submission(body.as_bytes(), false) {
             Err(ApiError::BadRequest(m)) => m,
             _ => panic!("expected a 400 for {body}"),
         }
@@ -354,7 +487,7 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_refused_before_parsing() {
-        let m = match parse_submission(b"{\"input\": {\"p\": \"\xff\"}}") {
+        let m = match parse_submission(b"{\"input\": {\"p\": \"\xff\"}}", false) {
             Err(ApiError::BadRequest(m)) => m,
             _ => panic!(),
         };
@@ -364,10 +497,11 @@ mod tests {
     #[test]
     fn a_callback_url_without_request_type_asks_for_a_callback() {
         let s =
-            parse_submission(br#"{"callback_url": "https://example.com/h", "input": {}}"#).unwrap();
+            parse_submission(br#"{"callback_url": "https://example.com/h", "input": {}}"#, false).unwrap();
         assert_eq!(s.callback_url.as_deref(), Some("https://example.com/h"));
         let s = parse_submission(
             br#"{"request_type": "async", "callback_url": "https://example.com/h", "input": {}}"#,
+            false,
         )
         .unwrap();
         assert_eq!(s.callback_url, None);

@@ -33,6 +33,22 @@ pub trait ArtifactStore: Send + Sync + 'static {
     fn url(&self, key: &str, expires_at: i64) -> String;
 }
 
+/// Renders a task's status with result URLs valid until completion + the URL lifetime; the same
+/// view serves statusTask and callback payloads, so both carry identical URLs.
+#[derive(Clone)]
+pub struct ResultLinks {
+    pub store: std::sync::Arc<dyn ArtifactStore>,
+    pub ttl_secs: i64,
+}
+
+impl ResultLinks {
+    pub fn status_of(&self, task: &crate::domain::Task) -> taskgate_proto::TaskStatus {
+        let expires =
+            task.complete_time.unwrap_or_else(crate::domain::now_ms) / 1000 + self.ttl_secs;
+        task.status(|key| self.store.url(key, expires))
+    }
+}
+
 /// Signs and checks `/files/...` links.
 #[derive(Clone)]
 pub struct UrlSigner {

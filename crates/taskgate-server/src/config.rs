@@ -39,6 +39,8 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigErro
 pub struct FileConfig {
     #[serde(default)]
     pub server: FileServerSettings,
+    #[serde(default)]
+    pub webhooks: FileWebhookSettings,
     /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
     pub models: Option<BTreeMap<String, ModelConfig>>,
 }
@@ -57,6 +59,28 @@ pub struct FileServerSettings {
     pub shutdown_grace: Option<Duration>,
 }
 
+/// `[webhooks]`: flags and `TASKGATE_*` variables win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWebhookSettings {
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub secret_overlap: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_list")]
+    pub retry_delays: Option<Vec<Duration>>,
+    pub allow_private_callbacks: Option<bool>,
+}
+
+fn duration_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<Duration>>, D::Error> {
+    let items: Option<Vec<String>> = Option::deserialize(d)?;
+    items
+        .map(|v| parse_duration_list(&v.join(",")).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 impl FileConfig {
     /// Reads and parses a TOML file; unknown keys are errors so that typos do not pass silently.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -71,13 +95,22 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let config: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let raw: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(toml::Value::Table(models)) = raw.get("models") {
+            for (name, table) in models {
+                if let toml::Value::Table(t) = table {
+                    check_model_keys(name, t)?;
+                }
+            }
+        }
+        Ok(config)
     }
 }
 
 /// One model: which backend runs it and how much of it may run at once.
+// serde cannot deny unknown fields through `flatten`; `check_model_keys` does it instead.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     #[serde(flatten)]
     pub backend: BackendConfig,
@@ -90,6 +123,35 @@ pub struct ModelConfig {
     /// Attempts (first run included) before a retryable error or a lost worker fails the task.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+}
+
+/// Refuses keys a model table's backend does not take, so that a typo is not silently ignored.
+fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
+    const COMMON: &[&str] = &["backend", "concurrency", "timeout", "max_attempts"];
+    let own: &[&str] = match table.get("backend").and_then(|b| b.as_str()) {
+        Some("builtin") => &["builtin"],
+        Some("command") => &["command", "env", "working_dir"],
+        Some("http") => &[
+            "url",
+            "headers",
+            "response",
+            "url_pointers",
+            "base64_pointers",
+            "base64_content_type",
+        ],
+        _ => return Ok(()),
+    };
+    for key in table.keys() {
+        if !COMMON.contains(&key.as_str()) && !own.contains(&key.as_str()) {
+            let mut allowed: Vec<&str> = COMMON.iter().chain(own).copied().collect();
+            allowed.sort_unstable();
+            return Err(format!(
+                "unknown key {key:?} in [models.{name}]; this backend takes: {}",
+                allowed.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn default_concurrency() -> usize {
@@ -182,6 +244,61 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// Delays between attempts after a retryable backend error; the last one repeats.
     pub retry_backoff: Vec<Duration>,
+    pub webhooks: WebhookConfig,
+}
+
+/// Callback delivery settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Delay before each retry; after the last, the delivery is marked failed.
+    pub retry_delays: Vec<Duration>,
+    /// A receiver must answer within this.
+    pub timeout: Duration,
+    /// Lets callbacks reach loopback and private addresses (local development, tests).
+    pub allow_private: bool,
+    /// How long the previous secret keeps signing after a rotation.
+    pub secret_overlap: Duration,
+    /// Deliveries in flight at once, over all receivers.
+    pub max_in_flight: usize,
+    /// Deliveries in flight at once to one host.
+    pub max_per_host: usize,
+    /// Consecutive failures of a host that open its circuit.
+    pub breaker_threshold: u32,
+    /// How long an open circuit holds deliveries to its host back.
+    pub breaker_cooldown: Duration,
+}
+
+/// About a day: 30s, 2m, 10m, 30m, 1h, 3h, 6h, 12h (23h 42m 30s in all).
+pub fn default_webhook_retry_delays() -> Vec<Duration> {
+    [30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            retry_delays: default_webhook_retry_delays(),
+            timeout: Duration::from_secs(30),
+            allow_private: false,
+            secret_overlap: Duration::from_secs(24 * 3600),
+            max_in_flight: 64,
+            max_per_host: 8,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses `1s,5s,2m` (humantime units, comma-separated).
+pub fn parse_duration_list(s: &str) -> Result<Vec<Duration>, String> {
+    s.split(',')
+        .map(|part| {
+            humantime::parse_duration(part.trim())
+                .map_err(|e| format!("{:?} is not a duration like 30s or 2m: {e}", part.trim()))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Config {
@@ -224,6 +341,7 @@ impl Config {
                 Duration::from_secs(5),
                 Duration::from_secs(30),
             ],
+            webhooks: WebhookConfig::default(),
         }
     }
 
@@ -247,6 +365,12 @@ impl Config {
         }
         if self.result_url_ttl.is_zero() {
             return Err(invalid("result_url_ttl", "must be longer than 0s"));
+        }
+        if self.webhooks.timeout.is_zero() {
+            return Err(invalid("webhook_timeout", "must be longer than 0s"));
+        }
+        if self.webhooks.max_in_flight == 0 || self.webhooks.max_per_host == 0 {
+            return Err(invalid("webhooks", "concurrency limits must be at least 1"));
         }
         if self.models.is_empty() {
             return Err(invalid(
@@ -360,6 +484,15 @@ mod tests {
     fn an_unknown_key_is_an_error_naming_it() {
         let err = FileConfig::parse("[server]\nlisten_addr = \"x\"\n").unwrap_err();
         assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_model_key_is_an_error_naming_it() {
+        let err = FileConfig::parse(
+            "[models.x]\nbackend = \"command\"\ncommand = [\"a\"]\nconcurency = 2\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("concurency") && err.contains("[models.x]"), "{err}");
     }
 
     #[test]

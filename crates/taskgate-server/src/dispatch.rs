@@ -56,6 +56,8 @@ pub struct Dispatcher {
     models: BTreeMap<String, Arc<ModelRuntime>>,
     work_dir: PathBuf,
     retry_backoff: Vec<Duration>,
+    /// Wakes the webhook deliverer when a callback task reaches its final state.
+    webhook_wake: Arc<Notify>,
     /// Stops claiming.
     stop: CancellationToken,
     /// Interrupts running attempts (after the grace period).
@@ -70,6 +72,7 @@ impl Dispatcher {
         models: BTreeMap<String, Arc<ModelRuntime>>,
         work_dir: PathBuf,
         retry_backoff: Vec<Duration>,
+        webhook_wake: Arc<Notify>,
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
             store,
@@ -77,6 +80,7 @@ impl Dispatcher {
             models,
             work_dir,
             retry_backoff,
+            webhook_wake,
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -195,6 +199,7 @@ impl Dispatcher {
                         for m in self.models.keys() {
                             self.notify(m);
                         }
+                        self.webhook_wake.notify_one();
                     }
                 }
                 Err(e) => error!(error = %crate::error::error_chain(&e), "lease sweep failed"),
@@ -357,6 +362,9 @@ impl Dispatcher {
                 .await
             {
                 Ok(true) => {
+                    if claim.task.callback_url.is_some() {
+                        self.webhook_wake.notify_one();
+                    }
                     match outcome {
                         Outcome::Success { outputs } => {
                             info!(

@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod store;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,7 +26,7 @@ use tracing::info;
 
 pub use config::Config;
 
-use crate::artifacts::{LocalArtifacts, UrlSigner};
+use crate::artifacts::{LocalArtifacts, ResultLinks, UrlSigner};
 use crate::dispatch::{Dispatcher, ModelRuntime};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -146,6 +147,13 @@ pub async fn run(
     // This process holds the data-dir lock, so every task still `processing` was left by a
     // process that died: hand them all on before starting.
     let recovered = store.recover_expired(i64::MAX).await?;
+    let redeliveries = store.recover_expired_deliveries(i64::MAX).await?;
+    if redeliveries > 0 {
+        info!(
+            redeliveries,
+            "callbacks cut short by the previous process will be sent again"
+        );
+    }
     if !recovered.requeued.is_empty() || !recovered.failed.is_empty() {
         info!(
             requeued = recovered.requeued.len(),
@@ -154,12 +162,27 @@ pub async fn run(
         );
     }
 
+    let links = ResultLinks {
+        store: local_files.clone(),
+        ttl_secs: config.result_url_ttl.as_secs() as i64,
+    };
+    let webhook_wake = Arc::new(tokio::sync::Notify::new());
+    let deliverer = webhooks::Deliverer::new(
+        store.clone(),
+        links.clone(),
+        config.webhooks.clone(),
+        webhook_wake.clone(),
+    )
+    .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+    deliverer.start();
+
     let dispatcher = Dispatcher::new(
         store.clone(),
         local_files.clone(),
         models,
         work_dir,
         config.retry_backoff.clone(),
+        webhook_wake,
     );
     dispatcher.start();
 
@@ -167,10 +190,11 @@ pub async fn run(
         store: store.clone(),
         auth: auth::Authenticator::new(store.clone()),
         dispatcher: dispatcher.clone(),
-        artifacts: local_files.clone(),
+        links,
         local_files: Some(local_files),
         max_body_bytes: config.max_body_bytes,
-        result_url_ttl_secs: config.result_url_ttl.as_secs() as i64,
+        webhooks: config.webhooks.clone(),
+        deliverer: deliverer.clone(),
     };
     info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
     let served = axum::serve(listener, api::router(state))
@@ -178,6 +202,7 @@ pub async fn run(
         .await;
     info!("no longer accepting requests; draining running tasks");
     dispatcher.shutdown(config.shutdown_grace).await;
+    deliverer.shutdown(config.shutdown_grace).await;
     store.close().await;
     info!("stopped");
     served.map_err(ServerError::Serve)

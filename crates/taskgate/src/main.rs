@@ -66,9 +66,29 @@ struct ServeArgs {
     /// How long running tasks may finish after SIGTERM before they are left pending [default: 30s].
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Delays between callback retries, e.g. 30s,2m,10m [default: about a day, 8 retries].
+    #[arg(long, env = "TASKGATE_WEBHOOK_RETRY_DELAYS", value_parser = parse_delays)]
+    webhook_retry_delays: Option<Delays>,
+    /// How long a callback receiver may take to answer [default: 30s].
+    #[arg(long, env = "TASKGATE_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration)]
+    webhook_timeout: Option<Duration>,
+    /// How long the previous webhook secret keeps signing after a rotation [default: 24h].
+    #[arg(long, env = "TASKGATE_WEBHOOK_SECRET_OVERLAP", value_parser = humantime::parse_duration)]
+    webhook_secret_overlap: Option<Duration>,
+    /// Let callback URLs reach loopback and private addresses (local development only).
+    #[arg(long, env = "TASKGATE_ALLOW_PRIVATE_CALLBACKS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_private_callbacks: Option<bool>,
     /// Log format on stderr.
     #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+/// A list of durations, kept as one value for clap.
+#[derive(Clone)]
+struct Delays(Vec<Duration>);
+
+fn parse_delays(s: &str) -> Result<Delays, String> {
+    config::parse_duration_list(s).map(Delays)
 }
 
 #[derive(Args)]
@@ -145,6 +165,25 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
         .unwrap_or(config::DEFAULT_SHUTDOWN_GRACE);
     if let Some(models) = file.models {
         config.models = models;
+    }
+    let w = file.webhooks;
+    let wh = &mut config.webhooks;
+    if let Some(d) = args
+        .webhook_retry_delays
+        .clone()
+        .map(|d| d.0)
+        .or(w.retry_delays)
+    {
+        wh.retry_delays = d;
+    }
+    if let Some(t) = args.webhook_timeout.or(w.timeout) {
+        wh.timeout = t;
+    }
+    if let Some(o) = args.webhook_secret_overlap.or(w.secret_overlap) {
+        wh.secret_overlap = o;
+    }
+    if let Some(a) = args.allow_private_callbacks.or(w.allow_private_callbacks) {
+        wh.allow_private = a;
     }
     config.bootstrap_api_key = std::env::var("TASKGATE_API_KEY")
         .ok()

@@ -32,12 +32,18 @@ impl Reply {
 
     /// A success envelope around `data`.
     pub fn ok(data: Value) -> Self {
-        Self::json(200, json!({"code": 200, "message": "success", "data": data}))
+        Self::json(
+            200,
+            json!({"code": 200, "message": "success", "data": data}),
+        )
     }
 
     /// An error envelope, `code` equal to the HTTP status as APIXO does.
     pub fn error(status: u16, message: &str) -> Self {
-        Self::json(status, json!({"code": status, "message": message, "data": null}))
+        Self::json(
+            status,
+            json!({"code": status, "message": message, "data": null}),
+        )
     }
 
     pub fn bytes(status: u16, body: impl Into<Bytes>) -> Self {

@@ -80,6 +80,73 @@ pub struct ApiKeyRecord {
     pub key_hash: Vec<u8>,
 }
 
+/// A tenant's webhook signing secrets: during a rotation the previous one still signs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecrets {
+    pub current: String,
+    pub previous: Option<String>,
+    pub previous_expires_at: Option<i64>,
+}
+
+impl std::fmt::Debug for WebhookSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSecrets")
+            .field("previous_expires_at", &self.previous_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One callback to send: a row of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: String,
+    pub task_id: String,
+    pub tenant_id: String,
+    pub url: String,
+    /// `pending`, `delivering`, `succeeded` or `failed`.
+    pub state: String,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub completed_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// One HTTP attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryAttempt {
+    pub attempted_at: i64,
+    pub status_code: Option<u16>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryClaim {
+    pub delivery: Delivery,
+    pub token: String,
+}
+
+/// What happens to a delivery after an attempt (or instead of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryNext {
+    Succeeded,
+    /// Try again at this time (Unix ms).
+    RetryAt(i64),
+    /// No more attempts.
+    Failed,
+    /// Not attempted (host busy or its circuit open): try at this time, counting nothing.
+    Defer(i64),
+}
+
+/// Answer to a request to send a delivery again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redeliver {
+    Scheduled,
+    InFlight,
+    NotFound,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Durably inserts a pending task. Returns only once the task would survive a crash.
@@ -144,6 +211,59 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the setting `name`, first storing `init` if it has none (atomically, so that nodes
     /// racing at first start agree on one value).
     async fn setting_or_init(&self, name: &str, init: &[u8]) -> Result<Vec<u8>, StoreError>;
+
+    // Webhooks.
+
+    /// The tenant's signing secrets, storing `init` as its first secret if it has none.
+    async fn webhook_secrets(
+        &self,
+        tenant_id: &str,
+        init: &str,
+    ) -> Result<WebhookSecrets, StoreError>;
+
+    /// Makes `new` the current secret; the old one keeps signing until `previous_until`.
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        new: &str,
+        previous_until: i64,
+    ) -> Result<WebhookSecrets, StoreError>;
+
+    /// Claims up to `limit` due deliveries (pending → delivering) with a lease.
+    async fn claim_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<DeliveryClaim>, StoreError>;
+
+    /// The earliest `next_attempt_at` among pending deliveries.
+    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Records an attempt (if one was made) and moves the delivery on; false when the claim is
+    /// no longer ours.
+    async fn finish_delivery_attempt(
+        &self,
+        id: &str,
+        token: &str,
+        attempt: Option<&DeliveryAttempt>,
+        next: DeliveryNext,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+
+    async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError>;
+
+    /// A task's deliveries with their attempts, oldest first.
+    async fn deliveries_for_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError>;
+
+    /// Schedules one more attempt of a finished delivery, now.
+    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError>;
+
+    /// Puts deliveries whose lease ended before `now` back to pending; returns how many.
+    async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Flushes pending writes and closes connections.
     async fn close(&self);

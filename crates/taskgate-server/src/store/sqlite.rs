@@ -18,7 +18,10 @@ use sqlx::Row;
 use taskgate_proto::TaskState;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ApiKeyRecord, Claim, NewTask, Outcome, Recovered, Store, StoreError, Tenant};
+use super::{
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, NewTask, Outcome,
+    Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
+};
 use crate::domain::{fail_code, new_id, Task};
 
 /// Most rows written by one group commit.
@@ -140,6 +143,64 @@ async fn insert_one(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// The outbox write: a callback task that just reached its final state gets a pending delivery,
+/// in the same transaction as that state.
+async fn enqueue_callback(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    task_id: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, \
+         created_at) SELECT ?, id, tenant_id, callback_url, 'pending', ?, ? FROM tasks \
+         WHERE id = ? AND callback_url IS NOT NULL",
+    )
+    .bind(new_id("whk"))
+    .bind(now)
+    .bind(now)
+    .bind(task_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, state, attempts, next_attempt_at, \
+     created_at, completed_at, last_error";
+
+fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, StoreError> {
+    Ok(Delivery {
+        id: row.try_get("id")?,
+        task_id: row.try_get("task_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        url: row.try_get("url")?,
+        state: row.try_get("state")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        created_at: row.try_get("created_at")?,
+        completed_at: row.try_get("completed_at")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+fn attempt_from_row(row: &SqliteRow) -> Result<DeliveryAttempt, StoreError> {
+    Ok(DeliveryAttempt {
+        attempted_at: row.try_get("attempted_at")?,
+        status_code: row
+            .try_get::<Option<i64>, _>("status_code")?
+            .and_then(|c| u16::try_from(c).ok()),
+        latency_ms: row.try_get("latency_ms")?,
+        error: row.try_get("error")?,
+    })
+}
+
+fn secrets_from_row(row: &SqliteRow) -> Result<WebhookSecrets, StoreError> {
+    Ok(WebhookSecrets {
+        current: row.try_get("secret")?,
+        previous: row.try_get("previous_secret")?,
+        previous_expires_at: row.try_get("previous_expires_at")?,
+    })
 }
 
 fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
@@ -292,6 +353,7 @@ impl Store for SqliteStore {
                 Some(message.as_str()),
             ),
         };
+        let mut tx = self.writer.begin().await?;
         let r = sqlx::query(
             "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
              fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
@@ -304,9 +366,14 @@ impl Store for SqliteStore {
         .bind(message)
         .bind(id)
         .bind(token)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() == 1)
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        enqueue_callback(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn requeue(
@@ -340,11 +407,15 @@ impl Store for SqliteStore {
              WHERE state = 'processing' AND lease_expires_at <= ?3 AND attempts >= max_attempts \
              RETURNING id",
         )
-        .bind(crate::domain::now_ms())
+        .bind(now.min(crate::domain::now_ms()))
         .bind(fail_code::ATTEMPTS_EXHAUSTED)
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        let completed = now.min(crate::domain::now_ms());
+        for id in &failed {
+            enqueue_callback(&mut tx, id, completed).await?;
+        }
         let requeued: Vec<String> = sqlx::query_scalar(
             "UPDATE tasks SET state = 'pending', lease_token = NULL, lease_expires_at = NULL \
              WHERE state = 'processing' AND lease_expires_at <= ? RETURNING id",
@@ -459,6 +530,211 @@ impl Store for SqliteStore {
             .fetch_one(&self.writer)
             .await?;
         Ok(value)
+    }
+
+    async fn webhook_secrets(
+        &self,
+        tenant_id: &str,
+        init: &str,
+    ) -> Result<WebhookSecrets, StoreError> {
+        sqlx::query(
+            "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(init)
+        .bind(crate::domain::now_ms())
+        .execute(&self.writer)
+        .await?;
+        let row = sqlx::query(
+            "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
+             WHERE tenant_id = ?",
+        )
+        .bind(tenant_id)
+        .fetch_one(&self.writer)
+        .await?;
+        secrets_from_row(&row)
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        new: &str,
+        previous_until: i64,
+    ) -> Result<WebhookSecrets, StoreError> {
+        let now = crate::domain::now_ms();
+        let row = sqlx::query(
+            "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = secret, \
+             previous_expires_at = ?4, secret = ?2, created_at = ?3 \
+             RETURNING secret, previous_secret, previous_expires_at",
+        )
+        .bind(tenant_id)
+        .bind(new)
+        .bind(now)
+        .bind(previous_until)
+        .fetch_one(&self.writer)
+        .await?;
+        secrets_from_row(&row)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<DeliveryClaim>, StoreError> {
+        let token = new_id("dlv");
+        let rows = sqlx::query(&format!(
+            "UPDATE webhook_deliveries SET state = 'delivering', lease_token = ?1, \
+             lease_expires_at = ?2 WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE state = 'pending' AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id \
+             LIMIT ?4) RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(&token)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryClaim {
+                    delivery: delivery_from_row(r)?,
+                    token: token.clone(),
+                })
+            })
+            .collect()
+    }
+
+    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+        )
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    async fn finish_delivery_attempt(
+        &self,
+        id: &str,
+        token: &str,
+        attempt: Option<&DeliveryAttempt>,
+        next: DeliveryNext,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let (state, next_at, completed_at) = match next {
+            DeliveryNext::Succeeded => ("succeeded", None, Some(now)),
+            DeliveryNext::Failed => ("failed", None, Some(now)),
+            DeliveryNext::RetryAt(t) | DeliveryNext::Defer(t) => ("pending", Some(t), None),
+        };
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = ?, next_attempt_at = COALESCE(?, next_attempt_at), \
+             completed_at = ?, attempts = attempts + ?, last_error = COALESCE(?, last_error), \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND state = 'delivering' AND lease_token = ?",
+        )
+        .bind(state)
+        .bind(next_at)
+        .bind(completed_at)
+        .bind(i64::from(attempt.is_some()))
+        .bind(attempt.and_then(|a| a.error.clone()).or_else(|| {
+            attempt
+                .and_then(|a| a.status_code)
+                .filter(|c| !(200..300).contains(c))
+                .map(|c| format!("the receiver answered HTTP {c}"))
+        }))
+        .bind(id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(a) = attempt {
+            sqlx::query(
+                "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, \
+                 error) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(a.attempted_at)
+            .bind(a.status_code.map(i64::from))
+            .bind(a.latency_ms)
+            .bind(&a.error)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(delivery_from_row).transpose()
+    }
+
+    async fn deliveries_for_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = ? \
+             ORDER BY created_at, id"
+        ))
+        .bind(task_id)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let d = delivery_from_row(row)?;
+            let attempts = sqlx::query(
+                "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts \
+                 WHERE delivery_id = ? ORDER BY id",
+            )
+            .bind(&d.id)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(attempt_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+            out.push((d, attempts));
+        }
+        Ok(out)
+    }
+
+    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?, \
+             completed_at = NULL WHERE id = ? AND state <> 'delivering'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        if r.rows_affected() == 1 {
+            return Ok(Redeliver::Scheduled);
+        }
+        Ok(match self.get_delivery(id).await? {
+            Some(_) => Redeliver::InFlight,
+            None => Redeliver::NotFound,
+        })
+    }
+
+    async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', lease_token = NULL, \
+             lease_expires_at = NULL WHERE state = 'delivering' AND lease_expires_at <= ?",
+        )
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn close(&self) {
