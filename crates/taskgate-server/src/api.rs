@@ -230,11 +230,7 @@ async fn generate_task(
         create_time: now_ms(),
     };
     let task_id = task.id.clone();
-    state
-        .store
-        .insert_task(task)
-        .await
-        .map_err(ApiError::internal)?;
+    state.store.insert_task(task).await?;
     state.dispatcher.notify(&runtime.name);
     Ok(Json(Envelope::success(TaskCreated { task_id })))
 }
@@ -257,8 +253,7 @@ async fn status_task(
     let task = state
         .store
         .get_task(&task_id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or_else(not_found)?;
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
     if task.tenant_id != tenant.id || task.model != runtime.name {
@@ -284,8 +279,7 @@ async fn webhook_secret(
     let secrets = state
         .store
         .webhook_secrets(&tenant.id, &webhook::generate_secret())
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
     Ok(Json(Envelope::success(secret_data(secrets))))
 }
 
@@ -298,14 +292,12 @@ async fn rotate_webhook_secret(
     state
         .store
         .webhook_secrets(&tenant.id, &webhook::generate_secret())
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
     let until = now_ms() + state.webhooks.secret_overlap.as_millis() as i64;
     let secrets = state
         .store
         .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), until)
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
     Ok(Json(Envelope::success(secret_data(secrets))))
 }
 
@@ -357,15 +349,13 @@ async fn list_deliveries(
     let task = state
         .store
         .get_task(&task_id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .filter(|t| t.tenant_id == tenant.id)
         .ok_or_else(|| ApiError::NotFound(format!("task {task_id:?} not found")))?;
     let deliveries = state
         .store
         .deliveries_for_task(&task.id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .into_iter()
         .map(|(d, a)| delivery_view(d, a))
         .collect();
@@ -382,16 +372,10 @@ async fn retry_delivery(
     let delivery = state
         .store
         .get_delivery(&id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .filter(|d| d.tenant_id == tenant.id)
         .ok_or_else(not_found)?;
-    match state
-        .store
-        .redeliver(&delivery.id, now_ms())
-        .await
-        .map_err(ApiError::internal)?
-    {
+    match state.store.redeliver(&delivery.id, now_ms()).await? {
         Redeliver::Scheduled => {}
         Redeliver::InFlight => {
             return Err(ApiError::Conflict(
@@ -404,8 +388,7 @@ async fn retry_delivery(
     let updated = state
         .store
         .get_delivery(&delivery.id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or_else(not_found)?;
     Ok(Json(Envelope::success(delivery_view(updated, Vec::new()))))
 }
@@ -496,8 +479,11 @@ mod tests {
 
     #[test]
     fn a_callback_url_without_request_type_asks_for_a_callback() {
-        let s =
-            parse_submission(br#"{"callback_url": "https://example.com/h", "input": {}}"#, false).unwrap();
+        let s = parse_submission(
+            br#"{"callback_url": "https://example.com/h", "input": {}}"#,
+            false,
+        )
+        .unwrap();
         assert_eq!(s.callback_url.as_deref(), Some("https://example.com/h"));
         let s = parse_submission(
             br#"{"request_type": "async", "callback_url": "https://example.com/h", "input": {}}"#,

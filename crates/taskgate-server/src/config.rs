@@ -51,6 +51,7 @@ pub struct FileConfig {
 pub struct FileServerSettings {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
     pub public_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde::option")]
@@ -234,6 +235,8 @@ pub fn default_models() -> BTreeMap<String, ModelConfig> {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `postgres://…` selects the PostgreSQL store (many nodes); `None`, SQLite in `data_dir`.
+    pub database_url: Option<String>,
     /// Base of result URLs; `None` means "the address actually bound".
     pub public_url: Option<String>,
     pub max_body_bytes: usize,
@@ -306,6 +309,10 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("public_url", &self.public_url)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("result_url_ttl", &self.result_url_ttl)
@@ -330,6 +337,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.into(),
+            database_url: None,
             public_url: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             result_url_ttl: DEFAULT_RESULT_URL_TTL,
@@ -358,6 +366,17 @@ impl Config {
             })?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(invalid("public_url", "must start with http:// or https://"));
+            }
+        }
+        if let Some(db) = &self.database_url {
+            if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+                return Err(invalid(
+                    "database_url",
+                    format!(
+                        "{} is not a PostgreSQL URL; example: postgres://user@host:5432/taskgate",
+                        redact_url(db)
+                    ),
+                ));
             }
         }
         if self.max_body_bytes == 0 {
@@ -449,6 +468,19 @@ impl Config {
     }
 }
 
+/// A database URL without its password, for logs and messages.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("REDACTED"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
 /// Model names appear in URL paths and file names, so they are kept to a safe alphabet.
 pub fn valid_model_name(name: &str) -> bool {
     !name.is_empty()
@@ -492,7 +524,10 @@ mod tests {
             "[models.x]\nbackend = \"command\"\ncommand = [\"a\"]\nconcurency = 2\n",
         )
         .unwrap_err();
-        assert!(err.contains("concurency") && err.contains("[models.x]"), "{err}");
+        assert!(
+            err.contains("concurency") && err.contains("[models.x]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -140,7 +140,11 @@ impl Dispatcher {
                 _ = self.stop.cancelled() => return,
             };
             let now = now_ms();
-            match self.store.claim(&model.name, now, LEASE).await {
+            match self
+                .store
+                .claim(&model.name, now, LEASE, model.config.concurrency)
+                .await
+            {
                 Ok(Some(claim)) => {
                     let this = self.clone();
                     let model = model.clone();
@@ -156,8 +160,12 @@ impl Dispatcher {
                 Ok(None) => {
                     drop(permit);
                     let wait = match self.store.next_due(&model.name).await {
-                        Ok(Some(due)) => Duration::from_millis((due - now).clamp(5, 30_000) as u64),
-                        Ok(None) => IDLE_RECHECK,
+                        Ok(Some(due)) if due > now => {
+                            Duration::from_millis((due - now).min(30_000) as u64)
+                        }
+                        // Due work but no claim: the model is at its concurrency on other nodes,
+                        // whose completions will notify us.
+                        Ok(Some(_)) | Ok(None) => IDLE_RECHECK,
                         Err(e) => {
                             error!(error = %crate::error::error_chain(&e), model = %model.name, "cannot read the queue");
                             Duration::from_secs(1)

@@ -49,6 +49,20 @@ impl ApiError {
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %error_chain(&cause), "database unavailable");
+                ApiError::Unavailable(
+                    "the database is unavailable; nothing was changed, retry shortly".into(),
+                )
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 /// Renders an error as its envelope; used by handlers and by the panic catcher.
 pub fn envelope_response(status: StatusCode, message: String) -> Response {
     let body = Envelope::<()> {

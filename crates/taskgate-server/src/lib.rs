@@ -28,8 +28,9 @@ pub use config::Config;
 
 use crate::artifacts::{LocalArtifacts, ResultLinks, UrlSigner};
 use crate::dispatch::{Dispatcher, ModelRuntime};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreEvent};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +56,15 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join("taskgate.db")
 }
 
-/// Opens the embedded store in `data_dir` (creating it), for `serve` and the `keys` commands.
-pub async fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>, ServerError> {
+/// Opens the store: PostgreSQL when `database_url` is given, else SQLite in `data_dir`
+/// (created if needed). Used by `serve` and the `keys` commands.
+pub async fn open_store(
+    data_dir: &Path,
+    database_url: Option<&str>,
+) -> Result<Arc<dyn Store>, ServerError> {
+    if let Some(url) = database_url {
+        return Ok(Arc::new(PostgresStore::connect(url, None).await?));
+    }
     std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.to_owned(),
         source,
@@ -88,6 +96,30 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
 
 const URL_SIGNING_KEY: &str = "artifact_url_signing_key";
 
+/// Wakes local loops on other nodes' events (PostgreSQL NOTIFY); a no-op for SQLite.
+fn forward_store_events(
+    store: Arc<dyn Store>,
+    dispatcher: Arc<Dispatcher>,
+    deliverer: Arc<webhooks::Deliverer>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { store.listen(tx).await });
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            match event {
+                StoreEvent::TaskReady(model) => dispatcher.notify(&model),
+                StoreEvent::DeliveryReady => deliverer.wake(),
+                StoreEvent::Resync => {
+                    for m in dispatcher.models() {
+                        dispatcher.notify(&m.name);
+                    }
+                    deliverer.wake();
+                }
+            }
+        }
+    });
+}
+
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops accepting, gives
 /// running tasks `config.shutdown_grace`, and leaves the rest pending for the next start.
 pub async fn run(
@@ -97,8 +129,18 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let data_dir = config.data_dir.clone();
-    let store = open_store(&data_dir).await?;
-    let _lock = lock_data_dir(&data_dir)?;
+    let store = open_store(&data_dir, config.database_url.as_deref()).await?;
+    // Two servers on one SQLite file would each take the other's running tasks for orphans;
+    // PostgreSQL nodes share safely through leases.
+    let _lock = if store.exclusive() {
+        Some(lock_data_dir(&data_dir)?)
+    } else {
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        None
+    };
 
     if let Some(key) = &config.bootstrap_api_key {
         auth::register_bootstrap_key(store.as_ref(), key).await?;
@@ -118,8 +160,13 @@ pub async fn run(
         UrlSigner::new(signing_key),
     ));
 
-    // Work dirs of attempts that died with the last process hold nothing worth keeping.
-    let work_dir = data_dir.join("work");
+    // Work dirs of attempts that died with the last process hold nothing worth keeping. Nodes
+    // sharing a data dir (a cluster on one machine) each get their own.
+    let work_dir = if store.exclusive() {
+        data_dir.join("work")
+    } else {
+        data_dir.join(format!("work-{}", crate::domain::new_id("node")))
+    };
     let _ = tokio::fs::remove_dir_all(&work_dir).await;
     tokio::fs::create_dir_all(&work_dir)
         .await
@@ -144,10 +191,16 @@ pub async fn run(
         })
         .collect();
 
-    // This process holds the data-dir lock, so every task still `processing` was left by a
-    // process that died: hand them all on before starting.
-    let recovered = store.recover_expired(i64::MAX).await?;
-    let redeliveries = store.recover_expired_deliveries(i64::MAX).await?;
+    // With an exclusive store (SQLite under the data-dir lock) every task still `processing` was
+    // left by a process that died: hand them all on before starting. In a cluster only expired
+    // leases are orphans; live ones belong to other nodes.
+    let cutoff = if store.exclusive() {
+        i64::MAX
+    } else {
+        crate::domain::now_ms()
+    };
+    let recovered = store.recover_expired(cutoff).await?;
+    let redeliveries = store.recover_expired_deliveries(cutoff).await?;
     if redeliveries > 0 {
         info!(
             redeliveries,
@@ -185,6 +238,7 @@ pub async fn run(
         webhook_wake,
     );
     dispatcher.start();
+    forward_store_events(store.clone(), dispatcher.clone(), deliverer.clone());
 
     let state = api::AppState {
         store: store.clone(),

@@ -4,7 +4,7 @@
 mod client_cli;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ struct ServeArgs {
     /// Directory for the database and result files [default: ./data].
     #[arg(long, env = "TASKGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://…) for a cluster of nodes; without it, SQLite in the data dir.
+    #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Base of result URLs, as clients reach this server [default: the listen address].
     #[arg(long, env = "TASKGATE_PUBLIC_URL")]
     public_url: Option<String>,
@@ -96,6 +99,9 @@ struct DataDirArg {
     /// The server's data directory [default: ./data].
     #[arg(long, env = "TASKGATE_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// The server's PostgreSQL URL, when it runs on PostgreSQL.
+    #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -149,6 +155,7 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
         .or(s.data_dir)
         .unwrap_or_else(|| PathBuf::from("./data"));
     let mut config = Config::new(data_dir);
+    config.database_url = args.database_url.clone().or(s.database_url);
     config.listen = args.listen.or(s.listen).unwrap_or(config.listen);
     config.public_url = args.public_url.clone().or(s.public_url);
     config.max_body_bytes = args
@@ -229,11 +236,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn open_store(
-    dir: &Path,
+    args: &DataDirArg,
 ) -> anyhow::Result<std::sync::Arc<dyn taskgate_server::store::Store>> {
-    taskgate_server::open_store(dir)
+    let where_ = match &args.database_url {
+        Some(url) => taskgate_server::config::redact_url(url),
+        None => args.data_dir.display().to_string(),
+    };
+    taskgate_server::open_store(&args.data_dir, args.database_url.as_deref())
         .await
-        .with_context(|| format!("cannot open the store in {}", dir.display()))
+        .with_context(|| format!("cannot open the store in {where_}"))
 }
 
 fn format_time(ms: i64) -> String {
@@ -248,7 +259,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             tenant,
             data_dir,
         } => {
-            let store = open_store(&data_dir.data_dir).await?;
+            let store = open_store(&data_dir).await?;
             let (record, key) =
                 taskgate_server::auth::create_key(store.as_ref(), &name, tenant.as_deref()).await?;
             store.close().await;
@@ -260,7 +271,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             println!("API key: {key}");
         }
         KeysCommand::List { data_dir } => {
-            let store = open_store(&data_dir.data_dir).await?;
+            let store = open_store(&data_dir).await?;
             let keys = store.list_keys().await?;
             store.close().await;
             if keys.is_empty() {
@@ -286,7 +297,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id, data_dir } => {
-            let store = open_store(&data_dir.data_dir).await?;
+            let store = open_store(&data_dir).await?;
             let done = store
                 .revoke_key(&id, taskgate_server::domain::now_ms())
                 .await?;

@@ -5,6 +5,8 @@
 //! every write that ends or hands on a claim is guarded by that token, so a stale holder cannot
 //! overwrite the work of the node the task was handed to.
 
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -16,8 +18,12 @@ use crate::domain::Task;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached (connection refused or lost, pool exhausted): the request
+    /// may succeed later; nothing was written.
+    #[error("the database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
     #[error("database error")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
@@ -26,6 +32,30 @@ pub enum StoreError {
     Conflict(String),
     #[error("the store is shutting down")]
     Closed,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// Something other nodes did that this node may act on (PostgreSQL LISTEN/NOTIFY).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A task of this model may be claimable (submitted, requeued, or capacity freed).
+    TaskReady(String),
+    /// A webhook delivery may be due.
+    DeliveryReady,
+    /// Notifications may have been missed (the listener reconnected): recheck everything.
+    Resync,
 }
 
 /// A task to insert, in state `pending`.
@@ -154,12 +184,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError>;
 
-    /// Claims the oldest due pending task of `model` (pending → processing), counting an attempt.
+    /// Claims the oldest due pending task of `model` (pending → processing), counting an attempt,
+    /// unless `max_running` tasks of the model are processing already (across every node that
+    /// shares the store).
     async fn claim(
         &self,
         model: &str,
         now: i64,
         lease: Duration,
+        max_running: usize,
     ) -> Result<Option<Claim>, StoreError>;
 
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
@@ -264,6 +297,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Puts deliveries whose lease ended before `now` back to pending; returns how many.
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Whether this process is the store's only user (SQLite under the data-dir lock): then every
+    /// lease found at start belongs to a dead process, whatever its expiry says.
+    fn exclusive(&self) -> bool;
+
+    /// Forwards other nodes' events to `events` until the store closes. Stores with a single
+    /// user have no other nodes and return at once.
+    async fn listen(&self, _events: tokio::sync::mpsc::UnboundedSender<StoreEvent>) {}
 
     /// Flushes pending writes and closes connections.
     async fn close(&self);

@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
-use taskgate_proto::TaskState;
 use tokio::sync::{mpsc, oneshot};
 
+use super::rows::{
+    attempt_error, delivery_next_columns, outcome_columns, AttemptRow, DeliveryRow, KeyRow,
+    SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
+};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, NewTask, Outcome,
     Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
@@ -34,9 +35,6 @@ pub struct SqliteStore {
     reader: SqlitePool,
     inserts: mpsc::Sender<InsertRequest>,
 }
-
-const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
-     max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg";
 
 impl SqliteStore {
     /// Opens (creating if needed) `path` and applies the embedded migrations.
@@ -166,98 +164,6 @@ async fn enqueue_callback(
     Ok(())
 }
 
-const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, state, attempts, next_attempt_at, \
-     created_at, completed_at, last_error";
-
-fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, StoreError> {
-    Ok(Delivery {
-        id: row.try_get("id")?,
-        task_id: row.try_get("task_id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        url: row.try_get("url")?,
-        state: row.try_get("state")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        created_at: row.try_get("created_at")?,
-        completed_at: row.try_get("completed_at")?,
-        last_error: row.try_get("last_error")?,
-    })
-}
-
-fn attempt_from_row(row: &SqliteRow) -> Result<DeliveryAttempt, StoreError> {
-    Ok(DeliveryAttempt {
-        attempted_at: row.try_get("attempted_at")?,
-        status_code: row
-            .try_get::<Option<i64>, _>("status_code")?
-            .and_then(|c| u16::try_from(c).ok()),
-        latency_ms: row.try_get("latency_ms")?,
-        error: row.try_get("error")?,
-    })
-}
-
-fn secrets_from_row(row: &SqliteRow) -> Result<WebhookSecrets, StoreError> {
-    Ok(WebhookSecrets {
-        current: row.try_get("secret")?,
-        previous: row.try_get("previous_secret")?,
-        previous_expires_at: row.try_get("previous_expires_at")?,
-    })
-}
-
-fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
-    let state: String = row.try_get("state")?;
-    let state = TaskState::parse(&state)
-        .ok_or_else(|| StoreError::Invalid(format!("unknown task state {state:?}")))?;
-    let input: String = row.try_get("input")?;
-    let input = match serde_json::from_str(&input) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => {
-            return Err(StoreError::Invalid(
-                "task input is not a JSON object".into(),
-            ))
-        }
-    };
-    let outputs: Option<String> = row.try_get("outputs")?;
-    let outputs = match outputs {
-        Some(s) => serde_json::from_str(&s)
-            .map_err(|e| StoreError::Invalid(format!("task outputs: {e}")))?,
-        None => Vec::new(),
-    };
-    Ok(Task {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        model: row.try_get("model")?,
-        state,
-        input,
-        callback_url: row.try_get("callback_url")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-        create_time: row.try_get("create_time")?,
-        start_time: row.try_get("start_time")?,
-        complete_time: row.try_get("complete_time")?,
-        outputs,
-        fail_code: row.try_get("fail_code")?,
-        fail_msg: row.try_get("fail_msg")?,
-    })
-}
-
-fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        tenant: Tenant {
-            id: row.try_get("tenant_id")?,
-            name: row.try_get("tenant_name")?,
-        },
-        name: row.try_get("name")?,
-        prefix: row.try_get("prefix")?,
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-        key_hash: row.try_get("key_hash")?,
-    })
-}
-
-const KEY_SELECT: &str = "SELECT k.id, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
-     k.created_at, k.revoked_at, k.key_hash FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_task(&self, task: NewTask) -> Result<(), StoreError> {
@@ -270,21 +176,24 @@ impl Store for SqliteStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
+        sqlx::query_as::<_, TaskRow>(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(task_from_row).transpose()
+            .await?
+            .map(Task::try_from)
+            .transpose()
     }
 
+    /// One process owns an SQLite store, and the local semaphore already holds `max_running`.
     async fn claim(
         &self,
         model: &str,
         now: i64,
         lease: Duration,
+        _max_running: usize,
     ) -> Result<Option<Claim>, StoreError> {
         let token = new_id("att");
-        let row = sqlx::query(&format!(
+        let row = sqlx::query_as::<_, TaskRow>(&format!(
             "UPDATE tasks SET state = 'processing', attempts = attempts + 1, lease_token = ?1, \
              lease_expires_at = ?2, start_time = ?3 \
              WHERE id = (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
@@ -297,23 +206,22 @@ impl Store for SqliteStore {
         .bind(model)
         .fetch_optional(&self.writer)
         .await?;
-        match row {
-            Some(row) => Ok(Some(Claim {
-                task: task_from_row(&row)?,
+        row.map(|r| {
+            Ok(Claim {
+                task: r.try_into()?,
                 token,
-            })),
-            None => Ok(None),
-        }
+            })
+        })
+        .transpose()
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
-        let due: Option<i64> = sqlx::query_scalar(
+        Ok(sqlx::query_scalar(
             "SELECT MIN(run_after) FROM tasks WHERE model = ? AND state = 'pending'",
         )
         .bind(model)
         .fetch_one(&self.reader)
-        .await?;
-        Ok(due)
+        .await?)
     }
 
     async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError> {
@@ -336,23 +244,7 @@ impl Store for SqliteStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (state, outputs, code, message) = match outcome {
-            Outcome::Success { outputs } => (
-                TaskState::Success,
-                Some(
-                    serde_json::to_string(outputs)
-                        .map_err(|e| StoreError::Invalid(e.to_string()))?,
-                ),
-                None,
-                None,
-            ),
-            Outcome::Failure { code, message } => (
-                TaskState::Failed,
-                None,
-                Some(code.as_str()),
-                Some(message.as_str()),
-            ),
-        };
+        let (state, outputs, code, message) = outcome_columns(outcome)?;
         let mut tx = self.writer.begin().await?;
         let r = sqlx::query(
             "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
@@ -398,6 +290,7 @@ impl Store for SqliteStore {
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
+        let completed = now.min(crate::domain::now_ms());
         let mut tx = self.writer.begin().await?;
         let failed: Vec<String> = sqlx::query_scalar(
             "UPDATE tasks SET state = 'failed', complete_time = ?1, fail_code = ?2, \
@@ -407,12 +300,11 @@ impl Store for SqliteStore {
              WHERE state = 'processing' AND lease_expires_at <= ?3 AND attempts >= max_attempts \
              RETURNING id",
         )
-        .bind(now.min(crate::domain::now_ms()))
+        .bind(completed)
         .bind(fail_code::ATTEMPTS_EXHAUSTED)
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        let completed = now.min(crate::domain::now_ms());
         for id in &failed {
             enqueue_callback(&mut tx, id, completed).await?;
         }
@@ -428,17 +320,13 @@ impl Store for SqliteStore {
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
-        let row = sqlx::query("SELECT id, name FROM tenants WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.writer)
-            .await?;
-        row.map(|r| {
-            Ok(Tenant {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-            })
-        })
-        .transpose()
+        Ok(
+            sqlx::query_as::<_, TenantRow>("SELECT id, name FROM tenants WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.writer)
+                .await?
+                .map(Tenant::from),
+        )
     }
 
     async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
@@ -493,18 +381,24 @@ impl Store for SqliteStore {
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.key_hash = ?"))
-            .bind(key_hash)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(
+            sqlx::query_as::<_, KeyRow>(&format!("{KEY_SELECT} WHERE k.key_hash = ?"))
+                .bind(key_hash)
+                .fetch_optional(&self.reader)
+                .await?
+                .map(ApiKeyRecord::from),
+        )
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!("{KEY_SELECT} ORDER BY k.created_at, k.id"))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(key_from_row).collect()
+        Ok(
+            sqlx::query_as::<_, KeyRow>(&format!("{KEY_SELECT} ORDER BY k.created_at, k.id"))
+                .fetch_all(&self.reader)
+                .await?
+                .into_iter()
+                .map(ApiKeyRecord::from)
+                .collect(),
+        )
     }
 
     async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
@@ -525,11 +419,12 @@ impl Store for SqliteStore {
         .bind(init)
         .execute(&self.writer)
         .await?;
-        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
-            .bind(name)
-            .fetch_one(&self.writer)
-            .await?;
-        Ok(value)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+                .bind(name)
+                .fetch_one(&self.writer)
+                .await?,
+        )
     }
 
     async fn webhook_secrets(
@@ -546,14 +441,14 @@ impl Store for SqliteStore {
         .bind(crate::domain::now_ms())
         .execute(&self.writer)
         .await?;
-        let row = sqlx::query(
+        Ok(sqlx::query_as::<_, SecretsRow>(
             "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
              WHERE tenant_id = ?",
         )
         .bind(tenant_id)
         .fetch_one(&self.writer)
-        .await?;
-        secrets_from_row(&row)
+        .await?
+        .into())
     }
 
     async fn rotate_webhook_secret(
@@ -562,20 +457,19 @@ impl Store for SqliteStore {
         new: &str,
         previous_until: i64,
     ) -> Result<WebhookSecrets, StoreError> {
-        let now = crate::domain::now_ms();
-        let row = sqlx::query(
+        Ok(sqlx::query_as::<_, SecretsRow>(
             "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = secret, \
-             previous_expires_at = ?4, secret = ?2, created_at = ?3 \
+             ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = webhook_secrets.secret, \
+             previous_expires_at = ?4, secret = excluded.secret, created_at = excluded.created_at \
              RETURNING secret, previous_secret, previous_expires_at",
         )
         .bind(tenant_id)
         .bind(new)
-        .bind(now)
+        .bind(crate::domain::now_ms())
         .bind(previous_until)
         .fetch_one(&self.writer)
-        .await?;
-        secrets_from_row(&row)
+        .await?
+        .into())
     }
 
     async fn claim_deliveries(
@@ -585,7 +479,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         let token = new_id("dlv");
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = ?1, \
              lease_expires_at = ?2 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE state = 'pending' AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id \
@@ -597,14 +491,13 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .fetch_all(&self.writer)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeliveryClaim {
-                    delivery: delivery_from_row(r)?,
-                    token: token.clone(),
-                })
+        Ok(rows
+            .into_iter()
+            .map(|r| DeliveryClaim {
+                delivery: r.into(),
+                token: token.clone(),
             })
-            .collect()
+            .collect())
     }
 
     async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
@@ -623,15 +516,12 @@ impl Store for SqliteStore {
         next: DeliveryNext,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let (state, next_at, completed_at) = delivery_next_columns(next, now);
         let mut tx = self.writer.begin().await?;
-        let (state, next_at, completed_at) = match next {
-            DeliveryNext::Succeeded => ("succeeded", None, Some(now)),
-            DeliveryNext::Failed => ("failed", None, Some(now)),
-            DeliveryNext::RetryAt(t) | DeliveryNext::Defer(t) => ("pending", Some(t), None),
-        };
         let r = sqlx::query(
-            "UPDATE webhook_deliveries SET state = ?, next_attempt_at = COALESCE(?, next_attempt_at), \
-             completed_at = ?, attempts = attempts + ?, last_error = COALESCE(?, last_error), \
+            "UPDATE webhook_deliveries SET state = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), completed_at = ?, \
+             attempts = attempts + ?, last_error = COALESCE(?, last_error), \
              lease_token = NULL, lease_expires_at = NULL \
              WHERE id = ? AND state = 'delivering' AND lease_token = ?",
         )
@@ -639,12 +529,7 @@ impl Store for SqliteStore {
         .bind(next_at)
         .bind(completed_at)
         .bind(i64::from(attempt.is_some()))
-        .bind(attempt.and_then(|a| a.error.clone()).or_else(|| {
-            attempt
-                .and_then(|a| a.status_code)
-                .filter(|c| !(200..300).contains(c))
-                .map(|c| format!("the receiver answered HTTP {c}"))
-        }))
+        .bind(attempt_error(attempt))
         .bind(id)
         .bind(token)
         .execute(&mut *tx)
@@ -654,8 +539,8 @@ impl Store for SqliteStore {
         }
         if let Some(a) = attempt {
             sqlx::query(
-                "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, \
-                 error) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, \
+                 latency_ms, error) VALUES (?, ?, ?, ?, ?)",
             )
             .bind(id)
             .bind(a.attempted_at)
@@ -670,20 +555,20 @@ impl Store for SqliteStore {
     }
 
     async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        let row = sqlx::query(&format!(
+        Ok(sqlx::query_as::<_, DeliveryRow>(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?"
         ))
         .bind(id)
         .fetch_optional(&self.reader)
-        .await?;
-        row.as_ref().map(delivery_from_row).transpose()
+        .await?
+        .map(Delivery::from))
     }
 
     async fn deliveries_for_task(
         &self,
         task_id: &str,
     ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = ? \
              ORDER BY created_at, id"
         ))
@@ -691,18 +576,18 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let d = delivery_from_row(row)?;
-            let attempts = sqlx::query(
+        for row in rows {
+            let d = Delivery::from(row);
+            let attempts = sqlx::query_as::<_, AttemptRow>(
                 "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts \
                  WHERE delivery_id = ? ORDER BY id",
             )
             .bind(&d.id)
             .fetch_all(&self.reader)
             .await?
-            .iter()
-            .map(attempt_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+            .into_iter()
+            .map(DeliveryAttempt::from)
+            .collect();
             out.push((d, attempts));
         }
         Ok(out)
@@ -737,6 +622,10 @@ impl Store for SqliteStore {
         Ok(r.rows_affected())
     }
 
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     async fn close(&self) {
         self.reader.close().await;
         self.writer.close().await;
@@ -748,6 +637,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::Map;
+
+    impl SqliteStore {
+        async fn claim_one(
+            &self,
+            model: &str,
+            now: i64,
+            lease: Duration,
+        ) -> Result<Option<Claim>, StoreError> {
+            self.claim(model, now, lease, usize::MAX).await
+        }
+    }
 
     fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         NewTask {

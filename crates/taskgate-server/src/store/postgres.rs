@@ -1,0 +1,737 @@
+//! The cluster store: PostgreSQL shared by any number of stateless nodes.
+//!
+//! Claims take `FOR UPDATE SKIP LOCKED`, so nodes never wait on each other's rows, under a
+//! per-model advisory transaction lock that makes "no more than `concurrency` running" hold
+//! across the cluster. Every write that makes work available sends a NOTIFY on one channel
+//! (`task:MODEL` or `delivery`); [`PostgresStore::listen`] forwards them so that nodes wake on
+//! events rather than by polling. Submits are group-committed as multi-row inserts. Commits are
+//! durable: nothing here turns `synchronous_commit` off.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::rows::{
+    attempt_error, delivery_next_columns, outcome_columns, AttemptRow, DeliveryRow, KeyRow,
+    SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
+};
+use super::{
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, NewTask, Outcome,
+    Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
+};
+use crate::domain::{fail_code, new_id, Task};
+
+const CHANNEL: &str = "taskgate";
+const MAX_BATCH: usize = 512;
+
+type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
+
+pub struct PostgresStore {
+    pool: PgPool,
+    inserts: mpsc::Sender<InsertRequest>,
+    closing: CancellationToken,
+}
+
+impl PostgresStore {
+    /// Connects to `url` and applies the embedded migrations. `schema`, when given, is created
+    /// if needed and used as the search path (tests give each run its own).
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)?;
+        if let Some(schema) = schema {
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            // Fail fast while the database is down: the API answers 503 rather than hanging.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(insert_batches(pool.clone(), rx));
+        Ok(PostgresStore {
+            pool,
+            inserts: tx,
+            closing: CancellationToken::new(),
+        })
+    }
+}
+
+async fn notify(tx: &mut Transaction<'_, Postgres>, payload: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Group commit: every insert waiting at the moment goes into one multi-row INSERT.
+async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
+    let mut batch: Vec<InsertRequest> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let tasks: Vec<&NewTask> = batch.iter().map(|(t, _)| t).collect();
+        match write_batch(&pool, &tasks).await {
+            Ok(()) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(StoreError::Unavailable(e)) => {
+                let msg = e.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                        msg.clone(),
+                    ))));
+                }
+            }
+            Err(_) => {
+                // One bad row must not fail its neighbours: retry each on its own.
+                for (task, reply) in batch.drain(..) {
+                    let _ = reply.send(write_batch(&pool, &[&task]).await);
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(pool: &PgPool, tasks: &[&NewTask]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
+         run_after, create_time) ",
+    );
+    qb.push_values(tasks, |mut b, t| {
+        b.push_bind(&t.id)
+            .push_bind(&t.tenant_id)
+            .push_bind(&t.model)
+            .push_bind("pending")
+            .push_bind(serde_json::Value::Object(t.input.clone()).to_string())
+            .push_bind(&t.callback_url)
+            .push_bind(i64::from(t.max_attempts))
+            .push_bind(t.create_time)
+            .push_bind(t.create_time);
+    });
+    qb.build().execute(&mut *tx).await?;
+    let models: BTreeSet<&str> = tasks.iter().map(|t| t.model.as_str()).collect();
+    for model in models {
+        notify(&mut tx, &format!("task:{model}")).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The outbox write, in the transaction that made the task final.
+async fn enqueue_callback(
+    tx: &mut Transaction<'_, Postgres>,
+    task_id: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, \
+         created_at) SELECT $1, id, tenant_id, callback_url, 'pending', $2, $2 FROM tasks \
+         WHERE id = $3 AND callback_url IS NOT NULL",
+    )
+    .bind(new_id("whk"))
+    .bind(now)
+    .bind(task_id)
+    .execute(&mut **tx)
+    .await?;
+    let queued = r.rows_affected() == 1;
+    if queued {
+        notify(tx, "delivery").await?;
+    }
+    Ok(queued)
+}
+
+fn parse_event(payload: &str) -> Option<StoreEvent> {
+    match payload.split_once(':') {
+        Some(("task", model)) => Some(StoreEvent::TaskReady(model.to_owned())),
+        _ if payload == "delivery" => Some(StoreEvent::DeliveryReady),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_task(&self, task: NewTask) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inserts
+            .send((task, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        sqlx::query_as::<_, TaskRow>(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Task::try_from)
+            .transpose()
+    }
+
+    async fn claim(
+        &self,
+        model: &str,
+        now: i64,
+        lease: Duration,
+        max_running: usize,
+    ) -> Result<Option<Claim>, StoreError> {
+        let token = new_id("att");
+        let mut tx = self.pool.begin().await?;
+        // Serialises claims of one model across nodes, so the count below stays true until commit.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7474))")
+            .bind(model)
+            .execute(&mut *tx)
+            .await?;
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE model = $1 AND state = 'processing'",
+        )
+        .bind(model)
+        .fetch_one(&mut *tx)
+        .await?;
+        if running >= i64::try_from(max_running).unwrap_or(i64::MAX) {
+            return Ok(None);
+        }
+        let row = sqlx::query_as::<_, TaskRow>(&format!(
+            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, lease_token = $1, \
+             lease_expires_at = $2, start_time = $3 \
+             WHERE id = (SELECT id FROM tasks WHERE model = $4 AND state = 'pending' \
+                         AND run_after <= $3 ORDER BY priority DESC, id LIMIT 1 \
+                         FOR UPDATE SKIP LOCKED) \
+             RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(&token)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(model)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.map(|r| {
+            Ok(Claim {
+                task: r.try_into()?,
+                token,
+            })
+        })
+        .transpose()
+    }
+
+    async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(run_after) FROM tasks WHERE model = $1 AND state = 'pending'",
+        )
+        .bind(model)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = $1 \
+             WHERE id = $2 AND state = 'processing' AND lease_token = $3",
+        )
+        .bind(until)
+        .bind(id)
+        .bind(token)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (state, outputs, code, message) = outcome_columns(outcome)?;
+        let mut tx = self.pool.begin().await?;
+        let model: Option<String> = sqlx::query_scalar(
+            "UPDATE tasks SET state = $1, complete_time = $2, outputs = $3, fail_code = $4, \
+             fail_msg = $5, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = $6 AND state = 'processing' AND lease_token = $7 RETURNING model",
+        )
+        .bind(state.as_str())
+        .bind(now)
+        .bind(outputs)
+        .bind(code)
+        .bind(message)
+        .bind(id)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(model) = model else {
+            return Ok(false);
+        };
+        enqueue_callback(&mut tx, id, now).await?;
+        // A slot of this model is free again, on whichever node takes it.
+        notify(&mut tx, &format!("task:{model}")).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn requeue(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        refund_attempt: bool,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let model: Option<String> = sqlx::query_scalar(
+            "UPDATE tasks SET state = 'pending', run_after = $1, lease_token = NULL, \
+             lease_expires_at = NULL, attempts = attempts - $2 \
+             WHERE id = $3 AND state = 'processing' AND lease_token = $4 RETURNING model",
+        )
+        .bind(run_after)
+        .bind(i64::from(refund_attempt))
+        .bind(id)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(model) = model else {
+            return Ok(false);
+        };
+        notify(&mut tx, &format!("task:{model}")).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
+        let completed = now.min(crate::domain::now_ms());
+        let mut tx = self.pool.begin().await?;
+        let failed: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE tasks SET state = 'failed', complete_time = $1, fail_code = $2, \
+             fail_msg = 'the task was interrupted ' || attempts || ' time(s) (its worker \
+             stopped or was killed) and has no attempts left', \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE id IN (SELECT id FROM tasks WHERE state = 'processing' \
+                          AND lease_expires_at <= $3 AND attempts >= max_attempts \
+                          FOR UPDATE SKIP LOCKED) \
+             RETURNING id, model",
+        )
+        .bind(completed)
+        .bind(fail_code::ATTEMPTS_EXHAUSTED)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, _) in &failed {
+            enqueue_callback(&mut tx, id, completed).await?;
+        }
+        let requeued: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE tasks SET state = 'pending', lease_token = NULL, lease_expires_at = NULL \
+             WHERE id IN (SELECT id FROM tasks WHERE state = 'processing' \
+                          AND lease_expires_at <= $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, model",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let models: BTreeSet<&str> = failed
+            .iter()
+            .chain(&requeued)
+            .map(|(_, m)| m.as_str())
+            .collect();
+        for model in models {
+            notify(&mut tx, &format!("task:{model}")).await?;
+        }
+        tx.commit().await?;
+        Ok(Recovered {
+            requeued: requeued.into_iter().map(|(id, _)| id).collect(),
+            failed: failed.into_iter().map(|(id, _)| id).collect(),
+        })
+    }
+
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, TenantRow>("SELECT id, name FROM tenants WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(Tenant::from),
+        )
+    }
+
+    async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let tenant = Tenant {
+            id: new_id("ten"),
+            name: name.to_owned(),
+        };
+        let r = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(&tenant.id)
+            .bind(&tenant.name)
+            .bind(crate::domain::now_ms())
+            .execute(&self.pool)
+            .await;
+        match r {
+            Ok(_) => Ok(tenant),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                format!("a tenant named {name:?} already exists"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn insert_key(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> Result<ApiKeyRecord, StoreError> {
+        let record = ApiKeyRecord {
+            id: new_id("key"),
+            tenant: tenant.clone(),
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            created_at: crate::domain::now_ms(),
+            revoked_at: None,
+            key_hash: key_hash.to_vec(),
+        };
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&record.id)
+        .bind(&tenant.id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(prefix)
+        .bind(record.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(record)
+    }
+
+    async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, KeyRow>(&format!("{KEY_SELECT} WHERE k.key_hash = $1"))
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(ApiKeyRecord::from),
+        )
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, KeyRow>(&format!("{KEY_SELECT} ORDER BY k.created_at, k.id"))
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(ApiKeyRecord::from)
+                .collect(),
+        )
+    }
+
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn setting_or_init(&self, name: &str, init: &[u8]) -> Result<Vec<u8>, StoreError> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(init)
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn webhook_secrets(
+        &self,
+        tenant_id: &str,
+        init: &str,
+    ) -> Result<WebhookSecrets, StoreError> {
+        sqlx::query(
+            "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(init)
+        .bind(crate::domain::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(sqlx::query_as::<_, SecretsRow>(
+            "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
+             WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_one(&self.pool)
+        .await?
+        .into())
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        new: &str,
+        previous_until: i64,
+    ) -> Result<WebhookSecrets, StoreError> {
+        Ok(sqlx::query_as::<_, SecretsRow>(
+            "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = webhook_secrets.secret, \
+             previous_expires_at = $4, secret = EXCLUDED.secret, created_at = EXCLUDED.created_at \
+             RETURNING secret, previous_secret, previous_expires_at",
+        )
+        .bind(tenant_id)
+        .bind(new)
+        .bind(crate::domain::now_ms())
+        .bind(previous_until)
+        .fetch_one(&self.pool)
+        .await?
+        .into())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<DeliveryClaim>, StoreError> {
+        let token = new_id("dlv");
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "UPDATE webhook_deliveries SET state = 'delivering', lease_token = $1, \
+             lease_expires_at = $2 WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE state = 'pending' AND next_attempt_at <= $3 ORDER BY next_attempt_at, id \
+             LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(&token)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DeliveryClaim {
+                delivery: r.into(),
+                token: token.clone(),
+            })
+            .collect())
+    }
+
+    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finish_delivery_attempt(
+        &self,
+        id: &str,
+        token: &str,
+        attempt: Option<&DeliveryAttempt>,
+        next: DeliveryNext,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (state, next_at, completed_at) = delivery_next_columns(next, now);
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = $1, \
+             next_attempt_at = COALESCE($2, next_attempt_at), completed_at = $3, \
+             attempts = attempts + $4, last_error = COALESCE($5, last_error), \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = $6 AND state = 'delivering' AND lease_token = $7",
+        )
+        .bind(state)
+        .bind(next_at)
+        .bind(completed_at)
+        .bind(i64::from(attempt.is_some()))
+        .bind(attempt_error(attempt))
+        .bind(id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(a) = attempt {
+            sqlx::query(
+                "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, \
+                 latency_ms, error) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(a.attempted_at)
+            .bind(a.status_code.map(i64::from))
+            .bind(a.latency_ms)
+            .bind(&a.error)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if state == "pending" {
+            notify(&mut tx, "delivery").await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        Ok(sqlx::query_as::<_, DeliveryRow>(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Delivery::from))
+    }
+
+    async fn deliveries_for_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = $1 \
+             ORDER BY created_at, id"
+        ))
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let d = Delivery::from(row);
+            let attempts = sqlx::query_as::<_, AttemptRow>(
+                "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts \
+                 WHERE delivery_id = $1 ORDER BY id",
+            )
+            .bind(&d.id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(DeliveryAttempt::from)
+            .collect();
+            out.push((d, attempts));
+        }
+        Ok(out)
+    }
+
+    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $1, \
+             completed_at = NULL WHERE id = $2 AND state <> 'delivering'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            notify(&mut tx, "delivery").await?;
+            tx.commit().await?;
+            return Ok(Redeliver::Scheduled);
+        }
+        tx.rollback().await?;
+        Ok(match self.get_delivery(id).await? {
+            Some(_) => Redeliver::InFlight,
+            None => Redeliver::NotFound,
+        })
+    }
+
+    async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', lease_token = NULL, \
+             lease_expires_at = NULL WHERE state = 'delivering' AND lease_expires_at <= $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    fn exclusive(&self) -> bool {
+        false
+    }
+
+    async fn listen(&self, events: mpsc::UnboundedSender<StoreEvent>) {
+        loop {
+            let mut listener = tokio::select! {
+                l = PgListener::connect_with(&self.pool) => l,
+                _ = self.closing.cancelled() => return,
+            };
+            let connected = match listener.as_mut() {
+                Ok(l) => l.listen(CHANNEL).await,
+                Err(_) => Err(sqlx::Error::PoolClosed),
+            };
+            if let (Ok(mut listener), Ok(())) = (listener, connected) {
+                // Anything sent while we were not listening was missed.
+                if events.send(StoreEvent::Resync).is_err() {
+                    return;
+                }
+                loop {
+                    let next = tokio::select! {
+                        n = listener.try_recv() => n,
+                        _ = self.closing.cancelled() => return,
+                    };
+                    match next {
+                        Ok(Some(n)) => {
+                            if let Some(ev) = parse_event(n.payload()) {
+                                if events.send(ev).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        // The connection dropped; reconnect and resync.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            tracing::warn!("lost the PostgreSQL notification connection; reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.closing.cancelled() => return,
+            }
+        }
+    }
+
+    async fn close(&self) {
+        self.closing.cancel();
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_payloads_name_their_event() {
+        assert_eq!(
+            parse_event("task:echo"),
+            Some(StoreEvent::TaskReady("echo".into()))
+        );
+        assert_eq!(parse_event("delivery"), Some(StoreEvent::DeliveryReady));
+        assert_eq!(parse_event("other"), None);
+    }
+}

@@ -1,0 +1,228 @@
+//! Rows as both SQL dialects return them, and their conversion to domain types. One definition
+//! serves SQLite and PostgreSQL (`FromRow` is derived per database), so the two stores differ
+//! only in their SQL text.
+
+use taskgate_proto::TaskState;
+
+use super::{ApiKeyRecord, Delivery, DeliveryAttempt, StoreError, Tenant, WebhookSecrets};
+use crate::domain::Task;
+
+pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
+     max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg";
+
+#[derive(sqlx::FromRow)]
+pub struct TaskRow {
+    id: String,
+    tenant_id: String,
+    model: String,
+    state: String,
+    input: String,
+    callback_url: Option<String>,
+    attempts: i64,
+    max_attempts: i64,
+    create_time: i64,
+    start_time: Option<i64>,
+    complete_time: Option<i64>,
+    outputs: Option<String>,
+    fail_code: Option<String>,
+    fail_msg: Option<String>,
+}
+
+impl TryFrom<TaskRow> for Task {
+    type Error = StoreError;
+
+    fn try_from(r: TaskRow) -> Result<Self, StoreError> {
+        let state = TaskState::parse(&r.state)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown task state {:?}", r.state)))?;
+        let input = match serde_json::from_str(&r.input) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(StoreError::Invalid(
+                    "task input is not a JSON object".into(),
+                ))
+            }
+        };
+        let outputs = match r.outputs {
+            Some(s) => serde_json::from_str(&s)
+                .map_err(|e| StoreError::Invalid(format!("task outputs: {e}")))?,
+            None => Vec::new(),
+        };
+        Ok(Task {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            model: r.model,
+            state,
+            input,
+            callback_url: r.callback_url,
+            attempts: r.attempts as u32,
+            max_attempts: r.max_attempts as u32,
+            create_time: r.create_time,
+            start_time: r.start_time,
+            complete_time: r.complete_time,
+            outputs,
+            fail_code: r.fail_code,
+            fail_msg: r.fail_msg,
+        })
+    }
+}
+
+pub const KEY_SELECT: &str = "SELECT k.id, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
+     k.created_at, k.revoked_at, k.key_hash FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
+
+#[derive(sqlx::FromRow)]
+pub struct KeyRow {
+    id: String,
+    tenant_id: String,
+    tenant_name: String,
+    name: String,
+    prefix: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+    key_hash: Vec<u8>,
+}
+
+impl From<KeyRow> for ApiKeyRecord {
+    fn from(r: KeyRow) -> Self {
+        ApiKeyRecord {
+            id: r.id,
+            tenant: Tenant {
+                id: r.tenant_id,
+                name: r.tenant_name,
+            },
+            name: r.name,
+            prefix: r.prefix,
+            created_at: r.created_at,
+            revoked_at: r.revoked_at,
+            key_hash: r.key_hash,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct TenantRow {
+    id: String,
+    name: String,
+}
+
+impl From<TenantRow> for Tenant {
+    fn from(r: TenantRow) -> Self {
+        Tenant {
+            id: r.id,
+            name: r.name,
+        }
+    }
+}
+
+pub const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, state, attempts, \
+     next_attempt_at, created_at, completed_at, last_error";
+
+#[derive(sqlx::FromRow)]
+pub struct DeliveryRow {
+    id: String,
+    task_id: String,
+    tenant_id: String,
+    url: String,
+    state: String,
+    attempts: i64,
+    next_attempt_at: i64,
+    created_at: i64,
+    completed_at: Option<i64>,
+    last_error: Option<String>,
+}
+
+impl From<DeliveryRow> for Delivery {
+    fn from(r: DeliveryRow) -> Self {
+        Delivery {
+            id: r.id,
+            task_id: r.task_id,
+            tenant_id: r.tenant_id,
+            url: r.url,
+            state: r.state,
+            attempts: r.attempts as u32,
+            next_attempt_at: r.next_attempt_at,
+            created_at: r.created_at,
+            completed_at: r.completed_at,
+            last_error: r.last_error,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct AttemptRow {
+    attempted_at: i64,
+    status_code: Option<i64>,
+    latency_ms: i64,
+    error: Option<String>,
+}
+
+impl From<AttemptRow> for DeliveryAttempt {
+    fn from(r: AttemptRow) -> Self {
+        DeliveryAttempt {
+            attempted_at: r.attempted_at,
+            status_code: r.status_code.and_then(|c| u16::try_from(c).ok()),
+            latency_ms: r.latency_ms,
+            error: r.error,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct SecretsRow {
+    secret: String,
+    previous_secret: Option<String>,
+    previous_expires_at: Option<i64>,
+}
+
+impl From<SecretsRow> for WebhookSecrets {
+    fn from(r: SecretsRow) -> Self {
+        WebhookSecrets {
+            current: r.secret,
+            previous: r.previous_secret,
+            previous_expires_at: r.previous_expires_at,
+        }
+    }
+}
+
+/// The columns `finish` writes for an outcome: state, outputs JSON, failCode, failMsg.
+pub fn outcome_columns(
+    outcome: &super::Outcome,
+) -> Result<(TaskState, Option<String>, Option<&str>, Option<&str>), StoreError> {
+    Ok(match outcome {
+        super::Outcome::Success { outputs } => (
+            TaskState::Success,
+            Some(serde_json::to_string(outputs).map_err(|e| StoreError::Invalid(e.to_string()))?),
+            None,
+            None,
+        ),
+        super::Outcome::Failure { code, message } => (
+            TaskState::Failed,
+            None,
+            Some(code.as_str()),
+            Some(message.as_str()),
+        ),
+    })
+}
+
+/// The last error a delivery attempt leaves: its transport error, or the non-2xx status.
+pub fn attempt_error(attempt: Option<&DeliveryAttempt>) -> Option<String> {
+    let a = attempt?;
+    a.error.clone().or_else(|| {
+        a.status_code
+            .filter(|c| !(200..300).contains(c))
+            .map(|c| format!("the receiver answered HTTP {c}"))
+    })
+}
+
+/// `state`, `next_attempt_at`, `completed_at` after an attempt.
+pub fn delivery_next_columns(
+    next: super::DeliveryNext,
+    now: i64,
+) -> (&'static str, Option<i64>, Option<i64>) {
+    match next {
+        super::DeliveryNext::Succeeded => ("succeeded", None, Some(now)),
+        super::DeliveryNext::Failed => ("failed", None, Some(now)),
+        super::DeliveryNext::RetryAt(t) | super::DeliveryNext::Defer(t) => {
+            ("pending", Some(t), None)
+        }
+    }
+}
