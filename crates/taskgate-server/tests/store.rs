@@ -1,0 +1,332 @@
+//! The store conformance suite: every test runs against SQLite and against PostgreSQL
+//! (`TEST_DATABASE_URL`; each test in its own schema). Without the variable the PostgreSQL half
+//! says so and passes.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Map;
+use taskgate_proto::TaskState;
+use taskgate_server::domain::fail_code;
+use taskgate_server::store::postgres::PostgresStore;
+use taskgate_server::store::sqlite::SqliteStore;
+use taskgate_server::store::{DeliveryAttempt, DeliveryNext, NewTask, Outcome, Redeliver, Store};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A fresh store and whatever keeps it alive.
+struct Fixture {
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+    schema: Option<String>,
+}
+
+impl Fixture {
+    async fn finish(self) {
+        self.store.close().await;
+        if let Some(schema) = self.schema {
+            drop_schema(&schema).await;
+        }
+    }
+}
+
+/// Leaves the shared test database as it was.
+async fn drop_schema(schema: &str) {
+    let url = std::env::var("TEST_DATABASE_URL").unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+async fn sqlite() -> Option<Fixture> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+    Some(Fixture {
+        store: Arc::new(store),
+        _dir: Some(dir),
+        schema: None,
+    })
+}
+
+async fn postgres() -> Option<Fixture> {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("SKIPPED: PostgreSQL half of the store suite (set TEST_DATABASE_URL)");
+        return None;
+    };
+    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let store = PostgresStore::connect(&url, Some(&schema)).await.unwrap();
+    Some(Fixture {
+        store: Arc::new(store),
+        _dir: None,
+        schema: Some(schema),
+    })
+}
+
+fn new_task(id: &str, model: &str, now: i64) -> NewTask {
+    NewTask {
+        id: id.into(),
+        tenant_id: "ten_1".into(),
+        model: model.into(),
+        input: Map::new(),
+        callback_url: None,
+        max_attempts: 2,
+        create_time: now,
+    }
+}
+
+fn callback_task(id: &str) -> NewTask {
+    NewTask {
+        callback_url: Some("https://example.com/hook".into()),
+        ..new_task(id, "m", 1)
+    }
+}
+
+/// Defines `mod NAME { sqlite, postgres }` running one async body against each store.
+macro_rules! conformance {
+    ($($name:ident($s:ident) $body:block)*) => {$(
+        mod $name {
+            use super::*;
+            async fn check($s: Arc<dyn Store>) $body
+            #[tokio::test]
+            async fn sqlite() {
+                let f = super::sqlite().await.unwrap();
+                check(f.store.clone()).await;
+                f.finish().await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(f) = super::postgres().await {
+                    check(f.store.clone()).await;
+                    f.finish().await;
+                }
+            }
+        }
+    )*};
+}
+
+conformance! {
+    a_claim_takes_the_oldest_pending_task_of_its_model_only(s) {
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        s.insert_task(new_task("task_c", "other", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, "task_a");
+        assert_eq!(c.task.state, TaskState::Processing);
+        assert_eq!(c.task.attempts, 1);
+        let c2 = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c2.task.id, "task_b");
+        assert!(s.claim("m", 10, LEASE, 10).await.unwrap().is_none());
+    }
+
+    the_final_state_is_written_once_and_only_by_the_claim_holder(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        let ok = Outcome::Success { outputs: vec!["task_a/x.png".into()] };
+        assert!(!s.finish("task_a", "att_stale", &ok, 20).await.unwrap());
+        assert!(s.finish("task_a", &c.token, &ok, 20).await.unwrap());
+        let fail = Outcome::Failure { code: "X".into(), message: "y".into() };
+        assert!(!s.finish("task_a", &c.token, &fail, 30).await.unwrap());
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Success);
+        assert_eq!(t.outputs, vec!["task_a/x.png".to_string()]);
+        assert_eq!(t.complete_time, Some(20));
+        assert_eq!(t.fail_code, None);
+    }
+
+    an_expired_lease_requeues_until_attempts_run_out(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c1 = s.claim("m", 10, Duration::from_millis(5), 10).await.unwrap().unwrap();
+        let r = s.recover_expired(100).await.unwrap();
+        assert_eq!(r.requeued, vec!["task_a".to_string()]);
+        let ok = Outcome::Success { outputs: vec![] };
+        assert!(!s.finish("task_a", &c1.token, &ok, 101).await.unwrap(), "a stale holder cannot finish");
+        let c2 = s.claim("m", 200, Duration::from_millis(5), 10).await.unwrap().unwrap();
+        assert_eq!(c2.task.attempts, 2);
+        let r = s.recover_expired(300).await.unwrap();
+        assert_eq!(r.failed, vec!["task_a".to_string()]);
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.fail_code.as_deref(), Some(fail_code::ATTEMPTS_EXHAUSTED));
+    }
+
+    a_live_lease_is_not_recovered(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert!(s.recover_expired(20).await.unwrap().requeued.is_empty());
+        assert!(s.renew_lease("task_a", &c.token, 10 + 2 * 30_000).await.unwrap());
+        assert!(s.recover_expired(40_000).await.unwrap().requeued.is_empty());
+        assert!(!s.renew_lease("task_a", "att_other", 1).await.unwrap());
+    }
+
+    a_requeued_task_waits_for_its_run_after_time(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert!(s.requeue("task_a", &c.token, 500, true).await.unwrap());
+        assert!(s.claim("m", 499, LEASE, 10).await.unwrap().is_none());
+        assert_eq!(s.next_due("m").await.unwrap(), Some(500));
+        let c = s.claim("m", 500, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.attempts, 1, "the refunded attempt does not count");
+    }
+
+    concurrent_inserts_are_all_durable(s) {
+        let mut handles = Vec::new();
+        for i in 0..200 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                s.insert_task(new_task(&format!("task_{i:04}"), "m", 1)).await
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        let mut n = 0;
+        while s.claim("m", 10, LEASE, usize::MAX).await.unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 200);
+    }
+
+    a_duplicate_id_fails_only_its_own_insert(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let (a, b) = tokio::join!(
+            s.insert_task(new_task("task_a", "m", 1)),
+            s.insert_task(new_task("task_b", "m", 1)),
+        );
+        assert!(a.is_err());
+        b.unwrap();
+        assert!(s.get_task("task_b").await.unwrap().is_some());
+    }
+
+    a_setting_keeps_its_first_value(s) {
+        assert_eq!(s.setting_or_init("k", b"one").await.unwrap(), b"one");
+        assert_eq!(s.setting_or_init("k", b"two").await.unwrap(), b"one");
+    }
+
+    keys_belong_to_tenants_and_can_be_revoked(s) {
+        let t = s.create_tenant("acme").await.unwrap();
+        assert!(s.create_tenant("acme").await.is_err());
+        assert_eq!(s.tenant_by_name("acme").await.unwrap(), Some(t.clone()));
+        let k = s.insert_key(&t, "ci", "tg_abcdefg", &[1, 2, 3]).await.unwrap();
+        let found = s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap();
+        assert_eq!(found.tenant, t);
+        assert_eq!(found.revoked_at, None);
+        assert!(s.revoke_key(&k.id, 5).await.unwrap());
+        assert!(!s.revoke_key(&k.id, 6).await.unwrap());
+        assert_eq!(s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(s.list_keys().await.unwrap().len(), 1);
+        assert!(s.key_by_hash(&[9]).await.unwrap().is_none());
+    }
+
+    a_final_callback_task_leaves_exactly_one_pending_delivery(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        for _ in 0..2 {
+            let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+            let ok = Outcome::Success { outputs: vec![] };
+            assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
+        }
+        let a = s.deliveries_for_task("task_a").await.unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].0.state, "pending");
+        assert!(s.deliveries_for_task("task_b").await.unwrap().is_empty());
+        assert_eq!(s.next_delivery_due().await.unwrap(), Some(20));
+    }
+
+    a_task_failed_by_lease_recovery_is_called_back(s) {
+        let mut t = callback_task("task_a");
+        t.max_attempts = 1;
+        s.insert_task(t).await.unwrap();
+        s.claim("m", 10, Duration::from_millis(1), 10).await.unwrap().unwrap();
+        assert_eq!(s.recover_expired(100).await.unwrap().failed, vec!["task_a".to_string()]);
+        assert_eq!(s.deliveries_for_task("task_a").await.unwrap().len(), 1);
+    }
+
+    deliveries_are_claimed_once_retried_and_finished(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        let claims = s.claim_deliveries(20, 10, LEASE).await.unwrap();
+        assert_eq!(claims.len(), 1);
+        assert!(s.claim_deliveries(20, 10, LEASE).await.unwrap().is_empty(), "claimed once");
+        let d = &claims[0];
+        let attempt = DeliveryAttempt { attempted_at: 21, status_code: Some(500), latency_ms: 3, error: None };
+        assert!(!s.finish_delivery_attempt(&d.delivery.id, "dlv_stale", Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
+        assert!(s.finish_delivery_attempt(&d.delivery.id, &d.token, Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
+        assert!(s.claim_deliveries(49, 10, LEASE).await.unwrap().is_empty());
+        let again = s.claim_deliveries(50, 10, LEASE).await.unwrap();
+        assert_eq!(again.len(), 1);
+        let ok = DeliveryAttempt { attempted_at: 51, status_code: Some(200), latency_ms: 2, error: None };
+        s.finish_delivery_attempt(&again[0].delivery.id, &again[0].token, Some(&ok), DeliveryNext::Succeeded, 52).await.unwrap();
+        let list = s.deliveries_for_task("task_a").await.unwrap();
+        let (d, attempts) = &list[0];
+        assert_eq!(d.state, "succeeded");
+        assert_eq!(d.attempts, 2);
+        assert_eq!(d.last_error.as_deref(), Some("the receiver answered HTTP 500"));
+        assert_eq!(attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![Some(500), Some(200)]);
+        assert_eq!(s.redeliver(&d.id, 60).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver("whk_nope", 60).await.unwrap(), Redeliver::NotFound);
+        let third = s.claim_deliveries(60, 10, LEASE).await.unwrap();
+        assert_eq!(s.redeliver(&d.id, 61).await.unwrap(), Redeliver::InFlight);
+        assert_eq!(s.recover_expired_deliveries(61).await.unwrap(), 0);
+        assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
+    }
+
+    a_deferred_delivery_counts_no_attempt(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        let d = s.claim_deliveries(20, 10, LEASE).await.unwrap().remove(0);
+        s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Defer(99), 21).await.unwrap();
+        let got = s.get_delivery(&d.delivery.id).await.unwrap().unwrap();
+        assert_eq!((got.attempts, got.next_attempt_at, got.state.as_str()), (0, 99, "pending"));
+    }
+
+    webhook_secrets_rotate_and_keep_the_previous_one(s) {
+        let first = s.webhook_secrets("ten_1", "whsec_a").await.unwrap();
+        assert_eq!(first.current, "whsec_a");
+        assert_eq!(s.webhook_secrets("ten_1", "whsec_b").await.unwrap().current, "whsec_a");
+        let rotated = s.rotate_webhook_secret("ten_1", "whsec_c", 1000).await.unwrap();
+        assert_eq!(rotated.current, "whsec_c");
+        assert_eq!(rotated.previous.as_deref(), Some("whsec_a"));
+        assert_eq!(rotated.previous_expires_at, Some(1000));
+    }
+}
+
+/// PostgreSQL only: the concurrency cap holds across stores (nodes) sharing one database.
+#[tokio::test]
+async fn concurrency_holds_across_nodes_sharing_postgres() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!(
+            "SKIPPED: concurrency_holds_across_nodes_sharing_postgres (set TEST_DATABASE_URL)"
+        );
+        return;
+    };
+    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let a = Arc::new(PostgresStore::connect(&url, Some(&schema)).await.unwrap());
+    let b = Arc::new(PostgresStore::connect(&url, Some(&schema)).await.unwrap());
+    for i in 0..20 {
+        a.insert_task(new_task(&format!("task_{i:02}"), "m", 1))
+            .await
+            .unwrap();
+    }
+    // Many racing claims from two "nodes" with a cap of 3.
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let s: Arc<dyn Store> = if i % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move {
+            s.claim("m", 10, LEASE, 3).await.unwrap()
+        }));
+    }
+    let mut claimed = 0;
+    for h in handles {
+        claimed += usize::from(h.await.unwrap().is_some());
+    }
+    assert_eq!(claimed, 3);
+    a.close().await;
+    b.close().await;
+    drop_schema(&schema).await;
+}
