@@ -184,9 +184,9 @@ impl From<SecretsRow> for WebhookSecrets {
 }
 
 /// The columns `finish` writes for an outcome: state, outputs JSON, failCode, failMsg.
-pub fn outcome_columns(
-    outcome: &super::Outcome,
-) -> Result<(TaskState, Option<String>, Option<&str>, Option<&str>), StoreError> {
+pub type OutcomeColumns<'a> = (TaskState, Option<String>, Option<&'a str>, Option<&'a str>);
+
+pub fn outcome_columns(outcome: &super::Outcome) -> Result<OutcomeColumns<'_>, StoreError> {
     Ok(match outcome {
         super::Outcome::Success { outputs } => (
             TaskState::Success,
