@@ -114,7 +114,8 @@ impl std::fmt::Display for TaskState {
 pub struct TaskStatus {
     pub task_id: String,
     pub state: TaskState,
-    /// Unix milliseconds.
+    /// Unix milliseconds. (Some APIXO examples leave it out; 0 then.)
+    #[serde(default)]
     pub create_time: i64,
     /// A JSON string holding [`ResultJson`]; present only on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +130,10 @@ pub struct TaskStatus {
     pub fail_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_msg: Option<String>,
+    /// taskgate extension: 0..1 while processing, when a pull worker reports it. APIXO clients
+    /// ignore unknown fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
 }
 
 impl TaskStatus {
@@ -205,6 +210,67 @@ pub struct WebhookDeliveries {
     pub deliveries: Vec<WebhookDelivery>,
 }
 
+/// Body of `POST /api/v1/worker/claim`: long-polls for a task of one of `models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerClaimRequest {
+    pub models: Vec<String>,
+    /// How long to wait for work before answering with no task (capped by the server).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// A task handed to a pull worker: `data` of a successful claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTask {
+    pub task_id: String,
+    pub model: String,
+    pub input: serde_json::Map<String, serde_json::Value>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Proves the claim on every later call; a stale token gets 409.
+    pub lease_token: String,
+    /// Heartbeat well within this, or the task goes to another worker.
+    pub lease_ms: u64,
+    /// The model's timeout for one attempt.
+    pub timeout_ms: u64,
+}
+
+/// Body of `POST /api/v1/worker/tasks/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerHeartbeat {
+    pub lease_token: String,
+    /// 0..1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// Lines of the worker's log since the last heartbeat; the server logs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
+}
+
+/// Body of `POST /api/v1/worker/tasks/{id}/complete`: the uploaded outputs, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerComplete {
+    pub lease_token: String,
+    pub outputs: Vec<String>,
+}
+
+/// Body of `POST /api/v1/worker/tasks/{id}/fail`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerFail {
+    pub lease_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_code: Option<String>,
+    pub fail_msg: String,
+    /// Run the task again (while attempts remain) rather than failing it.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -221,6 +287,7 @@ mod tests {
             complete_time: None,
             fail_code: None,
             fail_msg: None,
+            progress: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),

@@ -27,6 +27,7 @@ use crate::error::{envelope_response, ApiError};
 use crate::store::{Delivery, DeliveryAttempt, Redeliver};
 use crate::store::{NewTask, Store};
 use crate::webhooks::{ssrf, Deliverer};
+use crate::worker_api;
 use taskgate_proto::{
     webhook, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookSecretData,
 };
@@ -39,6 +40,8 @@ pub struct AppState {
     pub links: ResultLinks,
     pub local_files: Option<Arc<LocalArtifacts>>,
     pub max_body_bytes: usize,
+    /// Largest output a pull worker may upload.
+    pub max_upload_bytes: u64,
     pub webhooks: WebhookConfig,
     pub deliverer: Arc<Deliverer>,
 }
@@ -53,6 +56,20 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/webhookSecret/rotate", post(rotate_webhook_secret))
         .route("/api/v1/webhookDeliveries", get(list_deliveries))
         .route("/api/v1/webhookDeliveries/{id}/retry", post(retry_delivery))
+        .route("/api/v1/worker/claim", post(worker_api::claim))
+        .route(
+            "/api/v1/worker/tasks/{id}/heartbeat",
+            post(worker_api::heartbeat),
+        )
+        .route(
+            "/api/v1/worker/tasks/{id}/outputs/{name}",
+            axum::routing::put(worker_api::upload),
+        )
+        .route(
+            "/api/v1/worker/tasks/{id}/complete",
+            post(worker_api::complete),
+        )
+        .route("/api/v1/worker/tasks/{id}/fail", post(worker_api::fail))
         .route("/files/{task_id}/{name}", get(get_file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -259,7 +276,12 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != runtime.name {
         return Err(not_found());
     }
-    Ok(Json(Envelope::success(state.links.status_of(&task))))
+    let status = state
+        .links
+        .status_of(&task)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(Envelope::success(status)))
 }
 
 fn secret_data(s: crate::store::WebhookSecrets) -> WebhookSecretData {
@@ -324,7 +346,7 @@ fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery
     }
 }
 
-fn query_param(uri: &Uri, name: &str) -> Option<String> {
+pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
     uri.query()
         .and_then(|q| {
             url::form_urlencoded::parse(q.as_bytes())

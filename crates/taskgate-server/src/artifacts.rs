@@ -5,6 +5,13 @@
 //! where `sig` is an HMAC-SHA256 over the key and the expiry with a server-wide secret kept in
 //! the store (so every node of a cluster signs alike). URLs need no API key: like APIXO's CDN
 //! links they are meant to be handed to browsers, and they stop working at `expires`.
+//!
+//! The S3 store ([`S3Artifacts`]) uploads to a bucket instead and answers with presigned GET
+//! URLs, so that the bucket, not taskgate, serves the bytes.
+
+mod s3;
+
+pub use s3::S3Artifacts;
 
 use std::path::{Path, PathBuf};
 
@@ -22,15 +29,34 @@ pub enum ArtifactError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot upload artifact {key} to object storage")]
+    Upload {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot presign a URL for artifact {key}")]
+    Sign {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot set up object storage for bucket {bucket}")]
+    Setup {
+        bucket: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
-/// Where result files live. A later S3 implementation answers `url` with a presigned URL.
+/// Where result files live: a local directory, or an S3-compatible bucket.
 #[async_trait]
 pub trait ArtifactStore: Send + Sync + 'static {
-    /// Moves (or copies) the file at `src` in under `key`.
+    /// Moves (or copies, or uploads) the file at `src` in under `key`.
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError>;
-    /// An absolute URL that fetches `key` until `expires_at` (Unix seconds).
-    fn url(&self, key: &str, expires_at: i64) -> String;
+    /// An absolute URL that fetches `key` until `expires_at` (Unix seconds). Async because
+    /// presigning may first have to fetch or refresh cloud credentials.
+    async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError>;
 }
 
 /// Renders a task's status with result URLs valid until completion + the URL lifetime; the same
@@ -42,10 +68,21 @@ pub struct ResultLinks {
 }
 
 impl ResultLinks {
-    pub fn status_of(&self, task: &crate::domain::Task) -> taskgate_proto::TaskStatus {
+    pub async fn status_of(
+        &self,
+        task: &crate::domain::Task,
+    ) -> Result<taskgate_proto::TaskStatus, ArtifactError> {
         let expires =
             task.complete_time.unwrap_or_else(crate::domain::now_ms) / 1000 + self.ttl_secs;
-        task.status(|key| self.store.url(key, expires))
+        // URLs are made first because `Task::status` takes a sync closure; only a success shows
+        // them, so nothing is signed for other states.
+        let mut urls = std::collections::HashMap::new();
+        if task.state == taskgate_proto::TaskState::Success {
+            for key in &task.outputs {
+                urls.insert(key.as_str(), self.store.url(key, expires).await?);
+            }
+        }
+        Ok(task.status(|key| urls.get(key).cloned().unwrap_or_default()))
     }
 }
 
@@ -177,12 +214,12 @@ impl ArtifactStore for LocalArtifacts {
         Ok(())
     }
 
-    fn url(&self, key: &str, expires_at: i64) -> String {
-        format!(
+    async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError> {
+        Ok(format!(
             "{}/files/{key}?expires={expires_at}&sig={}",
             self.public_url,
             self.signer.sign(key, expires_at)
-        )
+        ))
     }
 }
 

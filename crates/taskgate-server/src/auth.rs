@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::store::{ApiKeyRecord, Store, StoreError, Tenant};
+use crate::store::{ApiKeyRecord, KeyKind, Store, StoreError, Tenant};
 
 /// Tenant that the `TASKGATE_API_KEY` key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -53,26 +53,32 @@ pub enum KeyError {
 /// Returns the record and the key itself, which is never stored and cannot be shown again.
 pub async fn create_key(
     store: &dyn Store,
+    kind: KeyKind,
     name: &str,
     tenant: Option<&str>,
 ) -> Result<(ApiKeyRecord, String), KeyError> {
     if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(KeyError::BadName);
     }
-    let tenant = match tenant {
-        Some(t) => store
+    // Worker tokens serve every tenant; they are kept in one tenant of their own.
+    let tenant = match (kind, tenant) {
+        (KeyKind::Worker, _) => ensure_tenant(store, WORKER_TENANT).await?,
+        (KeyKind::Client, Some(t)) => store
             .tenant_by_name(t)
             .await?
             .ok_or_else(|| KeyError::NoSuchTenant(t.to_owned()))?,
-        None => match store.create_tenant(name).await {
+        (KeyKind::Client, None) => match store.create_tenant(name).await {
             Ok(t) => t,
             Err(StoreError::Conflict(_)) => return Err(KeyError::TenantExists(name.to_owned())),
             Err(e) => return Err(e.into()),
         },
     };
-    let key = generate_key();
+    let key = match kind {
+        KeyKind::Client => generate_key(),
+        KeyKind::Worker => generate_key().replacen("tg_", "tgw_", 1),
+    };
     let record = store
-        .insert_key(&tenant, name, &key_prefix(&key), &hash_key(&key))
+        .insert_key(kind, &tenant, name, &key_prefix(&key), &hash_key(&key))
         .await?;
     Ok((record, key))
 }
@@ -86,23 +92,36 @@ pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), 
         }
         return Ok(());
     }
-    let tenant = match store.tenant_by_name(DEFAULT_TENANT).await? {
-        Some(t) => t,
-        None => match store.create_tenant(DEFAULT_TENANT).await {
-            Ok(t) => t,
-            // Another node created it first.
-            Err(StoreError::Conflict(_)) => store
-                .tenant_by_name(DEFAULT_TENANT)
-                .await?
-                .ok_or_else(|| StoreError::Invalid("default tenant vanished".into()))?,
-            Err(e) => return Err(e),
-        },
-    };
+    let tenant = ensure_tenant(store, DEFAULT_TENANT).await?;
     store
-        .insert_key(&tenant, "TASKGATE_API_KEY", &key_prefix(key), &hash)
+        .insert_key(
+            KeyKind::Client,
+            &tenant,
+            "TASKGATE_API_KEY",
+            &key_prefix(key),
+            &hash,
+        )
         .await?;
     Ok(())
 }
+
+/// The tenant named `name`, created if missing (racing nodes agree on one).
+async fn ensure_tenant(store: &dyn Store, name: &str) -> Result<Tenant, StoreError> {
+    if let Some(t) = store.tenant_by_name(name).await? {
+        return Ok(t);
+    }
+    match store.create_tenant(name).await {
+        Ok(t) => Ok(t),
+        Err(StoreError::Conflict(_)) => store
+            .tenant_by_name(name)
+            .await?
+            .ok_or_else(|| StoreError::Invalid(format!("tenant {name:?} vanished"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tenant that holds worker tokens.
+pub const WORKER_TENANT: &str = "workers";
 
 /// Turns an `Authorization` header into the tenant it acts for.
 #[derive(Clone)]
@@ -115,7 +134,29 @@ impl Authenticator {
         Authenticator { store }
     }
 
+    /// A client key's tenant; worker tokens are refused here.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {
+        let record = self.authenticate_any(headers).await?;
+        match record.kind {
+            KeyKind::Client => Ok(record.tenant),
+            KeyKind::Worker => Err(ApiError::Unauthorized(
+                "this is a worker token: it can only claim and report work under /api/v1/worker/; use a client API key here".into(),
+            )),
+        }
+    }
+
+    /// A worker token's record; client keys are refused here.
+    pub async fn authenticate_worker(&self, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {
+        let record = self.authenticate_any(headers).await?;
+        match record.kind {
+            KeyKind::Worker => Ok(record),
+            KeyKind::Client => Err(ApiError::Unauthorized(
+                "this endpoint takes a worker token (create one with `taskgate keys create --worker --name NAME`), not a client API key".into(),
+            )),
+        }
+    }
+
+    async fn authenticate_any(&self, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {
         let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized(
                 "missing API key: send the header \"Authorization: Bearer YOUR_API_KEY\"".into(),
@@ -135,15 +176,9 @@ impl Authenticator {
                 )
             })?;
         let hash = hash_key(key);
-        let record = self
-            .store
-            .key_by_hash(&hash)
-            .await
-            .map_err(ApiError::internal)?;
+        let record = self.store.key_by_hash(&hash).await?;
         match record {
-            Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => {
-                Ok(r.tenant)
-            }
+            Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => Ok(r),
             Some(r) if r.revoked_at.is_some() => Err(ApiError::Unauthorized(
                 "this API key has been revoked; create a new one with `taskgate keys create`"
                     .into(),

@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub server: FileServerSettings,
     #[serde(default)]
     pub webhooks: FileWebhookSettings,
+    #[serde(default)]
+    pub storage: FileStorageSettings,
     /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
     pub models: Option<BTreeMap<String, ModelConfig>>,
 }
@@ -71,6 +73,17 @@ pub struct FileWebhookSettings {
     #[serde(default, deserialize_with = "duration_list")]
     pub retry_delays: Option<Vec<Duration>>,
     pub allow_private_callbacks: Option<bool>,
+}
+
+/// `[storage]`: where result files live. Flags and `TASKGATE_*` variables win. S3 credentials
+/// are deliberately not settable here: they come from the standard AWS environment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStorageSettings {
+    pub s3_bucket: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_prefix: Option<String>,
 }
 
 fn duration_list<'de, D: serde::Deserializer<'de>>(
@@ -132,6 +145,7 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
     let own: &[&str] = match table.get("backend").and_then(|b| b.as_str()) {
         Some("builtin") => &["builtin"],
         Some("command") => &["command", "env", "working_dir"],
+        Some("worker") => &[],
         Some("http") => &[
             "url",
             "headers",
@@ -180,6 +194,8 @@ pub enum BackendConfig {
     },
     /// An upstream model server that takes the input JSON in a POST.
     Http(HttpBackendConfig),
+    /// Remote pull workers (`taskgate worker`) claim this model's tasks over HTTP.
+    Worker {},
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -240,6 +256,11 @@ pub struct Config {
     /// Base of result URLs; `None` means "the address actually bound".
     pub public_url: Option<String>,
     pub max_body_bytes: usize,
+    /// Largest output file a pull worker may upload.
+    pub max_upload_bytes: u64,
+    /// How long a claimed task stays with its node or worker without a renewal; after that it is
+    /// handed on. Renewals come every third of it.
+    pub lease: Duration,
     pub result_url_ttl: Duration,
     pub shutdown_grace: Duration,
     /// A key registered at start (from `TASKGATE_API_KEY`), for local use and tests.
@@ -248,6 +269,67 @@ pub struct Config {
     /// Delays between attempts after a retryable backend error; the last one repeats.
     pub retry_backoff: Vec<Duration>,
     pub webhooks: WebhookConfig,
+    /// Where result files are kept and who serves them.
+    pub artifacts: ArtifactsConfig,
+}
+
+/// Where result files live.
+#[derive(Debug, Clone, Default)]
+pub enum ArtifactsConfig {
+    /// `DATA_DIR/files`, served by this node at `/files/...` with HMAC-signed links.
+    #[default]
+    Local,
+    /// An S3-compatible bucket; result URLs are presigned GETs that go to it directly.
+    S3(S3Config),
+}
+
+/// An S3-compatible bucket for result files.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// For S3-compatible servers (MinIO, R2, moto…); `None` means AWS itself. Requests go
+    /// path-style (`ENDPOINT/BUCKET/KEY`), and plain `http://` is allowed only when named here.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Prepended to every key (`PREFIX/TASK_ID/NAME`), so one bucket can serve several things.
+    pub prefix: Option<String>,
+    /// `None`: the standard AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN`, web identity, instance metadata). Explicit keys are for embedding
+    /// and tests, which should not mutate the process environment.
+    pub credentials: Option<S3Credentials>,
+}
+
+pub const DEFAULT_S3_REGION: &str = "us-east-1";
+
+/// S3's limit on the life of a presigned URL (SigV4 `X-Amz-Expires`).
+pub const S3_MAX_URL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl S3Config {
+    pub fn new(bucket: impl Into<String>) -> Self {
+        S3Config {
+            bucket: bucket.into(),
+            endpoint: None,
+            region: DEFAULT_S3_REGION.to_owned(),
+            prefix: None,
+            credentials: None,
+        }
+    }
+}
+
+/// A static access key pair; the secret never appears in `Debug` output.
+#[derive(Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Callback delivery settings.
@@ -322,6 +404,7 @@ impl std::fmt::Debug for Config {
                 &self.bootstrap_api_key.as_ref().map(|_| "<redacted>"),
             )
             .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("artifacts", &self.artifacts)
             .finish()
     }
 }
@@ -340,6 +423,8 @@ impl Config {
             database_url: None,
             public_url: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_upload_bytes: 4 * 1024 * 1024 * 1024,
+            lease: crate::dispatch::DEFAULT_LEASE,
             result_url_ttl: DEFAULT_RESULT_URL_TTL,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_api_key: None,
@@ -350,6 +435,7 @@ impl Config {
                 Duration::from_secs(30),
             ],
             webhooks: WebhookConfig::default(),
+            artifacts: ArtifactsConfig::Local,
         }
     }
 
@@ -382,6 +468,12 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be greater than 0"));
         }
+        if self.lease < Duration::from_millis(300) {
+            return Err(invalid(
+                "lease",
+                "must be at least 300ms (renewals come every third of it)",
+            ));
+        }
         if self.result_url_ttl.is_zero() {
             return Err(invalid("result_url_ttl", "must be longer than 0s"));
         }
@@ -390,6 +482,9 @@ impl Config {
         }
         if self.webhooks.max_in_flight == 0 || self.webhooks.max_per_host == 0 {
             return Err(invalid("webhooks", "concurrency limits must be at least 1"));
+        }
+        if let ArtifactsConfig::S3(s3) = &self.artifacts {
+            validate_s3(s3, self.result_url_ttl)?;
         }
         if self.models.is_empty() {
             return Err(invalid(
@@ -415,7 +510,7 @@ impl Config {
                 return Err(invalid(at("timeout"), "must be longer than 0s"));
             }
             match &model.backend {
-                BackendConfig::Builtin { .. } => {}
+                BackendConfig::Builtin { .. } | BackendConfig::Worker {} => {}
                 BackendConfig::Command { command, .. } => {
                     if command.is_empty() || command[0].is_empty() {
                         return Err(invalid(
@@ -466,6 +561,70 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks the S3 settings; names them as the flags do (`s3_bucket` is `--s3-bucket`).
+fn validate_s3(s3: &S3Config, result_url_ttl: Duration) -> Result<(), ConfigError> {
+    // Bucket rules vary between S3-compatible servers; refuse only what no server accepts.
+    if s3.bucket.is_empty()
+        || s3
+            .bucket
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            "s3_bucket",
+            format!(
+                "{:?} is not a bucket name; example: --s3-bucket taskgate-results",
+                s3.bucket
+            ),
+        ));
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        let parsed = url::Url::parse(endpoint).map_err(|e| {
+            invalid(
+                "s3_endpoint",
+                format!(
+                    "{endpoint:?} is not an absolute URL ({e}); example: http://127.0.0.1:9000"
+                ),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(
+                "s3_endpoint",
+                "must start with http:// or https://",
+            ));
+        }
+    }
+    if s3.region.trim().is_empty() {
+        return Err(invalid(
+            "s3_region",
+            format!("must not be empty; example: --s3-region {DEFAULT_S3_REGION}"),
+        ));
+    }
+    if let Some(prefix) = &s3.prefix {
+        if object_store::path::Path::parse(prefix.trim_matches('/')).is_err() {
+            return Err(invalid(
+                "s3_prefix",
+                format!("{prefix:?} is not a key prefix: use segments like results/prod, without empty, '.' or '..' parts"),
+            ));
+        }
+    }
+    if result_url_ttl > S3_MAX_URL_TTL {
+        return Err(invalid(
+            "result_url_ttl",
+            "S3 presigned URLs last at most 7 days; with s3_bucket set, use 7d or less",
+        ));
+    }
+    if let Some(c) = &s3.credentials {
+        if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
+            return Err(invalid(
+                "AWS_ACCESS_KEY_ID",
+                "S3 credentials need both an access key id and a secret access key",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for logs and messages.
@@ -527,6 +686,64 @@ mod tests {
         assert!(
             err.contains("concurency") && err.contains("[models.x]"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_storage_table_parses_and_a_typo_in_it_is_named() {
+        let f =
+            FileConfig::parse("[storage]\ns3_bucket = \"b\"\ns3_region = \"eu-west-1\"\n").unwrap();
+        assert_eq!(f.storage.s3_bucket.as_deref(), Some("b"));
+        let err = FileConfig::parse("[storage]\ns3_bukket = \"b\"\n").unwrap_err();
+        assert!(err.contains("s3_bukket"), "{err}");
+    }
+
+    #[test]
+    fn bad_s3_settings_are_refused_with_the_setting_named() {
+        let check = |tweak: &dyn Fn(&mut S3Config), ttl: Duration, setting: &str| {
+            let mut s3 = S3Config::new("results");
+            tweak(&mut s3);
+            let mut c = Config::new("/tmp/x");
+            c.result_url_ttl = ttl;
+            c.artifacts = ArtifactsConfig::S3(s3);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{err}");
+        };
+        let day = Duration::from_secs(24 * 3600);
+        check(&|s| s.bucket = String::new(), day, "s3_bucket");
+        check(
+            &|s| s.endpoint = Some("localhost:9000".into()),
+            day,
+            "s3_endpoint",
+        );
+        check(&|s| s.endpoint = Some("ftp://x".into()), day, "s3_endpoint");
+        check(&|s| s.region = " ".into(), day, "s3_region");
+        check(&|s| s.prefix = Some("a//b".into()), day, "s3_prefix");
+        check(&|s| s.prefix = Some("a/../b".into()), day, "s3_prefix");
+        check(&|_| {}, 8 * day, "result_url_ttl");
+        let mut ok = Config::new("/tmp/x");
+        ok.artifacts = ArtifactsConfig::S3(S3Config {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            prefix: Some("/results/prod/".into()),
+            ..S3Config::new("results")
+        });
+        ok.validate().unwrap();
+    }
+
+    #[test]
+    fn s3_credentials_are_redacted_in_debug_output() {
+        let mut c = Config::new("/tmp/x");
+        c.artifacts = ArtifactsConfig::S3(S3Config {
+            credentials: Some(S3Credentials {
+                access_key_id: "AKIAEXAMPLE".into(),
+                secret_access_key: "very-secret".into(),
+            }),
+            ..S3Config::new("results")
+        });
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("AKIAEXAMPLE") && !shown.contains("very-secret"),
+            "{shown}"
         );
     }
 

@@ -24,8 +24,8 @@ use crate::config::ModelConfig;
 use crate::domain::{fail_code, now_ms};
 use crate::store::{Claim, Outcome, Store};
 
-/// How long a claim lasts without renewal; renewed every third of it.
-pub const LEASE: Duration = Duration::from_secs(30);
+/// How long a claim lasts without renewal, by default; renewed every third of it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Safety net for a missed wake-up; notifications are the main path.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -56,6 +56,7 @@ pub struct Dispatcher {
     models: BTreeMap<String, Arc<ModelRuntime>>,
     work_dir: PathBuf,
     retry_backoff: Vec<Duration>,
+    lease: Duration,
     /// Wakes the webhook deliverer when a callback task reaches its final state.
     webhook_wake: Arc<Notify>,
     /// Stops claiming.
@@ -72,6 +73,7 @@ impl Dispatcher {
         models: BTreeMap<String, Arc<ModelRuntime>>,
         work_dir: PathBuf,
         retry_backoff: Vec<Duration>,
+        lease: Duration,
         webhook_wake: Arc<Notify>,
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
@@ -80,6 +82,7 @@ impl Dispatcher {
             models,
             work_dir,
             retry_backoff,
+            lease,
             webhook_wake,
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
@@ -102,9 +105,62 @@ impl Dispatcher {
         }
     }
 
+    /// How long a claim lasts without renewal.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    pub fn artifacts(&self) -> &Arc<dyn ArtifactStore> {
+        &self.artifacts
+    }
+
+    /// Claims a task of one of `models` for a pull worker, waiting up to `wait` for one to
+    /// become due (woken by submits and by other nodes' notifications, like the local loops).
+    pub async fn claim_for_worker(
+        &self,
+        models: &[Arc<ModelRuntime>],
+        wait: Duration,
+    ) -> Result<Option<(Arc<ModelRuntime>, Claim)>, crate::store::StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now = now_ms();
+            let mut next_due: Option<i64> = None;
+            for m in models {
+                if let Some(c) = self
+                    .store
+                    .claim(&m.name, now, self.lease, m.config.concurrency)
+                    .await?
+                {
+                    return Ok(Some((m.clone(), c)));
+                }
+                if let Some(due) = self.store.next_due(&m.name).await? {
+                    next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
+                }
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() || self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            let until_due = match next_due {
+                Some(due) if due > now => Duration::from_millis((due - now) as u64),
+                _ => remaining,
+            };
+            let wakeups = models.iter().map(|m| Box::pin(m.notify.notified()));
+            tokio::select! {
+                _ = futures::future::select_all(wakeups) => {}
+                _ = tokio::time::sleep(remaining.min(until_due)) => {}
+                _ = self.stop.cancelled() => return Ok(None),
+            }
+        }
+    }
+
     /// Starts one loop per model and the lease sweeper.
     pub fn start(self: &Arc<Self>) {
-        for model in self.models.values() {
+        for model in self.models.values().filter(|m| m.backend.runs_locally()) {
             let this = self.clone();
             let model = model.clone();
             self.tracker.spawn(
@@ -142,7 +198,7 @@ impl Dispatcher {
             let now = now_ms();
             match self
                 .store
-                .claim(&model.name, now, LEASE, model.config.concurrency)
+                .claim(&model.name, now, self.lease, model.config.concurrency)
                 .await
             {
                 Ok(Some(claim)) => {
@@ -193,7 +249,7 @@ impl Dispatcher {
     async fn sweep_leases(self: Arc<Self>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(LEASE) => {}
+                _ = tokio::time::sleep(self.lease) => {}
                 _ = self.stop.cancelled() => return,
             }
             match self.store.recover_expired(now_ms()).await {
@@ -245,9 +301,24 @@ impl Dispatcher {
                 return;
             }
         };
-        let elapsed = started.elapsed();
+        remove_dir(&output_dir).await;
+        self.settle(&model.name, &claim, result, started.elapsed())
+            .await;
+    }
+
+    /// Acts on how an attempt ended, wherever it ran (here or on a pull worker): success and
+    /// fatal errors end the task; a retryable error runs it again after the backoff while
+    /// attempts remain. Returns whether the claim was still ours.
+    pub async fn settle(
+        &self,
+        model: &str,
+        claim: &Claim,
+        result: Result<Vec<String>, BackendError>,
+        elapsed: Duration,
+    ) -> bool {
+        let task = &claim.task;
         let outcome = match result {
-            Ok(outputs) => Some(Outcome::Success { outputs }),
+            Ok(outputs) => Outcome::Success { outputs },
             Err(BackendError::Retryable { code, message }) if task.attempts < task.max_attempts => {
                 let delay = self
                     .retry_backoff
@@ -256,33 +327,29 @@ impl Dispatcher {
                     .copied()
                     .unwrap_or(Duration::from_secs(1));
                 warn!(%code, %message, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
-                match self
+                let run_after = now_ms() + delay.as_millis() as i64;
+                return match self
                     .store
-                    .requeue(
-                        &task.id,
-                        &claim.token,
-                        now_ms() + delay.as_millis() as i64,
-                        false,
-                    )
+                    .requeue(&task.id, &claim.token, run_after, false)
                     .await
                 {
-                    Ok(_) => self.notify(&model.name),
-                    Err(e) => {
-                        error!(error = %crate::error::error_chain(&e), "cannot requeue task; its lease will expire and hand it on")
+                    Ok(ours) => {
+                        self.notify(model);
+                        ours
                     }
-                }
-                None
+                    Err(e) => {
+                        error!(error = %crate::error::error_chain(&e), "cannot requeue task; its lease will expire and hand it on");
+                        true
+                    }
+                };
             }
-            Err(BackendError::Retryable { code, message }) => Some(Outcome::Failure {
+            Err(BackendError::Retryable { code, message }) => Outcome::Failure {
                 code,
                 message: format!("{message} (gave up after {} attempts)", task.attempts),
-            }),
-            Err(BackendError::Fatal { code, message }) => Some(Outcome::Failure { code, message }),
+            },
+            Err(BackendError::Fatal { code, message }) => Outcome::Failure { code, message },
         };
-        remove_dir(&output_dir).await;
-        if let Some(outcome) = outcome {
-            self.write_outcome(&claim, &outcome, elapsed).await;
-        }
+        self.write_outcome(claim, &outcome, elapsed).await
     }
 
     /// Runs the backend within the model's timeout and moves its outputs into the artifact store.
@@ -337,13 +404,14 @@ impl Dispatcher {
     async fn keep_lease(&self, claim: &Claim) -> &'static str {
         let mut failures = 0u32;
         loop {
-            tokio::time::sleep(LEASE / 3).await;
+            tokio::time::sleep(self.lease / 3).await;
             match self
                 .store
                 .renew_lease(
                     &claim.task.id,
                     &claim.token,
-                    now_ms() + LEASE.as_millis() as i64,
+                    now_ms() + self.lease.as_millis() as i64,
+                    None,
                 )
                 .await
             {
@@ -360,7 +428,7 @@ impl Dispatcher {
         }
     }
 
-    async fn write_outcome(&self, claim: &Claim, outcome: &Outcome, elapsed: Duration) {
+    async fn write_outcome(&self, claim: &Claim, outcome: &Outcome, elapsed: Duration) -> bool {
         // A failed write leaves the task processing; its lease then expires and hands it on, so
         // nothing is lost. Retry a few times first, to spare the task a rerun.
         for attempt in 0..5u32 {
@@ -385,11 +453,11 @@ impl Dispatcher {
                             info!(%code, %message, elapsed_ms = elapsed.as_millis() as u64, "failed")
                         }
                     }
-                    return;
+                    return true;
                 }
                 Ok(false) => {
                     warn!("the task was handed on before this attempt finished; outcome dropped");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     error!(error = %crate::error::error_chain(&e), "cannot write the outcome");
@@ -397,6 +465,7 @@ impl Dispatcher {
                 }
             }
         }
+        true
     }
 }
 
@@ -408,8 +477,8 @@ async fn remove_dir(dir: &Path) {
     }
 }
 
-/// Every regular file under `dir`, with its path relative to `dir` (`a/b.png` → `a_b.png` later).
-async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+/// Every regular file under `dir`; also used by `taskgate worker` for its outputs, with its path relative to `dir` (`a/b.png` → `a_b.png` later).
+pub async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -103,6 +103,8 @@ pub struct Task {
     pub outputs: Vec<String>,
     pub fail_code: Option<String>,
     pub fail_msg: Option<String>,
+    /// 0..1, as last reported by a pull worker.
+    pub progress: Option<f64>,
 }
 
 impl Task {
@@ -135,6 +137,9 @@ impl Task {
                 .flatten(),
             fail_msg: (self.state == TaskState::Failed)
                 .then(|| self.fail_msg.clone())
+                .flatten(),
+            progress: (self.state == TaskState::Processing)
+                .then_some(self.progress)
                 .flatten(),
         }
     }
@@ -215,6 +220,7 @@ mod tests {
             outputs: vec!["task_1/result.json".into()],
             fail_code: Some("X".into()),
             fail_msg: Some("y".into()),
+            progress: None,
         }
     }
 

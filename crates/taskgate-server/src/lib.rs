@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod store;
 pub mod webhooks;
+pub mod worker_api;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,7 +27,8 @@ use tracing::info;
 
 pub use config::Config;
 
-use crate::artifacts::{LocalArtifacts, ResultLinks, UrlSigner};
+use crate::artifacts::{ArtifactStore, LocalArtifacts, ResultLinks, S3Artifacts, UrlSigner};
+use crate::config::ArtifactsConfig;
 use crate::dispatch::{Dispatcher, ModelRuntime};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
@@ -47,6 +49,8 @@ pub enum ServerError {
     DataDirLocked(PathBuf),
     #[error("cannot open the store")]
     Store(#[from] StoreError),
+    #[error("cannot set up result file storage")]
+    Artifacts(#[from] artifacts::ArtifactError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -159,6 +163,12 @@ pub async fn run(
         public_url.clone(),
         UrlSigner::new(signing_key),
     ));
+    // With a bucket configured, results go there and their URLs point at it, so this node
+    // serves no `/files` (it answers 404).
+    let (artifacts, local_files): (Arc<dyn ArtifactStore>, _) = match &config.artifacts {
+        ArtifactsConfig::Local => (local_files.clone(), Some(local_files)),
+        ArtifactsConfig::S3(s3) => (Arc::new(S3Artifacts::new(s3)?), None),
+    };
 
     // Work dirs of attempts that died with the last process hold nothing worth keeping. Nodes
     // sharing a data dir (a cluster on one machine) each get their own.
@@ -216,7 +226,7 @@ pub async fn run(
     }
 
     let links = ResultLinks {
-        store: local_files.clone(),
+        store: artifacts.clone(),
         ttl_secs: config.result_url_ttl.as_secs() as i64,
     };
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
@@ -231,10 +241,11 @@ pub async fn run(
 
     let dispatcher = Dispatcher::new(
         store.clone(),
-        local_files.clone(),
+        artifacts,
         models,
         work_dir,
         config.retry_backoff.clone(),
+        config.lease,
         webhook_wake,
     );
     dispatcher.start();
@@ -245,8 +256,9 @@ pub async fn run(
         auth: auth::Authenticator::new(store.clone()),
         dispatcher: dispatcher.clone(),
         links,
-        local_files: Some(local_files),
+        local_files,
         max_body_bytes: config.max_body_bytes,
+        max_upload_bytes: config.max_upload_bytes,
         webhooks: config.webhooks.clone(),
         deliverer: deliverer.clone(),
     };

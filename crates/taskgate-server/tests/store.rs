@@ -11,7 +11,9 @@ use taskgate_proto::TaskState;
 use taskgate_server::domain::fail_code;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
-use taskgate_server::store::{DeliveryAttempt, DeliveryNext, NewTask, Outcome, Redeliver, Store};
+use taskgate_server::store::{
+    DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Store,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -157,9 +159,10 @@ conformance! {
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         assert!(s.recover_expired(20).await.unwrap().requeued.is_empty());
-        assert!(s.renew_lease("task_a", &c.token, 10 + 2 * 30_000).await.unwrap());
+        assert!(s.renew_lease("task_a", &c.token, 10 + 2 * 30_000, Some(0.5)).await.unwrap());
         assert!(s.recover_expired(40_000).await.unwrap().requeued.is_empty());
-        assert!(!s.renew_lease("task_a", "att_other", 1).await.unwrap());
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().progress, Some(0.5));
+        assert!(!s.renew_lease("task_a", "att_other", 1, None).await.unwrap());
     }
 
     a_requeued_task_waits_for_its_run_after_time(s) {
@@ -210,14 +213,18 @@ conformance! {
         let t = s.create_tenant("acme").await.unwrap();
         assert!(s.create_tenant("acme").await.is_err());
         assert_eq!(s.tenant_by_name("acme").await.unwrap(), Some(t.clone()));
-        let k = s.insert_key(&t, "ci", "tg_abcdefg", &[1, 2, 3]).await.unwrap();
+        let k = s.insert_key(KeyKind::Client, &t, "ci", "tg_abcdefg", &[1, 2, 3]).await.unwrap();
         let found = s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap();
         assert_eq!(found.tenant, t);
         assert_eq!(found.revoked_at, None);
         assert!(s.revoke_key(&k.id, 5).await.unwrap());
         assert!(!s.revoke_key(&k.id, 6).await.unwrap());
         assert_eq!(s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap().revoked_at, Some(5));
-        assert_eq!(s.list_keys().await.unwrap().len(), 1);
+        let w = s.insert_key(KeyKind::Worker, &t, "gpu", "tgw_abcdef", &[4]).await.unwrap();
+        assert_eq!(s.key_by_hash(&[4]).await.unwrap().unwrap().kind, KeyKind::Worker);
+        assert_eq!(s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap().kind, KeyKind::Client);
+        assert!(w.id.starts_with("wkr_"));
+        assert_eq!(s.list_keys().await.unwrap().len(), 2);
         assert!(s.key_by_hash(&[9]).await.unwrap().is_none());
     }
 

@@ -2,6 +2,7 @@
 //! sets up tracing, binds, and hands over to the server library. Nothing else lives here.
 
 mod client_cli;
+mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,10 +30,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
-    /// Manage API keys (works while the server runs).
+    // Boxed: it holds far more settings than the other commands (clippy::large_enum_variant).
+    Serve(Box<ServeArgs>),
+    /// Manage API keys and worker tokens (works while the server runs).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run a pull worker: claim tasks of worker-backed models and run a program for each.
+    Worker(worker::WorkerArgs),
     #[command(flatten)]
     Client(client_cli::ClientCommand),
 }
@@ -81,6 +85,22 @@ struct ServeArgs {
     /// Let callback URLs reach loopback and private addresses (local development only).
     #[arg(long, env = "TASKGATE_ALLOW_PRIVATE_CALLBACKS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     allow_private_callbacks: Option<bool>,
+    /// Keep result files in this S3 bucket (URLs become presigned S3 links) instead of the data
+    /// dir. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the usual AWS chain).
+    #[arg(long, env = "TASKGATE_S3_BUCKET")]
+    s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible server, e.g. http://127.0.0.1:9000 [default: AWS].
+    #[arg(long, env = "TASKGATE_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Region of the bucket [default: us-east-1].
+    #[arg(long, env = "TASKGATE_S3_REGION")]
+    s3_region: Option<String>,
+    /// Prefix for every object key, e.g. results/prod.
+    #[arg(long, env = "TASKGATE_S3_PREFIX")]
+    s3_prefix: Option<String>,
+    /// How long a claimed task stays with a node or worker without renewal [default: 30s].
+    #[arg(long, env = "TASKGATE_LEASE", value_parser = humantime::parse_duration)]
+    lease: Option<Duration>,
     /// Log format on stderr.
     #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -112,8 +132,11 @@ enum KeysCommand {
         #[arg(long)]
         name: String,
         /// Join an existing tenant instead of starting a new one named after the key.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "worker")]
         tenant: Option<String>,
+        /// Make a worker token (for `taskgate worker`), which claims work instead of submitting it.
+        #[arg(long)]
+        worker: bool,
         #[command(flatten)]
         data_dir: DataDirArg,
     },
@@ -157,6 +180,9 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::new(data_dir);
     config.database_url = args.database_url.clone().or(s.database_url);
     config.listen = args.listen.or(s.listen).unwrap_or(config.listen);
+    if let Some(lease) = args.lease {
+        config.lease = lease;
+    }
     config.public_url = args.public_url.clone().or(s.public_url);
     config.max_body_bytes = args
         .max_body_bytes
@@ -172,6 +198,26 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
         .unwrap_or(config::DEFAULT_SHUTDOWN_GRACE);
     if let Some(models) = file.models {
         config.models = models;
+    }
+    let st = file.storage;
+    let s3_endpoint = args.s3_endpoint.clone().or(st.s3_endpoint);
+    let s3_region = args.s3_region.clone().or(st.s3_region);
+    let s3_prefix = args.s3_prefix.clone().or(st.s3_prefix);
+    match args.s3_bucket.clone().or(st.s3_bucket) {
+        Some(bucket) => {
+            config.artifacts = config::ArtifactsConfig::S3(config::S3Config {
+                bucket,
+                endpoint: s3_endpoint,
+                region: s3_region.unwrap_or_else(|| config::DEFAULT_S3_REGION.to_owned()),
+                prefix: s3_prefix,
+                credentials: None,
+            });
+        }
+        // Without a bucket the local directory is used, which would silently ignore these.
+        None if s3_endpoint.is_some() || s3_region.is_some() || s3_prefix.is_some() => {
+            bail!("invalid setting s3_bucket: s3_endpoint, s3_region and s3_prefix only apply to S3 storage; set --s3-bucket (TASKGATE_S3_BUCKET) too, or remove them");
+        }
+        None => {}
     }
     let w = file.webhooks;
     let wh = &mut config.webhooks;
@@ -204,7 +250,7 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -257,16 +303,28 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Create {
             name,
             tenant,
+            worker,
             data_dir,
         } => {
+            let kind = if worker {
+                taskgate_server::store::KeyKind::Worker
+            } else {
+                taskgate_server::store::KeyKind::Client
+            };
             let store = open_store(&data_dir).await?;
             let (record, key) =
-                taskgate_server::auth::create_key(store.as_ref(), &name, tenant.as_deref()).await?;
+                taskgate_server::auth::create_key(store.as_ref(), kind, &name, tenant.as_deref())
+                    .await?;
             store.close().await;
-            println!(
-                "Created key {} ({:?}) in tenant {:?}.",
-                record.id, record.name, record.tenant.name
-            );
+            match kind {
+                taskgate_server::store::KeyKind::Client => println!(
+                    "Created key {} ({:?}) in tenant {:?}.",
+                    record.id, record.name, record.tenant.name
+                ),
+                taskgate_server::store::KeyKind::Worker => {
+                    println!("Created worker token {} ({:?}).", record.id, record.name)
+                }
+            }
             println!("Store it now: it is shown only this once.");
             println!("API key: {key}");
         }
@@ -287,8 +345,9 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     None => "active".to_owned(),
                 };
                 println!(
-                    "{:<32}  {:<20}  {:<20}  {:<12}  {:<20}  {status}",
+                    "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  {status}",
                     k.id,
+                    k.kind.as_str(),
                     k.name,
                     k.tenant.name,
                     format!("{}…", k.prefix),
@@ -325,8 +384,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Keys(cmd) => keys(cmd).await,
+            Command::Worker(args) => {
+                init_tracing(LogFormat::Text);
+                worker::run(args).await
+            }
             Command::Client(c) => return Ok(client_cli::run(cli.connection, c).await),
         }
         .map(|()| ExitCode::SUCCESS)

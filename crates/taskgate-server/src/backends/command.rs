@@ -47,14 +47,24 @@ impl CommandBackend {
 /// Kills the process group when dropped: on every exit path, including a dropped future.
 struct GroupGuard(Option<i32>);
 
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
+impl GroupGuard {
+    fn kill(&self) {
         if let Some(pgid) = self.0 {
             // ESRCH (already gone) is the common case after a clean exit.
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
 }
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How long stderr may stay open after the program exits (a background child holding it is
+/// killed first, so this is only a bound).
+const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[async_trait]
 impl Backend for CommandBackend {
@@ -84,7 +94,7 @@ impl Backend for CommandBackend {
                 format!("cannot start {:?}: {e}", self.argv[0]),
             )
         })?;
-        let _guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+        let group = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
 
         let mut stdin = child.stdin.take();
         let write_input = async move {
@@ -112,7 +122,16 @@ impl Backend for CommandBackend {
             }
             tail
         };
-        let (_, mut tail, status) = tokio::join!(write_input, read_stderr, child.wait());
+        // stderr is read in its own task: a background child that inherited the pipe would
+        // otherwise keep it open, and the attempt, alive after the program itself exited.
+        let stderr_task = tokio::spawn(read_stderr);
+        let (_, status) = tokio::join!(write_input, child.wait());
+        // The program is done: whatever it left running in its group goes with it.
+        group.kill();
+        let mut tail = match tokio::time::timeout(STDERR_DRAIN, stderr_task).await {
+            Ok(Ok(tail)) => tail,
+            _ => VecDeque::new(),
+        };
         let status = status.map_err(|e| {
             BackendError::retryable(
                 fail_code::INTERNAL_ERROR,

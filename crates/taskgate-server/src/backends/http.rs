@@ -24,8 +24,12 @@ pub struct HttpBackend {
 }
 
 impl HttpBackend {
-    /// `cfg` has been validated, so header names and values parse.
-    pub fn new(cfg: HttpBackendConfig, client: reqwest::Client, timeout: Duration) -> Self {
+    /// `cfg` has been validated, so header names and values parse. `model_timeout` bounds the
+    /// whole attempt; each request gets a little less, so that an upstream that hangs is a
+    /// retryable request timeout rather than the attempt's final `PROCESSING_TIMEOUT`.
+    pub fn new(cfg: HttpBackendConfig, client: reqwest::Client, model_timeout: Duration) -> Self {
+        let margin = (model_timeout / 10).min(Duration::from_secs(5));
+        let timeout = model_timeout.saturating_sub(margin);
         let headers = cfg
             .headers
             .iter()

@@ -66,6 +66,29 @@ pub trait Backend: Send + Sync + 'static {
     /// Runs one attempt. Dropping the future must stop the work (the dispatcher does so on
     /// timeout and at shutdown).
     async fn run(&self, job: &Job) -> Result<(), BackendError>;
+
+    /// False for backends whose attempts run elsewhere (pull workers claim them): the
+    /// dispatcher then runs no loop for the model.
+    fn runs_locally(&self) -> bool {
+        true
+    }
+}
+
+/// `worker`: attempts run on remote pull workers, which claim them through the worker API.
+pub struct PullWorkers;
+
+#[async_trait]
+impl Backend for PullWorkers {
+    async fn run(&self, _job: &Job) -> Result<(), BackendError> {
+        Err(BackendError::fatal(
+            crate::domain::fail_code::MODEL_UNAVAILABLE,
+            "this model is served by pull workers, not by the server itself",
+        ))
+    }
+
+    fn runs_locally(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the backend a model's configuration names.
@@ -84,6 +107,7 @@ pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
             env.clone(),
             working_dir.clone(),
         )),
+        BackendConfig::Worker {} => Arc::new(PullWorkers),
         BackendConfig::Http(cfg) => {
             Arc::new(HttpBackend::new(cfg.clone(), http.clone(), model.timeout))
         }

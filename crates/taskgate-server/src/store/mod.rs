@@ -99,9 +99,26 @@ pub struct Tenant {
     pub name: String,
 }
 
+/// What a key may do: client keys submit and read tasks; worker tokens claim and run them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Client,
+    Worker,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Client => "client",
+            KeyKind::Worker => "worker",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
     pub id: String,
+    pub kind: KeyKind,
     pub tenant: Tenant,
     pub name: String,
     pub prefix: String,
@@ -198,8 +215,15 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError>;
 
-    /// Extends a lease; false when the claim is no longer ours.
-    async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError>;
+    /// Extends a lease (recording progress, 0..1, when given); false when the claim is no
+    /// longer ours.
+    async fn renew_lease(
+        &self,
+        id: &str,
+        token: &str,
+        until: i64,
+        progress: Option<f64>,
+    ) -> Result<bool, StoreError>;
 
     /// Writes the final state (processing → success | failed). False when the claim is no longer
     /// ours or the task is already final: the final state is written once.
@@ -231,6 +255,7 @@ pub trait Store: Send + Sync + 'static {
     async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError>;
     async fn insert_key(
         &self,
+        kind: KeyKind,
         tenant: &Tenant,
         name: &str,
         prefix: &str,

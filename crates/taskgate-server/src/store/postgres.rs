@@ -22,8 +22,8 @@ use super::rows::{
     SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, NewTask, Outcome,
-    Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
+    Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task};
 
@@ -242,14 +242,21 @@ impl Store for PostgresStore {
         .await?)
     }
 
-    async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError> {
+    async fn renew_lease(
+        &self,
+        id: &str,
+        token: &str,
+        until: i64,
+        progress: Option<f64>,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = $1 \
+            "UPDATE tasks SET lease_expires_at = $1, progress = COALESCE($4, progress) \
              WHERE id = $2 AND state = 'processing' AND lease_token = $3",
         )
         .bind(until)
         .bind(id)
         .bind(token)
+        .bind(progress)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -392,13 +399,19 @@ impl Store for PostgresStore {
 
     async fn insert_key(
         &self,
+        kind: KeyKind,
         tenant: &Tenant,
         name: &str,
         prefix: &str,
         key_hash: &[u8],
     ) -> Result<ApiKeyRecord, StoreError> {
         let record = ApiKeyRecord {
-            id: new_id("key"),
+            id: new_id(if kind == KeyKind::Worker {
+                "wkr"
+            } else {
+                "key"
+            }),
+            kind,
             tenant: tenant.clone(),
             name: name.to_owned(),
             prefix: prefix.to_owned(),
@@ -407,8 +420,8 @@ impl Store for PostgresStore {
             key_hash: key_hash.to_vec(),
         };
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at, kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&record.id)
         .bind(&tenant.id)
@@ -416,6 +429,7 @@ impl Store for PostgresStore {
         .bind(key_hash)
         .bind(prefix)
         .bind(record.created_at)
+        .bind(kind.as_str())
         .execute(&self.pool)
         .await?;
         Ok(record)

@@ -4,11 +4,12 @@
 
 use taskgate_proto::TaskState;
 
-use super::{ApiKeyRecord, Delivery, DeliveryAttempt, StoreError, Tenant, WebhookSecrets};
+use super::{ApiKeyRecord, Delivery, DeliveryAttempt, KeyKind, StoreError, Tenant, WebhookSecrets};
 use crate::domain::Task;
 
 pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
-     max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg";
+     max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg, \
+     progress";
 
 #[derive(sqlx::FromRow)]
 pub struct TaskRow {
@@ -26,6 +27,7 @@ pub struct TaskRow {
     outputs: Option<String>,
     fail_code: Option<String>,
     fail_msg: Option<String>,
+    progress: Option<f64>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -62,16 +64,19 @@ impl TryFrom<TaskRow> for Task {
             outputs,
             fail_code: r.fail_code,
             fail_msg: r.fail_msg,
+            progress: r.progress,
         })
     }
 }
 
-pub const KEY_SELECT: &str = "SELECT k.id, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
+pub const KEY_SELECT: &str =
+    "SELECT k.id, k.kind, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
      k.created_at, k.revoked_at, k.key_hash FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
 
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
     id: String,
+    kind: String,
     tenant_id: String,
     tenant_name: String,
     name: String,
@@ -85,6 +90,11 @@ impl From<KeyRow> for ApiKeyRecord {
     fn from(r: KeyRow) -> Self {
         ApiKeyRecord {
             id: r.id,
+            kind: if r.kind == "worker" {
+                KeyKind::Worker
+            } else {
+                KeyKind::Client
+            },
             tenant: Tenant {
                 id: r.tenant_id,
                 name: r.tenant_name,

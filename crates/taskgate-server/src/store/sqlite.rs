@@ -20,8 +20,8 @@ use super::rows::{
     SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, NewTask, Outcome,
-    Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
+    Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task};
 
@@ -214,12 +214,19 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn renew_lease(&self, id: &str, token: &str, until: i64) -> Result<bool, StoreError> {
+    async fn renew_lease(
+        &self,
+        id: &str,
+        token: &str,
+        until: i64,
+        progress: Option<f64>,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = ? \
+            "UPDATE tasks SET lease_expires_at = ?, progress = COALESCE(?, progress) \
              WHERE id = ? AND state = 'processing' AND lease_token = ?",
         )
         .bind(until)
+        .bind(progress)
         .bind(id)
         .bind(token)
         .execute(&self.writer)
@@ -341,13 +348,19 @@ impl Store for SqliteStore {
 
     async fn insert_key(
         &self,
+        kind: KeyKind,
         tenant: &Tenant,
         name: &str,
         prefix: &str,
         key_hash: &[u8],
     ) -> Result<ApiKeyRecord, StoreError> {
         let record = ApiKeyRecord {
-            id: new_id("key"),
+            id: new_id(if kind == KeyKind::Worker {
+                "wkr"
+            } else {
+                "key"
+            }),
+            kind,
             tenant: tenant.clone(),
             name: name.to_owned(),
             prefix: prefix.to_owned(),
@@ -356,10 +369,11 @@ impl Store for SqliteStore {
             key_hash: key_hash.to_vec(),
         };
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, kind, tenant_id, name, key_hash, prefix, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&record.id)
+        .bind(kind.as_str())
         .bind(&tenant.id)
         .bind(name)
         .bind(key_hash)

@@ -367,7 +367,18 @@ impl Deliverer {
             .await
             .map_err(store_err)?
             .ok_or_else(|| SendError::Permanent("the task no longer exists".into()))?;
-        let body = serde_json::to_vec(&Envelope::success(self.links.status_of(&task)))
+        let status = self
+            .links
+            .status_of(&task)
+            .await
+            .map_err(|e| SendError::Transient {
+                message: format!(
+                    "server-side error preparing the delivery: {}",
+                    error_chain(&e)
+                ),
+                latency: 0,
+            })?;
+        let body = serde_json::to_vec(&Envelope::success(status))
             .map_err(|e| SendError::Permanent(e.to_string()))?;
         let secrets = self
             .store

@@ -1,5 +1,19 @@
 //! Integration tests: the real server on 127.0.0.1:0 with a temp data dir, spoken to over HTTP.
 #![allow(clippy::unwrap_used)]
 
+mod bad_input;
+mod builtin;
+mod cluster;
+mod command;
+mod config;
+mod dispatch;
+mod http_backend;
+mod keys;
+mod recovery;
+mod s3;
+mod signed_urls;
 mod smoke;
 mod support;
+mod webhooks;
+mod wire;
+mod workers;

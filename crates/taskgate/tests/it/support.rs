@@ -273,12 +273,258 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then wait for exit; returns the exit status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit().await
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits (up to 60 s) for the process to exit.
+    pub async fn wait_exit(mut self) -> std::process::ExitStatus {
         tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
             .expect("taskgate did not exit within 60s of SIGTERM")
             .unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers added for the core suite.
+
+impl Api {
+    /// A request to `path` (relative to the base) with the key.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
+
+    /// Submits and waits for the final state; returns `data`.
+    pub async fn run_to_end(&self, model: &str, input: Value) -> Value {
+        let id = self.submit_ok(model, input).await;
+        self.wait_final(model, &id, Duration::from_secs(20)).await
+    }
+}
+
+/// The absolute path of a script under `tests/scripts`.
+pub fn script(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scripts")
+        .join(name);
+    assert!(path.exists(), "missing test script {}", path.display());
+    path.to_string_lossy().into_owned()
+}
+
+/// `s` as a TOML basic string (JSON string escapes are valid TOML).
+pub fn toml_str(s: impl AsRef<str>) -> String {
+    serde_json::to_string(s.as_ref()).unwrap()
+}
+
+/// A `[models.NAME]` table for the command backend running `sh SCRIPT ARGS...`.
+pub fn command_model(name: &str, script_name: &str, args: &[&str], extra: &str) -> String {
+    let mut argv = vec![toml_str("sh"), toml_str(script(script_name))];
+    argv.extend(args.iter().map(toml_str));
+    format!(
+        "[models.{name}]\nbackend = \"command\"\ncommand = [{}]\n{extra}\n",
+        argv.join(", ")
+    )
+}
+
+/// Asserts that `data` is an object with exactly these keys: optional fields are absent, not null.
+pub fn assert_fields(data: &Value, expected: &[&str]) {
+    let obj = data
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {data}"));
+    let mut got: Vec<&str> = obj.keys().map(String::as_str).collect();
+    got.sort_unstable();
+    let mut want = expected.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "fields of {data}");
+    for (k, v) in obj {
+        assert!(!v.is_null(), "field {k} is null in {data}");
+    }
+}
+
+/// Asserts an error envelope: the status, `data` present and null, a message containing every
+/// one of `needles` (case-insensitive). Returns the message.
+pub fn assert_error(
+    status: StatusCode,
+    body: &Value,
+    want: StatusCode,
+    needles: &[&str],
+) -> String {
+    assert_eq!(status, want, "{body}");
+    assert!(
+        body.as_object().unwrap().contains_key("data"),
+        "no data field: {body}"
+    );
+    assert!(body["data"].is_null(), "{body}");
+    let message = body["message"].as_str().unwrap().to_owned();
+    assert_ne!(message, "success", "{body}");
+    for needle in needles {
+        assert!(
+            message.to_lowercase().contains(&needle.to_lowercase()),
+            "message {message:?} does not mention {needle:?}"
+        );
+    }
+    message
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `path` exists and is non-empty; returns its content.
+pub async fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let mut content = String::new();
+    wait_until(timeout, &format!("file {}", path.display()), || {
+        let read = std::fs::read_to_string(path).unwrap_or_default();
+        let ready = !read.trim().is_empty();
+        content = read;
+        async move { ready }
+    })
+    .await;
+    content
+}
+
+/// Whether the process `pid` has ended (no longer exists, or is a zombie awaiting its reaper).
+pub fn process_is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+/// Runs the real `taskgate` binary with `args` and returns its output.
+pub async fn taskgate(args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
+        .args(args)
+        .env_remove("TASKGATE_API_KEY")
+        .env_remove("TASKGATE_DATA_DIR")
+        .env_remove("TASKGATE_CONFIG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("taskgate did not exit within 30s")
+        .unwrap()
+}
+
+/// A key made by `taskgate keys create`.
+pub struct CreatedKey {
+    pub id: String,
+    pub key: String,
+    pub stdout: String,
+}
+
+/// `taskgate keys create --name NAME [--tenant T] --data-dir DIR`: the key is the last word of
+/// the last line, the id the word after "Created key".
+pub async fn create_key(data_dir: &Path, name: &str, tenant: Option<&str>) -> CreatedKey {
+    let dir = data_dir.to_str().unwrap();
+    let mut args = vec!["keys", "create", "--name", name, "--data-dir", dir];
+    if let Some(t) = tenant {
+        args.extend(["--tenant", t]);
+    }
+    let out = taskgate(&args).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "keys create failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = stdout
+        .trim_end()
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_owned();
+    let id = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("key_"))
+        .unwrap_or_else(|| panic!("no key id in {stdout}"))
+        .to_owned();
+    CreatedKey { id, key, stdout }
+}
+
+impl ServerProcess {
+    /// Like [`ServerProcess::spawn`], with extra `serve` flags; the child's log goes to
+    /// `server.log` in the data dir (kept for debugging a failure).
+    pub async fn spawn_with(
+        data_dir: &Path,
+        config: Option<&Path>,
+        extra: &[&str],
+    ) -> ServerProcess {
+        Self::spawn_full(data_dir, config, extra, &[]).await
+    }
+
+    /// Like [`ServerProcess::spawn_with`], with extra environment variables.
+    pub async fn spawn_full(
+        data_dir: &Path,
+        config: Option<&Path>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> ServerProcess {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))
+            .unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .envs(envs.iter().copied())
+            .env("TASKGATE_API_KEY", API_KEY)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("taskgate listening on ") {
+                    return url.to_owned();
+                }
+            }
+            panic!("taskgate exited before listening");
+        })
+        .await
+        .expect("taskgate did not print its address within 30s");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let api = Api::new(base);
+        wait_healthy(&api).await;
+        ServerProcess { api, child }
     }
 }

@@ -1,0 +1,4 @@
+-- Worker tokens are keys of another kind: they claim work, they cannot submit or read tasks.
+ALTER TABLE api_keys ADD COLUMN kind TEXT NOT NULL DEFAULT 'client';
+-- Progress (0..1) reported by a pull worker's heartbeat.
+ALTER TABLE tasks ADD COLUMN progress DOUBLE PRECISION;

@@ -1,0 +1,320 @@
+//! The pull-worker API: remote workers claim tasks of `worker`-backed models, renew their lease
+//! with heartbeats (reporting progress and log lines), upload outputs, then complete or fail.
+//!
+//! Every call after the claim carries the claim's lease token; a worker whose task was handed to
+//! another worker (its lease expired) gets 409 and must stop. Workers authenticate with worker
+//! tokens, which cannot use the client API (and client keys cannot use this one).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Uri};
+use axum::Json;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use taskgate_proto::{
+    Envelope, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
+};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::api::AppState;
+use crate::artifacts::sanitize_name;
+use crate::backends::BackendError;
+use crate::dispatch::ModelRuntime;
+use crate::domain::{fail_code, now_ms, Task};
+use crate::error::ApiError;
+use crate::store::Claim;
+
+/// Longest a claim may wait for work.
+pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body =
+        body.map_err(|r| ApiError::BadRequest(format!("cannot read the request body: {r}")))?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid: {e}")))
+}
+
+fn lease_lost(task_id: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "task {task_id:?} is no longer yours (its lease expired and it was handed on, or it is already final); stop working on it"
+    ))
+}
+
+/// The task, if `token` still holds its claim.
+async fn claimed(
+    state: &AppState,
+    task_id: &str,
+    token: &str,
+) -> Result<(Claim, Arc<ModelRuntime>), ApiError> {
+    let task = state
+        .store
+        .get_task(task_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("task {task_id:?} not found")))?;
+    let model = state
+        .dispatcher
+        .model(&task.model)
+        .filter(|m| !m.backend.runs_locally())
+        .cloned()
+        .ok_or_else(|| lease_lost(task_id))?;
+    // Renewing is the check: it succeeds only for the current holder of a processing task.
+    if !state
+        .store
+        .renew_lease(
+            task_id,
+            token,
+            now_ms() + state.dispatcher.lease().as_millis() as i64,
+            None,
+        )
+        .await?
+    {
+        return Err(lease_lost(task_id));
+    }
+    Ok((
+        Claim {
+            task,
+            token: token.to_owned(),
+        },
+        model,
+    ))
+}
+
+fn worker_task(task: &Task, token: String, model: &ModelRuntime, lease: Duration) -> WorkerTask {
+    WorkerTask {
+        task_id: task.id.clone(),
+        model: task.model.clone(),
+        input: task.input.clone(),
+        attempt: task.attempts,
+        lease_token: token,
+        lease_ms: lease.as_millis() as u64,
+        timeout_ms: model.config.timeout.as_millis() as u64,
+    }
+}
+
+pub async fn claim(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<WorkerTask>>, ApiError> {
+    let worker = state.auth.authenticate_worker(&headers).await?;
+    let req: WorkerClaimRequest = parse_json(body)?;
+    if req.models.is_empty() {
+        return Err(ApiError::BadRequest(
+            "models must name at least one model".into(),
+        ));
+    }
+    let mut models = Vec::with_capacity(req.models.len());
+    for name in &req.models {
+        let m = state
+            .dispatcher
+            .model(name)
+            .ok_or_else(|| ApiError::NotFound(format!("model {name:?} not found")))?;
+        if m.backend.runs_locally() {
+            return Err(ApiError::BadRequest(format!(
+                "model {name:?} is not served by pull workers; set backend = \"worker\" in its [models.{name}] table"
+            )));
+        }
+        models.push(m.clone());
+    }
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_CLAIM_WAIT);
+    match state.dispatcher.claim_for_worker(&models, wait).await? {
+        Some((model, c)) => {
+            info!(task_id = %c.task.id, model = %model.name, attempt = c.task.attempts, worker = %worker.name, "claimed by a pull worker");
+            Ok(Json(Envelope::success(worker_task(
+                &c.task,
+                c.token,
+                &model,
+                state.dispatcher.lease(),
+            ))))
+        }
+        None => Ok(Json(Envelope {
+            code: 200,
+            message: "no task".into(),
+            data: None,
+        })),
+    }
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    let worker = state.auth.authenticate_worker(&headers).await?;
+    let hb: WorkerHeartbeat = parse_json(body)?;
+    if let Some(p) = hb.progress {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(ApiError::BadRequest(format!(
+                "progress must be from 0 to 1, got {p}"
+            )));
+        }
+    }
+    let (claim, model) = claimed(&state, &task_id, &hb.lease_token).await?;
+    let span = info_span!("task", task_id = %task_id, worker = %worker.name);
+    for line in hb.logs.iter().take(1000) {
+        span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
+    }
+    // A worker that heartbeats forever must still respect the model's timeout.
+    let started = claim.task.start_time.unwrap_or_else(now_ms);
+    if now_ms() - started > model.config.timeout.as_millis() as i64 {
+        let err = BackendError::fatal(
+            fail_code::PROCESSING_TIMEOUT,
+            format!(
+                "the task ran longer than model {}'s timeout of {}",
+                model.name,
+                humantime::format_duration(model.config.timeout)
+            ),
+        );
+        state
+            .dispatcher
+            .settle(&model.name, &claim, Err(err), Duration::ZERO)
+            .instrument(span)
+            .await;
+        return Err(lease_lost(&task_id));
+    }
+    if hb.progress.is_some() {
+        state
+            .store
+            .renew_lease(
+                &task_id,
+                &hb.lease_token,
+                now_ms() + state.dispatcher.lease().as_millis() as i64,
+                hb.progress,
+            )
+            .await?;
+    }
+    Ok(Json(Envelope {
+        code: 200,
+        message: "success".into(),
+        data: None,
+    }))
+}
+
+pub async fn upload(
+    State(state): State<AppState>,
+    Path((task_id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    state.auth.authenticate_worker(&headers).await?;
+    let token = crate::api::query_param(&uri, "leaseToken")
+        .ok_or_else(|| ApiError::BadRequest("the leaseToken query parameter is required".into()))?;
+    let (claim, _) = claimed(&state, &task_id, &token).await?;
+    let name = sanitize_name(&name);
+    let dir = state
+        .dispatcher
+        .work_dir()
+        .join(format!("upload-{}.{}", claim.task.id, claim.task.attempts));
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
+    let path = dir.join(&name);
+    let mut file = tokio::fs::File::create(&path)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut stream = body.into_data_stream();
+    let mut written: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?;
+        written += chunk.len() as u64;
+        if written > state.max_upload_bytes {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(ApiError::PayloadTooLarge(format!(
+                "outputs are limited to {} bytes each",
+                state.max_upload_bytes
+            )));
+        }
+        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    file.flush().await.map_err(ApiError::internal)?;
+    drop(file);
+    let key = format!("{task_id}/{name}");
+    let stored = state.dispatcher.artifacts().put_file(&key, &path).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    stored.map_err(ApiError::internal)?;
+    Ok(Json(Envelope {
+        code: 200,
+        message: "success".into(),
+        data: None,
+    }))
+}
+
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    state.auth.authenticate_worker(&headers).await?;
+    let req: WorkerComplete = parse_json(body)?;
+    let (claim, model) = claimed(&state, &task_id, &req.lease_token).await?;
+    let result = if req.outputs.is_empty() {
+        Err(BackendError::fatal(
+            fail_code::GENERATION_FAILED,
+            "the model finished without producing any output file",
+        ))
+    } else {
+        Ok(req
+            .outputs
+            .iter()
+            .map(|n| format!("{task_id}/{}", sanitize_name(n)))
+            .collect())
+    };
+    settle(&state, &model, &claim, result).await
+}
+
+pub async fn fail(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    state.auth.authenticate_worker(&headers).await?;
+    let req: WorkerFail = parse_json(body)?;
+    let (claim, model) = claimed(&state, &task_id, &req.lease_token).await?;
+    let code = req
+        .fail_code
+        .unwrap_or_else(|| fail_code::GENERATION_FAILED.to_owned());
+    let err = if req.retryable {
+        BackendError::Retryable {
+            code,
+            message: req.fail_msg,
+        }
+    } else {
+        BackendError::Fatal {
+            code,
+            message: req.fail_msg,
+        }
+    };
+    settle(&state, &model, &claim, Err(err)).await
+}
+
+async fn settle(
+    state: &AppState,
+    model: &ModelRuntime,
+    claim: &Claim,
+    result: Result<Vec<String>, BackendError>,
+) -> Result<Json<Envelope<()>>, ApiError> {
+    let started = Instant::now();
+    let ours = state
+        .dispatcher
+        .settle(&model.name, claim, result, started.elapsed())
+        .instrument(info_span!("task", task_id = %claim.task.id))
+        .await;
+    if !ours {
+        warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
+        return Err(lease_lost(&claim.task.id));
+    }
+    Ok(Json(Envelope {
+        code: 200,
+        message: "success".into(),
+        data: None,
+    }))
+}

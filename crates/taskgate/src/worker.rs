@@ -1,0 +1,363 @@
+//! `taskgate worker`: a pull worker. It claims tasks of `worker`-backed models from a taskgate
+//! server over HTTP (so a GPU box needs no inbound port), runs each with the command backend on
+//! this machine, heartbeats while it runs, uploads the outputs, and reports the outcome.
+//!
+//! Concurrency model: `--concurrency` independent slots, each a loop of long-poll claim → run.
+//! A heartbeat answered 409 means the server handed the task to someone else: the attempt is
+//! dropped at once (which kills the program's process group). On SIGTERM or Ctrl-C the slots
+//! stop claiming and finish what they run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use taskgate_proto::{
+    Envelope, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
+};
+use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
+use taskgate_server::domain::fail_code;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The taskgate server's base URL.
+    #[arg(long, env = "TASKGATE_URL")]
+    server: String,
+    /// A worker token (`taskgate keys create --worker --name NAME`).
+    #[arg(long, env = "TASKGATE_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Model(s) to claim tasks of; each must have backend = "worker" on the server.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Tasks run at the same time on this machine.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Where attempts get their output directories [default: the system temp dir].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The program to run per task, after `--`: input JSON on stdin, outputs into
+    /// $TASKGATE_OUTPUT_DIR, exit 75 for a retryable failure.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// The worker API, as this process speaks it.
+#[derive(Clone)]
+struct WorkerApi {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// Why a call failed: the server said the task is no longer ours, or anything else.
+enum CallError {
+    LeaseLost,
+    Other(anyhow::Error),
+}
+
+impl WorkerApi {
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<Option<T>, CallError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| CallError::Other(anyhow::Error::new(e).context(format!("POST {path}"))))?;
+        Self::decode(resp, path).await
+    }
+
+    async fn decode<T: DeserializeOwned>(
+        resp: reqwest::Response,
+        path: &str,
+    ) -> Result<Option<T>, CallError> {
+        let status = resp.status();
+        let envelope: Envelope<T> = match resp.json().await {
+            Ok(e) => e,
+            Err(e) => {
+                return Err(CallError::Other(anyhow::anyhow!(
+                    "{path}: the server answered {status} with a body that is not the envelope: {e}"
+                )))
+            }
+        };
+        match status {
+            s if s.is_success() => Ok(envelope.data),
+            StatusCode::CONFLICT => Err(CallError::LeaseLost),
+            s => Err(CallError::Other(anyhow::anyhow!(
+                "{path}: {s}: {}",
+                envelope.message
+            ))),
+        }
+    }
+
+    async fn upload(&self, task: &WorkerTask, name: &str, path: &Path) -> Result<(), CallError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| CallError::Other(e.into()))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| CallError::Other(e.into()))?
+            .len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let url = format!(
+            "{}/api/v1/worker/tasks/{}/outputs/{name}",
+            self.base, task.task_id
+        );
+        let resp = self
+            .http
+            .put(url)
+            .query(&[("leaseToken", &task.lease_token)])
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| CallError::Other(e.into()))?;
+        Self::decode::<serde_json::Value>(resp, "upload")
+            .await
+            .map(|_| ())
+    }
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let base = args.server.trim_end_matches('/').to_owned();
+    url::Url::parse(&base).with_context(|| format!("--server {base:?} is not a URL"))?;
+    let api = WorkerApi {
+        base,
+        token: args.token.clone(),
+        http: reqwest::Client::builder()
+            .user_agent(concat!("taskgate-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?,
+    };
+    let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let backend = Arc::new(CommandBackend::new(
+        args.command.clone(),
+        Default::default(),
+        None,
+    ));
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            crate::shutdown_signal().await;
+            info!("stopping: no new tasks; finishing the running ones");
+            stop.cancel();
+        });
+    }
+    info!(server = %api.base, models = ?args.models, concurrency = args.concurrency, "worker started");
+    let mut slots = Vec::new();
+    for slot in 0..args.concurrency {
+        let (api, backend, stop) = (api.clone(), backend.clone(), stop.clone());
+        let (models, work_dir) = (args.models.clone(), work_dir.clone());
+        slots.push(tokio::spawn(
+            async move { slot_loop(api, backend, models, work_dir, stop).await }
+                .instrument(info_span!("slot", slot)),
+        ));
+    }
+    for s in slots {
+        s.await?;
+    }
+    Ok(())
+}
+
+async fn slot_loop(
+    api: WorkerApi,
+    backend: Arc<CommandBackend>,
+    models: Vec<String>,
+    work_dir: PathBuf,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(500);
+    while !stop.is_cancelled() {
+        let req = WorkerClaimRequest {
+            models: models.clone(),
+            wait_ms: 25_000,
+        };
+        let claimed = tokio::select! {
+            r = api.post::<_, WorkerTask>("/api/v1/worker/claim", &req, Duration::from_secs(60)) => r,
+            _ = stop.cancelled() => return,
+        };
+        match claimed {
+            Ok(Some(task)) => {
+                backoff = Duration::from_millis(500);
+                let span = info_span!("task", task_id = %task.task_id, attempt = task.attempt);
+                run_task(&api, backend.as_ref(), &work_dir, task)
+                    .instrument(span)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(CallError::LeaseLost) => {}
+            Err(CallError::Other(e)) => {
+                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot claim work");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
+    info!("running");
+    let output_dir = work_dir.join(format!("taskgate-{}.{}", task.task_id, task.attempt));
+    let _ = tokio::fs::remove_dir_all(&output_dir).await;
+    if let Err(e) = tokio::fs::create_dir_all(&output_dir).await {
+        report_failure(
+            api,
+            &task,
+            BackendError::retryable(
+                fail_code::INTERNAL_ERROR,
+                format!("cannot create {}: {e}", output_dir.display()),
+            ),
+        )
+        .await;
+        return;
+    }
+    let job = Job {
+        task_id: task.task_id.clone(),
+        model: task.model.clone(),
+        input: task.input.clone(),
+        attempt: task.attempt,
+        output_dir: output_dir.clone(),
+    };
+    let timeout = Duration::from_millis(task.timeout_ms);
+    let result = tokio::select! {
+        r = tokio::time::timeout(timeout, backend.run(&job)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::fatal(
+                fail_code::PROCESSING_TIMEOUT,
+                format!("the task ran longer than the model's timeout of {}", humantime::format_duration(timeout)),
+            )),
+        },
+        () = heartbeat_until_lost(api, &task) => {
+            warn!("the server handed this task to another worker; abandoning it");
+            let _ = tokio::fs::remove_dir_all(&output_dir).await;
+            return;
+        }
+    };
+    match result {
+        Ok(()) => match upload_outputs(api, &task, &output_dir).await {
+            Ok(names) => {
+                let body = WorkerComplete {
+                    lease_token: task.lease_token.clone(),
+                    outputs: names,
+                };
+                match api
+                    .post::<_, serde_json::Value>(
+                        &format!("/api/v1/worker/tasks/{}/complete", task.task_id),
+                        &body,
+                        Duration::from_secs(60),
+                    )
+                    .await
+                {
+                    Ok(_) => info!("completed"),
+                    Err(CallError::LeaseLost) => warn!("finished, but the task had been handed on"),
+                    Err(CallError::Other(e)) => {
+                        error!(error = %format!("{e:#}"), "cannot report completion; the task will run again when its lease expires")
+                    }
+                }
+            }
+            Err(CallError::LeaseLost) => warn!("the task was handed on while uploading"),
+            Err(CallError::Other(e)) => {
+                report_failure(
+                    api,
+                    &task,
+                    BackendError::retryable(
+                        fail_code::INTERNAL_ERROR,
+                        format!("uploading outputs failed: {e:#}"),
+                    ),
+                )
+                .await
+            }
+        },
+        Err(e) => report_failure(api, &task, e).await,
+    }
+    let _ = tokio::fs::remove_dir_all(&output_dir).await;
+}
+
+/// Renews the lease every third of it; returns only when the server says the task is gone.
+async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask) {
+    let every = Duration::from_millis(task.lease_ms / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let hb = WorkerHeartbeat {
+            lease_token: task.lease_token.clone(),
+            progress: None,
+            logs: Vec::new(),
+        };
+        match api
+            .post::<_, serde_json::Value>(
+                &format!("/api/v1/worker/tasks/{}/heartbeat", task.task_id),
+                &hb,
+                every,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(CallError::LeaseLost) => return,
+            Err(CallError::Other(e)) => {
+                warn!(error = %format!("{e:#}"), "heartbeat failed; will retry")
+            }
+        }
+    }
+}
+
+async fn upload_outputs(
+    api: &WorkerApi,
+    task: &WorkerTask,
+    dir: &Path,
+) -> Result<Vec<String>, CallError> {
+    let files = taskgate_server::dispatch::collect_files(dir)
+        .await
+        .map_err(|e| CallError::Other(e.into()))?;
+    let mut names = Vec::with_capacity(files.len());
+    for (name, path) in files {
+        let name = taskgate_server::artifacts::sanitize_name(&name);
+        api.upload(task, &name, &path).await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+async fn report_failure(api: &WorkerApi, task: &WorkerTask, e: BackendError) {
+    let (code, message, retryable) = match e {
+        BackendError::Retryable { code, message } => (code, message, true),
+        BackendError::Fatal { code, message } => (code, message, false),
+    };
+    info!(%code, %message, retryable, "attempt failed");
+    let body = WorkerFail {
+        lease_token: task.lease_token.clone(),
+        fail_code: Some(code),
+        fail_msg: message,
+        retryable,
+    };
+    if let Err(CallError::Other(e)) = api
+        .post::<_, serde_json::Value>(
+            &format!("/api/v1/worker/tasks/{}/fail", task.task_id),
+            &body,
+            Duration::from_secs(60),
+        )
+        .await
+    {
+        error!(error = %format!("{e:#}"), "cannot report the failure; the task will run again when its lease expires");
+    }
+}

@@ -1,0 +1,259 @@
+//! Many nodes on one PostgreSQL database (`TEST_DATABASE_URL`; each test makes its own
+//! database and drops it). Without the variable these tests say they were skipped.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::Connection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::support::*;
+
+/// A database of its own on the test server, dropped by `drop_db`.
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+async fn create_db() -> Option<TestDb> {
+    let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("SKIPPED: PostgreSQL cluster test (set TEST_DATABASE_URL)");
+        return None;
+    };
+    let name = format!(
+        "tg_it_{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    );
+    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let mut url = url::Url::parse(&admin_url).unwrap();
+    url.set_path(&name);
+    Some(TestDb {
+        admin_url,
+        name,
+        url: url.to_string(),
+    })
+}
+
+impl TestDb {
+    async fn drop_db(self) {
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await.unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+}
+
+fn work_model(concurrency: usize) -> String {
+    format!(
+        r#"
+[models.work]
+backend = "command"
+command = ["sh", "-c", "sleep 0.2; cat > \"$TASKGATE_OUTPUT_DIR/out.json\""]
+concurrency = {concurrency}
+timeout = "30s"
+max_attempts = 5
+"#
+    )
+}
+
+#[tokio::test]
+async fn three_nodes_lose_no_task_when_one_is_killed_and_never_exceed_concurrency() {
+    let Some(db) = create_db().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, work_model(2)).unwrap();
+    // One data dir for all nodes: on one machine it stands in for shared storage of results.
+    let data = dir.path().join("data");
+    let flags = ["--database-url", &db.url, "--lease", "1s"];
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(ServerProcess::spawn_with(&data, Some(&config), &flags).await);
+    }
+
+    // Watch the database: never more than `concurrency` tasks processing.
+    let max_seen = Arc::new(AtomicI64::new(0));
+    let sampler = {
+        let (url, max_seen) = (db.url.clone(), max_seen.clone());
+        tokio::spawn(async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            loop {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM tasks WHERE model = 'work' AND state = 'processing'",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                max_seen.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let node = &nodes[i % 3];
+        ids.push(node.api.submit_ok("work", json!({ "n": i })).await);
+    }
+    // Kill a node while work is in flight.
+    nodes[1]
+        .api
+        .wait_for("work", &ids[0], Duration::from_secs(20), |d| {
+            d["state"] != "pending"
+        })
+        .await;
+    let victim = nodes.remove(0);
+    victim.kill9().await;
+
+    let api = nodes[0].api.clone();
+    for (i, id) in ids.iter().enumerate() {
+        let data = api.wait_final("work", id, Duration::from_secs(60)).await;
+        assert_eq!(data["state"], "success", "task {i}: {data}");
+        let url = &result_urls(&data)[0];
+        let body: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        assert_eq!(body, json!({ "n": i }), "task {i}'s output");
+    }
+    sampler.abort();
+    assert!(
+        max_seen.load(Ordering::SeqCst) <= 2,
+        "saw {} processing at once",
+        max_seen.load(Ordering::SeqCst)
+    );
+    assert!(max_seen.load(Ordering::SeqCst) >= 1);
+
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let (finals, leased): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state IN ('success', 'failed')), \
+                count(*) FILTER (WHERE lease_token IS NOT NULL) FROM tasks",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(finals, 24, "every accepted task reached one final state");
+    assert_eq!(leased, 0, "no lease is held forever");
+    conn.close().await.unwrap();
+    for n in nodes {
+        n.terminate().await;
+    }
+    db.drop_db().await;
+}
+
+/// A TCP proxy to PostgreSQL that the test can cut and restore.
+struct Proxy {
+    port: u16,
+    accept: Option<JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let h = tokio::spawn(async move {
+                        if let Ok(mut out) = TcpStream::connect("127.0.0.1:5432").await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(h);
+                }
+            })
+        };
+        Proxy {
+            port,
+            accept: Some(accept),
+            conns,
+        }
+    }
+
+    /// Refuses new connections and cuts open ones, as a database outage does.
+    fn cut(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() {
+    let Some(db) = create_db().await else { return };
+    let mut proxy = Proxy::start(0).await;
+    let mut via_proxy = url::Url::parse(&db.url).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node =
+        ServerProcess::spawn_with(dir.path(), None, &["--database-url", via_proxy.as_str()]).await;
+    let before = node.api.submit_ok("echo", json!({ "delay_ms": 10 })).await;
+    node.api
+        .wait_final("echo", &before, Duration::from_secs(20))
+        .await;
+
+    proxy.cut();
+    // Wait for the outage to show (pooled connections notice on their next use).
+    let mut saw_503 = false;
+    for _ in 0..100 {
+        let (status, body) = node.api.submit("echo", json!({ "input": {} })).await;
+        assert!(status == 200 || status == 503, "{status}: {body}");
+        if status == 503 {
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("database is unavailable"),
+                "{body}"
+            );
+            saw_503 = true;
+            break;
+        }
+    }
+    assert!(saw_503, "no 503 while the database was unreachable");
+    let (status, _) = node.api.status("echo", &before).await;
+    assert_eq!(status, 503);
+
+    let port = proxy.port;
+    let _restored = Proxy::start(port).await;
+    let mut accepted = None;
+    for _ in 0..200 {
+        let (status, body) = node
+            .api
+            .submit("echo", json!({ "input": { "after": true } }))
+            .await;
+        if status == 200 {
+            accepted = Some(body["data"]["taskId"].as_str().unwrap().to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = accepted.expect("the node did not recover after the database came back");
+    let data = node
+        .api
+        .wait_final("echo", &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(data["state"], "success");
+    let data = node
+        .api
+        .wait_final("echo", &before, Duration::from_secs(5))
+        .await;
+    assert_eq!(data["state"], "success");
+    node.terminate().await;
+    db.drop_db().await;
+}

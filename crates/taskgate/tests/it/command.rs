@@ -1,0 +1,292 @@
+//! The `command` backend, driven by the small sh programs in `tests/scripts`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+async fn fetch(url: &str) -> (String, Vec<u8>) {
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{url}");
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    (ct, resp.bytes().await.unwrap().to_vec())
+}
+
+/// Every result file by its name (the last path segment of its URL, without the query).
+async fn files_by_name(data: &Value) -> BTreeMap<String, (String, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for url in result_urls(data) {
+        let name = url
+            .split('?')
+            .next()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        out.insert(name, fetch(&url).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_file_a_command_leaves_becomes_a_result_url_with_its_content_type() {
+    let app = TestApp::start_with_models(&command_model("files", "outputs.sh", &[], "")).await;
+
+    let data = app.api.run_to_end("files", json!({})).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let files = files_by_name(&data).await;
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "clips_clip.mp4",
+            "data.json",
+            "greeting.txt",
+            "my_image__1_.png",
+            "picture.png"
+        ]
+    );
+    assert_eq!(files["greeting.txt"].0, "text/plain");
+    assert_eq!(files["greeting.txt"].1, b"hello from a command model\n");
+    assert_eq!(files["data.json"].0, "application/json");
+    assert_eq!(files["picture.png"].0, "image/png");
+    assert_eq!(files["clips_clip.mp4"].0, "video/mp4");
+    assert_eq!(files["clips_clip.mp4"].1, b"fake mp4 bytes");
+    assert_eq!(files["my_image__1_.png"].0, "image/png");
+}
+
+#[tokio::test]
+async fn a_command_gets_the_input_json_on_stdin_and_the_task_in_its_environment() {
+    let model = command_model(
+        "stdin",
+        "echo_stdin.sh",
+        &[],
+        "env = { EXTRA_SETTING = \"from-config\" }",
+    );
+    let app = TestApp::start_with_models(&model).await;
+    let input = json!({ "prompt": "a \"quoted\" prompt\nwith ünïcode", "n": [1, 2, 3] });
+
+    let id = app.api.submit_ok("stdin", input.clone()).await;
+    let data = app
+        .api
+        .wait_final("stdin", &id, Duration::from_secs(20))
+        .await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let files = files_by_name(&data).await;
+    let received: Value = serde_json::from_slice(&files["input.json"].1).unwrap();
+    assert_eq!(received, input);
+    let env = String::from_utf8(files["env.txt"].1.clone()).unwrap();
+    assert!(env.contains(&format!("task_id={id}\n")), "{env}");
+    assert!(env.contains("model=stdin\n"), "{env}");
+    assert!(env.contains("attempt=1\n"), "{env}");
+    assert!(env.contains("extra=from-config\n"), "{env}");
+    assert!(env.contains("api_key=\n"), "the server's key leaked: {env}");
+}
+
+#[tokio::test]
+async fn a_nonzero_exit_fails_the_task_with_the_tail_of_stderr() {
+    let app =
+        TestApp::start_with_models(&command_model("broken", "fail.sh", &[], "max_attempts = 3"))
+            .await;
+
+    let data = app.api.run_to_end("broken", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "GENERATION_FAILED");
+    let msg = data["failMsg"].as_str().unwrap();
+    assert!(
+        msg.ends_with("fatal: the model ran out of GPU memory"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("noise line 0:"),
+        "failMsg should keep only the tail: {msg}"
+    );
+    assert!(msg.len() <= 2000, "failMsg is {} bytes", msg.len());
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_fails_the_task_naming_the_program() {
+    let app = TestApp::start_with_models(
+        "[models.missing]\nbackend = \"command\"\ncommand = [\"/nonexistent/model-binary\"]\n",
+    )
+    .await;
+
+    let data = app.api.run_to_end("missing", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert!(
+        data["failMsg"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/model-binary"),
+        "{data}"
+    );
+}
+
+#[tokio::test]
+async fn a_command_that_leaves_no_file_fails_instead_of_succeeding_empty() {
+    let app = TestApp::start_with_models(
+        "[models.silent]\nbackend = \"command\"\ncommand = [\"true\"]\n",
+    )
+    .await;
+
+    let data = app.api.run_to_end("silent", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "GENERATION_FAILED");
+    assert!(
+        data["failMsg"].as_str().unwrap().contains("output"),
+        "{data}"
+    );
+}
+
+#[tokio::test]
+async fn exit_75_is_retried_and_the_task_succeeds_once_the_program_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("runs");
+    let counter = counter.to_str().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "flaky",
+        "tempfail.sh",
+        &[counter, "2"],
+        "max_attempts = 3",
+    ))
+    .await;
+
+    let data = app.api.run_to_end("flaky", json!({})).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    assert_eq!(std::fs::read_to_string(counter).unwrap().trim(), "3");
+    let files = files_by_name(&data).await;
+    assert_eq!(files["result.txt"].1, b"succeeded on run 3\n");
+}
+
+#[tokio::test]
+async fn exit_75_every_time_fails_after_exactly_max_attempts_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("runs");
+    let counter = counter.to_str().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "busy",
+        "tempfail.sh",
+        &[counter, "1000"],
+        "max_attempts = 4",
+    ))
+    .await;
+
+    let data = app.api.run_to_end("busy", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "GENERATION_FAILED");
+    let msg = data["failMsg"].as_str().unwrap();
+    assert!(msg.contains("backend busy (run 4)"), "{msg}");
+    assert!(msg.contains("4 attempts"), "{msg}");
+    // No run after the final state was written.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(counter).unwrap().trim(), "4");
+}
+
+#[tokio::test]
+async fn a_nonzero_exit_other_than_75_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("runs");
+    let app = TestApp::start_with_models(&format!(
+        "[models.once]\nbackend = \"command\"\ncommand = [\"sh\", \"-c\", {}]\nmax_attempts = 5\n",
+        toml_str(format!(
+            "echo x >> {}; echo 'bad input' >&2; exit 1",
+            counter.display()
+        ))
+    ))
+    .await;
+
+    let data = app.api.run_to_end("once", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failMsg"], "bad input");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
+}
+
+#[tokio::test]
+async fn a_timeout_fails_the_task_and_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let app = TestApp::start_with_models(&command_model(
+        "stuck",
+        "hang.sh",
+        &[pid_file.to_str().unwrap()],
+        "timeout = \"700ms\"\nmax_attempts = 3",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("stuck", json!({})).await;
+    let pids = wait_for_file(&pid_file, Duration::from_secs(10)).await;
+    let pids: Vec<i32> = pids
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(
+        pids.iter().all(|&p| !process_is_gone(p)),
+        "the script should be running"
+    );
+    let data = app
+        .api
+        .wait_final("stuck", &id, Duration::from_secs(10))
+        .await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "PROCESSING_TIMEOUT");
+    assert!(
+        data["failMsg"].as_str().unwrap().contains("timeout"),
+        "{data}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the script and its grandchild to be killed",
+        || async { pids.iter().all(|&p| process_is_gone(p)) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_program_that_exits_leaving_a_background_child_succeeds_at_once_and_the_child_is_killed()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let app = TestApp::start_with_models(&command_model(
+        "bg",
+        "background.sh",
+        &[pid_file.to_str().unwrap()],
+        "timeout = \"3s\"",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("bg", json!({})).await;
+    let child: i32 = wait_for_file(&pid_file, Duration::from_secs(10))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    let data = app.api.wait_final("bg", &id, Duration::from_secs(30)).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let took = data["costTime"].as_i64().unwrap();
+    assert!(
+        took < 5_000,
+        "the program exited at once, but the task took {took} ms"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the leftover background child to be killed",
+        || async { process_is_gone(child) },
+    )
+    .await;
+}

@@ -1,0 +1,167 @@
+//! `taskgate keys create/list/revoke` through the real binary, and the tenancy they set up.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::*;
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn keys_create_prints_a_long_random_key_as_the_last_word_of_the_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let a = create_key(dir.path(), "alice", None).await;
+    let b = create_key(dir.path(), "bob", None).await;
+
+    assert_ne!(a.key, b.key);
+    assert_ne!(a.id, b.id);
+    for k in [&a, &b] {
+        assert!(k.key.len() >= 32, "{}", k.key);
+        assert!(k.key.starts_with("tg_"), "{}", k.key);
+        assert!(
+            k.stdout.contains("only"),
+            "should warn it is shown once: {}",
+            k.stdout
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_created_before_the_server_starts_works_and_so_does_one_created_while_it_runs() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let early = create_key(dir.path(), "early", None).await;
+    let app = TestApp::start_in(dir.clone(), |_| {}).await;
+
+    let late = create_key(&app.data_dir, "late", None).await;
+
+    for key in [&early.key, &late.key] {
+        let api = app.api.with_key(key);
+        let data = api.run_to_end("echo", json!({})).await;
+        assert_eq!(data["state"], "success", "{data}");
+    }
+}
+
+#[tokio::test]
+async fn keys_joined_with_tenant_see_each_others_tasks_and_other_tenants_do_not() {
+    let app = TestApp::start().await;
+    let alice = create_key(&app.data_dir, "alice", None).await;
+    let laptop = create_key(&app.data_dir, "alice-laptop", Some("alice")).await;
+    let bob = create_key(&app.data_dir, "bob", None).await;
+    let (alice, laptop, bob) = (
+        app.api.with_key(&alice.key),
+        app.api.with_key(&laptop.key),
+        app.api.with_key(&bob.key),
+    );
+
+    let id = alice.submit_ok("echo", json!({ "who": "alice" })).await;
+    let seen_by_laptop = laptop
+        .wait_final("echo", &id, Duration::from_secs(10))
+        .await;
+    let (bob_status, bob_body) = bob.status("echo", &id).await;
+    let (default_status, _) = app.api.status("echo", &id).await;
+
+    assert_eq!(seen_by_laptop["state"], "success", "{seen_by_laptop}");
+    assert_eq!(bob_status, StatusCode::NOT_FOUND, "{bob_body}");
+    assert_eq!(default_status, StatusCode::NOT_FOUND);
+    // And the other way round: the laptop's task is alice's too.
+    let id2 = laptop.submit_ok("echo", json!({})).await;
+    alice
+        .wait_final("echo", &id2, Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test]
+async fn keys_list_shows_every_key_without_the_key_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = create_key(dir.path(), "ci-runner", None).await;
+    let b = create_key(dir.path(), "ci-runner-2", Some("ci-runner")).await;
+    let d = dir.path().to_str().unwrap();
+    let revoked = taskgate(&["keys", "revoke", &b.id, "--data-dir", d]).await;
+    assert!(revoked.status.success(), "{}", text(&revoked));
+
+    let out = taskgate(&["keys", "list", "--data-dir", d]).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        listing.contains(&a.id) && listing.contains(&b.id),
+        "{listing}"
+    );
+    assert!(listing.contains("ci-runner-2"), "{listing}");
+    assert!(
+        !listing.contains(&a.key) && !listing.contains(&b.key),
+        "keys leaked: {listing}"
+    );
+    let line_of = |id: &str| listing.lines().find(|l| l.contains(id)).unwrap().to_owned();
+    assert!(line_of(&a.id).contains("active"), "{listing}");
+    assert!(line_of(&b.id).contains("revoked"), "{listing}");
+}
+
+#[tokio::test]
+async fn keys_commands_refuse_bad_requests_with_a_message_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    create_key(dir.path(), "taken", None).await;
+
+    let no_tenant = taskgate(&[
+        "keys",
+        "create",
+        "--name",
+        "x",
+        "--tenant",
+        "ghost",
+        "--data-dir",
+        d,
+    ])
+    .await;
+    let duplicate = taskgate(&["keys", "create", "--name", "taken", "--data-dir", d]).await;
+    let no_key = taskgate(&["keys", "revoke", "key_nonexistent", "--data-dir", d]).await;
+
+    assert!(!no_tenant.status.success());
+    assert!(text(&no_tenant).contains("ghost"), "{}", text(&no_tenant));
+    assert!(!duplicate.status.success());
+    assert!(
+        text(&duplicate).contains("--tenant"),
+        "{}",
+        text(&duplicate)
+    );
+    assert!(!no_key.status.success());
+    assert!(
+        text(&no_key).contains("key_nonexistent"),
+        "{}",
+        text(&no_key)
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_working_on_a_running_server_and_others_keep_working() {
+    let app = TestApp::start().await;
+    let keep = create_key(&app.data_dir, "keep", None).await;
+    let drop = create_key(&app.data_dir, "drop", Some("keep")).await;
+    let d = app.data_dir.to_str().unwrap();
+
+    let out = taskgate(&["keys", "revoke", &drop.id, "--data-dir", d]).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, body) = app
+        .api
+        .with_key(&drop.key)
+        .submit("echo", json!({ "input": {} }))
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, &["revoked"]);
+    let (status, body) = app
+        .api
+        .with_key(&keep.key)
+        .submit("echo", json!({ "input": {} }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -1,0 +1,219 @@
+//! Pull workers: the real `taskgate worker` binary against a real server.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+const WORKER_MODEL: &str = r#"
+[models.remote]
+backend = "worker"
+concurrency = 2
+timeout = "30s"
+max_attempts = 3
+"#;
+
+/// `taskgate keys create --worker`: returns the token (last word of the last line).
+async fn worker_token(data_dir: &Path) -> String {
+    let out = taskgate(&[
+        "keys",
+        "create",
+        "--worker",
+        "--name",
+        "gpu",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_owned();
+    assert!(token.starts_with("tgw_"), "{stdout}");
+    token
+}
+
+/// Starts `taskgate worker` running `sh -c SCRIPT` per task.
+fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
+        .args([
+            "worker", "--server", base, "--token", token, "--model", "remote", "--", "sh", "-c",
+            script,
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pull_worker_runs_the_task_and_its_outputs_become_results() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir).await;
+    let _worker = spawn_worker(
+        &app.api.base,
+        &token,
+        r#"cat > "$TASKGATE_OUTPUT_DIR/input.json"; echo "ran $TASKGATE_TASK_ID" > "$TASKGATE_OUTPUT_DIR/log.txt""#,
+    );
+    let id = app.api.submit_ok("remote", json!({ "prompt": "hi" })).await;
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(data["state"], "success", "{data}");
+    let urls = result_urls(&data);
+    assert_eq!(urls.len(), 2);
+    let input_url = urls.iter().find(|u| u.contains("/input.json?")).unwrap();
+    let body: serde_json::Value = reqwest::get(input_url).await.unwrap().json().await.unwrap();
+    assert_eq!(body, json!({ "prompt": "hi" }));
+    let log_url = urls.iter().find(|u| u.contains("/log.txt?")).unwrap();
+    assert_eq!(
+        reqwest::get(log_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .trim(),
+        format!("ran {id}")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_program_on_a_worker_fails_the_task_with_its_stderr() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir).await;
+    let _worker = spawn_worker(
+        &app.api.base,
+        &token,
+        "echo 'CUDA out of memory' >&2; exit 3",
+    );
+    let id = app.api.submit_ok("remote", json!({})).await;
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(data["state"], "failed");
+    assert_eq!(data["failCode"], "GENERATION_FAILED");
+    assert!(
+        data["failMsg"]
+            .as_str()
+            .unwrap()
+            .contains("CUDA out of memory"),
+        "{data}"
+    );
+}
+
+#[tokio::test]
+async fn worker_tokens_and_client_keys_cannot_stand_in_for_each_other() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir).await;
+    let (status, body) = app
+        .api
+        .with_key(&token)
+        .submit("remote", json!({ "input": {} }))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("worker token"));
+    let resp = app
+        .api
+        .http
+        .post(format!("{}/api/v1/worker/claim", app.api.base))
+        .bearer_auth(&app.api.key)
+        .json(&json!({ "models": ["remote"] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = envelope(resp).await;
+    assert_eq!(status, 401, "{body}");
+    // A worker may not claim a model the server runs itself.
+    let resp = app
+        .api
+        .http
+        .post(format!("{}/api/v1/worker/claim", app.api.base))
+        .bearer_auth(&token)
+        .json(&json!({ "models": ["echo"] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = envelope(resp).await;
+    assert!(status == 400 || status == 404, "{status}");
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_loses_only_its_lease_and_another_worker_finishes() {
+    let app = TestApp::start_with(|c| {
+        c.models = taskgate_server::config::FileConfig::parse(WORKER_MODEL)
+            .unwrap()
+            .models
+            .unwrap();
+        c.lease = Duration::from_millis(900);
+    })
+    .await;
+    let token = worker_token(&app.data_dir).await;
+    let marker = app.data_dir.join("first-started");
+    let mut first = spawn_worker(
+        &app.api.base,
+        &token,
+        &format!("touch {}; sleep 20", marker.display()),
+    );
+    let id = app.api.submit_ok("remote", json!({})).await;
+    wait_for_file_exists(&marker).await;
+    app.api
+        .wait_for("remote", &id, Duration::from_secs(10), |d| {
+            d["state"] == "processing"
+        })
+        .await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    let _second = spawn_worker(
+        &app.api.base,
+        &token,
+        r#"echo second > "$TASKGATE_OUTPUT_DIR/out.txt""#,
+    );
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(data["state"], "success", "{data}");
+    let url = &result_urls(&data)[0];
+    assert_eq!(
+        reqwest::get(url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .trim(),
+        "second"
+    );
+}
+
+async fn wait_for_file_exists(path: &Path) {
+    wait_until(
+        Duration::from_secs(20),
+        &format!("{} to exist", path.display()),
+        || {
+            let exists = path.exists();
+            async move { exists }
+        },
+    )
+    .await;
+}
