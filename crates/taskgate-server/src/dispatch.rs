@@ -171,6 +171,12 @@ impl Dispatcher {
         self.tracker.spawn(async move { this.sweep_leases().await });
     }
 
+    /// Stops claiming (local loops and pull workers' long-polls answer at once); called as soon
+    /// as shutdown begins, so that open long-polls do not hold up the HTTP drain.
+    pub fn stop_claiming(&self) {
+        self.stop.cancel();
+    }
+
     /// Stops claiming, waits up to `grace` for running attempts, then interrupts the rest, which
     /// go back to pending for the next start.
     pub async fn shutdown(&self, grace: Duration) {
@@ -349,7 +355,10 @@ impl Dispatcher {
             },
             Err(BackendError::Fatal { code, message }) => Outcome::Failure { code, message },
         };
-        self.write_outcome(claim, &outcome, elapsed).await
+        let ours = self.write_outcome(claim, &outcome, elapsed).await;
+        // A slot of the model is free: a pull worker waiting on it may claim now.
+        self.notify(model);
+        ours
     }
 
     /// Runs the backend within the model's timeout and moves its outputs into the artifact store.

@@ -263,8 +263,12 @@ pub async fn run(
         deliverer: deliverer.clone(),
     };
     info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
+    let draining = dispatcher.clone();
     let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.stop_claiming();
+        })
         .await;
     info!("no longer accepting requests; draining running tasks");
     dispatcher.shutdown(config.shutdown_grace).await;

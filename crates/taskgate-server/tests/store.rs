@@ -111,6 +111,17 @@ macro_rules! conformance {
 }
 
 conformance! {
+    a_claim_respects_the_models_running_limit(s) {
+        for id in ["task_a", "task_b", "task_c"] {
+            s.insert_task(new_task(id, "m", 1)).await.unwrap();
+        }
+        let a = s.claim("m", 10, LEASE, 2).await.unwrap().unwrap();
+        s.claim("m", 10, LEASE, 2).await.unwrap().unwrap();
+        assert!(s.claim("m", 10, LEASE, 2).await.unwrap().is_none(), "two are running");
+        s.finish(&a.task.id, &a.token, &Outcome::Success { outputs: vec![] }, 11).await.unwrap();
+        assert_eq!(s.claim("m", 12, LEASE, 2).await.unwrap().unwrap().task.id, "task_c");
+    }
+
     a_claim_takes_the_oldest_pending_task_of_its_model_only(s) {
         s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();

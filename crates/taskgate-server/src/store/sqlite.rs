@@ -174,13 +174,14 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    /// One process owns an SQLite store, and the local semaphore already holds `max_running`.
+    /// One writer connection serialises claims, so the running count below stays true until
+    /// the update commits. (Local loops also hold a semaphore; pull workers rely on this.)
     async fn claim(
         &self,
         model: &str,
         now: i64,
         lease: Duration,
-        _max_running: usize,
+        max_running: usize,
     ) -> Result<Option<Claim>, StoreError> {
         let token = new_id("att");
         let row = sqlx::query_as::<_, TaskRow>(&format!(
@@ -188,12 +189,14 @@ impl Store for SqliteStore {
              lease_expires_at = ?2, start_time = ?3 \
              WHERE id = (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
                          AND run_after <= ?3 ORDER BY priority DESC, id LIMIT 1) \
+               AND (SELECT count(*) FROM tasks WHERE model = ?4 AND state = 'processing') < ?5 \
              RETURNING {TASK_COLUMNS}"
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(model)
+        .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
         .fetch_optional(&self.writer)
         .await?;
         row.map(|r| {
