@@ -29,6 +29,15 @@ use crate::domain::{fail_code, now_ms, Task};
 use crate::error::ApiError;
 use crate::store::Claim;
 
+/// The answer to a report: success, nothing to return.
+fn done() -> Json<Envelope<()>> {
+    Json(Envelope {
+        code: 200,
+        message: "success".into(),
+        data: None,
+    })
+}
+
 /// Longest a claim may wait for work.
 pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
@@ -189,11 +198,7 @@ pub async fn heartbeat(
             )
             .await?;
     }
-    Ok(Json(Envelope {
-        code: 200,
-        message: "success".into(),
-        data: None,
-    }))
+    Ok(done())
 }
 
 pub async fn upload(
@@ -239,11 +244,7 @@ pub async fn upload(
     let stored = state.dispatcher.artifacts().put_file(&key, &path).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     stored.map_err(ApiError::internal)?;
-    Ok(Json(Envelope {
-        code: 200,
-        message: "success".into(),
-        data: None,
-    }))
+    Ok(done())
 }
 
 pub async fn complete(
@@ -312,9 +313,5 @@ async fn settle(
         warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
         return Err(lease_lost(&claim.task.id));
     }
-    Ok(Json(Envelope {
-        code: 200,
-        message: "success".into(),
-        data: None,
-    }))
+    Ok(done())
 }

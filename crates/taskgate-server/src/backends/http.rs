@@ -137,13 +137,23 @@ impl HttpBackend {
 
     async fn fetch(&self, job: &Job, index: usize, url: &str) -> Result<(), BackendError> {
         let what = format!("download of {url}");
-        let resp = self
-            .client
-            .get(url)
+        let answer = self.send(self.client.get(url), &what).await?;
+        let name = file_name(index, answer.content_type.as_deref(), Some(&answer.path));
+        self.write(job, name, &answer.body).await
+    }
+
+    /// Sends `request` within the request timeout; a non-2xx answer is an error, retryable or
+    /// not by its status.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<Answer, BackendError> {
+        let resp = request
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| transport_error(&what, &e, self.timeout))?;
+            .map_err(|e| transport_error(what, &e, self.timeout))?;
         let status = resp.status();
         let content_type = resp
             .headers()
@@ -154,46 +164,38 @@ impl HttpBackend {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| transport_error(&what, &e, self.timeout))?;
+            .map_err(|e| transport_error(what, &e, self.timeout))?;
         if !status.is_success() {
-            return Err(status_error(&what, status, &body));
+            return Err(status_error(what, status, &body));
         }
-        self.write(
-            job,
-            file_name(index, content_type.as_deref(), Some(&path)),
-            &body,
-        )
-        .await
+        Ok(Answer {
+            content_type,
+            path,
+            body,
+        })
     }
+}
+
+/// A successful upstream answer.
+struct Answer {
+    content_type: Option<String>,
+    /// The URL path answered (after any redirect), which may carry a file extension.
+    path: String,
+    body: bytes::Bytes,
 }
 
 #[async_trait]
 impl Backend for HttpBackend {
     async fn run(&self, job: &Job) -> Result<(), BackendError> {
-        let what = "the upstream model server";
-        let resp = self
+        let request = self
             .client
             .post(&self.cfg.url)
             .headers(self.headers.clone())
             .header("x-taskgate-task-id", &job.task_id)
-            .json(&job.input)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| transport_error(what, &e, self.timeout))?;
-        let status = resp.status();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| transport_error(what, &e, self.timeout))?;
-        if !status.is_success() {
-            return Err(status_error(what, status, &body));
-        }
+            .json(&job.input);
+        let Answer {
+            content_type, body, ..
+        } = self.send(request, "the upstream model server").await?;
         match self.cfg.response {
             HttpResponseKind::Raw => {
                 self.write(job, file_name(0, content_type.as_deref(), None), &body)

@@ -232,38 +232,7 @@ impl ServerProcess {
     /// Runs `taskgate serve` on port 0 over `data_dir`, with `config` if given; waits for the
     /// "listening on" line and for /healthz.
     pub async fn spawn(data_dir: &Path, config: Option<&Path>) -> ServerProcess {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("TASKGATE_API_KEY", API_KEY)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let base = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(url) = line.strip_prefix("taskgate listening on ") {
-                    return url.to_owned();
-                }
-            }
-            panic!("taskgate exited before listening");
-        })
-        .await
-        .expect("taskgate did not print its address within 30s");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let api = Api::new(base);
-        wait_healthy(&api).await;
-        ServerProcess { api, child }
+        Self::spawn_full(data_dir, config, &[], &[]).await
     }
 
     /// SIGKILL: no shutdown code runs.
