@@ -173,9 +173,16 @@ impl Failure {
 
 /// What the failing call was about, so an error can name the model or the task.
 enum Action<'a> {
-    Submit { model: &'a str },
-    Task { model: &'a str, task_id: &'a str },
+    Submit {
+        model: &'a str,
+    },
+    Task {
+        model: &'a str,
+        task_id: &'a str,
+    },
     Download,
+    /// Reading the tenant's webhook secret for `webhook listen`.
+    WebhookSecret,
 }
 
 async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
@@ -226,11 +233,15 @@ async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
                     e,
                 )
             })?;
-            show_status(conn, &status, &[]);
             if status.state == TaskState::Failed {
                 // The lookup worked, but a script asking about a failed task should see it fail.
+                // In JSON mode the error object carries the status: one document on stdout.
+                if !conn.json {
+                    show_status(conn, &status, &[]);
+                }
                 return Err(failed_task(status, conn.json));
             }
+            show_status(conn, &status, &[]);
             Ok(())
         }
         ClientCommand::Wait {
@@ -676,12 +687,11 @@ async fn listen(conn: &Connection, port: u16, secret: Option<String>) -> Result<
         Some(s) => vec![s],
         None => {
             let client = connect(conn)?;
-            let data = client.webhook_secret().await.map_err(|e| {
-                Failure::usage(format!(
-                    "no --secret given, and the secret could not be read from {}: {e}; pass --secret whsec_...",
-                    conn.url
-                ))
-            })?;
+            // Refused keys and unreachable servers exit as they do for every other command.
+            let data = client
+                .webhook_secret()
+                .await
+                .map_err(|e| explain(conn, Action::WebhookSecret, e))?;
             // During a rotation deliveries may still carry only the previous secret's signature.
             std::iter::once(data.secret)
                 .chain(data.previous_secret)

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod builtin;
+mod cli;
 mod cluster;
 mod command;
 mod config;
