@@ -100,7 +100,7 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed(
-        "method not allowed: generateTask takes POST, statusTask takes GET".into(),
+        "this method is not allowed on this path (generateTask takes POST, statusTask and files take GET)".into(),
     )
 }
 
@@ -409,10 +409,12 @@ async fn retry_delivery(
     state.deliverer.wake();
     let updated = state
         .store
-        .get_delivery(&delivery.id)
+        .deliveries_for_task(&delivery.task_id)
         .await?
+        .into_iter()
+        .find(|(d, _)| d.id == delivery.id)
         .ok_or_else(not_found)?;
-    Ok(Json(Envelope::success(delivery_view(updated, Vec::new()))))
+    Ok(Json(Envelope::success(delivery_view(updated.0, updated.1))))
 }
 
 async fn get_file(

@@ -529,10 +529,15 @@ impl Config {
                     if !matches!(parsed.scheme(), "http" | "https") {
                         return Err(invalid(at("url"), "must start with http:// or https://"));
                     }
-                    for pointer in http.url_pointers.iter().chain(&http.base64_pointers) {
+                    let pointers = http
+                        .url_pointers
+                        .iter()
+                        .map(|p| ("url_pointers", p))
+                        .chain(http.base64_pointers.iter().map(|p| ("base64_pointers", p)));
+                    for (key, pointer) in pointers {
                         if !pointer.is_empty() && !pointer.starts_with('/') {
                             return Err(invalid(
-                                at("url_pointers"),
+                                at(key),
                                 format!("{pointer:?} is not a JSON pointer; they start with '/', e.g. \"/images/0\""),
                             ));
                         }

@@ -132,7 +132,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate()?;
-    let data_dir = config.data_dir.clone();
+    // Absolute, so that paths handed to model programs (TASKGATE_OUTPUT_DIR) do not depend on
+    // their working directory.
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let data_dir =
+        std::fs::canonicalize(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
     let store = open_store(&data_dir, config.database_url.as_deref()).await?;
     // Two servers on one SQLite file would each take the other's running tasks for orphans;
     // PostgreSQL nodes share safely through leases.
@@ -151,10 +161,19 @@ pub async fn run(
     }
 
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{local_addr}"));
+    let public_url = config.public_url.clone().unwrap_or_else(|| {
+        if local_addr.ip().is_unspecified() {
+            // 0.0.0.0 is not an address a client can fetch from.
+            let reachable = std::net::SocketAddr::new(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                local_addr.port(),
+            );
+            tracing::warn!(%local_addr, "listening on all interfaces without --public-url: result URLs use http://{reachable}; set --public-url to the address clients reach");
+            format!("http://{reachable}")
+        } else {
+            format!("http://{local_addr}")
+        }
+    });
     let mut fresh_key = vec![0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut fresh_key);
     let signing_key = store.setting_or_init(URL_SIGNING_KEY, &fresh_key).await?;
@@ -271,8 +290,16 @@ pub async fn run(
         })
         .await;
     info!("no longer accepting requests; draining running tasks");
+    // One grace period for both: deliveries cut short are sent again at the next start.
+    let draining_since = std::time::Instant::now();
     dispatcher.shutdown(config.shutdown_grace).await;
-    deliverer.shutdown(config.shutdown_grace).await;
+    deliverer
+        .shutdown(
+            config
+                .shutdown_grace
+                .saturating_sub(draining_since.elapsed()),
+        )
+        .await;
     store.close().await;
     info!("stopped");
     served.map_err(ServerError::Serve)

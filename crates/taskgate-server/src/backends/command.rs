@@ -21,6 +21,13 @@ use crate::domain::fail_code;
 
 /// Exit status meaning "temporary failure, try again" (sysexits.h).
 pub const EXIT_TEMPFAIL: i32 = 75;
+/// Credentials the server itself may hold, kept from model programs (set them in the model's
+/// `env` table to pass them on deliberately).
+const SECRET_ENV: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
 /// How much of stderr is kept for failMsg.
 const STDERR_TAIL_BYTES: usize = 2000;
 
@@ -72,9 +79,16 @@ impl Backend for CommandBackend {
         let input = serde_json::to_vec(&serde_json::Value::Object(job.input.clone()))
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
         let mut cmd = Command::new(&self.argv[0]);
+        for (name, _) in std::env::vars_os() {
+            let n = name.to_string_lossy();
+            if n.starts_with("TASKGATE_") || SECRET_ENV.contains(&n.as_ref()) {
+                cmd.env_remove(&name);
+            }
+        }
         cmd.args(&self.argv[1..])
             .envs(&self.env)
-            // The server's own key must not leak into model code.
+            // The server's own settings (its key, database URL, storage credentials) must not
+            // leak into model code; a model that needs a credential gets it through `env`.
             .env_remove("TASKGATE_API_KEY")
             .env("TASKGATE_OUTPUT_DIR", &job.output_dir)
             .env("TASKGATE_TASK_ID", &job.task_id)

@@ -290,3 +290,50 @@ async fn a_program_that_exits_leaving_a_background_child_succeeds_at_once_and_th
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_command_sees_none_of_the_servers_own_settings_but_its_configured_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("models.toml");
+    std::fs::write(
+        &config,
+        r#"
+[models.env]
+backend = "command"
+command = ["sh", "-c", "env > \"$TASKGATE_OUTPUT_DIR/env.txt\""]
+env = { MODEL_SETTING = "kept" }
+"#,
+    )
+    .unwrap();
+    let server = ServerProcess::spawn_full(
+        &dir.path().join("data"),
+        Some(&config),
+        &[],
+        &[
+            ("TASKGATE_SHUTDOWN_GRACE", "5s"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+        ],
+    )
+    .await;
+    let data = server.api.run_to_end("env", json!({})).await;
+    assert_eq!(data["state"], "success", "{data}");
+    let (_, body) = fetch(&result_urls(&data)[0]).await;
+    let env = String::from_utf8(body).unwrap();
+    assert!(env.contains("MODEL_SETTING=kept"), "{env}");
+    assert!(env.contains("TASKGATE_TASK_ID=task_"), "{env}");
+    assert!(
+        env.contains("TASKGATE_OUTPUT_DIR=/"),
+        "an absolute output dir: {env}"
+    );
+    for secret in [
+        "TASKGATE_API_KEY",
+        "TASKGATE_SHUTDOWN_GRACE",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
+        assert!(
+            !env.contains(secret),
+            "{secret} leaked into the model's environment"
+        );
+    }
+    server.terminate().await;
+}
