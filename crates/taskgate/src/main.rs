@@ -336,8 +336,8 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 println!("No keys yet: create one with `taskgate keys create --name NAME`.");
             }
             println!(
-                "{:<32}  {:<20}  {:<20}  {:<12}  {:<20}  STATUS",
-                "ID", "NAME", "TENANT", "PREFIX", "CREATED"
+                "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  STATUS",
+                "ID", "KIND", "NAME", "TENANT", "PREFIX", "CREATED"
             );
             for k in keys {
                 let status = match k.revoked_at {

@@ -55,10 +55,22 @@ struct WorkerApi {
     http: reqwest::Client,
 }
 
-/// Why a call failed: the server said the task is no longer ours, or anything else.
+/// Why a call failed: the server said the task is no longer ours, refused our token, or
+/// anything else (worth retrying).
 enum CallError {
     LeaseLost,
+    Refused(String),
     Other(anyhow::Error),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::LeaseLost => f.write_str("the task is no longer ours"),
+            CallError::Refused(m) => write!(f, "refused: {m}"),
+            CallError::Other(e) => write!(f, "{e:#}"),
+        }
+    }
 }
 
 impl WorkerApi {
@@ -96,6 +108,7 @@ impl WorkerApi {
         match status {
             s if s.is_success() => Ok(envelope.data),
             StatusCode::CONFLICT => Err(CallError::LeaseLost),
+            StatusCode::UNAUTHORIZED => Err(CallError::Refused(envelope.message)),
             s => Err(CallError::Other(anyhow::anyhow!(
                 "{path}: {s}: {}",
                 envelope.message
@@ -172,18 +185,20 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         ));
     }
     for s in slots {
-        s.await?;
+        s.await??;
     }
     Ok(())
 }
 
+/// Claims and runs tasks until stopped; returns an error only when retrying cannot help (the
+/// server refused the token or the model).
 async fn slot_loop(
     api: WorkerApi,
     backend: Arc<CommandBackend>,
     models: Vec<String>,
     work_dir: PathBuf,
     stop: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
         let req = WorkerClaimRequest {
@@ -192,7 +207,7 @@ async fn slot_loop(
         };
         let claimed = tokio::select! {
             r = api.post::<_, WorkerTask>("/api/v1/worker/claim", &req, Duration::from_secs(60)) => r,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
         };
         match claimed {
             Ok(Some(task)) => {
@@ -204,16 +219,21 @@ async fn slot_loop(
             }
             Ok(None) => {}
             Err(CallError::LeaseLost) => {}
+            Err(CallError::Refused(message)) => {
+                stop.cancel();
+                bail!("the server refused this worker's token: {message}");
+            }
             Err(CallError::Other(e)) => {
                 warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot claim work");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
+    Ok(())
 }
 
 async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
@@ -271,13 +291,13 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
                 {
                     Ok(_) => info!("completed"),
                     Err(CallError::LeaseLost) => warn!("finished, but the task had been handed on"),
-                    Err(CallError::Other(e)) => {
+                    Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
                         error!(error = %format!("{e:#}"), "cannot report completion; the task will run again when its lease expires")
                     }
                 }
             }
             Err(CallError::LeaseLost) => warn!("the task was handed on while uploading"),
-            Err(CallError::Other(e)) => {
+            Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
                 report_failure(
                     api,
                     &task,
@@ -314,7 +334,7 @@ async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask) {
         {
             Ok(_) => {}
             Err(CallError::LeaseLost) => return,
-            Err(CallError::Other(e)) => {
+            Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
                 warn!(error = %format!("{e:#}"), "heartbeat failed; will retry")
             }
         }
@@ -350,7 +370,7 @@ async fn report_failure(api: &WorkerApi, task: &WorkerTask, e: BackendError) {
         fail_msg: message,
         retryable,
     };
-    if let Err(CallError::Other(e)) = api
+    if let Err(e @ (CallError::Other(_) | CallError::Refused(_))) = api
         .post::<_, serde_json::Value>(
             &format!("/api/v1/worker/tasks/{}/fail", task.task_id),
             &body,

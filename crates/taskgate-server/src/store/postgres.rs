@@ -210,7 +210,8 @@ impl Store for PostgresStore {
             return Ok(None);
         }
         let row = sqlx::query_as::<_, TaskRow>(&format!(
-            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, lease_token = $1, \
+            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, progress = NULL, \
+             lease_token = $1, \
              lease_expires_at = $2, start_time = $3 \
              WHERE id = (SELECT id FROM tasks WHERE model = $4 AND state = 'pending' \
                          AND run_after <= $3 ORDER BY priority DESC, id LIMIT 1 \

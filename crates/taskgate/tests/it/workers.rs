@@ -217,3 +217,97 @@ async fn wait_for_file_exists(path: &Path) {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_worker_given_a_refused_token_exits_with_a_clear_error_instead_of_retrying() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
+        .args([
+            "worker",
+            "--server",
+            &app.api.base,
+            "--token",
+            API_KEY,
+            "--model",
+            "remote",
+            "--",
+            "true",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("the worker kept retrying a refused token")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused this worker's token"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_retried_task_does_not_show_the_previous_attempts_progress() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir).await;
+    let id = app.api.submit_ok("remote", json!({})).await;
+    let claim = |wait: u64| {
+        let api = app.api.clone();
+        let token = token.clone();
+        async move {
+            let resp = api
+                .http
+                .post(format!("{}/api/v1/worker/claim", api.base))
+                .bearer_auth(&token)
+                .json(&json!({ "models": ["remote"], "waitMs": wait }))
+                .send()
+                .await
+                .unwrap();
+            let (status, body) = envelope(resp).await;
+            assert_eq!(status, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    let task = claim(5000).await;
+    assert_eq!(task["taskId"], id.as_str());
+    let lease = task["leaseToken"].as_str().unwrap().to_owned();
+    let post = |path: String, body: serde_json::Value| {
+        let api = app.api.clone();
+        let token = token.clone();
+        async move {
+            let resp = api
+                .http
+                .post(format!("{}{path}", api.base))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            envelope(resp).await
+        }
+    };
+    let (status, _) = post(
+        format!("/api/v1/worker/tasks/{id}/heartbeat"),
+        json!({ "leaseToken": lease, "progress": 0.5 }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, s) = app.api.status("remote", &id).await;
+    assert_eq!(s["data"]["progress"], 0.5);
+    let (status, _) = post(
+        format!("/api/v1/worker/tasks/{id}/fail"),
+        json!({ "leaseToken": lease, "failMsg": "try again", "retryable": true }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The stale token is refused once the task was handed back.
+    let (status, _) = post(
+        format!("/api/v1/worker/tasks/{id}/heartbeat"),
+        json!({ "leaseToken": lease }),
+    )
+    .await;
+    assert_eq!(status, 409);
+    let again = claim(10_000).await;
+    assert_eq!(again["attempt"], 2);
+    let (_, s) = app.api.status("remote", &id).await;
+    assert_eq!(s["data"]["state"], "processing");
+    assert!(s["data"].get("progress").is_none(), "{s}");
+}
