@@ -377,6 +377,17 @@ impl Default for WebhookConfig {
 }
 
 /// Parses `1s,5s,2m` (humantime units, comma-separated).
+///
+/// ```
+/// use std::time::Duration;
+/// use taskgate_server::config::parse_duration_list;
+///
+/// assert_eq!(
+///     parse_duration_list("30s, 2m").unwrap(),
+///     vec![Duration::from_secs(30), Duration::from_secs(120)]
+/// );
+/// assert!(parse_duration_list("soon").unwrap_err().contains("soon"));
+/// ```
 pub fn parse_duration_list(s: &str) -> Result<Vec<Duration>, String> {
     s.split(',')
         .map(|part| {
@@ -646,6 +657,14 @@ pub fn redact_url(raw: &str) -> String {
 }
 
 /// Model names appear in URL paths and file names, so they are kept to a safe alphabet.
+///
+/// ```
+/// use taskgate_server::config::valid_model_name;
+///
+/// assert!(valid_model_name("flux-2"));
+/// assert!(!valid_model_name("../etc"));
+/// assert!(!valid_model_name("Flux"));
+/// ```
 pub fn valid_model_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128

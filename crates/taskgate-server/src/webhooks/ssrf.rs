@@ -12,6 +12,14 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
 /// Whether an address is a public unicast address a callback may reach.
+///
+/// ```
+/// use taskgate_server::webhooks::ssrf::is_public;
+///
+/// assert!(is_public("93.184.216.34".parse().unwrap()));
+/// assert!(!is_public("169.254.169.254".parse().unwrap()));
+/// assert!(!is_public("::ffff:10.0.0.1".parse().unwrap()));
+/// ```
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
