@@ -204,14 +204,21 @@ impl ArtifactStore for LocalArtifacts {
             key: key.to_owned(),
             source,
         };
-        if let Some(dir) = dest.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(io)?;
-        }
-        // The work dir is on the same file system, so this is a rename; copy if it is not.
-        if tokio::fs::rename(src, &dest).await.is_err() {
-            tokio::fs::copy(src, &dest).await.map_err(io)?;
-        }
-        Ok(())
+        let src = src.to_path_buf();
+        // One blocking call for the directory and the move: each tokio::fs step is a thread hop.
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            // The work dir is on the same file system, so this is a rename; copy if it is not.
+            if std::fs::rename(&src, &dest).is_err() {
+                std::fs::copy(&src, &dest)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
     }
 
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError> {

@@ -366,8 +366,7 @@ impl Dispatcher {
         let internal = |what: &str, e: std::io::Error| {
             BackendError::retryable(fail_code::INTERNAL_ERROR, format!("{what}: {e}"))
         };
-        remove_dir(&job.output_dir).await;
-        tokio::fs::create_dir_all(&job.output_dir)
+        fresh_dir(&job.output_dir)
             .await
             .map_err(|e| internal("cannot create the output directory", e))?;
         let timeout = model.config.timeout;
@@ -487,25 +486,48 @@ async fn remove_dir(dir: &Path) {
 }
 
 /// Every regular file under `dir`; also used by `taskgate worker` for its outputs, with its path relative to `dir` (`a/b.png` → `a_b.png` later).
+///
+/// One blocking call walks the whole tree: each `tokio::fs` step would be a thread hop of its own,
+/// and per-task hops are what bounds the drain rate.
 pub async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut entries = tokio::fs::read_dir(&d).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let ft = entry.file_type().await?;
-            let path = entry.path();
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_file() {
-                let rel = path
-                    .strip_prefix(dir)
-                    .map(|p| p.to_string_lossy().replace('/', "_"))
-                    .unwrap_or_else(|_| entry.file_name().to_string_lossy().into_owned());
-                out.push((rel, path));
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let ft = entry.file_type()?;
+                let path = entry.path();
+                if ft.is_dir() {
+                    stack.push(path);
+                } else if ft.is_file() {
+                    let rel = path
+                        .strip_prefix(&dir)
+                        .map(|p| p.to_string_lossy().replace('/', "_"))
+                        .unwrap_or_else(|_| entry.file_name().to_string_lossy().into_owned());
+                    out.push((rel, path));
+                }
             }
         }
-    }
-    out.sort();
-    Ok(out)
+        out.sort();
+        Ok(out)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Removes `dir` if present and creates it empty, in one blocking call.
+async fn fresh_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&dir)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
