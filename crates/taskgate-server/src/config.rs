@@ -56,6 +56,11 @@ pub struct FileServerSettings {
     pub database_url: Option<String>,
     pub public_url: Option<String>,
     pub max_body_bytes: Option<usize>,
+    pub max_upload_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "duration_list")]
+    pub retry_backoff: Option<Vec<Duration>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub lease: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     pub result_url_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -73,6 +78,11 @@ pub struct FileWebhookSettings {
     #[serde(default, deserialize_with = "duration_list")]
     pub retry_delays: Option<Vec<Duration>>,
     pub allow_private_callbacks: Option<bool>,
+    pub max_in_flight: Option<usize>,
+    pub max_per_host: Option<usize>,
+    pub breaker_threshold: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub breaker_cooldown: Option<Duration>,
 }
 
 /// `[storage]`: where result files live. Flags and `TASKGATE_*` variables win. S3 credentials
@@ -475,6 +485,18 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.max_upload_bytes == 0 {
+            return Err(invalid("max_upload_bytes", "must be greater than 0"));
+        }
+        if self.retry_backoff.is_empty() {
+            return Err(invalid(
+                "retry_backoff",
+                "needs at least one delay, e.g. 1s,5s,30s",
+            ));
+        }
+        if self.webhooks.breaker_threshold == 0 {
+            return Err(invalid("webhooks.breaker_threshold", "must be at least 1"));
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be greater than 0"));

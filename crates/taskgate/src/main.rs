@@ -67,6 +67,13 @@ struct ServeArgs {
     /// Largest accepted request body in bytes [default: 10 MiB].
     #[arg(long, env = "TASKGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Largest output file a pull worker may upload, in bytes [default: 4 GiB].
+    #[arg(long, env = "TASKGATE_MAX_UPLOAD_BYTES")]
+    max_upload_bytes: Option<u64>,
+    /// Delays between attempts after a retryable backend error, e.g. 1s,5s,30s (the last
+    /// repeats) [default: 1s,5s,30s].
+    #[arg(long, env = "TASKGATE_RETRY_BACKOFF", value_parser = parse_delays)]
+    retry_backoff: Option<Delays>,
     /// How long result URLs stay valid after the task completes [default: 24h].
     #[arg(long, env = "TASKGATE_RESULT_URL_TTL", value_parser = humantime::parse_duration)]
     result_url_ttl: Option<Duration>,
@@ -180,9 +187,6 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::new(data_dir);
     config.database_url = args.database_url.clone().or(s.database_url);
     config.listen = args.listen.or(s.listen).unwrap_or(config.listen);
-    if let Some(lease) = args.lease {
-        config.lease = lease;
-    }
     config.public_url = args.public_url.clone().or(s.public_url);
     config.max_body_bytes = args
         .max_body_bytes
@@ -219,8 +223,29 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
         }
         None => {}
     }
+    if let Some(b) = args.max_upload_bytes.or(s.max_upload_bytes) {
+        config.max_upload_bytes = b;
+    }
+    if let Some(d) = args.retry_backoff.clone().map(|d| d.0).or(s.retry_backoff) {
+        config.retry_backoff = d;
+    }
+    if let Some(lease) = args.lease.or(s.lease) {
+        config.lease = lease;
+    }
     let w = file.webhooks;
     let wh = &mut config.webhooks;
+    if let Some(n) = w.max_in_flight {
+        wh.max_in_flight = n;
+    }
+    if let Some(n) = w.max_per_host {
+        wh.max_per_host = n;
+    }
+    if let Some(n) = w.breaker_threshold {
+        wh.breaker_threshold = n;
+    }
+    if let Some(d) = w.breaker_cooldown {
+        wh.breaker_cooldown = d;
+    }
     if let Some(d) = args
         .webhook_retry_delays
         .clone()
@@ -400,5 +425,63 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let mut full = vec!["taskgate", "serve"];
+        full.extend_from_slice(argv);
+        match Cli::parse_from(full).command {
+            Command::Serve(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_win_over_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[server]\nmax_upload_bytes = 1000\nretry_backoff = [\"2s\", \"10s\"]\nlease = \"10s\"\n\
+             [webhooks]\nmax_in_flight = 10\nmax_per_host = 2\nbreaker_threshold = 3\nbreaker_cooldown = \"1m\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let c = layered_config(&serve_args(&["--config", path])).unwrap();
+        assert_eq!(c.max_upload_bytes, 1000);
+        assert_eq!(
+            c.retry_backoff,
+            vec![Duration::from_secs(2), Duration::from_secs(10)]
+        );
+        assert_eq!(c.lease, Duration::from_secs(10));
+        assert_eq!(
+            (
+                c.webhooks.max_in_flight,
+                c.webhooks.max_per_host,
+                c.webhooks.breaker_threshold
+            ),
+            (10, 2, 3)
+        );
+        assert_eq!(c.webhooks.breaker_cooldown, Duration::from_secs(60));
+        let c = layered_config(&serve_args(&[
+            "--config",
+            path,
+            "--max-upload-bytes",
+            "5",
+            "--retry-backoff",
+            "1s",
+            "--lease",
+            "3s",
+        ]))
+        .unwrap();
+        assert_eq!(c.max_upload_bytes, 5);
+        assert_eq!(c.retry_backoff, vec![Duration::from_secs(1)]);
+        assert_eq!(c.lease, Duration::from_secs(3));
     }
 }
