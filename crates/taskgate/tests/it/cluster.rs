@@ -21,7 +21,7 @@ struct TestDb {
 
 async fn create_db() -> Option<TestDb> {
     let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("SKIPPED: PostgreSQL cluster test (set TEST_DATABASE_URL)");
+        skip("PostgreSQL cluster test (set TEST_DATABASE_URL)");
         return None;
     };
     let name = format!(

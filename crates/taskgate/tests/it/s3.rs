@@ -37,7 +37,9 @@ async fn start_moto() -> Option<Moto> {
             std::env::var_os("CI").is_none(),
             "{why}; CI must install it (pip install 'moto[server]')"
         );
-        println!("SKIPPED: {why}; install it with: pip install 'moto[server]'");
+        skip(&format!(
+            "{why}; install it with: pip install 'moto[server]'"
+        ));
         None
     };
     // Ask the OS for a free port, then hand it to moto (which cannot report one it picked).

@@ -497,3 +497,11 @@ impl ServerProcess {
         ServerProcess { api, child }
     }
 }
+
+/// Says that a test skipped part of its work, where a person running the suite sees it: written
+/// straight to the process's stderr, past the test harness's output capture (which would hide
+/// an `eprintln!` of a passing test).
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}

@@ -56,7 +56,8 @@ fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child 
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        // Quiet: the worker's log would read like failures in a passing run.
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap()
