@@ -55,6 +55,7 @@ pub struct Dispatcher {
     artifacts: Arc<dyn ArtifactStore>,
     models: BTreeMap<String, Arc<ModelRuntime>>,
     work_dir: PathBuf,
+    work_dirs: WorkDirs,
     retry_backoff: Vec<Duration>,
     lease: Duration,
     /// Wakes the webhook deliverer when a callback task reaches its final state.
@@ -80,6 +81,7 @@ impl Dispatcher {
             store,
             artifacts,
             models,
+            work_dirs: WorkDirs::new(work_dir.clone()),
             work_dir,
             retry_backoff,
             lease,
@@ -279,7 +281,18 @@ impl Dispatcher {
 
     async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
         let task = &claim.task;
-        let output_dir = self.work_dir.join(format!("{}.{}", task.id, task.attempts));
+        let output_dir = match self.work_dirs.take().await {
+            Ok(d) => d,
+            Err(e) => {
+                let err = BackendError::retryable(
+                    fail_code::INTERNAL_ERROR,
+                    format!("cannot create an output directory: {e}"),
+                );
+                self.settle(&model.name, &claim, Err(err), Duration::ZERO)
+                    .await;
+                return;
+            }
+        };
         let job = Job {
             task_id: task.id.clone(),
             model: model.name.clone(),
@@ -294,11 +307,11 @@ impl Dispatcher {
             lost = self.keep_lease(&claim) => {
                 // Another node owns the task now; whatever we produced is not ours to write.
                 warn!(lost, "claim lost while running; abandoning the attempt");
-                remove_dir(&output_dir).await;
+                self.work_dirs.give_back(output_dir).await;
                 return;
             }
             _ = self.interrupt.cancelled() => {
-                remove_dir(&output_dir).await;
+                self.work_dirs.give_back(output_dir).await;
                 match self.store.requeue(&task.id, &claim.token, now_ms(), true).await {
                     Ok(_) => info!("interrupted by shutdown; left pending"),
                     // The lease will expire and hand the task on at the next start.
@@ -307,7 +320,7 @@ impl Dispatcher {
                 return;
             }
         };
-        remove_dir(&output_dir).await;
+        self.work_dirs.give_back(output_dir).await;
         self.settle(&model.name, &claim, result, started.elapsed())
             .await;
     }
@@ -366,9 +379,6 @@ impl Dispatcher {
         let internal = |what: &str, e: std::io::Error| {
             BackendError::retryable(fail_code::INTERNAL_ERROR, format!("{what}: {e}"))
         };
-        fresh_dir(&job.output_dir)
-            .await
-            .map_err(|e| internal("cannot create the output directory", e))?;
         let timeout = model.config.timeout;
         match tokio::time::timeout(timeout, model.backend.run(job)).await {
             Ok(r) => r?,
@@ -515,6 +525,63 @@ pub async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Empty output directories, reused across attempts. A directory made and removed per attempt
+/// costs an inode allocation each time, and on ext4 (which scans for recently deleted inodes)
+/// that was the largest single cost of a short task.
+struct WorkDirs {
+    root: PathBuf,
+    free: std::sync::Mutex<Vec<PathBuf>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl WorkDirs {
+    fn new(root: PathBuf) -> Self {
+        WorkDirs {
+            root,
+            free: std::sync::Mutex::new(Vec::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// An empty directory for one attempt.
+    async fn take(&self) -> std::io::Result<PathBuf> {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(dir) = reused {
+            return Ok(dir);
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.root.join(format!("slot-{n}"));
+        fresh_dir(&dir).await?;
+        Ok(dir)
+    }
+
+    /// Empties `dir` (outputs were moved out already unless the attempt failed) and keeps it for
+    /// the next attempt; one that cannot be emptied is removed instead.
+    async fn give_back(&self, dir: PathBuf) {
+        let target = dir.clone();
+        let emptied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            for entry in std::fs::read_dir(&target)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match emptied {
+            Ok(Ok(())) => self
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(dir),
+            _ => remove_dir(&dir).await,
+        }
+    }
 }
 
 /// Removes `dir` if present and creates it empty, in one blocking call.
