@@ -26,6 +26,8 @@ use crate::store::{Claim, Outcome, Store};
 
 /// How long a claim lasts without renewal, by default; renewed every third of it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Most tasks one claim takes.
+const CLAIM_BATCH: usize = 32;
 /// Safety net for a missed wake-up; notifications are the main path.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -196,33 +198,50 @@ impl Dispatcher {
 
     async fn model_loop(self: Arc<Self>, model: Arc<ModelRuntime>) {
         loop {
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 p = model.permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
                 _ = self.stop.cancelled() => return,
             };
+            // Every free slot is filled by one claim: one write for many tasks when a backlog
+            // meets idle capacity.
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_BATCH {
+                match model.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let now = now_ms();
             match self
                 .store
-                .claim(&model.name, now, self.lease, model.config.concurrency)
+                .claim_batch(
+                    &model.name,
+                    now,
+                    self.lease,
+                    model.config.concurrency,
+                    permits.len(),
+                )
                 .await
             {
-                Ok(Some(claim)) => {
-                    let this = self.clone();
-                    let model = model.clone();
-                    let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
-                    self.tracker.spawn(
-                        async move {
-                            this.run_attempt(&model, claim).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
+                Ok(claims) if !claims.is_empty() => {
+                    for (claim, permit) in claims.into_iter().zip(permits) {
+                        let this = self.clone();
+                        let model = model.clone();
+                        let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
+                        self.tracker.spawn(
+                            async move {
+                                this.run_attempt(&model, claim).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
                 }
-                Ok(None) => {
-                    drop(permit);
+                Ok(_) => {
+                    drop(permits);
                     let wait = match self.store.next_due(&model.name).await {
                         Ok(Some(due)) if due > now => {
                             Duration::from_millis((due - now).min(30_000) as u64)
@@ -242,7 +261,7 @@ impl Dispatcher {
                     }
                 }
                 Err(e) => {
-                    drop(permit);
+                    drop(permits);
                     error!(error = %crate::error::error_chain(&e), model = %model.name, "cannot claim a task; retrying in 1s");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

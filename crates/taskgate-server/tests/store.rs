@@ -118,6 +118,27 @@ macro_rules! conformance {
 }
 
 conformance! {
+    a_batch_claim_takes_up_to_its_limit_within_the_running_limit_with_distinct_tokens(s) {
+        for i in 0..6 {
+            s.insert_task(new_task(&format!("task_{i}"), "m", 1)).await.unwrap();
+        }
+        let first = s.claim_batch("m", 10, LEASE, 4, 3).await.unwrap();
+        assert_eq!(first.iter().map(|c| c.task.id.as_str()).collect::<Vec<_>>(), ["task_0", "task_1", "task_2"]);
+        let tokens: std::collections::HashSet<&str> = first.iter().map(|c| c.token.as_str()).collect();
+        assert_eq!(tokens.len(), 3, "each claim has its own token");
+        // Only one more fits under the running limit of 4.
+        let second = s.claim_batch("m", 10, LEASE, 4, 10).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(s.claim_batch("m", 10, LEASE, 4, 10).await.unwrap().is_empty());
+        // Every token finishes its own task, and only its own.
+        let ok = Outcome::Success { outputs: vec![] };
+        assert!(!s.finish("task_0", &first[1].token, &ok, 20).await.unwrap());
+        for c in first.iter().chain(&second) {
+            assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
+        }
+        assert_eq!(s.claim_batch("m", 30, LEASE, 4, 10).await.unwrap().len(), 2);
+    }
+
     a_claim_respects_the_models_running_limit(s) {
         for id in ["task_a", "task_b", "task_c"] {
             s.insert_task(new_task(id, "m", 1)).await.unwrap();

@@ -210,7 +210,22 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         lease: Duration,
         max_running: usize,
-    ) -> Result<Option<Claim>, StoreError>;
+    ) -> Result<Option<Claim>, StoreError> {
+        Ok(self
+            .claim_batch(model, now, lease, max_running, 1)
+            .await?
+            .pop())
+    }
+
+    /// Like [`Store::claim`], for up to `limit` tasks in one write: each gets its own token.
+    async fn claim_batch(
+        &self,
+        model: &str,
+        now: i64,
+        lease: Duration,
+        max_running: usize,
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError>;
 
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError>;

@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{
-    attempt_error, delivery_next_columns, outcome_columns, AttemptRow, DeliveryRow, KeyRow,
-    SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
+    attempt_error, claims_from_rows, delivery_next_columns, outcome_columns, AttemptRow,
+    DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
+    TASK_COLUMNS,
 };
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
@@ -186,14 +187,15 @@ impl Store for PostgresStore {
             .transpose()
     }
 
-    async fn claim(
+    async fn claim_batch(
         &self,
         model: &str,
         now: i64,
         lease: Duration,
         max_running: usize,
-    ) -> Result<Option<Claim>, StoreError> {
-        let token = new_id("att");
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let prefix = format!("{}_", new_id("att"));
         let mut tx = self.pool.begin().await?;
         // Serialises claims of one model across nodes, so the count below stays true until commit.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7474))")
@@ -206,32 +208,30 @@ impl Store for PostgresStore {
         .bind(model)
         .fetch_one(&mut *tx)
         .await?;
-        if running >= i64::try_from(max_running).unwrap_or(i64::MAX) {
-            return Ok(None);
+        let room = i64::try_from(max_running)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(running)
+            .min(i64::try_from(limit).unwrap_or(i64::MAX));
+        if room <= 0 {
+            return Ok(Vec::new());
         }
-        let row = sqlx::query_as::<_, TaskRow>(&format!(
+        let rows = sqlx::query_as::<_, TaskRow>(&format!(
             "UPDATE tasks SET state = 'processing', attempts = attempts + 1, progress = NULL, \
-             lease_token = $1, \
-             lease_expires_at = $2, start_time = $3 \
-             WHERE id = (SELECT id FROM tasks WHERE model = $4 AND state = 'pending' \
-                         AND run_after <= $3 ORDER BY priority DESC, id LIMIT 1 \
-                         FOR UPDATE SKIP LOCKED) \
+             lease_token = $1 || id, lease_expires_at = $2, start_time = $3 \
+             WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND state = 'pending' \
+                          AND run_after <= $3 ORDER BY priority DESC, id LIMIT $5 \
+                          FOR UPDATE SKIP LOCKED) \
              RETURNING {TASK_COLUMNS}"
         ))
-        .bind(&token)
+        .bind(&prefix)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(model)
-        .fetch_optional(&mut *tx)
+        .bind(room)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        row.map(|r| {
-            Ok(Claim {
-                task: r.try_into()?,
-                token,
-            })
-        })
-        .transpose()
+        claims_from_rows(rows, &prefix)
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {

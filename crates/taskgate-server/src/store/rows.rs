@@ -193,6 +193,23 @@ impl From<SecretsRow> for WebhookSecrets {
     }
 }
 
+/// Claims from the rows a batch claim returned, oldest first, each with its token
+/// (`prefix` + task id, as the statement wrote it).
+pub fn claims_from_rows(rows: Vec<TaskRow>, prefix: &str) -> Result<Vec<super::Claim>, StoreError> {
+    let mut claims = rows
+        .into_iter()
+        .map(|r| {
+            let task = Task::try_from(r)?;
+            Ok(super::Claim {
+                token: format!("{prefix}{}", task.id),
+                task,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    claims.sort_by(|a, b| a.task.id.cmp(&b.task.id));
+    Ok(claims)
+}
+
 /// The columns `finish` writes for an outcome: state, outputs JSON, failCode, failMsg.
 pub type OutcomeColumns<'a> = (TaskState, Option<String>, Option<&'a str>, Option<&'a str>);
 

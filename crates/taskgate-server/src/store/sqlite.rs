@@ -16,8 +16,9 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{
-    attempt_error, delivery_next_columns, outcome_columns, AttemptRow, DeliveryRow, KeyRow,
-    SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
+    attempt_error, claims_from_rows, delivery_next_columns, outcome_columns, AttemptRow,
+    DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
+    TASK_COLUMNS,
 };
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
@@ -174,39 +175,36 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    /// One writer connection serialises claims, so the running count below stays true until
-    /// the update commits. (Local loops also hold a semaphore; pull workers rely on this.)
-    async fn claim(
+    /// One writer connection serialises claims, so the running count in the statement stays
+    /// true until it commits. (Local loops also hold a semaphore; pull workers rely on this.)
+    async fn claim_batch(
         &self,
         model: &str,
         now: i64,
         lease: Duration,
         max_running: usize,
-    ) -> Result<Option<Claim>, StoreError> {
-        let token = new_id("att");
-        let row = sqlx::query_as::<_, TaskRow>(&format!(
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        // Each claim's token is the batch's prefix and the task id: distinct, one write.
+        let prefix = format!("{}_", new_id("att"));
+        let rows = sqlx::query_as::<_, TaskRow>(&format!(
             "UPDATE tasks SET state = 'processing', attempts = attempts + 1, progress = NULL, \
-             lease_token = ?1, \
-             lease_expires_at = ?2, start_time = ?3 \
-             WHERE id = (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
-                         AND run_after <= ?3 ORDER BY priority DESC, id LIMIT 1) \
-               AND (SELECT count(*) FROM tasks WHERE model = ?4 AND state = 'processing') < ?5 \
+             lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3 \
+             WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
+                          AND run_after <= ?3 ORDER BY priority DESC, id \
+                          LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
+                                                    WHERE model = ?4 AND state = 'processing')))) \
              RETURNING {TASK_COLUMNS}"
         ))
-        .bind(&token)
+        .bind(&prefix)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(model)
         .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
-        .fetch_optional(&self.writer)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.writer)
         .await?;
-        row.map(|r| {
-            Ok(Claim {
-                task: r.try_into()?,
-                token,
-            })
-        })
-        .transpose()
+        claims_from_rows(rows, &prefix)
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
