@@ -2,9 +2,10 @@
 //!
 //! Concurrency model: all writes go through one connection (SQLite has one writer anyway; one
 //! connection means no `SQLITE_BUSY` between our own writers), reads through a small pool.
-//! Submits are group-committed: `insert_task` hands its row to a batching task that writes every
-//! row waiting at that moment in one transaction, so many submits share one fsync while each
-//! caller still returns only after its row is durable (`synchronous = FULL`).
+//! Submits and final states are group-committed: `insert_task` and `finish` hand their write to
+//! a batching task that writes everything waiting at that moment in one transaction, so many
+//! callers share one fsync while each still returns only after its write is durable
+//! (`synchronous = FULL`). Claims take a batch per statement (`claim_batch`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,6 +36,16 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     inserts: mpsc::Sender<InsertRequest>,
+    finishes: mpsc::Sender<FinishRequest>,
+}
+
+/// A final state to write, and where to say whether it was written.
+struct FinishRequest {
+    id: String,
+    token: String,
+    outcome: Outcome,
+    now: i64,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 impl SqliteStore {
@@ -60,10 +71,13 @@ impl SqliteStore {
             .await?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(insert_batches(writer.clone(), rx));
+        let (finishes, finish_rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(finish_batches(writer.clone(), finish_rx));
         Ok(SqliteStore {
             writer,
             reader,
             inserts: tx,
+            finishes,
         })
     }
 }
@@ -132,6 +146,60 @@ async fn insert_one(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Group commit for final states, like submits: every outcome waiting at the moment is written
+/// in one transaction (each guarded by its own token, each with its outbox row), and each caller
+/// learns after the commit whether its write took.
+async fn finish_batches(pool: SqlitePool, mut rx: mpsc::Receiver<FinishRequest>) {
+    let mut batch: Vec<FinishRequest> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match finish_all(&pool, &batch).await {
+            Ok(written) => {
+                for (req, ok) in batch.drain(..).zip(written) {
+                    let _ = req.reply.send(Ok(ok));
+                }
+            }
+            Err(_) => {
+                // One bad outcome must not fail its neighbours: write each on its own.
+                for req in batch.drain(..) {
+                    let r = finish_all(&pool, std::slice::from_ref(&req))
+                        .await
+                        .map(|w| w.first().copied().unwrap_or(false));
+                    let _ = req.reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut written = Vec::with_capacity(batch.len());
+    for req in batch {
+        let (state, outputs, code, message) = outcome_columns(&req.outcome)?;
+        let r = sqlx::query(
+            "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
+             fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND state = 'processing' AND lease_token = ?",
+        )
+        .bind(state.as_str())
+        .bind(req.now)
+        .bind(outputs)
+        .bind(code)
+        .bind(message)
+        .bind(&req.id)
+        .bind(&req.token)
+        .execute(&mut *tx)
+        .await?;
+        let ok = r.rows_affected() == 1;
+        if ok {
+            enqueue_callback(&mut tx, &req.id, req.now).await?;
+        }
+        written.push(ok);
+    }
+    tx.commit().await?;
+    Ok(written)
 }
 
 /// The outbox write: a callback task that just reached its final state gets a pending delivery,
@@ -243,28 +311,19 @@ impl Store for SqliteStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (state, outputs, code, message) = outcome_columns(outcome)?;
-        let mut tx = self.writer.begin().await?;
-        let r = sqlx::query(
-            "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
-             fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND state = 'processing' AND lease_token = ?",
-        )
-        .bind(state.as_str())
-        .bind(now)
-        .bind(outputs)
-        .bind(code)
-        .bind(message)
-        .bind(id)
-        .bind(token)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() != 1 {
-            return Ok(false);
-        }
-        enqueue_callback(&mut tx, id, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        let (reply, answer) = oneshot::channel();
+        let req = FinishRequest {
+            id: id.to_owned(),
+            token: token.to_owned(),
+            outcome: outcome.clone(),
+            now,
+            reply,
+        };
+        self.finishes
+            .send(req)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn requeue(
