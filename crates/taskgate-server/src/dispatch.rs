@@ -416,10 +416,7 @@ impl Dispatcher {
             .await
             .map_err(|e| internal("cannot read the output directory", e))?;
         if files.is_empty() {
-            return Err(BackendError::fatal(
-                fail_code::GENERATION_FAILED,
-                "the model finished without producing any output file",
-            ));
+            return Err(BackendError::no_output());
         }
         let mut keys = Vec::with_capacity(files.len());
         let mut used = std::collections::HashSet::new();

@@ -149,10 +149,6 @@ pub async fn run(
     let _lock = if store.exclusive() {
         Some(lock_data_dir(&data_dir)?)
     } else {
-        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
         None
     };
 

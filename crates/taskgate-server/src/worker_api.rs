@@ -6,7 +6,7 @@
 //! tokens, which cannot use the client API (and client keys cannot use this one).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -54,11 +54,13 @@ fn lease_lost(task_id: &str) -> ApiError {
     ))
 }
 
-/// The task, if `token` still holds its claim.
+/// The task, if `token` still holds its claim; the check renews the lease (recording
+/// `progress` when given).
 async fn claimed(
     state: &AppState,
     task_id: &str,
     token: &str,
+    progress: Option<f64>,
 ) -> Result<(Claim, Arc<ModelRuntime>), ApiError> {
     let task = state
         .store
@@ -78,7 +80,7 @@ async fn claimed(
             task_id,
             token,
             now_ms() + state.dispatcher.lease().as_millis() as i64,
-            None,
+            progress,
         )
         .await?
     {
@@ -164,7 +166,7 @@ pub async fn heartbeat(
             )));
         }
     }
-    let (claim, model) = claimed(&state, &task_id, &hb.lease_token).await?;
+    let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
     let span = info_span!("task", task_id = %task_id, worker = %worker.name);
     for line in hb.logs.iter().take(1000) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
@@ -187,17 +189,6 @@ pub async fn heartbeat(
             .await;
         return Err(lease_lost(&task_id));
     }
-    if hb.progress.is_some() {
-        state
-            .store
-            .renew_lease(
-                &task_id,
-                &hb.lease_token,
-                now_ms() + state.dispatcher.lease().as_millis() as i64,
-                hb.progress,
-            )
-            .await?;
-    }
     Ok(done())
 }
 
@@ -211,7 +202,7 @@ pub async fn upload(
     state.auth.authenticate_worker(&headers).await?;
     let token = crate::api::query_param(&uri, "leaseToken")
         .ok_or_else(|| ApiError::BadRequest("the leaseToken query parameter is required".into()))?;
-    let (claim, _) = claimed(&state, &task_id, &token).await?;
+    let (claim, _) = claimed(&state, &task_id, &token, None).await?;
     let name = sanitize_name(&name);
     let dir = state
         .dispatcher
@@ -255,12 +246,9 @@ pub async fn complete(
 ) -> Result<Json<Envelope<()>>, ApiError> {
     state.auth.authenticate_worker(&headers).await?;
     let req: WorkerComplete = parse_json(body)?;
-    let (claim, model) = claimed(&state, &task_id, &req.lease_token).await?;
+    let (claim, model) = claimed(&state, &task_id, &req.lease_token, None).await?;
     let result = if req.outputs.is_empty() {
-        Err(BackendError::fatal(
-            fail_code::GENERATION_FAILED,
-            "the model finished without producing any output file",
-        ))
+        Err(BackendError::no_output())
     } else {
         Ok(req
             .outputs
@@ -279,7 +267,7 @@ pub async fn fail(
 ) -> Result<Json<Envelope<()>>, ApiError> {
     state.auth.authenticate_worker(&headers).await?;
     let req: WorkerFail = parse_json(body)?;
-    let (claim, model) = claimed(&state, &task_id, &req.lease_token).await?;
+    let (claim, model) = claimed(&state, &task_id, &req.lease_token, None).await?;
     let code = req
         .fail_code
         .unwrap_or_else(|| fail_code::GENERATION_FAILED.to_owned());
@@ -303,10 +291,14 @@ async fn settle(
     claim: &Claim,
     result: Result<Vec<String>, BackendError>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
-    let started = Instant::now();
+    let elapsed = claim
+        .task
+        .start_time
+        .map(|t| Duration::from_millis(now_ms().saturating_sub(t).max(0) as u64))
+        .unwrap_or_default();
     let ours = state
         .dispatcher
-        .settle(&model.name, claim, result, started.elapsed())
+        .settle(&model.name, claim, result, elapsed)
         .instrument(info_span!("task", task_id = %claim.task.id))
         .await;
     if !ours {

@@ -41,6 +41,15 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// An attempt that reported success but left no output file: a model that produced nothing
+    /// is treated as broken, wherever it ran.
+    pub fn no_output() -> Self {
+        BackendError::fatal(
+            crate::domain::fail_code::GENERATION_FAILED,
+            "the model finished without producing any output file",
+        )
+    }
+
     pub fn fatal(code: &str, message: impl Into<String>) -> Self {
         BackendError::Fatal {
             code: code.to_owned(),
