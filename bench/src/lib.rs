@@ -92,29 +92,14 @@ pub struct Server {
 impl Server {
     /// The trivial axum baseline.
     pub fn trivial() -> Server {
-        let rt = runtime();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("cannot bind 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let done = rt.spawn(async move {
+        Server::start(|listener, stopped| async move {
             axum::serve(listener, trivial_router())
                 .with_graceful_shutdown(async move {
                     let _ = stopped.await;
                 })
                 .await
                 .expect("trivial server failed");
-        });
-        Server {
-            addr,
-            rt: Some(rt),
-            stop: Some(stop),
-            done: Some(done),
-            _data: None,
-        }
+        })
     }
 
     /// taskgate with `models`, on SQLite in a fresh temporary data dir.
@@ -133,6 +118,22 @@ impl Server {
         config.models = models;
         // A parked attempt (a long echo delay) must not hold the stop up for 30 s.
         config.shutdown_grace = Duration::from_millis(200);
+        Server::start(|listener, stopped| async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            taskgate_server::run(config, listener, shutdown)
+                .await
+                .expect("taskgate server failed");
+        })
+    }
+
+    /// Binds 127.0.0.1:0 on a runtime of its own and runs `serve` there until stopped.
+    fn start<F, Fut>(serve: F) -> Server
+    where
+        F: FnOnce(tokio::net::TcpListener, tokio::sync::oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let rt = runtime();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -141,14 +142,7 @@ impl Server {
             .local_addr()
             .expect("bound listener has an address");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let done = rt.spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            taskgate_server::run(config, listener, shutdown)
-                .await
-                .expect("taskgate server failed");
-        });
+        let done = rt.spawn(serve(listener, stopped));
         Server {
             addr,
             rt: Some(rt),
