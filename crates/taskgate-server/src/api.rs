@@ -70,7 +70,8 @@ pub fn router(state: AppState) -> Router {
             post(worker_api::complete),
         )
         .route("/api/v1/worker/tasks/{id}/fail", post(worker_api::fail))
-        .route("/files/{task_id}/{name}", get(get_file))
+        .route("/files/{task_id}/{name}", get(get_untagged_file))
+        .route("/files/{task_id}/{tag}/{name}", get(get_file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -259,22 +260,24 @@ async fn status_task(
     uri: Uri,
 ) -> Result<Json<Envelope<TaskStatus>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
-    let runtime = model_or_404(&state, &model)?;
-    let task_id = query_param(&uri, "taskId").ok_or_else(|| {
-        ApiError::BadRequest(format!(
+    // A model removed from the configuration has no runtime, but its tasks (failed with
+    // MODEL_REMOVED) still answer; an unknown model with no such task is a 404 naming the model.
+    let runtime = model_or_404(&state, &model);
+    let Some(task_id) = query_param(&uri, "taskId") else {
+        runtime?;
+        return Err(ApiError::BadRequest(format!(
             "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
-        ))
-    })?;
+        )));
+    };
     let not_found =
         || ApiError::NotFound(format!("task {task_id:?} not found for model {model:?}"));
-    let task = state
-        .store
-        .get_task(&task_id)
-        .await?
-        .ok_or_else(not_found)?;
+    let task = match state.store.get_task(&task_id).await? {
+        Some(t) => t,
+        None => return Err(runtime.err().unwrap_or_else(not_found)),
+    };
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
-    if task.tenant_id != tenant.id || task.model != runtime.name {
-        return Err(not_found());
+    if task.tenant_id != tenant.id || task.model != model {
+        return Err(runtime.err().unwrap_or_else(not_found));
     }
     let status = state
         .links
@@ -417,9 +420,27 @@ async fn retry_delivery(
     Ok(Json(Envelope::success(delivery_view(updated.0, updated.1))))
 }
 
-async fn get_file(
+/// A file of a task finished before outputs were staged per attempt (`TASK_ID/NAME` keys).
+async fn get_untagged_file(
     State(state): State<AppState>,
     Path((task_id, name)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    serve_file(state, format!("{task_id}/{name}"), name, uri).await
+}
+
+async fn get_file(
+    State(state): State<AppState>,
+    Path((task_id, tag, name)): Path<(String, String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    serve_file(state, format!("{task_id}/{tag}/{name}"), name, uri).await
+}
+
+async fn serve_file(
+    state: AppState,
+    key: String,
+    name: String,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let refused = || ApiError::Forbidden("this link is invalid or has expired".into());
@@ -438,11 +459,10 @@ async fn get_file(
     let (Some(expires), Some(sig)) = (expires, sig) else {
         return Err(refused());
     };
-    let key = format!("{task_id}/{name}");
     if !files.signer().verify(&key, expires, &sig) || expires < now_ms() / 1000 {
         return Err(refused());
     }
-    let path = files.path_of(&task_id, &name).ok_or_else(refused)?;
+    let path = files.path_of(&key).ok_or_else(refused)?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -1,7 +1,12 @@
 //! Result files: where outputs are kept and the signed URLs that fetch them.
 //!
-//! An artifact key is `{task_id}/{file name}`. The local store keeps it under
-//! `DATA_DIR/files/{last two characters of the task id}/{task_id}.{name}` and serves it at `/files/{task_id}/{name}?expires=&sig=`,
+//! An artifact key is `{task_id}/{attempt tag}/{file name}`: each attempt stages its outputs
+//! under its own tag (derived from its claim token, see `domain::attempt_tag`), and they become
+//! the task's outputs only through the token-guarded write of `success`, so a stale attempt can
+//! never overwrite the files of the attempt that won. (Keys `{task_id}/{name}` of tasks finished
+//! before attempts were tagged are still served.) The local store keeps a key under
+//! `DATA_DIR/files/{last two characters of the task id}/{task_id}@{tag}.{name}` and serves it at
+//! `/files/{task_id}/{tag}/{name}?expires=&sig=`,
 //! where `sig` is an HMAC-SHA256 over the key and the expiry with a server-wide secret kept in
 //! the store (so every node of a cluster signs alike). URLs need no API key: like APIXO's CDN
 //! links they are meant to be handed to browsers, and they stop working at `expires`.
@@ -21,7 +26,7 @@ use sha2::Sha256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("artifact key {0:?} is not of the form TASK_ID/NAME")]
+    #[error("artifact key {0:?} is not of the form TASK_ID/TAG/NAME")]
     BadKey(String),
     #[error("cannot store artifact {key}")]
     Io {
@@ -57,6 +62,31 @@ pub trait ArtifactStore: Send + Sync + 'static {
     /// An absolute URL that fetches `key` until `expires_at` (Unix seconds). Async because
     /// presigning may first have to fetch or refresh cloud credentials.
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError>;
+    /// Whether `key` holds a file.
+    async fn exists(&self, key: &str) -> Result<bool, ArtifactError>;
+    /// Removes `key`; removing a key that holds nothing is not an error.
+    async fn delete(&self, key: &str) -> Result<(), ArtifactError>;
+}
+
+/// The key of output `name` staged by the attempt tagged `tag` of `task_id`.
+pub fn staged_key(task_id: &str, tag: &str, name: &str) -> String {
+    format!("{task_id}/{tag}/{name}")
+}
+
+/// Splits a key into task id, attempt tag (absent in keys made before attempts were tagged)
+/// and name, if every part is a plain name we could have made.
+pub fn split_key(key: &str) -> Option<(&str, Option<&str>, &str)> {
+    let mut parts = key.split('/');
+    let (task_id, second, third) = (parts.next()?, parts.next()?, parts.next());
+    if parts.next().is_some() || task_id.contains('.') || !is_safe_name(task_id) {
+        return None;
+    }
+    let (tag, name) = match third {
+        Some(name) => (Some(second), name),
+        None => (None, second),
+    };
+    let tag_ok = tag.is_none_or(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_hexdigit()));
+    (tag_ok && is_safe_name(name)).then_some((task_id, tag, name))
 }
 
 /// Renders a task's status with result URLs valid until completion + the URL lifetime; the same
@@ -145,21 +175,29 @@ impl LocalArtifacts {
         &self.signer
     }
 
-    /// The file behind `task_id/name`, if both parts are plain names (no path tricks).
+    /// The file behind an artifact key, if it is one we could have made (no path tricks).
     ///
     /// Files live flat in one of 1024 bucket directories named by the task id's last two
-    /// characters (random in a ULID), as `{task_id}.{name}`: a directory per task would cost an
-    /// inode allocation per task, which dominated short tasks on ext4. Task ids contain no `.`,
-    /// so the file name is unambiguous.
-    pub fn path_of(&self, task_id: &str, name: &str) -> Option<PathBuf> {
-        if !(is_safe_name(task_id) && is_safe_name(name)) || task_id.contains('.') {
-            return None;
-        }
+    /// characters (random in a ULID), as `{task_id}@{tag}.{name}` (`{task_id}.{name}` for keys
+    /// without a tag): a directory per task would cost an inode allocation per task, which
+    /// dominated short tasks on ext4. Task ids and tags contain neither `.` nor `@`, so the file
+    /// name is unambiguous.
+    pub fn path_of(&self, key: &str) -> Option<PathBuf> {
+        let (task_id, tag, name) = split_key(key)?;
         let bucket = task_id
             .get(task_id.len().saturating_sub(2)..)
             .filter(|b| b.len() == 2)
             .unwrap_or("00");
-        Some(self.root.join(bucket).join(format!("{task_id}.{name}")))
+        let file = match tag {
+            Some(tag) => format!("{task_id}@{tag}.{name}"),
+            None => format!("{task_id}.{name}"),
+        };
+        Some(self.root.join(bucket).join(file))
+    }
+
+    fn path_or_bad_key(&self, key: &str) -> Result<PathBuf, ArtifactError> {
+        self.path_of(key)
+            .ok_or_else(|| ArtifactError::BadKey(key.to_owned()))
     }
 }
 
@@ -206,12 +244,7 @@ pub fn sanitize_name(raw: &str) -> String {
 #[async_trait]
 impl ArtifactStore for LocalArtifacts {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError> {
-        let (task_id, name) = key
-            .split_once('/')
-            .ok_or_else(|| ArtifactError::BadKey(key.to_owned()))?;
-        let dest = self
-            .path_of(task_id, name)
-            .ok_or_else(|| ArtifactError::BadKey(key.to_owned()))?;
+        let dest = self.path_or_bad_key(key)?;
         let io = |source| ArtifactError::Io {
             key: key.to_owned(),
             source,
@@ -240,6 +273,28 @@ impl ArtifactStore for LocalArtifacts {
             self.signer.sign(key, expires_at)
         ))
     }
+
+    async fn exists(&self, key: &str) -> Result<bool, ArtifactError> {
+        let path = self.path_or_bad_key(key)?;
+        tokio::fs::try_exists(&path)
+            .await
+            .map_err(|source| ArtifactError::Io {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ArtifactError> {
+        let path = self.path_or_bad_key(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ArtifactError::Io {
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -258,22 +313,25 @@ mod tests {
     }
 
     #[test]
-    fn local_files_live_flat_in_buckets_and_refuse_ambiguous_ids() {
+    fn local_files_live_flat_in_buckets_and_refuse_ambiguous_keys() {
         let store = LocalArtifacts::new(
             PathBuf::from("/d/files"),
             "http://h".into(),
             UrlSigner::new(b"k".to_vec()),
         );
         assert_eq!(
-            store.path_of("task_01abcz", "image.png"),
+            store.path_of("task_01abcz/0a1b/image.png"),
+            Some(PathBuf::from("/d/files/cz/task_01abcz@0a1b.image.png"))
+        );
+        assert_eq!(
+            store.path_of("task_01abcz/image.png"),
             Some(PathBuf::from("/d/files/cz/task_01abcz.image.png"))
         );
-        assert_eq!(store.path_of("task.x", "png"), None);
-        assert_eq!(store.path_of("..", "x"), None);
-        assert_eq!(
-            store.path_of("t", "x"),
-            Some(PathBuf::from("/d/files/00/t.x"))
-        );
+        assert_eq!(store.path_of("task.x/png"), None);
+        assert_eq!(store.path_of("../x"), None);
+        assert_eq!(store.path_of("t/not-hex/x"), None);
+        assert_eq!(store.path_of("t/ab/x/y"), None);
+        assert_eq!(store.path_of("t/x"), Some(PathBuf::from("/d/files/00/t.x")));
     }
 
     #[test]

@@ -39,9 +39,17 @@ pub mod fail_code {
     pub const MODEL_UNAVAILABLE: &str = "MODEL_UNAVAILABLE";
     pub const INVALID_INPUT: &str = "INVALID_INPUT";
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    /// The server started without the task's model in its configuration.
+    pub const MODEL_REMOVED: &str = "MODEL_REMOVED";
 }
 
-/// The transitions the state machine allows, named so that every write can say which it makes.
+/// The transitions the state machine allows: the one table every store write is derived from.
+///
+/// Each store write names its transition and takes its `WHERE` guard ([`Transition::guard`])
+/// and its new state ([`Transition::to`]) from here, so the SQLite and PostgreSQL statements
+/// cannot disagree with the table; the conformance suite walks every transition and every
+/// forbidden one on both stores. The next phase adds `Cancel` (pending|processing → failed)
+/// and `Expire` (pending → failed) as rows of this table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     /// pending → processing: a runner claimed the task.
@@ -50,15 +58,29 @@ pub enum Transition {
     Requeue,
     /// processing → success.
     Succeed,
-    /// processing → failed.
+    /// processing → failed (the attempt's own failure, or its attempts ran out).
     Fail,
+    /// pending | processing → failed with `MODEL_REMOVED`: the server no longer offers the model.
+    Remove,
 }
 
 impl Transition {
-    pub fn from(self) -> TaskState {
+    pub const ALL: [Transition; 5] = [
+        Transition::Claim,
+        Transition::Requeue,
+        Transition::Succeed,
+        Transition::Fail,
+        Transition::Remove,
+    ];
+
+    /// The states the transition may start from.
+    pub fn from_states(self) -> &'static [TaskState] {
         match self {
-            Transition::Claim => TaskState::Pending,
-            Transition::Requeue | Transition::Succeed | Transition::Fail => TaskState::Processing,
+            Transition::Claim => &[TaskState::Pending],
+            Transition::Requeue | Transition::Succeed | Transition::Fail => {
+                &[TaskState::Processing]
+            }
+            Transition::Remove => &[TaskState::Pending, TaskState::Processing],
         }
     }
 
@@ -67,21 +89,65 @@ impl Transition {
             Transition::Claim => TaskState::Processing,
             Transition::Requeue => TaskState::Pending,
             Transition::Succeed => TaskState::Success,
-            Transition::Fail => TaskState::Failed,
+            Transition::Fail | Transition::Remove => TaskState::Failed,
         }
     }
 
-    /// The transition from `from` to `to`, if the state machine has one.
-    pub fn between(from: TaskState, to: TaskState) -> Option<Transition> {
-        [
-            Transition::Claim,
-            Transition::Requeue,
-            Transition::Succeed,
-            Transition::Fail,
-        ]
-        .into_iter()
-        .find(|t| t.from() == from && t.to() == to)
+    /// Whether the table has a transition from `from` to `to`.
+    pub fn allowed(from: TaskState, to: TaskState) -> bool {
+        Self::ALL
+            .iter()
+            .any(|t| t.to() == to && t.from_states().contains(&from))
     }
+
+    /// The SQL guard a write making this transition must carry: `state IN ('…')`.
+    pub fn guard(self) -> String {
+        let states: Vec<String> = self
+            .from_states()
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("state IN ({})", states.join(", "))
+    }
+
+    /// The SQL assignment of the new state: `state = '…'`.
+    pub fn set_state(self) -> String {
+        format!("state = '{}'", self.to().as_str())
+    }
+}
+
+/// Longest failMsg kept, in bytes.
+pub const MAX_FAIL_MSG: usize = 4000;
+/// Longest failCode kept, in bytes.
+pub const MAX_FAIL_CODE: usize = 64;
+
+/// Makes text from outside (a program's stderr, an upstream's body, a worker's report) safe to
+/// store and show: no NUL (PostgreSQL refuses it in text, so the write would fail every time),
+/// no control characters but newline and tab, at most `max` bytes (cut on a character boundary).
+pub fn clean_text(raw: &str, max: usize) -> String {
+    let mut out = String::with_capacity(raw.len().min(max));
+    for c in raw.chars() {
+        let c = if c.is_control() && c != '\n' && c != '\t' {
+            if c == '\0' {
+                continue;
+            }
+            ' '
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The name under which one attempt's outputs are staged: derived from its claim token (unique
+/// per claim), without revealing the token, which proves the claim to the worker API.
+pub fn attempt_tag(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(token.as_bytes())[..8])
 }
 
 /// A task as stored.
@@ -149,50 +215,60 @@ impl Task {
 mod tests {
     use super::*;
 
+    const STATES: [TaskState; 4] = [
+        TaskState::Pending,
+        TaskState::Processing,
+        TaskState::Success,
+        TaskState::Failed,
+    ];
+
     #[test]
     fn final_states_have_no_way_out() {
         for from in [TaskState::Success, TaskState::Failed] {
-            for to in [
-                TaskState::Pending,
-                TaskState::Processing,
-                TaskState::Success,
-                TaskState::Failed,
-            ] {
-                assert_eq!(Transition::between(from, to), None, "{from} -> {to}");
+            for to in STATES {
+                assert!(!Transition::allowed(from, to), "{from} -> {to}");
             }
         }
     }
 
     #[test]
-    fn a_pending_task_can_only_be_claimed() {
-        assert_eq!(
-            Transition::between(TaskState::Pending, TaskState::Processing),
-            Some(Transition::Claim)
-        );
-        assert_eq!(
-            Transition::between(TaskState::Pending, TaskState::Success),
-            None
-        );
-        assert_eq!(
-            Transition::between(TaskState::Pending, TaskState::Failed),
-            None
-        );
+    fn a_pending_task_can_be_claimed_or_removed_only() {
+        assert!(Transition::allowed(TaskState::Pending, TaskState::Processing));
+        assert!(Transition::allowed(TaskState::Pending, TaskState::Failed));
+        assert!(!Transition::allowed(TaskState::Pending, TaskState::Success));
+        assert!(!Transition::allowed(TaskState::Pending, TaskState::Pending));
     }
 
     #[test]
     fn a_processing_task_can_finish_either_way_or_go_back() {
+        for to in [TaskState::Success, TaskState::Failed, TaskState::Pending] {
+            assert!(Transition::allowed(TaskState::Processing, to));
+        }
+    }
+
+    #[test]
+    fn guards_name_exactly_the_from_states() {
+        assert_eq!(Transition::Claim.guard(), "state IN ('pending')");
         assert_eq!(
-            Transition::between(TaskState::Processing, TaskState::Success),
-            Some(Transition::Succeed)
+            Transition::Remove.guard(),
+            "state IN ('pending', 'processing')"
         );
-        assert_eq!(
-            Transition::between(TaskState::Processing, TaskState::Failed),
-            Some(Transition::Fail)
-        );
-        assert_eq!(
-            Transition::between(TaskState::Processing, TaskState::Pending),
-            Some(Transition::Requeue)
-        );
+        assert_eq!(Transition::Succeed.set_state(), "state = 'success'");
+    }
+
+    #[test]
+    fn text_is_cleaned_of_nul_and_control_characters_and_capped() {
+        assert_eq!(clean_text("a\0b\x1b[31mc\n\td", 100), "ab [31mc\n\td");
+        assert_eq!(clean_text("héllo", 2), "h");
+        assert_eq!(clean_text(&"x".repeat(10_000), MAX_FAIL_MSG).len(), MAX_FAIL_MSG);
+    }
+
+    #[test]
+    fn attempt_tags_differ_per_token_and_hide_it() {
+        let (a, b) = (attempt_tag("att_1_task_a"), attempt_tag("att_2_task_a"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("att"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
+pub mod retry;
 pub mod store;
 pub mod webhooks;
 pub mod worker_api;
@@ -30,6 +31,7 @@ pub use config::Config;
 use crate::artifacts::{ArtifactStore, LocalArtifacts, ResultLinks, S3Artifacts, UrlSigner};
 use crate::config::ArtifactsConfig;
 use crate::dispatch::{Dispatcher, ModelRuntime};
+use crate::retry::{AfterLast, RetryPolicy};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError, StoreEvent};
@@ -124,12 +126,31 @@ fn forward_store_events(
     });
 }
 
+/// Wraps the store the server opens (tests install a [`store::faults::FaultyStore`]).
+pub type StoreWrapper = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
+
+/// Ways for tests to reach inside a running server; the default changes nothing.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    pub wrap_store: Option<StoreWrapper>,
+}
+
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops accepting, gives
 /// running tasks `config.shutdown_grace`, and leaves the rest pending for the next start.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    run_with(config, listener, shutdown, Hooks::default()).await
+}
+
+/// [`run`], with [`Hooks`].
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hooks: Hooks,
 ) -> Result<(), ServerError> {
     config.validate()?;
     // Absolute, so that paths handed to model programs (TASKGATE_OUTPUT_DIR) do not depend on
@@ -143,7 +164,10 @@ pub async fn run(
             path: config.data_dir.clone(),
             source,
         })?;
-    let store = open_store(&data_dir, config.database_url.as_deref()).await?;
+    let mut store = open_store(&data_dir, config.database_url.as_deref()).await?;
+    if let Some(wrap) = &hooks.wrap_store {
+        store = wrap(store);
+    }
     // Two servers on one SQLite file would each take the other's running tasks for orphans;
     // PostgreSQL nodes share safely through leases.
     let _lock = if store.exclusive() {
@@ -185,19 +209,14 @@ pub async fn run(
         ArtifactsConfig::S3(s3) => (Arc::new(S3Artifacts::new(s3)?), None),
     };
 
-    // Work dirs of attempts that died with the last process hold nothing worth keeping. Nodes
-    // sharing a data dir (a cluster on one machine) each get their own.
-    let work_dir = if store.exclusive() {
-        data_dir.join("work")
-    } else {
-        data_dir.join(format!("work-{}", crate::domain::new_id("node")))
-    };
-    let _ = tokio::fs::remove_dir_all(&work_dir).await;
-    tokio::fs::create_dir_all(&work_dir)
-        .await
-        .map_err(|source| ServerError::DataDir {
-            path: work_dir.clone(),
-            source,
+    // Scratch space for attempts and uploads: this node's alone, and emptied of whatever the
+    // last process (or a node that is gone) left.
+    let work_dir =
+        dispatch::maintenance::prepare_work_dir(&data_dir, store.exclusive()).map_err(|source| {
+            ServerError::DataDir {
+                path: data_dir.clone(),
+                source,
+            }
         })?;
 
     let http = reqwest::Client::builder()
@@ -216,29 +235,8 @@ pub async fn run(
         })
         .collect();
 
-    // With an exclusive store (SQLite under the data-dir lock) every task still `processing` was
-    // left by a process that died: hand them all on before starting. In a cluster only expired
-    // leases are orphans; live ones belong to other nodes.
-    let cutoff = if store.exclusive() {
-        i64::MAX
-    } else {
-        crate::domain::now_ms()
-    };
-    let recovered = store.recover_expired(cutoff).await?;
-    let redeliveries = store.recover_expired_deliveries(cutoff).await?;
-    if redeliveries > 0 {
-        info!(
-            redeliveries,
-            "callbacks cut short by the previous process will be sent again"
-        );
-    }
-    if !recovered.requeued.is_empty() || !recovered.failed.is_empty() {
-        info!(
-            requeued = recovered.requeued.len(),
-            failed = recovered.failed.len(),
-            "recovered tasks interrupted by the previous process"
-        );
-    }
+    let model_names: Vec<String> = models.keys().cloned().collect();
+    dispatch::maintenance::recover_at_start(store.as_ref(), &model_names).await?;
 
     let links = ResultLinks {
         store: artifacts.clone(),
@@ -258,8 +256,8 @@ pub async fn run(
         store.clone(),
         artifacts,
         models,
-        work_dir,
-        config.retry_backoff.clone(),
+        work_dir.path.clone(),
+        RetryPolicy::new(config.retry_backoff.clone(), 0.0, AfterLast::RepeatLast),
         config.lease,
         webhook_wake,
     );

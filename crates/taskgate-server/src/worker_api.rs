@@ -22,10 +22,10 @@ use tokio::io::AsyncWriteExt;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::api::AppState;
-use crate::artifacts::sanitize_name;
+use crate::artifacts::{sanitize_name, staged_key};
 use crate::backends::BackendError;
-use crate::dispatch::ModelRuntime;
-use crate::domain::{fail_code, now_ms, Task};
+use crate::dispatch::{ModelRuntime, Settled};
+use crate::domain::{attempt_tag, fail_code, now_ms, Task};
 use crate::error::ApiError;
 use crate::store::Claim;
 
@@ -74,14 +74,10 @@ async fn claimed(
         .cloned()
         .ok_or_else(|| lease_lost(task_id))?;
     // Renewing is the check: it succeeds only for the current holder of a processing task.
+    // It also acknowledges the claim: the worker has it, so from now on the attempt counts.
     if !state
         .store
-        .renew_lease(
-            task_id,
-            token,
-            now_ms() + state.dispatcher.lease().as_millis() as i64,
-            progress,
-        )
+        .renew_lease(task_id, token, now_ms(), state.dispatcher.lease(), progress)
         .await?
     {
         return Err(lease_lost(task_id));
@@ -93,6 +89,11 @@ async fn claimed(
         },
         model,
     ))
+}
+
+/// When a lease renewed just now ends, less a margin for the answer to reach the worker.
+fn lease_deadline(state: &AppState) -> tokio::time::Instant {
+    tokio::time::Instant::now() + state.dispatcher.lease().mul_f64(0.8)
 }
 
 fn worker_task(task: &Task, token: String, model: &ModelRuntime, lease: Duration) -> WorkerTask {
@@ -184,7 +185,13 @@ pub async fn heartbeat(
         );
         state
             .dispatcher
-            .settle(&model.name, &claim, Err(err), Duration::ZERO)
+            .settle(
+                &model.name,
+                &claim,
+                Err(err),
+                Duration::ZERO,
+                lease_deadline(&state),
+            )
             .instrument(span)
             .await;
         return Err(lease_lost(&task_id));
@@ -192,6 +199,12 @@ pub async fn heartbeat(
     Ok(done())
 }
 
+/// Streams one output into this node's scratch space, then stages it under the attempt's tag.
+///
+/// The lease is renewed as the bytes arrive (at most every third of it), so an output that takes
+/// longer than the lease to upload still completes; the temporary file is the upload's own (two
+/// uploads of one attempt never touch each other's) and is removed on every path out, including
+/// a dropped connection. The staged output becomes the task's only through `complete`.
 pub async fn upload(
     State(state): State<AppState>,
     Path((task_id, name)): Path<(String, String)>,
@@ -204,38 +217,72 @@ pub async fn upload(
         .ok_or_else(|| ApiError::BadRequest("the leaseToken query parameter is required".into()))?;
     let (claim, _) = claimed(&state, &task_id, &token, None).await?;
     let name = sanitize_name(&name);
-    let dir = state
-        .dispatcher
-        .work_dir()
-        .join(format!("upload-{}.{}", claim.task.id, claim.task.attempts));
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(ApiError::internal)?;
-    let path = dir.join(&name);
-    let mut file = tokio::fs::File::create(&path)
+    let temp = TempUpload::new(
+        state
+            .dispatcher
+            .work_dir()
+            .join(format!("upload-{}", crate::domain::new_id("up"))),
+    );
+    let mut file = tokio::fs::File::create(temp.path())
         .await
         .map_err(ApiError::internal)?;
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
+    let renew_every = state.dispatcher.lease() / 3;
+    let mut renewed = tokio::time::Instant::now();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?;
         written += chunk.len() as u64;
         if written > state.max_upload_bytes {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(ApiError::PayloadTooLarge(format!(
                 "outputs are limited to {} bytes each",
                 state.max_upload_bytes
             )));
         }
         file.write_all(&chunk).await.map_err(ApiError::internal)?;
+        if renewed.elapsed() >= renew_every {
+            claimed(&state, &task_id, &token, None).await?;
+            renewed = tokio::time::Instant::now();
+        }
     }
     file.flush().await.map_err(ApiError::internal)?;
     drop(file);
-    let key = format!("{task_id}/{name}");
-    let stored = state.dispatcher.artifacts().put_file(&key, &path).await;
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    stored.map_err(ApiError::internal)?;
+    let key = staged_key(&task_id, &attempt_tag(&token), &name);
+    state
+        .dispatcher
+        .artifacts()
+        .put_file(&key, temp.path())
+        .await
+        .map_err(ApiError::internal)?;
+    // Still ours after the upload? A stale attempt's staged file is taken back at once.
+    if let Err(e) = claimed(&state, &claim.task.id, &token, None).await {
+        if let Err(d) = state.dispatcher.artifacts().delete(&key).await {
+            warn!(%key, error = %crate::error::error_chain(&d), "cannot delete a stale attempt's output");
+        }
+        return Err(e);
+    }
     Ok(done())
+}
+
+/// A temporary file removed when dropped, whichever way the handler ends.
+struct TempUpload(std::path::PathBuf);
+
+impl TempUpload {
+    fn new(path: std::path::PathBuf) -> Self {
+        TempUpload(path)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempUpload {
+    fn drop(&mut self) {
+        // After a successful put the file was moved away and this finds nothing. Removing one
+        // file is a single quick syscall, acceptable even on the async thread.
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 pub async fn complete(
@@ -250,11 +297,26 @@ pub async fn complete(
     let result = if req.outputs.is_empty() {
         Err(BackendError::no_output())
     } else {
-        Ok(req
-            .outputs
-            .iter()
-            .map(|n| format!("{task_id}/{}", sanitize_name(n)))
-            .collect())
+        let tag = attempt_tag(&req.lease_token);
+        let mut keys = Vec::with_capacity(req.outputs.len());
+        for n in &req.outputs {
+            let key = staged_key(&task_id, &tag, &sanitize_name(n));
+            let present = state
+                .dispatcher
+                .artifacts()
+                .exists(&key)
+                .await
+                .map_err(ApiError::internal)?;
+            if !present {
+                return Err(ApiError::BadRequest(format!(
+                    "output {n:?} was never uploaded by this attempt; upload it with PUT /api/v1/worker/tasks/{task_id}/outputs/NAME before completing"
+                )));
+            }
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
     };
     settle(&state, &model, &claim, result).await
 }
@@ -296,14 +358,20 @@ async fn settle(
         .start_time
         .map(|t| Duration::from_millis(now_ms().saturating_sub(t).max(0) as u64))
         .unwrap_or_default();
-    let ours = state
+    match state
         .dispatcher
-        .settle(&model.name, claim, result, elapsed)
+        .settle(&model.name, claim, result, elapsed, lease_deadline(state))
         .instrument(info_span!("task", task_id = %claim.task.id))
-        .await;
-    if !ours {
-        warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
-        return Err(lease_lost(&claim.task.id));
+        .await
+    {
+        Settled::Written => Ok(done()),
+        Settled::NotOurs => {
+            warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
+            Err(lease_lost(&claim.task.id))
+        }
+        // The worker must not believe it is done: it retries while it holds the lease.
+        Settled::NotWritten(_) => Err(ApiError::Unavailable(
+            "the outcome could not be recorded; nothing was changed, report it again while the lease holds".into(),
+        )),
     }
-    Ok(done())
 }

@@ -11,8 +11,9 @@ use taskgate_proto::TaskState;
 use taskgate_server::domain::fail_code;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
+use taskgate_server::domain::Transition;
 use taskgate_server::store::{
-    DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Store,
+    DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Runner, Store,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -122,21 +123,21 @@ conformance! {
         for i in 0..6 {
             s.insert_task(new_task(&format!("task_{i}"), "m", 1)).await.unwrap();
         }
-        let first = s.claim_batch("m", 10, LEASE, 4, 3).await.unwrap();
+        let first = s.claim_batch("m", 10, LEASE, 4, 3, Runner::Local).await.unwrap();
         assert_eq!(first.iter().map(|c| c.task.id.as_str()).collect::<Vec<_>>(), ["task_0", "task_1", "task_2"]);
         let tokens: std::collections::HashSet<&str> = first.iter().map(|c| c.token.as_str()).collect();
         assert_eq!(tokens.len(), 3, "each claim has its own token");
         // Only one more fits under the running limit of 4.
-        let second = s.claim_batch("m", 10, LEASE, 4, 10).await.unwrap();
+        let second = s.claim_batch("m", 10, LEASE, 4, 10, Runner::Local).await.unwrap();
         assert_eq!(second.len(), 1);
-        assert!(s.claim_batch("m", 10, LEASE, 4, 10).await.unwrap().is_empty());
+        assert!(s.claim_batch("m", 10, LEASE, 4, 10, Runner::Local).await.unwrap().is_empty());
         // Every token finishes its own task, and only its own.
         let ok = Outcome::Success { outputs: vec![] };
         assert!(!s.finish("task_0", &first[1].token, &ok, 20).await.unwrap());
         for c in first.iter().chain(&second) {
             assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
         }
-        assert_eq!(s.claim_batch("m", 30, LEASE, 4, 10).await.unwrap().len(), 2);
+        assert_eq!(s.claim_batch("m", 30, LEASE, 4, 10, Runner::Local).await.unwrap().len(), 2);
     }
 
     a_claim_respects_the_models_running_limit(s) {
@@ -180,12 +181,12 @@ conformance! {
 
     an_expired_lease_requeues_until_attempts_run_out(s) {
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
-        let c1 = s.claim("m", 10, Duration::from_millis(5), 10).await.unwrap().unwrap();
+        let c1 = s.claim("m", 10, Duration::ZERO, 10).await.unwrap().unwrap();
         let r = s.recover_expired(100).await.unwrap();
         assert_eq!(r.requeued, vec!["task_a".to_string()]);
         let ok = Outcome::Success { outputs: vec![] };
         assert!(!s.finish("task_a", &c1.token, &ok, 101).await.unwrap(), "a stale holder cannot finish");
-        let c2 = s.claim("m", 200, Duration::from_millis(5), 10).await.unwrap().unwrap();
+        let c2 = s.claim("m", 200, Duration::ZERO, 10).await.unwrap().unwrap();
         assert_eq!(c2.task.attempts, 2);
         let r = s.recover_expired(300).await.unwrap();
         assert_eq!(r.failed, vec!["task_a".to_string()]);
@@ -198,10 +199,10 @@ conformance! {
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         assert!(s.recover_expired(20).await.unwrap().requeued.is_empty());
-        assert!(s.renew_lease("task_a", &c.token, 10 + 2 * 30_000, Some(0.5)).await.unwrap());
+        assert!(s.renew_lease("task_a", &c.token, 10 + 30_000, LEASE, Some(0.5)).await.unwrap());
         assert!(s.recover_expired(40_000).await.unwrap().requeued.is_empty());
         assert_eq!(s.get_task("task_a").await.unwrap().unwrap().progress, Some(0.5));
-        assert!(!s.renew_lease("task_a", "att_other", 1, None).await.unwrap());
+        assert!(!s.renew_lease("task_a", "att_other", 1, LEASE, None).await.unwrap());
     }
 
     a_requeued_task_waits_for_its_run_after_time(s) {
@@ -286,7 +287,7 @@ conformance! {
         let mut t = callback_task("task_a");
         t.max_attempts = 1;
         s.insert_task(t).await.unwrap();
-        s.claim("m", 10, Duration::from_millis(1), 10).await.unwrap().unwrap();
+        s.claim("m", 10, Duration::ZERO, 10).await.unwrap().unwrap();
         assert_eq!(s.recover_expired(100).await.unwrap().failed, vec!["task_a".to_string()]);
         assert_eq!(s.deliveries_for_task("task_a").await.unwrap().len(), 1);
     }
@@ -373,4 +374,150 @@ async fn concurrency_holds_across_nodes_sharing_postgres() {
     a.close().await;
     b.close().await;
     drop_schema(&schema).await;
+}
+
+/// Puts `task_a` of model `m` into `state` through the store's own writes; returns the claim
+/// token when the task was claimed on the way.
+async fn task_in(s: &dyn Store, state: TaskState) -> Option<String> {
+    s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+    if state == TaskState::Pending {
+        return None;
+    }
+    let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+    let outcome = match state {
+        TaskState::Success => Outcome::Success { outputs: vec![] },
+        TaskState::Failed => Outcome::Failure {
+            code: "X".into(),
+            message: "y".into(),
+        },
+        _ => return Some(c.token),
+    };
+    assert!(s.finish("task_a", &c.token, &outcome, 20).await.unwrap());
+    Some(c.token)
+}
+
+/// Attempts `t` on `task_a` with whatever proof it needs; returns whether the store made it.
+async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
+    let token = token.unwrap_or("att_none");
+    match t {
+        Transition::Claim => s.claim("m", 30, LEASE, 10).await.unwrap().is_some(),
+        Transition::Requeue => s.requeue("task_a", token, 30, false).await.unwrap(),
+        Transition::Succeed => s
+            .finish("task_a", token, &Outcome::Success { outputs: vec![] }, 30)
+            .await
+            .unwrap(),
+        Transition::Fail => s
+            .finish(
+                "task_a",
+                token,
+                &Outcome::Failure { code: "X".into(), message: "y".into() },
+                30,
+            )
+            .await
+            .unwrap(),
+        Transition::Remove => !s.fail_removed_models(&[], 30).await.unwrap().is_empty(),
+    }
+}
+
+async fn fresh(store: &str) -> Option<Fixture> {
+    if store == "sqlite" { sqlite().await } else { postgres().await }
+}
+
+/// Every transition from every state, on both stores: a write happens exactly when the table in
+/// `domain::Transition` allows it, and lands in the state the table says.
+async fn walk_the_state_machine(store: &str) {
+    for from in [TaskState::Pending, TaskState::Processing, TaskState::Success, TaskState::Failed] {
+        for t in Transition::ALL {
+            let Some(f) = fresh(store).await else { return };
+            let s = f.store.clone();
+            let token = task_in(s.as_ref(), from).await;
+            let made = attempt(s.as_ref(), t, token.as_deref()).await;
+            let allowed = t.from_states().contains(&from);
+            assert_eq!(made, allowed, "{store}: {t:?} from {from}");
+            let now = s.get_task("task_a").await.unwrap().unwrap().state;
+            assert_eq!(now, if allowed { t.to() } else { from }, "{store}: {t:?} from {from}");
+            f.finish().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_transition_and_every_forbidden_one_on_sqlite() {
+    walk_the_state_machine("sqlite").await;
+}
+
+#[tokio::test]
+async fn every_transition_and_every_forbidden_one_on_postgres() {
+    walk_the_state_machine("postgres").await;
+}
+
+conformance! {
+    a_stale_token_cannot_make_any_transition(s) {
+        let _ = task_in(s.as_ref(), TaskState::Processing).await;
+        for t in [Transition::Requeue, Transition::Succeed, Transition::Fail] {
+            assert!(!attempt(s.as_ref(), t, Some("att_stale")).await, "{t:?}");
+        }
+    }
+
+    an_unacknowledged_worker_claim_goes_back_without_counting(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim_batch("m", 10, Duration::ZERO, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        assert_eq!(c.task.attempts, 1);
+        let r = s.recover_expired(100).await.unwrap();
+        assert_eq!(r.unacknowledged, vec!["task_a".to_string()]);
+        assert!(r.requeued.is_empty() && r.failed.is_empty());
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!((t.state, t.attempts), (TaskState::Pending, 0));
+        // Acknowledged (a heartbeat), then lost: the attempt counts.
+        let c = s.claim_batch("m", 200, LEASE, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        assert!(s.renew_lease("task_a", &c.token, 200, Duration::ZERO, None).await.unwrap());
+        let r = s.recover_expired(i64::MAX).await.unwrap();
+        assert_eq!(r.requeued, vec!["task_a".to_string()]);
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().attempts, 1);
+    }
+
+    a_restart_recovers_local_attempts_but_not_live_worker_claims(s) {
+        s.insert_task(new_task("task_local", "m", 1)).await.unwrap();
+        s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        s.insert_task(new_task("task_worker", "w", 1)).await.unwrap();
+        let w = s.claim_batch("w", 10, LEASE, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        assert!(s.renew_lease("task_worker", &w.token, 10, LEASE, None).await.unwrap());
+        let r = s.recover_local(20).await.unwrap();
+        let t = s.get_task("task_worker").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Processing, "a live worker's claim was taken");
+        if s.exclusive() {
+            assert_eq!(r.requeued, vec!["task_local".to_string()]);
+        }
+        let ok = Outcome::Success { outputs: vec!["task_worker/t/x.png".into()] };
+        assert!(s.finish("task_worker", &w.token, &ok, 30).await.unwrap());
+    }
+
+    tasks_of_removed_models_fail_and_are_called_back(s) {
+        let mut t = callback_task("task_a");
+        t.model = "gone".into();
+        s.insert_task(t).await.unwrap();
+        s.insert_task(new_task("task_b", "kept", 1)).await.unwrap();
+        let failed = s.fail_removed_models(&["kept".to_string()], 50).await.unwrap();
+        assert_eq!(failed, vec!["task_a".to_string()]);
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.fail_code.as_deref(), Some(fail_code::MODEL_REMOVED));
+        assert!(t.fail_msg.unwrap().contains("gone"));
+        assert_eq!(s.deliveries_for_task("task_a").await.unwrap().len(), 1);
+        assert_eq!(s.get_task("task_b").await.unwrap().unwrap().state, TaskState::Pending);
+    }
+
+    a_node_whose_clock_runs_ahead_does_not_take_over_live_work(s) {
+        // Only a shared store has nodes with other clocks; SQLite's one process has one clock.
+        if s.exclusive() {
+            return;
+        }
+        let now = taskgate_server::domain::now_ms();
+        s.insert_task(new_task("task_a", "m", now)).await.unwrap();
+        s.claim("m", now, LEASE, 10).await.unwrap().unwrap();
+        let ahead = now + 3_600_000;
+        let r = s.recover_expired(ahead).await.unwrap();
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Processing);
+    }
 }

@@ -20,7 +20,7 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{is_safe_name, ArtifactError, ArtifactStore};
+use super::{split_key, ArtifactError, ArtifactStore};
 use crate::config::{S3Config, S3_MAX_URL_TTL};
 
 /// Files up to this size go up in one PUT (read whole); larger ones as a multipart upload.
@@ -84,14 +84,15 @@ impl S3Artifacts {
         })
     }
 
-    /// The object behind `TASK_ID/NAME`, refusing keys we did not make.
+    /// The object behind `TASK_ID/TAG/NAME` (or `TASK_ID/NAME`), refusing keys we did not make.
     fn location(&self, key: &str) -> Result<ObjectPath, ArtifactError> {
-        let bad = || ArtifactError::BadKey(key.to_owned());
-        let (task_id, name) = key.split_once('/').ok_or_else(bad)?;
-        if !(is_safe_name(task_id) && is_safe_name(name)) {
-            return Err(bad());
-        }
-        Ok(self.prefix.child(task_id).child(name))
+        let (task_id, tag, name) =
+            split_key(key).ok_or_else(|| ArtifactError::BadKey(key.to_owned()))?;
+        let base = self.prefix.child(task_id);
+        Ok(match tag {
+            Some(tag) => base.child(tag).child(name),
+            None => base.child(name),
+        })
     }
 
     async fn put_multipart(
@@ -200,6 +201,29 @@ impl ArtifactStore for S3Artifacts {
                 source,
             })?;
         Ok(())
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, ArtifactError> {
+        let location = self.location(key)?;
+        match self.store.head(&location).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(ArtifactError::Upload {
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ArtifactError> {
+        let location = self.location(key)?;
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(ArtifactError::Upload {
+                key: key.to_owned(),
+                source,
+            }),
+        }
     }
 
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError> {

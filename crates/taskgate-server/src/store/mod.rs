@@ -5,6 +5,7 @@
 //! every write that ends or hands on a claim is guarded by that token, so a stale holder cannot
 //! overwrite the work of the node the task was handed to.
 
+pub mod faults;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -91,6 +92,37 @@ pub struct Recovered {
     pub requeued: Vec<String>,
     /// Out of attempts: failed with `ATTEMPTS_EXHAUSTED`.
     pub failed: Vec<String>,
+    /// Claims a pull worker never acknowledged (the claim answer was lost): back to pending
+    /// without the attempt counting.
+    pub unacknowledged: Vec<String>,
+}
+
+impl Recovered {
+    pub fn is_empty(&self) -> bool {
+        self.requeued.is_empty() && self.failed.is_empty() && self.unacknowledged.is_empty()
+    }
+}
+
+/// Who runs a claimed attempt. Decides what a restart recovers: an attempt that ran inside the
+/// process that died is recovered at start; a pull worker's keeps its lease, since the worker
+/// may still be running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// This server's dispatcher, in this process.
+    Local,
+    /// A pull worker, over the worker API. Its claim counts only once the worker acknowledges
+    /// it (its first heartbeat): a claim whose answer never reached the worker is handed back
+    /// without burning an attempt.
+    Worker,
+}
+
+impl Runner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runner::Local => "local",
+            Runner::Worker => "worker",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,9 +233,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError>;
 
-    /// Claims the oldest due pending task of `model` (pending → processing), counting an attempt,
-    /// unless `max_running` tasks of the model are processing already (across every node that
-    /// shares the store).
+    /// Claims the oldest due pending task of `model` for a local attempt (pending → processing),
+    /// counting an attempt, unless `max_running` tasks of the model are processing already
+    /// (across every node that shares the store).
     async fn claim(
         &self,
         model: &str,
@@ -212,12 +244,13 @@ pub trait Store: Send + Sync + 'static {
         max_running: usize,
     ) -> Result<Option<Claim>, StoreError> {
         Ok(self
-            .claim_batch(model, now, lease, max_running, 1)
+            .claim_batch(model, now, lease, max_running, 1, Runner::Local)
             .await?
             .pop())
     }
 
-    /// Like [`Store::claim`], for up to `limit` tasks in one write: each gets its own token.
+    /// Like [`Store::claim`], for up to `limit` tasks in one write, each with its own token, for
+    /// `runner`. The lease is measured on the store's clock where nodes share it.
     async fn claim_batch(
         &self,
         model: &str,
@@ -225,18 +258,21 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
         max_running: usize,
         limit: usize,
+        runner: Runner,
     ) -> Result<Vec<Claim>, StoreError>;
 
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError>;
 
-    /// Extends a lease (recording progress, 0..1, when given); false when the claim is no
-    /// longer ours.
+    /// Extends a lease to `lease` from now (recording progress, 0..1, when given) and marks
+    /// the claim acknowledged; false when the claim is no longer ours. `now` is the caller's
+    /// clock; stores shared by nodes measure leases on their own clock instead.
     async fn renew_lease(
         &self,
         id: &str,
         token: &str,
-        until: i64,
+        now: i64,
+        lease: Duration,
         progress: Option<f64>,
     ) -> Result<bool, StoreError>;
 
@@ -261,8 +297,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Hands on every task whose lease ended before `now`: back to pending, or failed when it
-    /// has used all its attempts.
+    /// has used all its attempts; a claim never acknowledged goes back without counting. Stores
+    /// shared by nodes compare leases with their own clock and ignore `now` for that, so a node
+    /// whose clock runs ahead cannot take over live work.
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError>;
+
+    /// At the start of an exclusive store's only process: hands on every attempt that ran in
+    /// the process that died (runner `local`), whatever its lease says. Pull workers' claims
+    /// keep their leases.
+    async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError>;
+
+    /// Fails every unfinished task of a model not in `known` with `MODEL_REMOVED` (callbacks
+    /// owed as for any final state); returns their ids.
+    async fn fail_removed_models(
+        &self,
+        known: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
 
     // Tenants and keys.
 

@@ -26,7 +26,13 @@ use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
     Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use crate::domain::{fail_code, new_id, Task};
+use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::Runner;
+use crate::domain::{fail_code, new_id, Task, Transition};
+
+/// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
+/// disagree still agree on when a lease ends.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 const CHANNEL: &str = "taskgate";
 const MAX_BATCH: usize = 512;
@@ -159,6 +165,69 @@ async fn enqueue_callback(
     Ok(queued)
 }
 
+impl PostgresStore {
+    /// Hands on the processing tasks matching `which` (SQL over the row): claims never
+    /// acknowledged go back without counting; tasks out of attempts fail; the rest go back to
+    /// pending. `SKIP LOCKED`: a row another node is settling right now is not expired.
+    async fn recover(&self, which: &str, now: i64) -> Result<Recovered, StoreError> {
+        let completed = now.min(crate::domain::now_ms());
+        let requeue = format!(
+            "{}, lease_token = NULL, lease_expires_at = NULL, runner = NULL",
+            Transition::Requeue.set_state()
+        );
+        let rows = |extra: &str, t: Transition| {
+            format!(
+                "SELECT id FROM tasks WHERE {} AND {which} {extra} FOR UPDATE SKIP LOCKED",
+                t.guard()
+            )
+        };
+        let mut tx = self.pool.begin().await?;
+        let unacknowledged: Vec<(String, String)> = sqlx::query_as(&format!(
+            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE \
+             WHERE id IN ({}) RETURNING id, model",
+            rows("AND claim_acked = FALSE", Transition::Requeue)
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let failed: Vec<(String, String)> = sqlx::query_as(&format!(
+            "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = {EXHAUSTED_SQL}, \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE id IN ({}) RETURNING id, model",
+            Transition::Fail.set_state(),
+            rows("AND attempts >= max_attempts", Transition::Fail)
+        ))
+        .bind(completed)
+        .bind(fail_code::ATTEMPTS_EXHAUSTED)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, _) in &failed {
+            enqueue_callback(&mut tx, id, completed).await?;
+        }
+        let requeued: Vec<(String, String)> = sqlx::query_as(&format!(
+            "UPDATE tasks SET {requeue} WHERE id IN ({}) RETURNING id, model",
+            rows("", Transition::Requeue)
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let models: BTreeSet<&str> = unacknowledged
+            .iter()
+            .chain(&failed)
+            .chain(&requeued)
+            .map(|(_, m)| m.as_str())
+            .collect();
+        for model in models {
+            notify(&mut tx, &format!("task:{model}")).await?;
+        }
+        tx.commit().await?;
+        let ids = |v: Vec<(String, String)>| v.into_iter().map(|(id, _)| id).collect();
+        Ok(Recovered {
+            requeued: ids(requeued),
+            failed: ids(failed),
+            unacknowledged: ids(unacknowledged),
+        })
+    }
+}
+
 fn parse_event(payload: &str) -> Option<StoreEvent> {
     match payload.split_once(':') {
         Some(("task", model)) => Some(StoreEvent::TaskReady(model.to_owned())),
@@ -194,6 +263,7 @@ impl Store for PostgresStore {
         lease: Duration,
         max_running: usize,
         limit: usize,
+        runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
         let prefix = format!("{}_", new_id("att"));
         let mut tx = self.pool.begin().await?;
@@ -216,18 +286,23 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query_as::<_, TaskRow>(&format!(
-            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, progress = NULL, \
-             lease_token = $1 || id, lease_expires_at = $2, start_time = $3 \
-             WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND state = 'pending' \
+            "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
+             lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, start_time = $3, \
+             runner = $6, claim_acked = $7 \
+             WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND {guard} \
                           AND run_after <= $3 ORDER BY priority DESC, id LIMIT $5 \
                           FOR UPDATE SKIP LOCKED) \
-             RETURNING {TASK_COLUMNS}"
+             RETURNING {TASK_COLUMNS}",
+            set = Transition::Claim.set_state(),
+            guard = Transition::Claim.guard(),
         ))
         .bind(&prefix)
-        .bind(now + lease.as_millis() as i64)
+        .bind(lease.as_millis() as i64)
         .bind(now)
         .bind(model)
         .bind(room)
+        .bind(runner.as_str())
+        .bind(runner == Runner::Local)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -247,14 +322,16 @@ impl Store for PostgresStore {
         &self,
         id: &str,
         token: &str,
-        until: i64,
+        _now: i64,
+        lease: Duration,
         progress: Option<f64>,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = $1, progress = COALESCE($4, progress) \
-             WHERE id = $2 AND state = 'processing' AND lease_token = $3",
-        )
-        .bind(until)
+        let r = sqlx::query(&format!(
+            "UPDATE tasks SET lease_expires_at = {DB_NOW_MS} + $1, \
+             progress = COALESCE($4, progress), claim_acked = TRUE \
+             WHERE id = $2 AND state = 'processing' AND lease_token = $3"
+        ))
+        .bind(lease.as_millis() as i64)
         .bind(id)
         .bind(token)
         .bind(progress)
@@ -272,11 +349,13 @@ impl Store for PostgresStore {
     ) -> Result<bool, StoreError> {
         let (state, outputs, code, message) = outcome_columns(outcome)?;
         let mut tx = self.pool.begin().await?;
-        let model: Option<String> = sqlx::query_scalar(
+        // Succeed and Fail share their guard (from `processing`, under the claim's token).
+        let model: Option<String> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET state = $1, complete_time = $2, outputs = $3, fail_code = $4, \
              fail_msg = $5, lease_token = NULL, lease_expires_at = NULL \
-             WHERE id = $6 AND state = 'processing' AND lease_token = $7 RETURNING model",
-        )
+             WHERE id = $6 AND {} AND lease_token = $7 RETURNING model",
+            Transition::Succeed.guard()
+        ))
         .bind(state.as_str())
         .bind(now)
         .bind(outputs)
@@ -304,11 +383,13 @@ impl Store for PostgresStore {
         refund_attempt: bool,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let model: Option<String> = sqlx::query_scalar(
-            "UPDATE tasks SET state = 'pending', run_after = $1, lease_token = NULL, \
+        let model: Option<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {}, run_after = $1, lease_token = NULL, \
              lease_expires_at = NULL, attempts = attempts - $2 \
-             WHERE id = $3 AND state = 'processing' AND lease_token = $4 RETURNING model",
-        )
+             WHERE id = $3 AND {} AND lease_token = $4 RETURNING model",
+            Transition::Requeue.set_state(),
+            Transition::Requeue.guard()
+        ))
         .bind(run_after)
         .bind(i64::from(refund_attempt))
         .bind(id)
@@ -324,48 +405,52 @@ impl Store for PostgresStore {
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
-        let completed = now.min(crate::domain::now_ms());
+        // The caller's `now` only stamps completion times: expiry is judged on the database's
+        // clock, the one every lease was set on.
+        self.recover(&format!("lease_expires_at <= {DB_NOW_MS}"), now)
+            .await
+    }
+
+    async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError> {
+        // Nodes share the database: another node's local attempt is alive while its lease is.
+        self.recover_expired(now).await
+    }
+
+    async fn fail_removed_models(
+        &self,
+        known: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let models: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT model FROM tasks WHERE {}",
+            Transition::Remove.guard()
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut failed = Vec::new();
         let mut tx = self.pool.begin().await?;
-        let failed: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE tasks SET state = 'failed', complete_time = $1, fail_code = $2, \
-             fail_msg = 'the task was interrupted ' || attempts || ' time(s) (its worker \
-             stopped or was killed) and has no attempts left', \
-             lease_token = NULL, lease_expires_at = NULL \
-             WHERE id IN (SELECT id FROM tasks WHERE state = 'processing' \
-                          AND lease_expires_at <= $3 AND attempts >= max_attempts \
-                          FOR UPDATE SKIP LOCKED) \
-             RETURNING id, model",
-        )
-        .bind(completed)
-        .bind(fail_code::ATTEMPTS_EXHAUSTED)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (id, _) in &failed {
-            enqueue_callback(&mut tx, id, completed).await?;
-        }
-        let requeued: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE tasks SET state = 'pending', lease_token = NULL, lease_expires_at = NULL \
-             WHERE id IN (SELECT id FROM tasks WHERE state = 'processing' \
-                          AND lease_expires_at <= $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, model",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let models: BTreeSet<&str> = failed
-            .iter()
-            .chain(&requeued)
-            .map(|(_, m)| m.as_str())
-            .collect();
-        for model in models {
-            notify(&mut tx, &format!("task:{model}")).await?;
+        for model in models.iter().filter(|m| !known.contains(m)) {
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = $3, \
+                 lease_token = NULL, lease_expires_at = NULL WHERE id IN \
+                 (SELECT id FROM tasks WHERE model = $4 AND {} FOR UPDATE SKIP LOCKED) \
+                 RETURNING id",
+                Transition::Remove.set_state(),
+                Transition::Remove.guard()
+            ))
+            .bind(now)
+            .bind(fail_code::MODEL_REMOVED)
+            .bind(removed_message(model))
+            .bind(model)
+            .fetch_all(&mut *tx)
+            .await?;
+            for id in &ids {
+                enqueue_callback(&mut tx, id, now).await?;
+            }
+            failed.extend(ids);
         }
         tx.commit().await?;
-        Ok(Recovered {
-            requeued: requeued.into_iter().map(|(id, _)| id).collect(),
-            failed: failed.into_iter().map(|(id, _)| id).collect(),
-        })
+        Ok(failed)
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {

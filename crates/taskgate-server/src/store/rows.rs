@@ -253,3 +253,15 @@ pub fn delivery_next_columns(
         }
     }
 }
+
+/// failMsg of a task whose model the server no longer offers.
+pub fn removed_message(model: &str) -> String {
+    format!(
+        "the server no longer offers model {model:?} (it was removed from the configuration), so this task cannot run"
+    )
+}
+
+/// failMsg of a task whose attempts all ended with their runner gone.
+pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' time(s) \
+     (its worker stopped or was killed) and has no attempts left'";
+

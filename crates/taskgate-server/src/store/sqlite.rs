@@ -25,7 +25,9 @@ use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
     Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
 };
-use crate::domain::{fail_code, new_id, Task};
+use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::Runner;
+use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// Most rows written by one group commit.
 const MAX_BATCH: usize = 512;
@@ -178,11 +180,13 @@ async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bo
     let mut written = Vec::with_capacity(batch.len());
     for req in batch {
         let (state, outputs, code, message) = outcome_columns(&req.outcome)?;
-        let r = sqlx::query(
+        // Succeed and Fail share their guard (from `processing`, under the claim's token).
+        let r = sqlx::query(&format!(
             "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
              fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND state = 'processing' AND lease_token = ?",
-        )
+             WHERE id = ? AND {} AND lease_token = ?",
+            Transition::Succeed.guard()
+        ))
         .bind(state.as_str())
         .bind(req.now)
         .bind(outputs)
@@ -200,6 +204,56 @@ async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bo
     }
     tx.commit().await?;
     Ok(written)
+}
+
+impl SqliteStore {
+    /// Hands on the processing tasks matching `which` (SQL over the row, `?1` = `now`): claims
+    /// never acknowledged go back without counting; tasks out of attempts fail; the rest go
+    /// back to pending.
+    async fn recover(&self, which: &str, now: i64) -> Result<Recovered, StoreError> {
+        let completed = now.min(crate::domain::now_ms());
+        let requeue = format!(
+            "{}, lease_token = NULL, lease_expires_at = NULL, runner = NULL",
+            Transition::Requeue.set_state()
+        );
+        let mut tx = self.writer.begin().await?;
+        let unacknowledged: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE \
+             WHERE {} AND {which} AND claim_acked = FALSE RETURNING id",
+            Transition::Requeue.guard()
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let failed: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {}, complete_time = ?2, fail_code = ?3, fail_msg = {EXHAUSTED_SQL}, \
+             lease_token = NULL, lease_expires_at = NULL \
+             WHERE {} AND {which} AND attempts >= max_attempts RETURNING id",
+            Transition::Fail.set_state(),
+            Transition::Fail.guard()
+        ))
+        .bind(now)
+        .bind(completed)
+        .bind(fail_code::ATTEMPTS_EXHAUSTED)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &failed {
+            enqueue_callback(&mut tx, id, completed).await?;
+        }
+        let requeued: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {requeue} WHERE {} AND {which} RETURNING id",
+            Transition::Requeue.guard()
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Recovered {
+            requeued,
+            failed,
+            unacknowledged,
+        })
+    }
 }
 
 /// The outbox write: a callback task that just reached its final state gets a pending delivery,
@@ -252,17 +306,21 @@ impl Store for SqliteStore {
         lease: Duration,
         max_running: usize,
         limit: usize,
+        runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
         // Each claim's token is the batch's prefix and the task id: distinct, one write.
         let prefix = format!("{}_", new_id("att"));
         let rows = sqlx::query_as::<_, TaskRow>(&format!(
-            "UPDATE tasks SET state = 'processing', attempts = attempts + 1, progress = NULL, \
-             lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3 \
-             WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND state = 'pending' \
+            "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
+             lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
+             claim_acked = ?8 \
+             WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
                           AND run_after <= ?3 ORDER BY priority DESC, id \
                           LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
                                                     WHERE model = ?4 AND state = 'processing')))) \
-             RETURNING {TASK_COLUMNS}"
+             RETURNING {TASK_COLUMNS}",
+            set = Transition::Claim.set_state(),
+            guard = Transition::Claim.guard(),
         ))
         .bind(&prefix)
         .bind(now + lease.as_millis() as i64)
@@ -270,6 +328,8 @@ impl Store for SqliteStore {
         .bind(model)
         .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(runner.as_str())
+        .bind(runner == Runner::Local)
         .fetch_all(&self.writer)
         .await?;
         claims_from_rows(rows, &prefix)
@@ -288,14 +348,15 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         token: &str,
-        until: i64,
+        now: i64,
+        lease: Duration,
         progress: Option<f64>,
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = ?, progress = COALESCE(?, progress) \
-             WHERE id = ? AND state = 'processing' AND lease_token = ?",
+            "UPDATE tasks SET lease_expires_at = ?, progress = COALESCE(?, progress), \
+             claim_acked = TRUE WHERE id = ? AND state = 'processing' AND lease_token = ?",
         )
-        .bind(until)
+        .bind(now + lease.as_millis() as i64)
         .bind(progress)
         .bind(id)
         .bind(token)
@@ -333,11 +394,13 @@ impl Store for SqliteStore {
         run_after: i64,
         refund_attempt: bool,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE tasks SET state = 'pending', run_after = ?, lease_token = NULL, \
+        let r = sqlx::query(&format!(
+            "UPDATE tasks SET {}, run_after = ?, lease_token = NULL, \
              lease_expires_at = NULL, attempts = attempts - ? \
-             WHERE id = ? AND state = 'processing' AND lease_token = ?",
-        )
+             WHERE id = ? AND {} AND lease_token = ?",
+            Transition::Requeue.set_state(),
+            Transition::Requeue.guard()
+        ))
         .bind(run_after)
         .bind(i64::from(refund_attempt))
         .bind(id)
@@ -348,33 +411,48 @@ impl Store for SqliteStore {
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
-        let completed = now.min(crate::domain::now_ms());
+        self.recover("lease_expires_at <= ?1", now).await
+    }
+
+    async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError> {
+        // ?1 is bound but unused: the condition is who ran the attempt, not its lease.
+        self.recover("(runner = 'local' OR runner IS NULL) AND ?1 = ?1", now)
+            .await
+    }
+
+    async fn fail_removed_models(
+        &self,
+        known: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let models: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT model FROM tasks WHERE {}",
+            Transition::Remove.guard()
+        ))
+        .fetch_all(&self.writer)
+        .await?;
+        let mut failed = Vec::new();
         let mut tx = self.writer.begin().await?;
-        let failed: Vec<String> = sqlx::query_scalar(
-            "UPDATE tasks SET state = 'failed', complete_time = ?1, fail_code = ?2, \
-             fail_msg = 'the task was interrupted ' || attempts || ' time(s) (its worker \
-             stopped or was killed) and has no attempts left', \
-             lease_token = NULL, lease_expires_at = NULL \
-             WHERE state = 'processing' AND lease_expires_at <= ?3 AND attempts >= max_attempts \
-             RETURNING id",
-        )
-        .bind(completed)
-        .bind(fail_code::ATTEMPTS_EXHAUSTED)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for id in &failed {
-            enqueue_callback(&mut tx, id, completed).await?;
+        for model in models.iter().filter(|m| !known.contains(m)) {
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "UPDATE tasks SET {}, complete_time = ?, fail_code = ?, fail_msg = ?, \
+                 lease_token = NULL, lease_expires_at = NULL WHERE model = ? AND {} RETURNING id",
+                Transition::Remove.set_state(),
+                Transition::Remove.guard()
+            ))
+            .bind(now)
+            .bind(fail_code::MODEL_REMOVED)
+            .bind(removed_message(model))
+            .bind(model)
+            .fetch_all(&mut *tx)
+            .await?;
+            for id in &ids {
+                enqueue_callback(&mut tx, id, now).await?;
+            }
+            failed.extend(ids);
         }
-        let requeued: Vec<String> = sqlx::query_scalar(
-            "UPDATE tasks SET state = 'pending', lease_token = NULL, lease_expires_at = NULL \
-             WHERE state = 'processing' AND lease_expires_at <= ? RETURNING id",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(Recovered { requeued, failed })
+        Ok(failed)
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {

@@ -247,13 +247,13 @@ async fn results_are_uploaded_to_s3_and_served_by_presigned_urls() {
     let echo_url = result_urls(&echo).remove(0);
     let image_url = result_urls(&image).remove(0);
     let task_id = echo["taskId"].as_str().unwrap();
-    assert!(
-        echo_url.starts_with(&format!(
-            "{}/{BUCKET}/it/results/{task_id}/result.json?",
-            moto.endpoint
-        )),
-        "{echo_url}"
-    );
+    // Outputs are staged under the attempt's tag: {task_id}/{16 hex}/{name}.
+    let rest = echo_url
+        .strip_prefix(&format!("{}/{BUCKET}/it/results/{task_id}/", moto.endpoint))
+        .unwrap_or_else(|| panic!("{echo_url}"));
+    let (tag, name) = rest.split_once('/').unwrap();
+    assert!(tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()), "{echo_url}");
+    assert!(name.starts_with("result.json?"), "{echo_url}");
 
     let (status, ct, body) = fetch(&echo_url).await;
     assert_eq!(status, StatusCode::OK, "{echo_url}");

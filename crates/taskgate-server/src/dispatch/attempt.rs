@@ -1,0 +1,231 @@
+//! One local attempt: a directory no other attempt has used or will use, the backend under the
+//! model's timeout, lease renewals beside it, and outputs staged under the attempt's own tag.
+//!
+//! The directory is named after the task and the attempt's tag (unique per claim) and removed
+//! when the attempt ends, so a late writer (a write that cannot be cancelled, a descendant that
+//! outlived its process group) writes into a directory nobody will read. Staged outputs become
+//! the task's outputs only through the completer's token-guarded write; an attempt that loses
+//! its claim deletes what it staged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::completer::Settled;
+use super::{Dispatcher, ModelRuntime};
+use crate::artifacts::{sanitize_name, staged_key};
+use crate::backends::{BackendError, Job};
+use crate::domain::{attempt_tag, fail_code, now_ms};
+use crate::error::error_chain;
+use crate::store::Claim;
+
+/// When the attempt's lease ends, as far as this process knows: moved on by every renewal.
+pub(super) struct LeaseDeadline(Mutex<Instant>);
+
+impl LeaseDeadline {
+    pub(super) fn starting_now(lease: Duration) -> Self {
+        LeaseDeadline(Mutex::new(Instant::now() + lease))
+    }
+
+    pub(super) fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn renewed_at(&self, at: Instant, lease: Duration) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = at + lease;
+    }
+}
+
+impl Dispatcher {
+    pub(super) async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
+        let lease = LeaseDeadline::starting_now(self.lease);
+        let tag = attempt_tag(&claim.token);
+        let dir = self.work_dir.join(format!("{}@{tag}", claim.task.id));
+        if let Err(e) = fresh_dir(&dir).await {
+            let err = BackendError::retryable(
+                fail_code::INTERNAL_ERROR,
+                format!("cannot create an output directory: {e}"),
+            );
+            self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
+                .await;
+            return;
+        }
+        let job = Job {
+            task_id: claim.task.id.clone(),
+            model: model.name.clone(),
+            input: claim.task.input.clone(),
+            attempt: claim.task.attempts,
+            output_dir: dir.clone(),
+        };
+        // Keys handed to the artifact store so far, so that an attempt that loses its claim
+        // mid-way can take back what it staged.
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        info!("started");
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = self.execute(model, &job, &tag, &staged) => r,
+            lost = self.keep_lease(&claim, &lease) => {
+                // Another runner owns the task now; whatever we produced is not ours to publish.
+                warn!(lost, "claim lost while running; abandoning the attempt");
+                remove_dir(&dir).await;
+                self.discard(&staged).await;
+                return;
+            }
+            _ = self.interrupt.cancelled() => {
+                remove_dir(&dir).await;
+                self.discard(&staged).await;
+                match self.store.requeue(&claim.task.id, &claim.token, now_ms(), true).await {
+                    Ok(_) => info!("interrupted by shutdown; left pending"),
+                    // The lease will expire and hand the task on at the next start.
+                    Err(e) => error!(error = %error_chain(&e), "cannot requeue interrupted task"),
+                }
+                return;
+            }
+        };
+        remove_dir(&dir).await;
+        let published = result.is_ok();
+        let settled = self
+            .settle(&model.name, &claim, result, started.elapsed(), lease.get())
+            .await;
+        if published && settled != Settled::Written {
+            self.discard(&staged).await;
+        }
+    }
+
+    /// Deletes outputs an attempt staged but did not publish.
+    async fn discard(&self, staged: &Mutex<Vec<String>>) {
+        let keys = std::mem::take(&mut *staged.lock().unwrap_or_else(|p| p.into_inner()));
+        for key in keys {
+            if let Err(e) = self.artifacts.delete(&key).await {
+                warn!(%key, error = %error_chain(&e), "cannot delete an unpublished output");
+            }
+        }
+    }
+
+    /// Runs the backend within the model's timeout and stages its outputs under `tag`.
+    async fn execute(
+        &self,
+        model: &ModelRuntime,
+        job: &Job,
+        tag: &str,
+        staged: &Mutex<Vec<String>>,
+    ) -> Result<Vec<String>, BackendError> {
+        let timeout = model.config.timeout;
+        match tokio::time::timeout(timeout, model.backend.run(job)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(BackendError::fatal(
+                    fail_code::PROCESSING_TIMEOUT,
+                    format!(
+                        "the task ran longer than model {}'s timeout of {}",
+                        model.name,
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            }
+        }
+        let files = collect_files(&job.output_dir).await.map_err(|e| {
+            BackendError::retryable(
+                fail_code::INTERNAL_ERROR,
+                format!("cannot read the output directory: {e}"),
+            )
+        })?;
+        if files.is_empty() {
+            return Err(BackendError::no_output());
+        }
+        let mut keys = Vec::with_capacity(files.len());
+        let mut used = std::collections::HashSet::new();
+        for (relative, path) in files {
+            let mut name = sanitize_name(&relative);
+            while !used.insert(name.clone()) {
+                name = format!("_{name}");
+            }
+            let key = staged_key(&job.task_id, tag, &name);
+            staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(key.clone());
+            self.artifacts.put_file(&key, &path).await.map_err(|e| {
+                BackendError::retryable(fail_code::INTERNAL_ERROR, error_chain(&e))
+            })?;
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Renews the lease until it is lost; returns only then (with how it was lost).
+    async fn keep_lease(&self, claim: &Claim, lease: &LeaseDeadline) -> &'static str {
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(self.lease / 3).await;
+            let at = Instant::now();
+            match self
+                .store
+                .renew_lease(&claim.task.id, &claim.token, now_ms(), self.lease, None)
+                .await
+            {
+                Ok(true) => {
+                    failures = 0;
+                    lease.renewed_at(at, self.lease);
+                }
+                Ok(false) => return "taken over",
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %error_chain(&e), "cannot renew lease");
+                    if failures >= 2 {
+                        return "could not renew";
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn remove_dir(dir: &Path) {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove work directory"),
+    }
+}
+
+/// Creates `dir`, which must not exist: a directory another attempt used is never reused.
+async fn fresh_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::create_dir(dir).await
+}
+
+/// Every regular file under `dir`, with its path relative to `dir` (`a/b.png` → `a_b.png`);
+/// also used by `taskgate worker` for its outputs.
+///
+/// One blocking call walks the whole tree: each `tokio::fs` step would be a thread hop of its own,
+/// and per-task hops are what bounds the drain rate.
+pub async fn collect_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let ft = entry.file_type()?;
+                let path = entry.path();
+                if ft.is_dir() {
+                    stack.push(path);
+                } else if ft.is_file() {
+                    let rel = path
+                        .strip_prefix(&dir)
+                        .map(|p| p.to_string_lossy().replace('/', "_"))
+                        .unwrap_or_else(|_| entry.file_name().to_string_lossy().into_owned());
+                    out.push((rel, path));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

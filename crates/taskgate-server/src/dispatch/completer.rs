@@ -1,0 +1,158 @@
+//! The completer: settles how an attempt ended, wherever it ran (here or on a pull worker).
+//!
+//! Success and fatal errors end the task with the token-guarded final write, which is also what
+//! publishes the attempt's staged outputs; a retryable error with attempts left goes back to
+//! pending after the retry policy's delay. Outside text (failCodes, failMsgs) is cleaned first,
+//! so no message can make the write fail. A write that fails is retried until it lands or the
+//! lease it relies on has ended, and the caller learns which: a final state that was not
+//! written is never reported as done. (The SQLite store group-commits these writes; see
+//! `store::sqlite`.)
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::Dispatcher;
+use crate::backends::BackendError;
+use crate::domain::{clean_text, now_ms, MAX_FAIL_CODE, MAX_FAIL_MSG};
+use crate::error::error_chain;
+use crate::store::{Claim, Outcome, StoreError};
+
+/// First pause between two tries of a failed write; doubles up to [`MAX_WRITE_PAUSE`].
+const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(100);
+const MAX_WRITE_PAUSE: Duration = Duration::from_secs(2);
+
+/// What became of an outcome.
+#[derive(Debug)]
+pub enum Settled {
+    /// Written: the task is final (or back to pending for a retry).
+    Written,
+    /// The claim was no longer ours (the task was handed on, or is final): nothing written.
+    NotOurs,
+    /// The store kept failing until the lease ran out: nothing written; the lease's expiry will
+    /// hand the task on.
+    NotWritten(StoreError),
+}
+
+impl PartialEq for Settled {
+    fn eq(&self, other: &Self) -> bool {
+        matches!(
+            (self, other),
+            (Settled::Written, Settled::Written)
+                | (Settled::NotOurs, Settled::NotOurs)
+                | (Settled::NotWritten(_), Settled::NotWritten(_))
+        )
+    }
+}
+
+/// One write of an outcome.
+enum Write {
+    Final(Outcome),
+    Requeue { run_after: i64 },
+}
+
+impl Dispatcher {
+    /// Acts on how an attempt ended. `lease_until` is when the claim's lease ends as far as the
+    /// caller knows: failed writes are retried until then.
+    pub async fn settle(
+        &self,
+        model: &str,
+        claim: &Claim,
+        result: Result<Vec<String>, BackendError>,
+        elapsed: Duration,
+        lease_until: Instant,
+    ) -> Settled {
+        let task = &claim.task;
+        let write = match result {
+            Ok(outputs) => Write::Final(Outcome::Success { outputs }),
+            Err(BackendError::Retryable { code, message }) if task.attempts < task.max_attempts => {
+                let delay = self
+                    .retry
+                    .delay(task.attempts)
+                    .unwrap_or(Duration::from_secs(1));
+                warn!(%code, message = %clean_text(&message, MAX_FAIL_MSG), retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
+                Write::Requeue {
+                    run_after: now_ms() + delay.as_millis() as i64,
+                }
+            }
+            Err(BackendError::Retryable { code, message }) => Write::Final(failure(
+                &code,
+                &format!("{message} (gave up after {} attempts)", task.attempts),
+            )),
+            Err(BackendError::Fatal { code, message }) => Write::Final(failure(&code, &message)),
+        };
+        let settled = self.write(claim, &write, lease_until).await;
+        match (&settled, &write) {
+            (Settled::Written, Write::Final(outcome)) => {
+                if task.callback_url.is_some() {
+                    self.webhook_wake.notify_one();
+                }
+                log_outcome(outcome, elapsed);
+            }
+            (Settled::Written, Write::Requeue { .. }) => {}
+            (Settled::NotOurs, _) => {
+                warn!("the task was handed on before this attempt finished; outcome dropped")
+            }
+            (Settled::NotWritten(e), _) => {
+                error!(error = %error_chain(e), "cannot record the outcome before the lease ends; the task will be handed on when it expires")
+            }
+        }
+        // A slot of the model is free (or the task is due again): a loop or a pull worker
+        // waiting on it may claim now.
+        self.notify(model);
+        settled
+    }
+
+    /// Tries `write` until it lands, the claim turns out not to be ours, or the lease ends.
+    async fn write(&self, claim: &Claim, write: &Write, lease_until: Instant) -> Settled {
+        let mut pause = FIRST_WRITE_PAUSE;
+        loop {
+            let r = match write {
+                Write::Final(outcome) => {
+                    self.store
+                        .finish(&claim.task.id, &claim.token, outcome, now_ms())
+                        .await
+                }
+                Write::Requeue { run_after } => {
+                    self.store
+                        .requeue(&claim.task.id, &claim.token, *run_after, false)
+                        .await
+                }
+            };
+            match r {
+                Ok(true) => return Settled::Written,
+                Ok(false) => return Settled::NotOurs,
+                Err(e) => {
+                    if Instant::now() + pause >= lease_until {
+                        return Settled::NotWritten(e);
+                    }
+                    warn!(error = %error_chain(&e), retry_in = ?pause, "cannot write the outcome; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_WRITE_PAUSE);
+                }
+            }
+        }
+    }
+}
+
+/// A failure outcome with its code and message made safe to store.
+fn failure(code: &str, message: &str) -> Outcome {
+    let code = clean_text(code, MAX_FAIL_CODE);
+    Outcome::Failure {
+        code: if code.trim().is_empty() {
+            crate::domain::fail_code::GENERATION_FAILED.to_owned()
+        } else {
+            code
+        },
+        message: clean_text(message, MAX_FAIL_MSG),
+    }
+}
+
+fn log_outcome(outcome: &Outcome, elapsed: Duration) {
+    let elapsed_ms = elapsed.as_millis() as u64;
+    match outcome {
+        Outcome::Success { outputs } => info!(outputs = outputs.len(), elapsed_ms, "succeeded"),
+        Outcome::Failure { code, message } => info!(%code, %message, elapsed_ms, "failed"),
+    }
+}

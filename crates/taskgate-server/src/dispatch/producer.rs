@@ -1,0 +1,150 @@
+//! The producer: claims due tasks, for the local loops (in batches, one write for every free
+//! slot) and for pull workers' long-polls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info_span, Instrument};
+
+use super::{Dispatcher, ModelRuntime};
+use crate::domain::now_ms;
+use crate::error::error_chain;
+use crate::store::{Claim, Runner, StoreError};
+
+/// Most tasks one claim takes.
+const CLAIM_BATCH: usize = 32;
+/// Safety net for a missed wake-up; notifications are the main path.
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
+
+impl Dispatcher {
+    /// Claims a task of one of `models` for a pull worker, waiting up to `wait` for one to
+    /// become due (woken by submits and by other nodes' notifications, like the local loops).
+    /// A stopping server hands out nothing. The claim counts only once the worker acknowledges
+    /// it (its first heartbeat): if this answer never reaches the worker, the task goes back
+    /// when the lease ends, attempt refunded.
+    pub async fn claim_for_worker(
+        &self,
+        models: &[Arc<ModelRuntime>],
+        wait: Duration,
+    ) -> Result<Option<(Arc<ModelRuntime>, Claim)>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            let now = now_ms();
+            let mut next_due: Option<i64> = None;
+            for m in models {
+                let claimed = self
+                    .store
+                    .claim_batch(
+                        &m.name,
+                        now,
+                        self.lease,
+                        m.config.concurrency,
+                        1,
+                        Runner::Worker,
+                    )
+                    .await?
+                    .pop();
+                if let Some(c) = claimed {
+                    return Ok(Some((m.clone(), c)));
+                }
+                if let Some(due) = self.store.next_due(&m.name).await? {
+                    next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
+                }
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Ok(None);
+            }
+            let until_due = match next_due {
+                Some(due) if due > now => Duration::from_millis((due - now) as u64),
+                _ => remaining,
+            };
+            let wakeups = models.iter().map(|m| Box::pin(m.notify.notified()));
+            tokio::select! {
+                _ = futures::future::select_all(wakeups) => {}
+                _ = tokio::time::sleep(remaining.min(until_due)) => {}
+                _ = self.stop.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    pub(super) async fn model_loop(self: Arc<Self>, model: Arc<ModelRuntime>) {
+        loop {
+            let first = tokio::select! {
+                p = model.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = self.stop.cancelled() => return,
+            };
+            // Every free slot is filled by one claim: one write for many tasks when a backlog
+            // meets idle capacity.
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_BATCH {
+                match model.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let now = now_ms();
+            match self
+                .store
+                .claim_batch(
+                    &model.name,
+                    now,
+                    self.lease,
+                    model.config.concurrency,
+                    permits.len(),
+                    Runner::Local,
+                )
+                .await
+            {
+                Ok(claims) if !claims.is_empty() => {
+                    for (claim, permit) in claims.into_iter().zip(permits) {
+                        let this = self.clone();
+                        let model = model.clone();
+                        let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
+                        self.tracker.spawn(
+                            async move {
+                                this.run_attempt(&model, claim).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+                Ok(_) => {
+                    drop(permits);
+                    let wait = match self.store.next_due(&model.name).await {
+                        Ok(Some(due)) if due > now => {
+                            Duration::from_millis((due - now).min(30_000) as u64)
+                        }
+                        // Due work but no claim: the model is at its concurrency on other nodes,
+                        // whose completions will notify us.
+                        Ok(Some(_)) | Ok(None) => IDLE_RECHECK,
+                        Err(e) => {
+                            error!(error = %error_chain(&e), model = %model.name, "cannot read the queue");
+                            Duration::from_secs(1)
+                        }
+                    };
+                    tokio::select! {
+                        _ = model.notify.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    drop(permits);
+                    error!(error = %error_chain(&e), model = %model.name, "cannot claim a task; retrying in 1s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
