@@ -233,7 +233,10 @@ mod tests {
 
     #[test]
     fn a_pending_task_can_be_claimed_or_removed_only() {
-        assert!(Transition::allowed(TaskState::Pending, TaskState::Processing));
+        assert!(Transition::allowed(
+            TaskState::Pending,
+            TaskState::Processing
+        ));
         assert!(Transition::allowed(TaskState::Pending, TaskState::Failed));
         assert!(!Transition::allowed(TaskState::Pending, TaskState::Success));
         assert!(!Transition::allowed(TaskState::Pending, TaskState::Pending));
@@ -260,7 +263,10 @@ mod tests {
     fn text_is_cleaned_of_nul_and_control_characters_and_capped() {
         assert_eq!(clean_text("a\0b\x1b[31mc\n\td", 100), "ab [31mc\n\td");
         assert_eq!(clean_text("héllo", 2), "h");
-        assert_eq!(clean_text(&"x".repeat(10_000), MAX_FAIL_MSG).len(), MAX_FAIL_MSG);
+        assert_eq!(
+            clean_text(&"x".repeat(10_000), MAX_FAIL_MSG).len(),
+            MAX_FAIL_MSG
+        );
     }
 
     #[test]

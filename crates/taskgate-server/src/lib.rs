@@ -211,13 +211,12 @@ pub async fn run_with(
 
     // Scratch space for attempts and uploads: this node's alone, and emptied of whatever the
     // last process (or a node that is gone) left.
-    let work_dir =
-        dispatch::maintenance::prepare_work_dir(&data_dir, store.exclusive()).map_err(|source| {
-            ServerError::DataDir {
-                path: data_dir.clone(),
-                source,
-            }
-        })?;
+    let work_dir = dispatch::maintenance::prepare_work_dir(&data_dir, store.exclusive()).map_err(
+        |source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        },
+    )?;
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))

@@ -61,9 +61,15 @@ mod tests {
         );
         for _ in 0..50 {
             let d = p.delay(1).unwrap_or_default();
-            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
             let d = p.delay(2).unwrap_or_default();
-            assert!(d >= Duration::from_secs(90) && d <= Duration::from_secs(110), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(90) && d <= Duration::from_secs(110),
+                "{d:?}"
+            );
         }
         assert_eq!(p.delay(3), None);
     }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde_json::Map;
 use taskgate_proto::TaskState;
 use taskgate_server::domain::fail_code;
+use taskgate_server::domain::Transition;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
-use taskgate_server::domain::Transition;
 use taskgate_server::store::{
     DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Runner, Store,
 };
@@ -410,7 +410,10 @@ async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
             .finish(
                 "task_a",
                 token,
-                &Outcome::Failure { code: "X".into(), message: "y".into() },
+                &Outcome::Failure {
+                    code: "X".into(),
+                    message: "y".into(),
+                },
                 30,
             )
             .await
@@ -420,13 +423,22 @@ async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
 }
 
 async fn fresh(store: &str) -> Option<Fixture> {
-    if store == "sqlite" { sqlite().await } else { postgres().await }
+    if store == "sqlite" {
+        sqlite().await
+    } else {
+        postgres().await
+    }
 }
 
 /// Every transition from every state, on both stores: a write happens exactly when the table in
 /// `domain::Transition` allows it, and lands in the state the table says.
 async fn walk_the_state_machine(store: &str) {
-    for from in [TaskState::Pending, TaskState::Processing, TaskState::Success, TaskState::Failed] {
+    for from in [
+        TaskState::Pending,
+        TaskState::Processing,
+        TaskState::Success,
+        TaskState::Failed,
+    ] {
         for t in Transition::ALL {
             let Some(f) = fresh(store).await else { return };
             let s = f.store.clone();
@@ -435,7 +447,11 @@ async fn walk_the_state_machine(store: &str) {
             let allowed = t.from_states().contains(&from);
             assert_eq!(made, allowed, "{store}: {t:?} from {from}");
             let now = s.get_task("task_a").await.unwrap().unwrap().state;
-            assert_eq!(now, if allowed { t.to() } else { from }, "{store}: {t:?} from {from}");
+            assert_eq!(
+                now,
+                if allowed { t.to() } else { from },
+                "{store}: {t:?} from {from}"
+            );
             f.finish().await;
         }
     }

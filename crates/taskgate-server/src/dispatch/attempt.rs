@@ -148,9 +148,10 @@ impl Dispatcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(key.clone());
-            self.artifacts.put_file(&key, &path).await.map_err(|e| {
-                BackendError::retryable(fail_code::INTERNAL_ERROR, error_chain(&e))
-            })?;
+            self.artifacts
+                .put_file(&key, &path)
+                .await
+                .map_err(|e| BackendError::retryable(fail_code::INTERNAL_ERROR, error_chain(&e)))?;
             keys.push(key);
         }
         Ok(keys)

@@ -19,10 +19,7 @@ use crate::store::{Store, StoreError};
 /// process is dead, whatever its lease says, so those are handed on at once; pull workers'
 /// claims keep their leases (the worker may still be running them) and are recovered only when
 /// they expire. With a shared store only expired leases are orphans.
-pub async fn recover_at_start(
-    store: &dyn Store,
-    models: &[String],
-) -> Result<(), StoreError> {
+pub async fn recover_at_start(store: &dyn Store, models: &[String]) -> Result<(), StoreError> {
     let now = now_ms();
     let mut recovered = store.recover_expired(now).await?;
     if store.exclusive() {
@@ -148,7 +145,9 @@ fn remove_abandoned_work_dirs(data_dir: &Path, ours: &Path) {
                 let _ = std::fs::remove_file(&lock_path);
                 info!(dir = %path.display(), "removed the scratch directory of a node that is gone");
             }
-            Err(e) => warn!(dir = %path.display(), error = %e, "cannot remove an abandoned scratch directory"),
+            Err(e) => {
+                warn!(dir = %path.display(), error = %e, "cannot remove an abandoned scratch directory")
+            }
         }
     }
 }
@@ -182,10 +181,14 @@ mod tests {
         std::fs::write(live.path.join("x"), b"busy").unwrap_or_else(|e| panic!("{e}"));
         let gone = data.path().join("work-node_gone");
         std::fs::create_dir_all(&gone).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(data.path().join("work-node_gone.lock"), b"").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(data.path().join("work-node_gone.lock"), b"")
+            .unwrap_or_else(|e| panic!("{e}"));
         let other = prepare_work_dir(data.path(), false).unwrap_or_else(|e| panic!("{e}"));
         assert!(!gone.exists(), "the dead node's directory stays");
-        assert!(live.path.join("x").exists(), "a live node's directory was removed");
+        assert!(
+            live.path.join("x").exists(),
+            "a live node's directory was removed"
+        );
         assert!(other.path.exists());
     }
 }

@@ -71,10 +71,7 @@ impl FaultPlan {
 
     /// Removes every rule: calls go through from now on.
     pub fn clear(&self) {
-        self.rules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// How many calls of `point` were made.
@@ -139,9 +136,19 @@ impl Store for FaultyStore {
         self.inner.get_task(id).await
     }
 
-    async fn claim_batch(&self, model: &str, now: i64, lease: Duration, max_running: usize, limit: usize, runner: Runner) -> Result<Vec<Claim>, StoreError> {
+    async fn claim_batch(
+        &self,
+        model: &str,
+        now: i64,
+        lease: Duration,
+        max_running: usize,
+        limit: usize,
+        runner: Runner,
+    ) -> Result<Vec<Claim>, StoreError> {
         self.plan.enter("claim_batch").await?;
-        self.inner.claim_batch(model, now, lease, max_running, limit, runner).await
+        self.inner
+            .claim_batch(model, now, lease, max_running, limit, runner)
+            .await
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
@@ -149,19 +156,42 @@ impl Store for FaultyStore {
         self.inner.next_due(model).await
     }
 
-    async fn renew_lease(&self, id: &str, token: &str, now: i64, lease: Duration, progress: Option<f64>) -> Result<bool, StoreError> {
+    async fn renew_lease(
+        &self,
+        id: &str,
+        token: &str,
+        now: i64,
+        lease: Duration,
+        progress: Option<f64>,
+    ) -> Result<bool, StoreError> {
         self.plan.enter("renew_lease").await?;
-        self.inner.renew_lease(id, token, now, lease, progress).await
+        self.inner
+            .renew_lease(id, token, now, lease, progress)
+            .await
     }
 
-    async fn finish(&self, id: &str, token: &str, outcome: &Outcome, now: i64) -> Result<bool, StoreError> {
+    async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         self.plan.enter("finish").await?;
         self.inner.finish(id, token, outcome, now).await
     }
 
-    async fn requeue(&self, id: &str, token: &str, run_after: i64, refund_attempt: bool) -> Result<bool, StoreError> {
+    async fn requeue(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        refund_attempt: bool,
+    ) -> Result<bool, StoreError> {
         self.plan.enter("requeue").await?;
-        self.inner.requeue(id, token, run_after, refund_attempt).await
+        self.inner
+            .requeue(id, token, run_after, refund_attempt)
+            .await
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
@@ -174,7 +204,11 @@ impl Store for FaultyStore {
         self.inner.recover_local(now).await
     }
 
-    async fn fail_removed_models(&self, known: &[String], now: i64) -> Result<Vec<String>, StoreError> {
+    async fn fail_removed_models(
+        &self,
+        known: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
         self.plan.enter("fail_removed_models").await?;
         self.inner.fail_removed_models(known, now).await
     }
@@ -189,9 +223,18 @@ impl Store for FaultyStore {
         self.inner.create_tenant(name).await
     }
 
-    async fn insert_key(&self, kind: KeyKind, tenant: &Tenant, name: &str, prefix: &str, key_hash: &[u8]) -> Result<ApiKeyRecord, StoreError> {
+    async fn insert_key(
+        &self,
+        kind: KeyKind,
+        tenant: &Tenant,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> Result<ApiKeyRecord, StoreError> {
         self.plan.enter("insert_key").await?;
-        self.inner.insert_key(kind, tenant, name, prefix, key_hash).await
+        self.inner
+            .insert_key(kind, tenant, name, prefix, key_hash)
+            .await
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -214,17 +257,33 @@ impl Store for FaultyStore {
         self.inner.setting_or_init(name, init).await
     }
 
-    async fn webhook_secrets(&self, tenant_id: &str, init: &str) -> Result<WebhookSecrets, StoreError> {
+    async fn webhook_secrets(
+        &self,
+        tenant_id: &str,
+        init: &str,
+    ) -> Result<WebhookSecrets, StoreError> {
         self.plan.enter("webhook_secrets").await?;
         self.inner.webhook_secrets(tenant_id, init).await
     }
 
-    async fn rotate_webhook_secret(&self, tenant_id: &str, new: &str, previous_until: i64) -> Result<WebhookSecrets, StoreError> {
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        new: &str,
+        previous_until: i64,
+    ) -> Result<WebhookSecrets, StoreError> {
         self.plan.enter("rotate_webhook_secret").await?;
-        self.inner.rotate_webhook_secret(tenant_id, new, previous_until).await
+        self.inner
+            .rotate_webhook_secret(tenant_id, new, previous_until)
+            .await
     }
 
-    async fn claim_deliveries(&self, now: i64, limit: usize, lease: Duration) -> Result<Vec<DeliveryClaim>, StoreError> {
+    async fn claim_deliveries(
+        &self,
+        now: i64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<DeliveryClaim>, StoreError> {
         self.plan.enter("claim_deliveries").await?;
         self.inner.claim_deliveries(now, limit, lease).await
     }
@@ -234,9 +293,18 @@ impl Store for FaultyStore {
         self.inner.next_delivery_due().await
     }
 
-    async fn finish_delivery_attempt(&self, id: &str, token: &str, attempt: Option<&DeliveryAttempt>, next: DeliveryNext, now: i64) -> Result<bool, StoreError> {
+    async fn finish_delivery_attempt(
+        &self,
+        id: &str,
+        token: &str,
+        attempt: Option<&DeliveryAttempt>,
+        next: DeliveryNext,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         self.plan.enter("finish_delivery_attempt").await?;
-        self.inner.finish_delivery_attempt(id, token, attempt, next, now).await
+        self.inner
+            .finish_delivery_attempt(id, token, attempt, next, now)
+            .await
     }
 
     async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
@@ -244,7 +312,10 @@ impl Store for FaultyStore {
         self.inner.get_delivery(id).await
     }
 
-    async fn deliveries_for_task(&self, task_id: &str) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
+    async fn deliveries_for_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
         self.plan.enter("deliveries_for_task").await?;
         self.inner.deliveries_for_task(task_id).await
     }

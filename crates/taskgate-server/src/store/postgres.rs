@@ -22,12 +22,12 @@ use super::rows::{
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
     TASK_COLUMNS,
 };
+use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::Runner;
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
     Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::rows::{removed_message, EXHAUSTED_SQL};
-use super::Runner;
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks

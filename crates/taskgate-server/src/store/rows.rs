@@ -264,4 +264,3 @@ pub fn removed_message(model: &str) -> String {
 /// failMsg of a task whose attempts all ended with their runner gone.
 pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' time(s) \
      (its worker stopped or was killed) and has no attempts left'";
-

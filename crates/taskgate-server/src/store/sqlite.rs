@@ -21,12 +21,12 @@ use super::rows::{
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
     TASK_COLUMNS,
 };
+use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::Runner;
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
     Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::rows::{removed_message, EXHAUSTED_SQL};
-use super::Runner;
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// Most rows written by one group commit.

@@ -252,7 +252,10 @@ async fn results_are_uploaded_to_s3_and_served_by_presigned_urls() {
         .strip_prefix(&format!("{}/{BUCKET}/it/results/{task_id}/", moto.endpoint))
         .unwrap_or_else(|| panic!("{echo_url}"));
     let (tag, name) = rest.split_once('/').unwrap();
-    assert!(tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()), "{echo_url}");
+    assert!(
+        tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{echo_url}"
+    );
     assert!(name.starts_with("result.json?"), "{echo_url}");
 
     let (status, ct, body) = fetch(&echo_url).await;
