@@ -164,8 +164,28 @@ impl TestApp {
         Self::start_in(dir, tweak).await
     }
 
+    /// Starts with a fault-injection store: the returned plan makes chosen store calls fail or
+    /// hang (see `taskgate_server::store::faults`).
+    pub async fn start_with_faults(
+        tweak: impl FnOnce(&mut Config),
+    ) -> (TestApp, Arc<taskgate_server::store::faults::FaultPlan>) {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let plan = taskgate_server::store::faults::FaultPlan::new();
+        let hooks = faulty_hooks(plan.clone());
+        (Self::start_in_with(dir, tweak, hooks).await, plan)
+    }
+
     /// Starts on an existing data dir (to restart over the same store).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        Self::start_in_with(dir, tweak, taskgate_server::Hooks::default()).await
+    }
+
+    /// Starts on an existing data dir with `hooks`.
+    pub async fn start_in_with(
+        dir: Arc<tempfile::TempDir>,
+        tweak: impl FnOnce(&mut Config),
+        hooks: taskgate_server::Hooks,
+    ) -> TestApp {
         let mut config = Config::new(dir.path());
         config.bootstrap_api_key = Some(API_KEY.to_owned());
         config.retry_backoff = vec![Duration::from_millis(50)];
@@ -174,9 +194,14 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(taskgate_server::run(config, listener, async {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(taskgate_server::run_with(
+            config,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+            hooks,
+        ));
         let api = Api::new(format!("http://{addr}"));
         wait_healthy(&api).await;
         TestApp {
@@ -207,6 +232,20 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Hooks that put every store call of the server through `plan`.
+pub fn faulty_hooks(
+    plan: Arc<taskgate_server::store::faults::FaultPlan>,
+) -> taskgate_server::Hooks {
+    taskgate_server::Hooks {
+        wrap_store: Some(Arc::new(move |inner| {
+            Arc::new(taskgate_server::store::faults::FaultyStore::new(
+                inner,
+                plan.clone(),
+            ))
+        })),
     }
 }
 
