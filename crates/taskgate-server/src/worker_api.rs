@@ -279,9 +279,16 @@ impl TempUpload {
 
 impl Drop for TempUpload {
     fn drop(&mut self) {
-        // After a successful put the file was moved away and this finds nothing. Removing one
-        // file is a single quick syscall, acceptable even on the async thread.
-        let _ = std::fs::remove_file(&self.0);
+        // After a successful put the file was moved away and this finds nothing.
+        let path = std::mem::take(&mut self.0);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || std::fs::remove_file(path));
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 }
 
