@@ -8,6 +8,7 @@ mod cluster;
 mod command;
 mod config;
 mod dispatch;
+mod faults;
 mod http_backend;
 mod keys;
 mod recovery;
