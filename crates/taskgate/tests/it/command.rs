@@ -337,3 +337,83 @@ env = { MODEL_SETTING = "kept" }
     }
     server.terminate().await;
 }
+
+#[tokio::test]
+async fn a_grandchild_that_escapes_into_its_own_session_is_gone_before_the_task_is_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "escape",
+        "escape.sh",
+        &[dir.path().to_str().unwrap(), "1"],
+        "timeout = \"20s\"",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("escape", json!({})).await;
+    let grandchild: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(10))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    let data = app
+        .api
+        .wait_final("escape", &id, Duration::from_secs(30))
+        .await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    assert!(
+        process_is_gone(grandchild),
+        "the grandchild {grandchild} in its own session outlived its settled task"
+    );
+    let names: Vec<String> = files_by_name(&data).await.into_keys().collect();
+    assert_eq!(names, ["result.txt"]);
+    // Left alone, the grandchild writes its late file one second after it started.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !dir.path().join("late").exists(),
+        "the escaped grandchild kept running after its task was settled"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "escape_stuck",
+        "escape.sh",
+        &[dir.path().to_str().unwrap(), "2", "hang"],
+        "timeout = \"700ms\"\nmax_attempts = 1",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("escape_stuck", json!({})).await;
+    let grandchild: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(10))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !process_is_gone(grandchild),
+        "the grandchild should be running"
+    );
+    let data = app
+        .api
+        .wait_final("escape_stuck", &id, Duration::from_secs(10))
+        .await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "PROCESSING_TIMEOUT");
+    // A timeout drops the attempt, so the kill cannot be awaited before settling; it is sent
+    // from the drop itself and the process dies within moments.
+    wait_until(
+        Duration::from_secs(1),
+        "the escaped grandchild to be killed",
+        || async { process_is_gone(grandchild) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !dir.path().join("late").exists(),
+        "the escaped grandchild kept running after its task timed out"
+    );
+}
