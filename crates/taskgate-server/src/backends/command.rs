@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::process_tree::{self, ProcessTree, KILL_BOUND, MARK_ENV};
+use super::process_tree::{self, ProcessTree, KILL_BOUND};
 use super::{Backend, BackendError, Job};
 use crate::domain::fail_code;
 
@@ -107,7 +107,6 @@ impl Backend for CommandBackend {
     async fn run(&self, job: &Job) -> Result<(), BackendError> {
         let input = serde_json::to_vec(&serde_json::Value::Object(job.input.clone()))
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
-        let mark = process_tree::new_mark();
         let mut cmd = Command::new(&self.argv[0]);
         for (name, _) in std::env::vars_os() {
             let n = name.to_string_lossy();
@@ -124,9 +123,6 @@ impl Backend for CommandBackend {
             .env("TASKGATE_TASK_ID", &job.task_id)
             .env("TASKGATE_MODEL", &job.model)
             .env("TASKGATE_ATTEMPT", job.attempt.to_string())
-            // Inherited by every descendant, even one that leaves the process group, so the
-            // tree kill can find it.
-            .env(MARK_ENV, &mark)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -135,18 +131,16 @@ impl Backend for CommandBackend {
         if let Some(dir) = &self.working_dir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            BackendError::fatal(
-                fail_code::MODEL_UNAVAILABLE,
-                format!("cannot start {:?}: {e}", self.argv[0]),
-            )
-        })?;
-        let mut tree = TreeGuard(
-            child
-                .id()
-                .and_then(|id| i32::try_from(id).ok())
-                .map(|pid| ProcessTree::new(pid, mark)),
-        );
+        // The mark is inherited by every descendant, even one that leaves the process group,
+        // so the tree kill can find it.
+        let (mut child, tree) =
+            process_tree::spawn(&mut cmd, process_tree::new_mark()).map_err(|e| {
+                BackendError::fatal(
+                    fail_code::MODEL_UNAVAILABLE,
+                    format!("cannot start {:?}: {e}", self.argv[0]),
+                )
+            })?;
+        let mut tree = TreeGuard(tree);
 
         let mut stdin = child.stdin.take();
         let write_input = async move {

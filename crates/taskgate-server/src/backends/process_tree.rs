@@ -11,9 +11,15 @@
 //! pid: a `waitpid(-1)` would steal exit statuses from tokio and from anything else in the
 //! process that spawns children.
 //!
-//! A descendant that scrubbed its environment and was orphaned before the attempt ended cannot
-//! be told apart from other processes and is missed. Elsewhere than Linux only the process group
-//! is killed.
+//! Orphans that died before any round found them are zombie children of ours with no mark left
+//! to read. Each round also reaps every zombie child of ours outside our own process group that
+//! is not a program we spawned and have yet to wait for (`ROOTS`). This relies on one invariant:
+//! nothing else in this process spawns children outside its process group (the server and the
+//! worker spawn only model programs; the test harness spawns into its own group).
+//!
+//! A live descendant that scrubbed its environment and was orphaned before the attempt ended
+//! cannot be told apart from other processes and is missed. Elsewhere than Linux only the
+//! process group is killed.
 //!
 //! Concurrency model: everything here is blocking (`/proc` reads, signals, `waitpid`); callers
 //! run it on a blocking thread. Trees are independent; concurrent kills of different trees only
@@ -49,6 +55,36 @@ pub fn become_subreaper() {
     }
 }
 
+/// Spawns `cmd` as the root of a process tree marked with `mark`. `cmd` must put the program in
+/// a process group of its own (`process_group(0)`): the tree kill takes that group.
+pub fn spawn(
+    cmd: &mut tokio::process::Command,
+    mark: String,
+) -> std::io::Result<(tokio::process::Child, Option<ProcessTree>)> {
+    cmd.env(MARK_ENV, &mark);
+    #[cfg(target_os = "linux")]
+    {
+        // Held across the spawn so that no round can take the new program, should it exit at
+        // once, for an orphan and reap it before tokio does.
+        let mut roots = linux::roots();
+        let child = cmd.spawn()?;
+        let tree = child.id().and_then(|id| i32::try_from(id).ok()).map(|pid| {
+            roots.insert(pid);
+            ProcessTree::new(pid, mark)
+        });
+        Ok((child, tree))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let child = cmd.spawn()?;
+        let tree = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(|pid| ProcessTree::new(pid, mark));
+        Ok((child, tree))
+    }
+}
+
 /// A fresh mark for one attempt: 128 random bits, so no other process carries it by chance.
 pub fn new_mark() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -65,9 +101,9 @@ pub struct ProcessTree {
 }
 
 impl ProcessTree {
-    /// Call right after spawning `root`, before it can be reaped: its start time tells it apart
-    /// from a later process that reuses the pid.
-    pub fn new(root: i32, mark: String) -> Self {
+    /// Called right after spawning `root`, before it can be reaped: its start time tells it
+    /// apart from a later process that reuses the pid.
+    fn new(root: i32, mark: String) -> Self {
         ProcessTree {
             root,
             #[cfg(target_os = "linux")]
@@ -115,17 +151,34 @@ impl ProcessTree {
 #[cfg(target_os = "linux")]
 mod linux {
     use std::collections::{HashMap, HashSet, VecDeque};
+    use std::sync::{Mutex, MutexGuard, PoisonError};
 
     use nix::sys::signal::{kill, killpg, Signal};
     use nix::sys::wait::{waitpid, WaitPidFlag};
-    use nix::unistd::{getpid, getsid, Pid};
+    use nix::unistd::{getpgrp, getpid, Pid};
+
+    /// Programs spawned by [`super::spawn`] that tokio has not waited for yet: in a process
+    /// group of their own, they look like escaped orphans to the zombie sweep.
+    static ROOTS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+    pub(super) struct Roots(MutexGuard<'static, Vec<i32>>);
+
+    impl Roots {
+        pub(super) fn insert(&mut self, pid: i32) {
+            self.0.push(pid);
+        }
+    }
+
+    pub(super) fn roots() -> Roots {
+        // The list stays consistent whatever panicked while holding it.
+        Roots(ROOTS.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 
     /// What one `/proc/PID/stat` says about a process.
     #[derive(Debug, Clone, Copy)]
     struct Proc {
         ppid: i32,
         pgrp: i32,
-        session: i32,
         /// In clock ticks since boot; with the pid, it names one process for good.
         start: u64,
         zombie: bool,
@@ -135,6 +188,8 @@ mod linux {
     pub(super) struct State {
         /// The root's start time, when it could be read.
         root_start: Option<u64>,
+        /// Whether the root is still in `ROOTS`.
+        registered: bool,
         /// Every process of the tree found so far (pid → start time), so one that left every
         /// other link to the tree is still killed and reaped in later rounds.
         seen: HashMap<i32, u64>,
@@ -144,13 +199,20 @@ mod linux {
         pub(super) fn new(root: i32) -> Self {
             State {
                 root_start: read_stat(root).map(|p| p.start),
+                registered: true,
                 seen: HashMap::new(),
             }
         }
 
         pub(super) fn round(&mut self, root: i32, mark: &str) -> Vec<i32> {
+            if std::mem::take(&mut self.registered) {
+                // The first round comes after tokio reaped the root or, when the attempt is
+                // dropped, as tokio is about to kill it: the root's exit status is no longer
+                // awaited, and a sweep that reaps it first costs tokio's orphan queue nothing.
+                roots().0.retain(|&pid| pid != root);
+            }
             let me = getpid().as_raw();
-            let my_session = getsid(None).map(Pid::as_raw).unwrap_or(-1);
+            let my_group = getpgrp().as_raw();
             let procs = scan();
             let needle = format!("{}={mark}", super::MARK_ENV);
             // No process of the tree is older than its root.
@@ -205,11 +267,13 @@ mod linux {
                     live.push(pid);
                 }
             }
-            // Zombies reparented to us from another session: we spawn nothing into a new
-            // session, so these are orphans that called `setsid` (of this attempt or another
-            // one) and died before any round could read their mark. Nobody else will reap them.
+            // Zombie children outside our process group that we did not spawn: orphans that left
+            // their group (of this attempt or another one) and died before a round could read
+            // their mark. Nobody else will reap them. The lock keeps a program being spawned
+            // from being taken for one of them.
+            let roots = roots();
             for (&pid, p) in &procs {
-                if p.zombie && p.ppid == me && p.session != my_session && pid != root {
+                if p.zombie && p.ppid == me && p.pgrp != my_group && !roots.0.contains(&pid) {
                     reap(pid);
                 }
             }
@@ -249,7 +313,7 @@ mod linux {
     }
 
     /// Fields after the command name, which is parenthesised and may itself contain spaces
-    /// and parentheses (see proc(5)): state, ppid, pgrp, session, … starttime (the 20th).
+    /// and parentheses (see proc(5)): state, ppid, pgrp, … starttime (the 20th).
     fn parse_stat(stat: &str) -> Option<Proc> {
         let (_, rest) = stat.rsplit_once(')')?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -257,7 +321,6 @@ mod linux {
             zombie: *fields.first()? == "Z",
             ppid: fields.get(1)?.parse().ok()?,
             pgrp: fields.get(2)?.parse().ok()?,
-            session: fields.get(3)?.parse().ok()?,
             start: fields.get(19)?.parse().ok()?,
         })
     }
@@ -278,10 +341,7 @@ mod linux {
             let stat = "4242 (a (weird) name) Z 7 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0";
             let p = parse_stat(stat).expect("parses");
             assert!(p.zombie);
-            assert_eq!(
-                (p.ppid, p.pgrp, p.session, p.start),
-                (7, 4242, 4242, 987654)
-            );
+            assert_eq!((p.ppid, p.pgrp, p.start), (7, 4242, 987654));
         }
     }
 }

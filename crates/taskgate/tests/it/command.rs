@@ -417,3 +417,30 @@ async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
         "the escaped grandchild kept running after its task timed out"
     );
 }
+
+#[tokio::test]
+async fn a_grandchild_that_escaped_and_died_before_its_program_is_reaped_not_left_a_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let app = TestApp::start_with_models(&command_model(
+        "orphan",
+        "orphan_zombie.sh",
+        &[pid_file.to_str().unwrap()],
+        "timeout = \"20s\"",
+    ))
+    .await;
+
+    let data = app.api.run_to_end("orphan", json!({})).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let grandchild: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Reparented to the server when its program exited; only the server can reap it.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{grandchild}")).exists(),
+        "the escaped grandchild {grandchild} was left a zombie"
+    );
+}

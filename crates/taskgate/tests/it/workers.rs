@@ -325,6 +325,8 @@ enum Call {
     Heartbeat {
         program_started: bool,
     },
+    /// A heartbeat answered 409: the task was handed on.
+    HeartbeatRefused,
     UploadStarted,
     UploadDone,
     /// A `complete` call and the status it was answered with.
@@ -342,6 +344,8 @@ struct StubScript {
     complete_503s: usize,
     /// The file the task's program creates first thing.
     program_marker: std::path::PathBuf,
+    /// Answer heartbeats 409 once an upload has started.
+    lose_lease_while_uploading: bool,
 }
 
 /// A stand-in for the server's worker API: hands out one task, then no more, and records every
@@ -404,10 +408,16 @@ async fn stub_claim(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json:
     }))
 }
 
-async fn stub_heartbeat(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json::Value> {
+async fn stub_heartbeat(State(stub): State<StubWorkerApi>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if stub.script.lose_lease_while_uploading && stub.calls().contains(&Call::UploadStarted) {
+        stub.record(Call::HeartbeatRefused);
+        let body = json!({ "code": 409, "message": "handed on", "data": null });
+        return (axum::http::StatusCode::CONFLICT, axum::Json(body)).into_response();
+    }
     let program_started = stub.script.program_marker.exists();
     stub.record(Call::Heartbeat { program_started });
-    ok(serde_json::Value::Null)
+    ok(serde_json::Value::Null).into_response()
 }
 
 async fn stub_upload(
@@ -445,14 +455,19 @@ async fn stub_fail(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json::
     ok(serde_json::Value::Null)
 }
 
-/// Runs `taskgate worker` against `stub` until it has reported the outcome; returns the calls.
-async fn run_stub_task(stub: &StubWorkerApi, base: &str) -> Vec<Call> {
+/// Starts `taskgate worker` against `stub`, its program writing one output.
+fn spawn_stub_worker(stub: &StubWorkerApi, base: &str) -> tokio::process::Child {
     let marker = stub.script.program_marker.display().to_string();
-    let _worker = spawn_worker(
+    spawn_worker(
         base,
         "tgw_stub",
         &format!(r#"touch {marker}; echo out > "$TASKGATE_OUTPUT_DIR/out.txt""#),
-    );
+    )
+}
+
+/// Runs `taskgate worker` against `stub` until it has reported the outcome; returns the calls.
+async fn run_stub_task(stub: &StubWorkerApi, base: &str) -> Vec<Call> {
+    let _worker = spawn_stub_worker(stub, base);
     wait_until(
         Duration::from_secs(30),
         "the worker to report the outcome",
@@ -477,6 +492,7 @@ async fn a_worker_acknowledges_a_claim_with_a_heartbeat_before_running_the_progr
         upload_delay: Duration::ZERO,
         complete_503s: 0,
         program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
     })
     .await;
 
@@ -500,6 +516,7 @@ async fn a_worker_keeps_its_lease_while_an_upload_takes_longer_than_the_lease() 
         upload_delay: Duration::from_millis(1500),
         complete_503s: 0,
         program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
     })
     .await;
 
@@ -530,6 +547,7 @@ async fn a_worker_retries_a_completion_answered_503_until_the_server_takes_it() 
         upload_delay: Duration::ZERO,
         complete_503s: 2,
         program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
     })
     .await;
 
@@ -549,4 +567,38 @@ async fn a_worker_retries_a_completion_answered_503_until_the_server_takes_it() 
         "{calls:?}"
     );
     assert!(!calls.contains(&Call::Fail), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without_reporting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stub, base) = StubWorkerApi::start(StubScript {
+        lease_ms: 600,
+        upload_delay: Duration::from_millis(1500),
+        complete_503s: 0,
+        program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: true,
+    })
+    .await;
+
+    let _worker = spawn_stub_worker(&stub, &base);
+    wait_until(
+        Duration::from_secs(30),
+        "a heartbeat answered 409 during the upload",
+        || {
+            let lost = stub.calls().contains(&Call::HeartbeatRefused);
+            async move { lost }
+        },
+    )
+    .await;
+    // Had the worker kept going, it would report once the 1.5 s upload was answered.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    let calls = stub.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Complete(_) | Call::Fail)),
+        "{calls:?}"
+    );
 }
