@@ -1,8 +1,20 @@
 #!/bin/sh
-# Starts a grandchild in a new session that records its pid in $1 and exits at once; waits
-# until it is a zombie (dead, not yet reaped), then succeeds, so the zombie is orphaned.
+# Leaves a dead, unreaped grandchild orphaned to the server: an intermediate process starts it
+# in a new session and exits at once, so it is reparented to the server (a subreaper), not to
+# us; it records its pid in $1 and exits. Succeeds once that grandchild is a zombie.
 # Usage: orphan_zombie.sh PID_FILE
-setsid sh -c 'echo $$ > "$1.tmp"; mv "$1.tmp" "$1"' orphan "$1" &
+case "$2" in
+    grandchild)
+        echo $$ > "$1.tmp"
+        mv "$1.tmp" "$1"
+        exit 0
+        ;;
+    intermediate)
+        setsid sh "$0" "$1" grandchild &
+        exit 0
+        ;;
+esac
+sh "$0" "$1" intermediate
 while [ ! -s "$1" ]; do sleep 0.02; done
 pid=$(cat "$1")
 while [ -e "/proc/$pid" ] && ! grep -q ') Z' "/proc/$pid/stat"; do sleep 0.02; done
