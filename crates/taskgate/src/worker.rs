@@ -6,10 +6,11 @@
 //! A claim is acknowledged with a heartbeat at once (the server hands back a claim nobody
 //! acknowledged, as if it had never been received). From then on one heartbeat loop runs beside
 //! the whole attempt — program, uploads, and the complete/fail report, which is retried while
-//! the server cannot take it — so a long upload keeps its lease. A heartbeat answered 409 means
-//! the server handed the task to someone else: whatever stage is running is dropped at once
-//! (which kills the program's processes). On SIGTERM or Ctrl-C the slots stop claiming and
-//! finish what they run.
+//! the server cannot take it — so a long upload keeps its lease. The lease is lost when a
+//! heartbeat is answered 409 (the server handed the task to someone else) or when none got
+//! through for a whole lease (the server has let it expire): whatever stage is running is then
+//! dropped at once (which kills the program's processes). On SIGTERM or Ctrl-C the slots stop
+//! claiming and finish what they run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use taskgate_proto::{
 };
 use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
 use taskgate_server::domain::fail_code;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
@@ -248,9 +250,11 @@ async fn slot_loop(
 }
 
 async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
+    // The claim's lease was set before its answer arrived: it ends a lease from now at the latest.
+    let mut renewed = Instant::now();
     // Acknowledge before anything else: until then the server may hand the claim back.
     match heartbeat(api, &task, Duration::from_secs(10)).await {
-        Ok(()) => {}
+        Ok(()) => renewed = Instant::now(),
         Err(CallError::LeaseLost) => {
             warn!("the claim was handed on before it could be acknowledged; dropping it");
             return;
@@ -262,8 +266,8 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
     let output_dir = work_dir.join(format!("taskgate-{}.{}", task.task_id, task.attempt));
     tokio::select! {
         () = attempt(api, backend, &output_dir, &task) => {}
-        () = heartbeat_until_lost(api, &task) => {
-            warn!("the server handed this task to another worker; abandoning it");
+        () = heartbeat_until_lost(api, &task, renewed) => {
+            warn!("the lease on this task is lost; abandoning it");
         }
     }
     let _ = tokio::fs::remove_dir_all(&output_dir).await;
@@ -383,14 +387,22 @@ async fn heartbeat(api: &WorkerApi, task: &WorkerTask, timeout: Duration) -> Res
     .map(|_| ())
 }
 
-/// Renews the lease every third of it; returns only when the server says the task is gone.
-async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask) {
-    let every = Duration::from_millis(task.lease_ms / 3).max(Duration::from_millis(100));
+/// Renews the lease every third of it; returns only once the lease is lost: the server says the
+/// task is gone, or no renewal got through for a whole lease since `renewed` (the last one that
+/// did), after which the server has surely let it expire.
+async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask, mut renewed: Instant) {
+    let lease = Duration::from_millis(task.lease_ms);
+    let every = (lease / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
         match heartbeat(api, task, every).await {
-            Ok(()) => {}
+            // Measured at the answer: the server renewed no later than that.
+            Ok(()) => renewed = Instant::now(),
             Err(CallError::LeaseLost) => return,
+            Err(e) if renewed.elapsed() >= lease => {
+                warn!(error = %format!("{e:#}"), "no heartbeat got through for a whole lease");
+                return;
+            }
             Err(e) => warn!(error = %format!("{e:#}"), "heartbeat failed; will retry"),
         }
     }
