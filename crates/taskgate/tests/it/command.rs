@@ -338,13 +338,23 @@ env = { MODEL_SETTING = "kept" }
     server.terminate().await;
 }
 
+/// How long escape.sh's grandchild sleeps before it writes its late file: long enough that even
+/// a loaded machine settles the task first, so a late file means the grandchild outlived it.
+const LATE_AFTER_SECS: &str = "3";
+
+/// When a late file would surely have been written, counted from when the grandchild's pid was
+/// read (it sleeps only after writing it).
+fn late_after() -> Duration {
+    Duration::from_secs(LATE_AFTER_SECS.parse().unwrap()) + Duration::from_millis(500)
+}
+
 #[tokio::test]
 async fn a_grandchild_that_escapes_into_its_own_session_is_gone_before_the_task_is_final() {
     let dir = tempfile::tempdir().unwrap();
     let app = TestApp::start_with_models(&command_model(
         "escape",
         "escape.sh",
-        &[dir.path().to_str().unwrap(), "1"],
+        &[dir.path().to_str().unwrap(), LATE_AFTER_SECS],
         "timeout = \"20s\"",
     ))
     .await;
@@ -355,6 +365,7 @@ async fn a_grandchild_that_escapes_into_its_own_session_is_gone_before_the_task_
         .trim()
         .parse()
         .unwrap();
+    let late_due = tokio::time::Instant::now() + late_after();
     let data = app
         .api
         .wait_final("escape", &id, Duration::from_secs(30))
@@ -367,8 +378,7 @@ async fn a_grandchild_that_escapes_into_its_own_session_is_gone_before_the_task_
     );
     let names: Vec<String> = files_by_name(&data).await.into_keys().collect();
     assert_eq!(names, ["result.txt"]);
-    // Left alone, the grandchild writes its late file one second after it started.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep_until(late_due).await;
     assert!(
         !dir.path().join("late").exists(),
         "the escaped grandchild kept running after its task was settled"
@@ -381,7 +391,7 @@ async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
     let app = TestApp::start_with_models(&command_model(
         "escape_stuck",
         "escape.sh",
-        &[dir.path().to_str().unwrap(), "2", "hang"],
+        &[dir.path().to_str().unwrap(), LATE_AFTER_SECS, "hang"],
         "timeout = \"700ms\"\nmax_attempts = 1",
     ))
     .await;
@@ -392,6 +402,7 @@ async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
         .trim()
         .parse()
         .unwrap();
+    let late_due = tokio::time::Instant::now() + late_after();
     assert!(
         !process_is_gone(grandchild),
         "the grandchild should be running"
@@ -411,7 +422,7 @@ async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
         || async { process_is_gone(grandchild) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep_until(late_due).await;
     assert!(
         !dir.path().join("late").exists(),
         "the escaped grandchild kept running after its task timed out"
