@@ -1,11 +1,16 @@
 //! `taskgate worker`: a pull worker. It claims tasks of `worker`-backed models from a taskgate
 //! server over HTTP (so a GPU box needs no inbound port), runs each with the command backend on
-//! this machine, heartbeats while it runs, uploads the outputs, and reports the outcome.
+//! this machine, uploads the outputs, and reports the outcome.
 //!
 //! Concurrency model: `--concurrency` independent slots, each a loop of long-poll claim → run.
-//! A heartbeat answered 409 means the server handed the task to someone else: the attempt is
-//! dropped at once (which kills the program's process group). On SIGTERM or Ctrl-C the slots
-//! stop claiming and finish what they run.
+//! A claim is acknowledged with a heartbeat at once (the server hands back a claim nobody
+//! acknowledged, as if it had never been received). From then on one heartbeat loop runs beside
+//! the whole attempt — program, uploads, and the complete/fail report, which is retried while
+//! the server cannot take it — so a long upload keeps its lease. The lease is lost when a
+//! heartbeat is answered 409 (the server handed the task to someone else) or when none got
+//! through for a whole lease (the server has let it expire): whatever stage is running is then
+//! dropped at once (which kills the program's processes). On SIGTERM or Ctrl-C the slots stop
+//! claiming and finish what they run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use taskgate_proto::{
 };
 use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
 use taskgate_server::domain::fail_code;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
@@ -55,11 +61,13 @@ struct WorkerApi {
     http: reqwest::Client,
 }
 
-/// Why a call failed: the server said the task is no longer ours, refused our token, or
-/// anything else (worth retrying).
+/// Why a call failed: the server said the task is no longer ours, refused our token, rejected
+/// the request itself (another 4xx: sending it again cannot help), or anything else (a 5xx or
+/// a transport error: worth retrying).
 enum CallError {
     LeaseLost,
     Refused(String),
+    Rejected(String),
     Other(anyhow::Error),
 }
 
@@ -68,6 +76,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::LeaseLost => f.write_str("the task is no longer ours"),
             CallError::Refused(m) => write!(f, "refused: {m}"),
+            CallError::Rejected(m) => write!(f, "rejected: {m}"),
             CallError::Other(e) => write!(f, "{e:#}"),
         }
     }
@@ -109,6 +118,10 @@ impl WorkerApi {
             s if s.is_success() => Ok(envelope.data),
             StatusCode::CONFLICT => Err(CallError::LeaseLost),
             StatusCode::UNAUTHORIZED => Err(CallError::Refused(envelope.message)),
+            s if s.is_client_error() => Err(CallError::Rejected(format!(
+                "{path}: {s}: {}",
+                envelope.message
+            ))),
             s => Err(CallError::Other(anyhow::anyhow!(
                 "{path}: {s}: {}",
                 envelope.message
@@ -223,7 +236,7 @@ async fn slot_loop(
                 stop.cancel();
                 bail!("the server refused this worker's token: {message}");
             }
-            Err(CallError::Other(e)) => {
+            Err(e @ (CallError::Other(_) | CallError::Rejected(_))) => {
                 warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot claim work");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -237,13 +250,37 @@ async fn slot_loop(
 }
 
 async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
+    // The claim's lease was set before its answer arrived: it ends a lease from now at the latest.
+    let mut renewed = Instant::now();
+    // Acknowledge before anything else: until then the server may hand the claim back.
+    match heartbeat(api, &task, Duration::from_secs(10)).await {
+        Ok(()) => renewed = Instant::now(),
+        Err(CallError::LeaseLost) => {
+            warn!("the claim was handed on before it could be acknowledged; dropping it");
+            return;
+        }
+        // The heartbeat loop below acknowledges it a third of a lease from now.
+        Err(e) => warn!(error = %format!("{e:#}"), "cannot acknowledge the claim; will retry"),
+    }
     info!("running");
     let output_dir = work_dir.join(format!("taskgate-{}.{}", task.task_id, task.attempt));
+    tokio::select! {
+        () = attempt(api, backend, &output_dir, &task) => {}
+        () = heartbeat_until_lost(api, &task, renewed) => {
+            warn!("the lease on this task is lost; abandoning it");
+        }
+    }
     let _ = tokio::fs::remove_dir_all(&output_dir).await;
-    if let Err(e) = tokio::fs::create_dir_all(&output_dir).await {
+}
+
+/// Runs the program, uploads its outputs and reports the outcome; the caller holds the lease
+/// meanwhile and drops this future when the lease is lost.
+async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, task: &WorkerTask) {
+    let _ = tokio::fs::remove_dir_all(output_dir).await;
+    if let Err(e) = tokio::fs::create_dir_all(output_dir).await {
         report_failure(
             api,
-            &task,
+            task,
             BackendError::retryable(
                 fail_code::INTERNAL_ERROR,
                 format!("cannot create {}: {e}", output_dir.display()),
@@ -257,86 +294,116 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
         model: task.model.clone(),
         input: task.input.clone(),
         attempt: task.attempt,
-        output_dir: output_dir.clone(),
+        output_dir: output_dir.to_owned(),
     };
     let timeout = Duration::from_millis(task.timeout_ms);
-    let result = tokio::select! {
-        r = tokio::time::timeout(timeout, backend.run(&job)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::fatal(
-                fail_code::PROCESSING_TIMEOUT,
-                format!("the task ran longer than the model's timeout of {}", humantime::format_duration(timeout)),
-            )),
-        },
-        () = heartbeat_until_lost(api, &task) => {
-            warn!("the server handed this task to another worker; abandoning it");
-            let _ = tokio::fs::remove_dir_all(&output_dir).await;
-            return;
-        }
+    let result = match tokio::time::timeout(timeout, backend.run(&job)).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::fatal(
+            fail_code::PROCESSING_TIMEOUT,
+            format!(
+                "the task ran longer than the model's timeout of {}",
+                humantime::format_duration(timeout)
+            ),
+        )),
     };
-    match result {
-        Ok(()) => match upload_outputs(api, &task, &output_dir).await {
-            Ok(names) => {
-                let body = WorkerComplete {
-                    lease_token: task.lease_token.clone(),
-                    outputs: names,
-                };
-                match api
-                    .post::<_, serde_json::Value>(
-                        &format!("/api/v1/worker/tasks/{}/complete", task.task_id),
-                        &body,
-                        Duration::from_secs(60),
-                    )
-                    .await
-                {
-                    Ok(_) => info!("completed"),
-                    Err(CallError::LeaseLost) => warn!("finished, but the task had been handed on"),
-                    Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
-                        error!(error = %format!("{e:#}"), "cannot report completion; the task will run again when its lease expires")
-                    }
+    if let Err(e) = result {
+        report_failure(api, task, e).await;
+        return;
+    }
+    match upload_outputs(api, task, output_dir).await {
+        Ok(names) => {
+            let body = WorkerComplete {
+                lease_token: task.lease_token.clone(),
+                outputs: names,
+            };
+            match report(api, task, "complete", &body).await {
+                Ok(()) => info!("completed"),
+                Err(CallError::LeaseLost) => warn!("finished, but the task had been handed on"),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "cannot report completion; the task will run again when its lease expires")
                 }
             }
-            Err(CallError::LeaseLost) => warn!("the task was handed on while uploading"),
-            Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
-                report_failure(
-                    api,
-                    &task,
-                    BackendError::retryable(
-                        fail_code::INTERNAL_ERROR,
-                        format!("uploading outputs failed: {e:#}"),
-                    ),
-                )
-                .await
-            }
-        },
-        Err(e) => report_failure(api, &task, e).await,
-    }
-    let _ = tokio::fs::remove_dir_all(&output_dir).await;
-}
-
-/// Renews the lease every third of it; returns only when the server says the task is gone.
-async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask) {
-    let every = Duration::from_millis(task.lease_ms / 3).max(Duration::from_millis(100));
-    loop {
-        tokio::time::sleep(every).await;
-        let hb = WorkerHeartbeat {
-            lease_token: task.lease_token.clone(),
-            progress: None,
-            logs: Vec::new(),
-        };
-        match api
-            .post::<_, serde_json::Value>(
-                &format!("/api/v1/worker/tasks/{}/heartbeat", task.task_id),
-                &hb,
-                every,
+        }
+        Err(CallError::LeaseLost) => warn!("the task was handed on while uploading"),
+        Err(e) => {
+            report_failure(
+                api,
+                task,
+                BackendError::retryable(
+                    fail_code::INTERNAL_ERROR,
+                    format!("uploading outputs failed: {e:#}"),
+                ),
             )
             .await
+        }
+    }
+}
+
+/// Sends a final report (`complete` or `fail`) until the server takes it. A 5xx or a transport
+/// error is retried with backoff, for as long as the caller holds the lease; any other answer
+/// is final.
+async fn report<B: Serialize>(
+    api: &WorkerApi,
+    task: &WorkerTask,
+    what: &str,
+    body: &B,
+) -> Result<(), CallError> {
+    let path = format!("/api/v1/worker/tasks/{}/{what}", task.task_id);
+    let mut backoff = REPORT_RETRY_FIRST;
+    loop {
+        match api
+            .post::<_, serde_json::Value>(&path, body, Duration::from_secs(60))
+            .await
         {
-            Ok(_) => {}
-            Err(CallError::LeaseLost) => return,
-            Err(e @ (CallError::Other(_) | CallError::Refused(_))) => {
-                warn!(error = %format!("{e:#}"), "heartbeat failed; will retry")
+            Ok(_) => return Ok(()),
+            Err(CallError::Other(e)) => {
+                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot report the outcome yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REPORT_RETRY_MAX);
             }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Backoff of `report`: 200 ms doubling up to 5 s.
+const REPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Renews the lease once.
+async fn heartbeat(api: &WorkerApi, task: &WorkerTask, timeout: Duration) -> Result<(), CallError> {
+    let hb = WorkerHeartbeat {
+        lease_token: task.lease_token.clone(),
+        progress: None,
+        logs: Vec::new(),
+    };
+    api.post::<_, serde_json::Value>(
+        &format!("/api/v1/worker/tasks/{}/heartbeat", task.task_id),
+        &hb,
+        timeout,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Renews the lease every third of it; returns only once the lease is lost: the server says the
+/// task is gone, or no renewal got through for a whole lease since `renewed` (the last one that
+/// did), after which the server has surely let it expire.
+async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask, mut renewed: Instant) {
+    let lease = Duration::from_millis(task.lease_ms);
+    let every = (lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        match heartbeat(api, task, every).await {
+            // Measured at the answer: the server renewed no later than that.
+            Ok(()) => renewed = Instant::now(),
+            Err(CallError::LeaseLost) => return,
+            Err(e) if renewed.elapsed() >= lease => {
+                warn!(error = %format!("{e:#}"), "no heartbeat got through for a whole lease");
+                return;
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "heartbeat failed; will retry"),
         }
     }
 }
@@ -370,14 +437,11 @@ async fn report_failure(api: &WorkerApi, task: &WorkerTask, e: BackendError) {
         fail_msg: message,
         retryable,
     };
-    if let Err(e @ (CallError::Other(_) | CallError::Refused(_))) = api
-        .post::<_, serde_json::Value>(
-            &format!("/api/v1/worker/tasks/{}/fail", task.task_id),
-            &body,
-            Duration::from_secs(60),
-        )
-        .await
-    {
-        error!(error = %format!("{e:#}"), "cannot report the failure; the task will run again when its lease expires");
+    match report(api, task, "fail", &body).await {
+        Ok(()) => {}
+        Err(CallError::LeaseLost) => warn!("failed, but the task had been handed on"),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "cannot report the failure; the task will run again when its lease expires")
+        }
     }
 }

@@ -2,20 +2,24 @@
 //!
 //! The input JSON goes to stdin; `TASKGATE_OUTPUT_DIR` names the empty directory whose files
 //! become the results. Exit 0 succeeds; exit 75 (`EX_TEMPFAIL`) is a retryable failure; any
-//! other exit fails the task with the tail of stderr. The program runs in its own process group,
-//! and the whole group is killed when the attempt is dropped (timeout, shutdown) or ends, so no
-//! grandchild outlives its task.
+//! other exit fails the task with the tail of stderr.
+//!
+//! No process the program started outlives its attempt, not even one that left the program's
+//! process group: when the program exits, `run` kills its whole tree (`process_tree`) and
+//! returns only once the tree is gone, so the attempt is settled after its last writer died.
+//! When the attempt is dropped instead (timeout, shutdown, lost lease), the drop signals every
+//! process of the tree before returning and a thread finishes the job (reaping, stragglers
+//! forked meanwhile), since a drop cannot wait.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 
 use async_trait::async_trait;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use super::process_tree::{self, ProcessTree, KILL_BOUND};
 use super::{Backend, BackendError, Job};
 use crate::domain::fail_code;
 
@@ -43,6 +47,8 @@ impl CommandBackend {
         env: BTreeMap<String, String>,
         working_dir: Option<PathBuf>,
     ) -> Self {
+        // Before any program runs, so that nothing it orphans escapes to init.
+        process_tree::become_subreaper();
         CommandBackend {
             argv,
             env,
@@ -51,21 +57,44 @@ impl CommandBackend {
     }
 }
 
-/// Kills the process group when dropped: on every exit path, including a dropped future.
-struct GroupGuard(Option<i32>);
+/// Kills the attempt's process tree on every exit path, including a dropped future.
+struct TreeGuard(Option<ProcessTree>);
 
-impl GroupGuard {
-    fn kill(&self) {
-        if let Some(pgid) = self.0 {
-            // ESRCH (already gone) is the common case after a clean exit.
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+impl TreeGuard {
+    /// Kills the tree and waits until it is gone.
+    async fn kill(&mut self) {
+        let Some(tree) = self.0.take() else { return };
+        match tokio::task::spawn_blocking(move || tree.kill(KILL_BOUND)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(survivors)) => {
+                tracing::error!(error = %survivors, "the model program's processes would not die")
+            }
+            Err(e) => tracing::error!(error = %e, "killing the model program's processes failed"),
         }
     }
 }
 
-impl Drop for GroupGuard {
+impl Drop for TreeGuard {
     fn drop(&mut self) {
-        self.kill();
+        let Some(mut tree) = self.0.take() else {
+            return;
+        };
+        // One round here, so every process we can see is signalled before whoever dropped the
+        // attempt settles it; it is a single /proc scan, short enough to do on this thread.
+        if tree.kill_round().is_empty() {
+            return;
+        }
+        let finish = move || {
+            if let Err(survivors) = tree.kill(KILL_BOUND) {
+                tracing::error!(error = %survivors, "the model program's processes would not die");
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("taskgate-kill-tree".into())
+            .spawn(finish)
+        {
+            tracing::error!(error = %e, "cannot start a thread to finish killing the model program's processes");
+        }
     }
 }
 
@@ -102,13 +131,16 @@ impl Backend for CommandBackend {
         if let Some(dir) = &self.working_dir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            BackendError::fatal(
-                fail_code::MODEL_UNAVAILABLE,
-                format!("cannot start {:?}: {e}", self.argv[0]),
-            )
-        })?;
-        let group = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+        // The mark is inherited by every descendant, even one that leaves the process group,
+        // so the tree kill can find it.
+        let (mut child, tree) =
+            process_tree::spawn(&mut cmd, process_tree::new_mark()).map_err(|e| {
+                BackendError::fatal(
+                    fail_code::MODEL_UNAVAILABLE,
+                    format!("cannot start {:?}: {e}", self.argv[0]),
+                )
+            })?;
+        let mut tree = TreeGuard(tree);
 
         let mut stdin = child.stdin.take();
         let write_input = async move {
@@ -140,8 +172,9 @@ impl Backend for CommandBackend {
         // otherwise keep it open, and the attempt, alive after the program itself exited.
         let stderr_task = tokio::spawn(read_stderr);
         let (_, status) = tokio::join!(write_input, child.wait());
-        // The program is done: whatever it left running in its group goes with it.
-        group.kill();
+        // The program is done: whatever it left running goes with it, before the attempt is
+        // settled.
+        tree.kill().await;
         let mut tail = match tokio::time::timeout(STDERR_DRAIN, stderr_task).await {
             Ok(Ok(tail)) => tail,
             _ => VecDeque::new(),

@@ -5,6 +5,7 @@
 mod builtin;
 mod command;
 mod http;
+mod process_tree;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -337,3 +337,121 @@ env = { MODEL_SETTING = "kept" }
     }
     server.terminate().await;
 }
+
+/// How long escape.sh's grandchild sleeps before it writes its late file: long enough that even
+/// a loaded machine settles the task first, so a late file means the grandchild outlived it.
+const LATE_AFTER_SECS: &str = "3";
+
+/// When a late file would surely have been written, counted from when the grandchild's pid was
+/// read (it sleeps only after writing it).
+fn late_after() -> Duration {
+    Duration::from_secs(LATE_AFTER_SECS.parse().unwrap()) + Duration::from_millis(500)
+}
+
+#[tokio::test]
+async fn a_grandchild_that_escapes_into_its_own_session_is_gone_before_the_task_is_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "escape",
+        "escape.sh",
+        &[dir.path().to_str().unwrap(), LATE_AFTER_SECS],
+        "timeout = \"20s\"",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("escape", json!({})).await;
+    let grandchild: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(10))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    let late_due = tokio::time::Instant::now() + late_after();
+    let data = app
+        .api
+        .wait_final("escape", &id, Duration::from_secs(30))
+        .await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    assert!(
+        process_is_gone(grandchild),
+        "the grandchild {grandchild} in its own session outlived its settled task"
+    );
+    let names: Vec<String> = files_by_name(&data).await.into_keys().collect();
+    assert_eq!(names, ["result.txt"]);
+    tokio::time::sleep_until(late_due).await;
+    assert!(
+        !dir.path().join("late").exists(),
+        "the escaped grandchild kept running after its task was settled"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start_with_models(&command_model(
+        "escape_stuck",
+        "escape.sh",
+        &[dir.path().to_str().unwrap(), LATE_AFTER_SECS, "hang"],
+        "timeout = \"700ms\"\nmax_attempts = 1",
+    ))
+    .await;
+
+    let id = app.api.submit_ok("escape_stuck", json!({})).await;
+    let grandchild: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(10))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    let late_due = tokio::time::Instant::now() + late_after();
+    assert!(
+        !process_is_gone(grandchild),
+        "the grandchild should be running"
+    );
+    let data = app
+        .api
+        .wait_final("escape_stuck", &id, Duration::from_secs(10))
+        .await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "PROCESSING_TIMEOUT");
+    // A timeout drops the attempt, so the kill cannot be awaited before settling; it is sent
+    // from the drop itself and the process dies within moments.
+    wait_until(
+        Duration::from_secs(1),
+        "the escaped grandchild to be killed",
+        || async { process_is_gone(grandchild) },
+    )
+    .await;
+    tokio::time::sleep_until(late_due).await;
+    assert!(
+        !dir.path().join("late").exists(),
+        "the escaped grandchild kept running after its task timed out"
+    );
+}
+
+#[tokio::test]
+async fn a_grandchild_that_escaped_and_died_before_its_program_is_reaped_not_left_a_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let app = TestApp::start_with_models(&command_model(
+        "orphan",
+        "orphan_zombie.sh",
+        &[pid_file.to_str().unwrap()],
+        "timeout = \"20s\"",
+    ))
+    .await;
+
+    let data = app.api.run_to_end("orphan", json!({})).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let grandchild: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Reparented to the server when its program exited; only the server can reap it.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{grandchild}")).exists(),
+        "the escaped grandchild {grandchild} was left a zombie"
+    );
+}

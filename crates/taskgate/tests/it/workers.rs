@@ -2,8 +2,13 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::routing::{post, put};
+use axum::Router;
 use serde_json::json;
 
 use crate::support::*;
@@ -311,4 +316,289 @@ async fn a_retried_task_does_not_show_the_previous_attempts_progress() {
     let (_, s) = app.api.status("remote", &id).await;
     assert_eq!(s["data"]["state"], "processing");
     assert!(s["data"].get("progress").is_none(), "{s}");
+}
+
+/// What a worker did with the one task a [`StubWorkerApi`] handed it, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    /// A heartbeat, and whether the program had started by then.
+    Heartbeat {
+        program_started: bool,
+    },
+    /// A heartbeat answered 409: the task was handed on.
+    HeartbeatRefused,
+    UploadStarted,
+    UploadDone,
+    /// A `complete` call and the status it was answered with.
+    Complete(u16),
+    Fail,
+}
+
+/// How a [`StubWorkerApi`] behaves.
+#[derive(Clone)]
+struct StubScript {
+    lease_ms: u64,
+    /// How long each upload takes to be answered.
+    upload_delay: Duration,
+    /// How many `complete` calls are answered 503 before one is taken.
+    complete_503s: usize,
+    /// The file the task's program creates first thing.
+    program_marker: std::path::PathBuf,
+    /// Answer heartbeats 409 once an upload has started.
+    lose_lease_while_uploading: bool,
+}
+
+/// A stand-in for the server's worker API: hands out one task, then no more, and records every
+/// call the worker makes about it. It lets a test control what the real server would not: a
+/// slow upload, a `complete` answered 503.
+#[derive(Clone)]
+struct StubWorkerApi {
+    script: StubScript,
+    claimed: Arc<AtomicBool>,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl StubWorkerApi {
+    async fn start(script: StubScript) -> (StubWorkerApi, String) {
+        let stub = StubWorkerApi {
+            script,
+            claimed: Arc::default(),
+            calls: Arc::default(),
+        };
+        let app = Router::new()
+            .route("/api/v1/worker/claim", post(stub_claim))
+            .route("/api/v1/worker/tasks/{id}/heartbeat", post(stub_heartbeat))
+            .route("/api/v1/worker/tasks/{id}/outputs/{name}", put(stub_upload))
+            .route("/api/v1/worker/tasks/{id}/complete", post(stub_complete))
+            .route("/api/v1/worker/tasks/{id}/fail", post(stub_fail))
+            .with_state(stub.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (stub, base)
+    }
+
+    fn record(&self, call: Call) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+fn ok(data: serde_json::Value) -> axum::Json<serde_json::Value> {
+    axum::Json(json!({ "code": 200, "message": "success", "data": data }))
+}
+
+async fn stub_claim(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json::Value> {
+    if stub.claimed.swap(true, Ordering::SeqCst) {
+        // A short long-poll with nothing to hand out.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return ok(serde_json::Value::Null);
+    }
+    ok(json!({
+        "taskId": "task_stub",
+        "model": "remote",
+        "input": {},
+        "attempt": 1,
+        "leaseToken": "lease_stub",
+        "leaseMs": stub.script.lease_ms,
+        "timeoutMs": 30_000,
+    }))
+}
+
+async fn stub_heartbeat(State(stub): State<StubWorkerApi>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if stub.script.lose_lease_while_uploading && stub.calls().contains(&Call::UploadStarted) {
+        stub.record(Call::HeartbeatRefused);
+        let body = json!({ "code": 409, "message": "handed on", "data": null });
+        return (axum::http::StatusCode::CONFLICT, axum::Json(body)).into_response();
+    }
+    let program_started = stub.script.program_marker.exists();
+    stub.record(Call::Heartbeat { program_started });
+    ok(serde_json::Value::Null).into_response()
+}
+
+async fn stub_upload(
+    State(stub): State<StubWorkerApi>,
+    _body: axum::body::Bytes,
+) -> axum::Json<serde_json::Value> {
+    stub.record(Call::UploadStarted);
+    tokio::time::sleep(stub.script.upload_delay).await;
+    stub.record(Call::UploadDone);
+    ok(serde_json::Value::Null)
+}
+
+async fn stub_complete(State(stub): State<StubWorkerApi>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let earlier = stub
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Complete(_)))
+        .count();
+    if earlier < stub.script.complete_503s {
+        stub.record(Call::Complete(503));
+        let body = json!({ "code": 503, "message": "try again later", "data": null });
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(body),
+        )
+            .into_response();
+    }
+    stub.record(Call::Complete(200));
+    ok(serde_json::Value::Null).into_response()
+}
+
+async fn stub_fail(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json::Value> {
+    stub.record(Call::Fail);
+    ok(serde_json::Value::Null)
+}
+
+/// Starts `taskgate worker` against `stub`, its program writing one output.
+fn spawn_stub_worker(stub: &StubWorkerApi, base: &str) -> tokio::process::Child {
+    let marker = stub.script.program_marker.display().to_string();
+    spawn_worker(
+        base,
+        "tgw_stub",
+        &format!(r#"touch {marker}; echo out > "$TASKGATE_OUTPUT_DIR/out.txt""#),
+    )
+}
+
+/// Runs `taskgate worker` against `stub` until it has reported the outcome; returns the calls.
+async fn run_stub_task(stub: &StubWorkerApi, base: &str) -> Vec<Call> {
+    let _worker = spawn_stub_worker(stub, base);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to report the outcome",
+        || {
+            let done = stub
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::Complete(200) | Call::Fail));
+            async move { done }
+        },
+    )
+    .await;
+    stub.calls()
+}
+
+#[tokio::test]
+async fn a_worker_acknowledges_a_claim_with_a_heartbeat_before_running_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long lease: no regular heartbeat is due for 20 s, far longer than this task takes.
+    let (stub, base) = StubWorkerApi::start(StubScript {
+        lease_ms: 60_000,
+        upload_delay: Duration::ZERO,
+        complete_503s: 0,
+        program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
+    })
+    .await;
+
+    let calls = run_stub_task(&stub, &base).await;
+
+    assert_eq!(
+        calls.first(),
+        Some(&Call::Heartbeat {
+            program_started: false
+        }),
+        "{calls:?}"
+    );
+    assert_eq!(calls.last(), Some(&Call::Complete(200)), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_worker_keeps_its_lease_while_an_upload_takes_longer_than_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stub, base) = StubWorkerApi::start(StubScript {
+        lease_ms: 600,
+        upload_delay: Duration::from_millis(1500),
+        complete_503s: 0,
+        program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
+    })
+    .await;
+
+    let calls = run_stub_task(&stub, &base).await;
+
+    let start = calls.iter().position(|c| *c == Call::UploadStarted);
+    let end = calls.iter().position(|c| *c == Call::UploadDone);
+    let (Some(start), Some(end)) = (start, end) else {
+        panic!("no upload: {calls:?}")
+    };
+    let during = calls[start..end]
+        .iter()
+        .filter(|c| matches!(c, Call::Heartbeat { .. }))
+        .count();
+    // A heartbeat every 200 ms over a 1.5 s upload: at least the lease's worth of renewals.
+    assert!(
+        during >= 3,
+        "{during} heartbeats during the upload: {calls:?}"
+    );
+    assert_eq!(calls.last(), Some(&Call::Complete(200)), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_worker_retries_a_completion_answered_503_until_the_server_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stub, base) = StubWorkerApi::start(StubScript {
+        lease_ms: 3_000,
+        upload_delay: Duration::ZERO,
+        complete_503s: 2,
+        program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: false,
+    })
+    .await;
+
+    let calls = run_stub_task(&stub, &base).await;
+
+    let completes: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Complete(_)))
+        .collect();
+    assert_eq!(
+        completes,
+        [
+            &Call::Complete(503),
+            &Call::Complete(503),
+            &Call::Complete(200)
+        ],
+        "{calls:?}"
+    );
+    assert!(!calls.contains(&Call::Fail), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without_reporting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stub, base) = StubWorkerApi::start(StubScript {
+        lease_ms: 600,
+        upload_delay: Duration::from_millis(1500),
+        complete_503s: 0,
+        program_marker: dir.path().join("started"),
+        lose_lease_while_uploading: true,
+    })
+    .await;
+
+    let _worker = spawn_stub_worker(&stub, &base);
+    wait_until(
+        Duration::from_secs(30),
+        "a heartbeat answered 409 during the upload",
+        || {
+            let lost = stub.calls().contains(&Call::HeartbeatRefused);
+            async move { lost }
+        },
+    )
+    .await;
+    // Had the worker kept going, it would report once the 1.5 s upload was answered.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    let calls = stub.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Complete(_) | Call::Fail)),
+        "{calls:?}"
+    );
 }
