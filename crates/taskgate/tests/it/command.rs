@@ -416,8 +416,10 @@ async fn a_timeout_kills_a_grandchild_that_escaped_into_its_own_session() {
     assert_eq!(data["failCode"], "PROCESSING_TIMEOUT");
     // A timeout drops the attempt, so the kill cannot be awaited before settling; it is sent
     // from the drop itself and the process dies within moments.
+    // Bounded by when it would write its late file (3 s after it started), with room for a
+    // loaded machine.
     wait_until(
-        Duration::from_secs(1),
+        Duration::from_millis(2500),
         "the escaped grandchild to be killed",
         || async { process_is_gone(grandchild) },
     )

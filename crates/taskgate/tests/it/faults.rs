@@ -375,12 +375,17 @@ timeout = "30s"
     let data = app.api.wait_final("clean", &second, WAIT).await;
     assert_eq!(data["state"], "success", "{data}");
 
-    // Let the writer (if it survived) finish its tries before looking at what was published.
+    // Let the writer finish its tries, or be gone (the command backend kills the whole process
+    // tree, setsid or not), before looking at what was published.
     let log = std::fs::read_to_string(&marker).unwrap_or_default();
-    if log.contains("started") {
-        wait_until(WAIT, "the leftover writer to finish", || {
+    let writer_pid: Option<i32> = log
+        .lines()
+        .find_map(|l| l.strip_prefix("started "))
+        .and_then(|p| p.trim().parse().ok());
+    if let Some(pid) = writer_pid {
+        wait_until(WAIT, "the leftover writer to finish or die", || {
             let log = std::fs::read_to_string(&marker).unwrap_or_default();
-            async move { log.contains("done") || log.is_empty() }
+            async move { log.contains("done") || process_is_gone(pid) }
         })
         .await;
     }

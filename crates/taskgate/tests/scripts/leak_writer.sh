@@ -8,7 +8,7 @@ marker="$1"
 go="$2"
 setsid sh -c '
   dir="$1"; marker="$2"; go="$3"
-  echo started >> "$marker"
+  echo "started $$" >> "$marker"
   n=0
   while [ ! -e "$go" ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
   i=0
