@@ -331,6 +331,14 @@ conformance! {
         assert_eq!((got.attempts, got.next_attempt_at, got.state.as_str()), (0, 99, "pending"));
     }
 
+    a_failed_insert_keeps_its_cause_so_an_outage_is_not_taken_for_bad_input(s) {
+        // A closed pool fails like a lost database: the caller must learn it is unavailable
+        // (503), not that its row was invalid (500).
+        s.close().await;
+        let e = s.insert_task(new_task("task_a", "m", 1)).await.unwrap_err();
+        assert!(matches!(e, taskgate_server::store::StoreError::Unavailable(_)), "{e:?}");
+    }
+
     webhook_secrets_rotate_and_keep_the_previous_one(s) {
         let first = s.webhook_secrets("ten_1", "whsec_a").await.unwrap();
         assert_eq!(first.current, "whsec_a");
@@ -373,4 +381,34 @@ async fn concurrency_holds_across_nodes_sharing_postgres() {
     a.close().await;
     b.close().await;
     drop_schema(&schema).await;
+}
+
+/// PostgreSQL only: stores opening one fresh schema at the same instant all open (schema and
+/// migrations), and all agree on the settings they initialise.
+#[tokio::test]
+async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        skip("stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings (set TEST_DATABASE_URL)");
+        return;
+    };
+    for _ in 0..5 {
+        let schema = format!("t_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        let opens: Vec<_> = (0..4u8)
+            .map(|i| {
+                let (url, schema) = (url.clone(), schema.clone());
+                tokio::spawn(async move {
+                    let s = PostgresStore::connect(&url, Some(&schema)).await?;
+                    let v = s.setting_or_init("k", &[i]).await?;
+                    s.close().await;
+                    Ok::<_, taskgate_server::store::StoreError>(v)
+                })
+            })
+            .collect();
+        let mut values = std::collections::HashSet::new();
+        for open in opens {
+            values.insert(open.await.unwrap().unwrap());
+        }
+        assert_eq!(values.len(), 1, "every node reads the first value");
+        drop_schema(&schema).await;
+    }
 }

@@ -49,10 +49,18 @@ impl PostgresStore {
                 .max_connections(1)
                 .connect_with(options.clone())
                 .await?;
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
                 .execute(&admin)
-                .await?;
+                .await;
             admin.close().await;
+            match created {
+                Ok(_) => {}
+                // Two connections creating one schema at once: IF NOT EXISTS checks before
+                // inserting into the catalog, so the loser can still hit its unique index.
+                // Either way the schema exists, which is all we asked for.
+                Err(sqlx::Error::Database(e)) if already_exists(e.as_ref()) => {}
+                Err(e) => return Err(e.into()),
+            }
             options = options.options([("search_path", schema)]);
         }
         let pool = PgPoolOptions::new()
@@ -70,6 +78,11 @@ impl PostgresStore {
             closing: CancellationToken::new(),
         })
     }
+}
+
+/// `unique_violation` or `duplicate_schema`: what a concurrent `CREATE … IF NOT EXISTS` raises.
+fn already_exists(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.is_unique_violation() || e.code().as_deref() == Some("42P06")
 }
 
 async fn notify(tx: &mut Transaction<'_, Postgres>, payload: &str) -> Result<(), StoreError> {
@@ -98,6 +111,12 @@ async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
                     let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
                         msg.clone(),
                     ))));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                // Alone in its batch: its own error, kind and cause kept, without a second try.
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
                 }
             }
             Err(_) => {
@@ -420,7 +439,7 @@ impl Store for PostgresStore {
             revoked_at: None,
             key_hash: key_hash.to_vec(),
         };
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at, kind) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -432,8 +451,15 @@ impl Store for PostgresStore {
         .bind(record.created_at)
         .bind(kind.as_str())
         .execute(&self.pool)
-        .await?;
-        Ok(record)
+        .await;
+        match r {
+            Ok(_) => Ok(record),
+            // Nodes starting together all register TASKGATE_API_KEY; one of them wins.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                "this key is registered already".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {

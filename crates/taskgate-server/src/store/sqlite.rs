@@ -95,8 +95,9 @@ async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>)
                 }
             }
             Err(e) if batch.len() == 1 => {
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Invalid(e.to_string())));
+                // The error as it is: an unavailable database must answer 503, not 500.
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
                 }
             }
             Err(_) => {
@@ -429,7 +430,7 @@ impl Store for SqliteStore {
             revoked_at: None,
             key_hash: key_hash.to_vec(),
         };
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO api_keys (id, kind, tenant_id, name, key_hash, prefix, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
@@ -441,8 +442,14 @@ impl Store for SqliteStore {
         .bind(prefix)
         .bind(record.created_at)
         .execute(&self.writer)
-        .await?;
-        Ok(record)
+        .await;
+        match r {
+            Ok(_) => Ok(record),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                "this key is registered already".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
