@@ -12,10 +12,15 @@ use taskgate_server::domain::fail_code;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Store,
+    DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Store,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
+/// Room for any number of requests per host.
+const ROOM: HostRoom = HostRoom {
+    per_host: usize::MAX,
+    limited: Vec::new(),
+};
 
 /// Says that a test skipped its work, past the harness's output capture (an `eprintln!` of a
 /// passing test would be hidden).
@@ -279,7 +284,7 @@ conformance! {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].0.state, "pending");
         assert!(s.deliveries_for_task("task_b").await.unwrap().is_empty());
-        assert_eq!(s.next_delivery_due().await.unwrap(), Some(20));
+        assert_eq!(s.next_delivery_due(&[]).await.unwrap(), Some(20));
     }
 
     a_task_failed_by_lease_recovery_is_called_back(s) {
@@ -295,15 +300,15 @@ conformance! {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
-        let claims = s.claim_deliveries(20, 10, LEASE).await.unwrap();
+        let claims = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(claims.len(), 1);
-        assert!(s.claim_deliveries(20, 10, LEASE).await.unwrap().is_empty(), "claimed once");
+        assert!(s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().is_empty(), "claimed once");
         let d = &claims[0];
         let attempt = DeliveryAttempt { attempted_at: 21, status_code: Some(500), latency_ms: 3, error: None };
         assert!(!s.finish_delivery_attempt(&d.delivery.id, "dlv_stale", Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
         assert!(s.finish_delivery_attempt(&d.delivery.id, &d.token, Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
-        assert!(s.claim_deliveries(49, 10, LEASE).await.unwrap().is_empty());
-        let again = s.claim_deliveries(50, 10, LEASE).await.unwrap();
+        assert!(s.claim_deliveries(49, 10, LEASE, &ROOM).await.unwrap().is_empty());
+        let again = s.claim_deliveries(50, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(again.len(), 1);
         let ok = DeliveryAttempt { attempted_at: 51, status_code: Some(200), latency_ms: 2, error: None };
         s.finish_delivery_attempt(&again[0].delivery.id, &again[0].token, Some(&ok), DeliveryNext::Succeeded, 52).await.unwrap();
@@ -315,7 +320,7 @@ conformance! {
         assert_eq!(attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![Some(500), Some(200)]);
         assert_eq!(s.redeliver(&d.id, 60).await.unwrap(), Redeliver::Scheduled);
         assert_eq!(s.redeliver("whk_nope", 60).await.unwrap(), Redeliver::NotFound);
-        let third = s.claim_deliveries(60, 10, LEASE).await.unwrap();
+        let third = s.claim_deliveries(60, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(s.redeliver(&d.id, 61).await.unwrap(), Redeliver::InFlight);
         assert_eq!(s.recover_expired_deliveries(61).await.unwrap(), 0);
         assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
@@ -325,7 +330,7 @@ conformance! {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
-        let d = s.claim_deliveries(20, 10, LEASE).await.unwrap().remove(0);
+        let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
         s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Defer(99), 21).await.unwrap();
         let got = s.get_delivery(&d.delivery.id).await.unwrap().unwrap();
         assert_eq!((got.attempts, got.next_attempt_at, got.state.as_str()), (0, 99, "pending"));
@@ -347,6 +352,28 @@ conformance! {
         assert_eq!(rotated.current, "whsec_c");
         assert_eq!(rotated.previous.as_deref(), Some("whsec_a"));
         assert_eq!(rotated.previous_expires_at, Some(1000));
+    }
+
+    claims_respect_each_hosts_room_and_skip_blocked_hosts(s) {
+        let urls = ["https://a.example/1", "https://a.example/2?x", "https://a.example/3", "http://b.example:8080/1", "http://b.example:8080/2"];
+        for (i, url) in urls.iter().enumerate() {
+            let mut t = callback_task(&format!("task_{i}"));
+            t.callback_url = Some((*url).into());
+            s.insert_task(t).await.unwrap();
+            let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+            s.finish(&c.task.id, &c.token, &Outcome::Success { outputs: vec![] }, 20 + i as i64).await.unwrap();
+        }
+        let room = HostRoom { per_host: 2, limited: vec![("http://b.example:8080".into(), 0)] };
+        let claimed = s.claim_deliveries(100, 10, LEASE, &room).await.unwrap();
+        let hosts: Vec<&str> = claimed.iter().map(|c| c.delivery.host.as_str()).collect();
+        assert_eq!(hosts, ["https://a.example", "https://a.example"], "two for a, none for blocked b");
+        assert_eq!(s.next_delivery_due(&["http://b.example:8080".into()]).await.unwrap(), Some(22));
+        assert_eq!(s.next_delivery_due(&[]).await.unwrap(), Some(22));
+        // b's circuit opens: its backlog moves in one statement.
+        assert_eq!(s.defer_host("http://b.example:8080", 5_000).await.unwrap(), 2);
+        assert_eq!(s.next_delivery_due(&["https://a.example".into()]).await.unwrap(), Some(5_000));
+        let rest = s.claim_deliveries(5_000, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(rest.len(), 3);
     }
 }
 

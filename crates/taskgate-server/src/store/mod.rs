@@ -150,6 +150,8 @@ pub struct Delivery {
     pub task_id: String,
     pub tenant_id: String,
     pub url: String,
+    /// The receiver, `scheme://host[:port]`: the unit of per-host limits and circuits.
+    pub host: String,
     /// `pending`, `delivering`, `succeeded` or `failed`.
     pub state: String,
     pub attempts: u32,
@@ -192,6 +194,26 @@ pub enum Redeliver {
     Scheduled,
     InFlight,
     NotFound,
+}
+
+/// How many more requests each receiver host may take now, for a delivery claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostRoom {
+    /// Room of a host not listed in `limited`.
+    pub per_host: usize,
+    /// Hosts with less room than `per_host`; 0 leaves a host out (saturated, or circuit open).
+    pub limited: Vec<(String, usize)>,
+}
+
+impl HostRoom {
+    /// Hosts that may take nothing now.
+    pub fn blocked(&self) -> Vec<String> {
+        self.limited
+            .iter()
+            .filter(|(_, room)| *room == 0)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -302,16 +324,22 @@ pub trait Store: Send + Sync + 'static {
         previous_until: i64,
     ) -> Result<WebhookSecrets, StoreError>;
 
-    /// Claims up to `limit` due deliveries (pending → delivering) with a lease.
+    /// Claims up to `limit` due deliveries (pending → delivering) with a lease, oldest first,
+    /// no more per host than `room` gives it, so that a busy host's backlog stays untouched.
     async fn claim_deliveries(
         &self,
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError>;
 
-    /// The earliest `next_attempt_at` among pending deliveries.
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError>;
+    /// The earliest `next_attempt_at` among pending deliveries to hosts other than `blocked`.
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError>;
+
+    /// Moves every pending delivery to `host` to no earlier than `until`, in one statement (its
+    /// circuit opened). Returns how many were moved.
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError>;
 
     /// Records an attempt (if one was made) and moves the delivery on; false when the claim is
     /// no longer ours.

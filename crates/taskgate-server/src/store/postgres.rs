@@ -23,8 +23,8 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
-    Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
+    NewTask, Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task};
 
@@ -559,18 +559,39 @@ impl Store for PostgresStore {
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         let token = new_id("dlv");
+        let (hosts, rooms): (Vec<&str>, Vec<i64>) = room
+            .limited
+            .iter()
+            .map(|(h, r)| (h.as_str(), i64::try_from(*r).unwrap_or(i64::MAX)))
+            .unzip();
+        // A window function cannot be locked, so the ranked pick is locked in an outer select;
+        // it re-checks `state`, since another node may have claimed a row since the snapshot.
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = $1, \
-             lease_expires_at = $2 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_at <= $3 ORDER BY next_attempt_at, id \
-             LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {DELIVERY_COLUMNS}"
+             lease_expires_at = $2 WHERE id IN ( \
+               SELECT id FROM webhook_deliveries WHERE state = 'pending' AND id IN ( \
+                 SELECT id FROM ( \
+                   SELECT d.id, d.next_attempt_at, COALESCE(l.room, $6) AS room, \
+                          row_number() OVER (PARTITION BY d.host \
+                                             ORDER BY d.next_attempt_at, d.id) AS rn \
+                   FROM webhook_deliveries d \
+                   LEFT JOIN unnest($5::text[], $7::bigint[]) AS l(host, room) \
+                     ON l.host = d.host \
+                   WHERE d.state = 'pending' AND d.next_attempt_at <= $3) ranked \
+                 WHERE rn <= room ORDER BY next_attempt_at, id LIMIT $4) \
+               FOR UPDATE SKIP LOCKED) \
+             RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
+        .bind(&hosts)
+        .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
+        .bind(&rooms)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -582,12 +603,26 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' \
+             AND NOT (host = ANY($1))",
         )
+        .bind(blocked)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = $1 \
+             WHERE state = 'pending' AND host = $2 AND next_attempt_at < $1",
+        )
+        .bind(until)
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn finish_delivery_attempt(

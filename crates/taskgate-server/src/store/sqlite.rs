@@ -22,8 +22,8 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
-    Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
+    NewTask, Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task};
 
@@ -549,18 +549,33 @@ impl Store for SqliteStore {
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         let token = new_id("dlv");
+        // `limited` goes in as JSON, `[["https://a.example", 0], ...]`: SQLite has no arrays.
+        let limited =
+            serde_json::to_string(&room.limited).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = ?1, \
-             lease_expires_at = ?2 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id \
-             LIMIT ?4) RETURNING {DELIVERY_COLUMNS}"
+             lease_expires_at = ?2 WHERE id IN ( \
+               SELECT id FROM ( \
+                 SELECT d.id, d.next_attempt_at, COALESCE(l.room, ?6) AS room, \
+                        row_number() OVER (PARTITION BY d.host \
+                                           ORDER BY d.next_attempt_at, d.id) AS rn \
+                 FROM webhook_deliveries d \
+                 LEFT JOIN (SELECT json_extract(value, '$[0]') AS host, \
+                                   json_extract(value, '$[1]') AS room FROM json_each(?5)) l \
+                   ON l.host = d.host \
+                 WHERE d.state = 'pending' AND d.next_attempt_at <= ?3) \
+               WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?4) \
+             RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
+        .bind(limited)
+        .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
         .fetch_all(&self.writer)
         .await?;
         Ok(rows
@@ -572,12 +587,28 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
+        let blocked =
+            serde_json::to_string(blocked).map_err(|e| StoreError::Invalid(e.to_string()))?;
         Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' \
+             AND host NOT IN (SELECT value FROM json_each(?))",
         )
+        .bind(blocked)
         .fetch_one(&self.reader)
         .await?)
+    }
+
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?1 \
+             WHERE state = 'pending' AND host = ?2 AND next_attempt_at < ?1",
+        )
+        .bind(until)
+        .bind(host)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn finish_delivery_attempt(
