@@ -26,7 +26,7 @@ use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
 use crate::store::{Delivery, DeliveryAttempt, Redeliver};
 use crate::store::{NewTask, Store};
-use crate::webhooks::{ssrf, Deliverer};
+use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
 use taskgate_proto::{
     webhook, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookSecretData,
@@ -397,8 +397,25 @@ async fn retry_delivery(
         .await?
         .filter(|d| d.tenant_id == tenant.id)
         .ok_or_else(not_found)?;
-    match state.store.redeliver(&delivery.id, now_ms()).await? {
+    let now = now_ms();
+    match state
+        .store
+        .redeliver(&delivery.id, now, MANUAL_RETRY_INTERVAL)
+        .await?
+    {
         Redeliver::Scheduled => {}
+        Redeliver::TooSoon { retry_at } => {
+            let wait = std::time::Duration::from_millis((retry_at - now).max(0) as u64);
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "this delivery was retried less than {}s ago; it may be retried again in \
+                     {secs} seconds",
+                    MANUAL_RETRY_INTERVAL.as_secs()
+                ),
+                retry_after: wait,
+            });
+        }
         Redeliver::InFlight => {
             return Err(ApiError::Conflict(
                 "this delivery is being sent right now; look at its attempts again shortly".into(),

@@ -318,10 +318,10 @@ conformance! {
         assert_eq!(d.attempts, 2);
         assert_eq!(d.last_error.as_deref(), Some("the receiver answered HTTP 500"));
         assert_eq!(attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![Some(500), Some(200)]);
-        assert_eq!(s.redeliver(&d.id, 60).await.unwrap(), Redeliver::Scheduled);
-        assert_eq!(s.redeliver("whk_nope", 60).await.unwrap(), Redeliver::NotFound);
+        assert_eq!(s.redeliver(&d.id, 60, Duration::ZERO).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver("whk_nope", 60, Duration::ZERO).await.unwrap(), Redeliver::NotFound);
         let third = s.claim_deliveries(60, 10, LEASE, &ROOM).await.unwrap();
-        assert_eq!(s.redeliver(&d.id, 61).await.unwrap(), Redeliver::InFlight);
+        assert_eq!(s.redeliver(&d.id, 61, Duration::ZERO).await.unwrap(), Redeliver::InFlight);
         assert_eq!(s.recover_expired_deliveries(61).await.unwrap(), 0);
         assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
     }
@@ -352,6 +352,20 @@ conformance! {
         assert_eq!(rotated.current, "whsec_c");
         assert_eq!(rotated.previous.as_deref(), Some("whsec_a"));
         assert_eq!(rotated.previous_expires_at, Some(1000));
+    }
+
+
+    manual_retries_are_spaced_per_delivery(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
+        s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Failed, 21).await.unwrap();
+        let gap = Duration::from_secs(10);
+        assert_eq!(s.redeliver(&d.delivery.id, 1_000, gap).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver(&d.delivery.id, 5_000, gap).await.unwrap(), Redeliver::TooSoon { retry_at: 11_000 });
+        assert_eq!(s.redeliver(&d.delivery.id, 11_000, gap).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver("whk_nope", 11_000, gap).await.unwrap(), Redeliver::NotFound);
     }
 
     claims_respect_each_hosts_room_and_skip_blocked_hosts(s) {

@@ -194,6 +194,21 @@ pub enum Redeliver {
     Scheduled,
     InFlight,
     NotFound,
+    /// Asked again too soon after the last manual retry: allowed from this time (Unix ms).
+    TooSoon {
+        retry_at: i64,
+    },
+}
+
+/// Why a redelivery changed nothing, from the row's last manual retry (`None`: no such row).
+fn redeliver_refusal(last_manual_retry: Option<Option<i64>>, now: i64, gap: i64) -> Redeliver {
+    match last_manual_retry {
+        None => Redeliver::NotFound,
+        Some(Some(last)) if last > now - gap => Redeliver::TooSoon {
+            retry_at: last + gap,
+        },
+        Some(_) => Redeliver::InFlight,
+    }
 }
 
 /// How many more requests each receiver host may take now, for a delivery claim.
@@ -360,8 +375,14 @@ pub trait Store: Send + Sync + 'static {
         task_id: &str,
     ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError>;
 
-    /// Schedules one more attempt of a finished delivery, now.
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError>;
+    /// Schedules one more attempt of a delivery, now, unless the last manual retry was less
+    /// than `min_gap` ago.
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError>;
 
     /// Puts deliveries whose lease ended before `now` back to pending; returns how many.
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError>;

@@ -713,14 +713,23 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError> {
+        let gap = min_gap.as_millis() as i64;
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $1, \
-             completed_at = NULL WHERE id = $2 AND state <> 'delivering'",
+             completed_at = NULL, last_manual_retry_at = $1 \
+             WHERE id = $2 AND state <> 'delivering' \
+             AND (last_manual_retry_at IS NULL OR last_manual_retry_at <= $1 - $3)",
         )
         .bind(now)
         .bind(id)
+        .bind(gap)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 1 {
@@ -729,10 +738,12 @@ impl Store for PostgresStore {
             return Ok(Redeliver::Scheduled);
         }
         tx.rollback().await?;
-        Ok(match self.get_delivery(id).await? {
-            Some(_) => Redeliver::InFlight,
-            None => Redeliver::NotFound,
-        })
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT last_manual_retry_at FROM webhook_deliveries WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(super::redeliver_refusal(last, now, gap))
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {

@@ -696,22 +696,33 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError> {
+        let gap = min_gap.as_millis() as i64;
         let r = sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?, \
-             completed_at = NULL WHERE id = ? AND state <> 'delivering'",
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?1, \
+             completed_at = NULL, last_manual_retry_at = ?1 \
+             WHERE id = ?2 AND state <> 'delivering' \
+             AND (last_manual_retry_at IS NULL OR last_manual_retry_at <= ?1 - ?3)",
         )
         .bind(now)
         .bind(id)
+        .bind(gap)
         .execute(&self.writer)
         .await?;
         if r.rows_affected() == 1 {
             return Ok(Redeliver::Scheduled);
         }
-        Ok(match self.get_delivery(id).await? {
-            Some(_) => Redeliver::InFlight,
-            None => Redeliver::NotFound,
-        })
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT last_manual_retry_at FROM webhook_deliveries WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.writer)
+                .await?;
+        Ok(super::redeliver_refusal(last, now, gap))
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {

@@ -44,6 +44,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(30);
 /// Most receiver hosts whose state is kept; past it, idle hosts are forgotten (closed circuits
 /// first), so that callbacks to very many hosts cannot grow the table without bound.
 const MAX_HOSTS: usize = 10_000;
+/// How soon a person may ask for the same delivery to be sent again (`.../retry`): a replay
+/// button pressed in a loop must not hammer a receiver.
+pub const MANUAL_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Default, Debug)]
 struct HostState {

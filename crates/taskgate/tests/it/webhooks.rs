@@ -772,3 +772,54 @@ async fn a_backlog_to_one_slow_host_costs_writes_per_attempt_not_per_wait() {
         "{total} delivery writes for {N} attempts"
     );
 }
+
+async fn post_retry(api: &Api, delivery_id: &str) -> (Status, Value, Option<String>) {
+    let resp = api
+        .http
+        .post(format!(
+            "{}/api/v1/webhookDeliveries/{delivery_id}/retry",
+            api.base
+        ))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (status, body) = envelope(resp).await;
+    (status, body, retry_after)
+}
+
+#[tokio::test]
+async fn a_manual_retry_within_ten_seconds_of_the_last_gets_429_even_after_a_restart() {
+    let mut rx = Receiver::start(vec![]).await;
+    let app = start_app(|_| {}).await;
+    let id = submit_callback(&app.api, &rx.url, json!({})).await;
+    let d = wait_delivery(&app.api, &id, |d| d["state"] == "succeeded").await;
+    let delivery_id = d["id"].as_str().unwrap().to_owned();
+
+    let (status, body, _) = post_retry(&app.api, &delivery_id).await;
+    assert_eq!(status, Status::OK, "{body}");
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    wait_delivery(&app.api, &id, |d| d["state"] == "succeeded").await;
+
+    let (status, body, retry_after) = post_retry(&app.api, &delivery_id).await;
+    assert_error(
+        status,
+        &body,
+        Status::TOO_MANY_REQUESTS,
+        &["retried", "seconds"],
+    );
+    let secs: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
+    assert!((1..=10).contains(&secs), "Retry-After: {secs}");
+
+    // The last retry time is in the store, so another node (here: the next start) knows it.
+    let dir = app.dir();
+    app.stop().await.unwrap();
+    let app = TestApp::start_in(dir, |c| c.webhooks.allow_private = true).await;
+    let (status, body, _) = post_retry(&app.api, &delivery_id).await;
+    assert_eq!(status, Status::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(*rx.count.borrow(), 2, "the refused retries sent nothing");
+}
