@@ -24,7 +24,7 @@ use crate::config::WebhookConfig;
 use crate::dispatch::{Dispatcher, ModelRuntime};
 use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
-use crate::store::{Delivery, DeliveryAttempt, Redeliver};
+use crate::store::{Delivery, DeliveryAttempt, Redeliver, Rotation};
 use crate::store::{NewTask, Store};
 use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
@@ -315,12 +315,27 @@ async fn rotate_webhook_secret(
         .store
         .webhook_secrets(&tenant.id, &webhook::generate_secret())
         .await?;
-    let until = now_ms() + state.webhooks.secret_overlap.as_millis() as i64;
-    let secrets = state
+    let now = now_ms();
+    let until = now + state.webhooks.secret_overlap.as_millis() as i64;
+    // A second rotation while the previous secret still signs would drop that secret before
+    // receivers were promised it stops: refuse, and say until when.
+    match state
         .store
-        .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), until)
-        .await?;
-    Ok(Json(Envelope::success(secret_data(secrets))))
+        .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), now, until)
+        .await?
+    {
+        Rotation::Rotated(secrets) => Ok(Json(Envelope::success(secret_data(secrets)))),
+        Rotation::OverlapRunning(secrets) => {
+            let until = secrets.previous_expires_at.unwrap_or(now);
+            Err(ApiError::Conflict(format!(
+                "the previous secret still signs deliveries until {} (previousExpiresTime {until}); \
+                 rotating again now would stop it early. Rotate again after that time",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(until.max(0) as u64)
+                ),
+            )))
+        }
+    }
 }
 
 fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery {

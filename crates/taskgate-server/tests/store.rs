@@ -12,7 +12,7 @@ use taskgate_server::domain::fail_code;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Store,
+    DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Rotation, Store,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -348,12 +348,20 @@ conformance! {
         let first = s.webhook_secrets("ten_1", "whsec_a").await.unwrap();
         assert_eq!(first.current, "whsec_a");
         assert_eq!(s.webhook_secrets("ten_1", "whsec_b").await.unwrap().current, "whsec_a");
-        let rotated = s.rotate_webhook_secret("ten_1", "whsec_c", 1000).await.unwrap();
+        let Rotation::Rotated(rotated) = s.rotate_webhook_secret("ten_1", "whsec_c", 10, 1000).await.unwrap() else {
+            panic!("the first rotation is refused");
+        };
         assert_eq!(rotated.current, "whsec_c");
         assert_eq!(rotated.previous.as_deref(), Some("whsec_a"));
         assert_eq!(rotated.previous_expires_at, Some(1000));
+        // While whsec_a still signs, a second rotation changes nothing.
+        let refused = s.rotate_webhook_secret("ten_1", "whsec_d", 999, 2000).await.unwrap();
+        assert_eq!(refused, Rotation::OverlapRunning(rotated));
+        let Rotation::Rotated(again) = s.rotate_webhook_secret("ten_1", "whsec_d", 1000, 2000).await.unwrap() else {
+            panic!("a rotation after the overlap is refused");
+        };
+        assert_eq!((again.current.as_str(), again.previous.as_deref()), ("whsec_d", Some("whsec_c")));
     }
-
 
     manual_retries_are_spaced_per_delivery(s) {
         s.insert_task(callback_task("task_a")).await.unwrap();

@@ -231,6 +231,15 @@ impl HostRoom {
     }
 }
 
+/// Answer to a secret rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    Rotated(WebhookSecrets),
+    /// The previous secret still signs (until `previous_expires_at`): rotating now would stop it
+    /// before its overlap ends, so nothing changed.
+    OverlapRunning(WebhookSecrets),
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Durably inserts a pending task. Returns only once the task would survive a crash.
@@ -332,12 +341,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<WebhookSecrets, StoreError>;
 
     /// Makes `new` the current secret; the old one keeps signing until `previous_until`.
+    /// Refused (atomically, across nodes) while a previous secret still signs at `now`.
     async fn rotate_webhook_secret(
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError>;
+    ) -> Result<Rotation, StoreError>;
 
     /// Claims up to `limit` due deliveries (pending → delivering) with a lease, oldest first,
     /// no more per host than `room` gives it, so that a busy host's backlog stays untouched.

@@ -23,7 +23,7 @@ use super::rows::{
 };
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
-    NewTask, Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
+    NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task};
 
@@ -527,21 +527,37 @@ impl Store for SqliteStore {
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError> {
-        Ok(sqlx::query_as::<_, SecretsRow>(
+    ) -> Result<Rotation, StoreError> {
+        // The guard sits in the upsert itself, so two racing rotations cannot both pass it.
+        let rotated = sqlx::query_as::<_, SecretsRow>(
             "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = webhook_secrets.secret, \
              previous_expires_at = ?4, secret = excluded.secret, created_at = excluded.created_at \
+             WHERE webhook_secrets.previous_expires_at IS NULL \
+                OR webhook_secrets.previous_expires_at <= ?3 \
              RETURNING secret, previous_secret, previous_expires_at",
         )
         .bind(tenant_id)
         .bind(new)
-        .bind(crate::domain::now_ms())
+        .bind(now)
         .bind(previous_until)
-        .fetch_one(&self.writer)
-        .await?
-        .into())
+        .fetch_optional(&self.writer)
+        .await?;
+        if let Some(r) = rotated {
+            return Ok(Rotation::Rotated(r.into()));
+        }
+        Ok(Rotation::OverlapRunning(
+            sqlx::query_as::<_, SecretsRow>(
+                "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
+                 WHERE tenant_id = ?",
+            )
+            .bind(tenant_id)
+            .fetch_one(&self.writer)
+            .await?
+            .into(),
+        ))
     }
 
     async fn claim_deliveries(

@@ -823,3 +823,67 @@ async fn a_manual_retry_within_ten_seconds_of_the_last_gets_429_even_after_a_res
     assert_eq!(status, Status::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(*rx.count.borrow(), 2, "the refused retries sent nothing");
 }
+
+async fn rotate(api: &Api) -> (Status, Value) {
+    let resp = api
+        .http
+        .post(format!("{}/api/v1/webhookSecret/rotate", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap();
+    envelope(resp).await
+}
+
+#[tokio::test]
+async fn a_second_rotation_during_the_overlap_is_refused_and_keeps_the_previous_secret_signing() {
+    let mut rx = Receiver::start(vec![]).await;
+    let app = start_app(|_| {}).await;
+    let first = webhook_secret(&app.api).await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = rotate(&app.api).await;
+    assert_eq!(status, Status::OK, "{body}");
+    let second = body["data"]["secret"].as_str().unwrap().to_owned();
+
+    let (status, body) = rotate(&app.api).await;
+    assert_error(
+        status,
+        &body,
+        Status::CONFLICT,
+        &["previous secret", "until"],
+    );
+    let now = webhook_secret(&app.api).await;
+    assert_eq!(now["secret"], second.as_str());
+    assert_eq!(now["previousSecret"], first.as_str(), "{now}");
+
+    submit_callback(&app.api, &rx.url, json!({})).await;
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    let r = &got[0];
+    let (id, ts) = (header(r, "webhook-id"), header(r, "webhook-timestamp"));
+    let sigs: Vec<&str> = header(r, "webhook-signature").split(' ').collect();
+    assert_eq!(
+        sigs,
+        vec![
+            expected_signature(&second, id, ts, &r.body).as_str(),
+            expected_signature(&first, id, ts, &r.body).as_str()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn once_the_overlap_has_ended_the_secret_can_be_rotated_again() {
+    let app = start_app(|c| c.webhooks.secret_overlap = Duration::from_millis(300)).await;
+    let (status, body) = rotate(&app.api).await;
+    assert_eq!(status, Status::OK, "{body}");
+    let second = body["data"]["secret"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(10), "a second rotation", || {
+        let api = app.api.clone();
+        async move { rotate(&api).await.0 == Status::OK }
+    })
+    .await;
+    let now = webhook_secret(&app.api).await;
+    assert_ne!(now["secret"], second.as_str());
+    assert_eq!(now["previousSecret"], second.as_str(), "{now}");
+}
