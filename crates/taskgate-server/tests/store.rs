@@ -433,11 +433,12 @@ async fn concurrency_holds_across_nodes_sharing_postgres() {
 }
 
 /// PostgreSQL only: stores opening one fresh schema at the same instant all open (schema and
-/// migrations), and all agree on the settings they initialise.
+/// migrations), all register the same bootstrap key without a conflict, and all agree on the
+/// settings and secrets they initialise.
 #[tokio::test]
-async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings() {
+async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_start_up_rows() {
     let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        skip("stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings (set TEST_DATABASE_URL)");
+        skip("stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_start_up_rows (set TEST_DATABASE_URL)");
         return;
     };
     for _ in 0..5 {
@@ -447,9 +448,11 @@ async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings() 
                 let (url, schema) = (url.clone(), schema.clone());
                 tokio::spawn(async move {
                     let s = PostgresStore::connect(&url, Some(&schema)).await?;
+                    taskgate_server::auth::register_bootstrap_key(&s, "tg_one_key_for_all").await?;
                     let v = s.setting_or_init("k", &[i]).await?;
+                    let secret = s.webhook_secrets("ten_1", &format!("whsec_{i}")).await?;
                     s.close().await;
-                    Ok::<_, taskgate_server::store::StoreError>(v)
+                    Ok::<_, taskgate_server::store::StoreError>((v, secret.current))
                 })
             })
             .collect();
@@ -457,7 +460,18 @@ async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_settings() 
         for open in opens {
             values.insert(open.await.unwrap().unwrap());
         }
-        assert_eq!(values.len(), 1, "every node reads the first value");
+        assert_eq!(
+            values.len(),
+            1,
+            "every node reads the first values: {values:?}"
+        );
+        let s = PostgresStore::connect(&url, Some(&schema)).await.unwrap();
+        assert_eq!(
+            s.list_keys().await.unwrap().len(),
+            1,
+            "the key is registered once"
+        );
+        s.close().await;
         drop_schema(&schema).await;
     }
 }
