@@ -24,9 +24,9 @@ use crate::config::WebhookConfig;
 use crate::dispatch::{Dispatcher, ModelRuntime};
 use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
-use crate::store::{Delivery, DeliveryAttempt, Redeliver};
+use crate::store::{Delivery, DeliveryAttempt, Redeliver, Rotation};
 use crate::store::{NewTask, Store};
-use crate::webhooks::{ssrf, Deliverer};
+use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
 use taskgate_proto::{
     webhook, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookSecretData,
@@ -318,12 +318,27 @@ async fn rotate_webhook_secret(
         .store
         .webhook_secrets(&tenant.id, &webhook::generate_secret())
         .await?;
-    let until = now_ms() + state.webhooks.secret_overlap.as_millis() as i64;
-    let secrets = state
+    let now = now_ms();
+    let until = now + state.webhooks.secret_overlap.as_millis() as i64;
+    // A second rotation while the previous secret still signs would drop that secret before
+    // receivers were promised it stops: refuse, and say until when.
+    match state
         .store
-        .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), until)
-        .await?;
-    Ok(Json(Envelope::success(secret_data(secrets))))
+        .rotate_webhook_secret(&tenant.id, &webhook::generate_secret(), now, until)
+        .await?
+    {
+        Rotation::Rotated(secrets) => Ok(Json(Envelope::success(secret_data(secrets)))),
+        Rotation::OverlapRunning(secrets) => {
+            let until = secrets.previous_expires_at.unwrap_or(now);
+            Err(ApiError::Conflict(format!(
+                "the previous secret still signs deliveries until {} (previousExpiresTime {until}); \
+                 rotating again now would stop it early. Rotate again after that time",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(until.max(0) as u64)
+                ),
+            )))
+        }
+    }
 }
 
 fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery {
@@ -400,8 +415,25 @@ async fn retry_delivery(
         .await?
         .filter(|d| d.tenant_id == tenant.id)
         .ok_or_else(not_found)?;
-    match state.store.redeliver(&delivery.id, now_ms()).await? {
+    let now = now_ms();
+    match state
+        .store
+        .redeliver(&delivery.id, now, MANUAL_RETRY_INTERVAL)
+        .await?
+    {
         Redeliver::Scheduled => {}
+        Redeliver::TooSoon { retry_at } => {
+            let wait = std::time::Duration::from_millis((retry_at - now).max(0) as u64);
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "this delivery was retried less than {}s ago; it may be retried again in \
+                     {secs} seconds",
+                    MANUAL_RETRY_INTERVAL.as_secs()
+                ),
+                retry_after: wait,
+            });
+        }
         Redeliver::InFlight => {
             return Err(ApiError::Conflict(
                 "this delivery is being sent right now; look at its attempts again shortly".into(),

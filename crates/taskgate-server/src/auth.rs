@@ -84,6 +84,10 @@ pub async fn create_key(
 }
 
 /// Registers a key given from outside (`TASKGATE_API_KEY`) in the default tenant, once.
+///
+/// Idempotent under concurrent starts: nodes starting together on one fresh database all find
+/// no key and all insert it; the unique index on the hash lets one win, and the others take the
+/// conflict as "registered already" (as [`ensure_tenant`] does for the tenant).
 pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), StoreError> {
     let hash = hash_key(key);
     if let Some(existing) = store.key_by_hash(&hash).await? {
@@ -93,7 +97,7 @@ pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), 
         return Ok(());
     }
     let tenant = ensure_tenant(store, DEFAULT_TENANT).await?;
-    store
+    let inserted = store
         .insert_key(
             KeyKind::Client,
             &tenant,
@@ -101,8 +105,12 @@ pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), 
             &key_prefix(key),
             &hash,
         )
-        .await?;
-    Ok(())
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(StoreError::Conflict(_)) if store.key_by_hash(&hash).await?.is_some() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The tenant named `name`, created if missing (racing nodes agree on one).

@@ -13,10 +13,16 @@ use taskgate_server::domain::Transition;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    DeliveryAttempt, DeliveryNext, KeyKind, NewTask, Outcome, Redeliver, Runner, Store,
+    DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Rotation,
+    Runner, Store,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
+/// Room for any number of requests per host.
+const ROOM: HostRoom = HostRoom {
+    per_host: usize::MAX,
+    limited: Vec::new(),
+};
 
 /// Says that a test skipped its work, past the harness's output capture (an `eprintln!` of a
 /// passing test would be hidden).
@@ -280,7 +286,7 @@ conformance! {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].0.state, "pending");
         assert!(s.deliveries_for_task("task_b").await.unwrap().is_empty());
-        assert_eq!(s.next_delivery_due().await.unwrap(), Some(20));
+        assert_eq!(s.next_delivery_due(&[]).await.unwrap(), Some(20));
     }
 
     a_task_failed_by_lease_recovery_is_called_back(s) {
@@ -296,15 +302,15 @@ conformance! {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
-        let claims = s.claim_deliveries(20, 10, LEASE).await.unwrap();
+        let claims = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(claims.len(), 1);
-        assert!(s.claim_deliveries(20, 10, LEASE).await.unwrap().is_empty(), "claimed once");
+        assert!(s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().is_empty(), "claimed once");
         let d = &claims[0];
         let attempt = DeliveryAttempt { attempted_at: 21, status_code: Some(500), latency_ms: 3, error: None };
         assert!(!s.finish_delivery_attempt(&d.delivery.id, "dlv_stale", Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
         assert!(s.finish_delivery_attempt(&d.delivery.id, &d.token, Some(&attempt), DeliveryNext::RetryAt(50), 22).await.unwrap());
-        assert!(s.claim_deliveries(49, 10, LEASE).await.unwrap().is_empty());
-        let again = s.claim_deliveries(50, 10, LEASE).await.unwrap();
+        assert!(s.claim_deliveries(49, 10, LEASE, &ROOM).await.unwrap().is_empty());
+        let again = s.claim_deliveries(50, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(again.len(), 1);
         let ok = DeliveryAttempt { attempted_at: 51, status_code: Some(200), latency_ms: 2, error: None };
         s.finish_delivery_attempt(&again[0].delivery.id, &again[0].token, Some(&ok), DeliveryNext::Succeeded, 52).await.unwrap();
@@ -314,10 +320,10 @@ conformance! {
         assert_eq!(d.attempts, 2);
         assert_eq!(d.last_error.as_deref(), Some("the receiver answered HTTP 500"));
         assert_eq!(attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![Some(500), Some(200)]);
-        assert_eq!(s.redeliver(&d.id, 60).await.unwrap(), Redeliver::Scheduled);
-        assert_eq!(s.redeliver("whk_nope", 60).await.unwrap(), Redeliver::NotFound);
-        let third = s.claim_deliveries(60, 10, LEASE).await.unwrap();
-        assert_eq!(s.redeliver(&d.id, 61).await.unwrap(), Redeliver::InFlight);
+        assert_eq!(s.redeliver(&d.id, 60, Duration::ZERO).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver("whk_nope", 60, Duration::ZERO).await.unwrap(), Redeliver::NotFound);
+        let third = s.claim_deliveries(60, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(s.redeliver(&d.id, 61, Duration::ZERO).await.unwrap(), Redeliver::InFlight);
         assert_eq!(s.recover_expired_deliveries(61).await.unwrap(), 0);
         assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
     }
@@ -326,20 +332,72 @@ conformance! {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
         s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
-        let d = s.claim_deliveries(20, 10, LEASE).await.unwrap().remove(0);
+        let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
         s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Defer(99), 21).await.unwrap();
         let got = s.get_delivery(&d.delivery.id).await.unwrap().unwrap();
         assert_eq!((got.attempts, got.next_attempt_at, got.state.as_str()), (0, 99, "pending"));
+    }
+
+    a_failed_insert_keeps_its_cause_so_an_outage_is_not_taken_for_bad_input(s) {
+        // A closed pool fails like a lost database: the caller must learn it is unavailable
+        // (503), not that its row was invalid (500).
+        s.close().await;
+        let e = s.insert_task(new_task("task_a", "m", 1)).await.unwrap_err();
+        assert!(matches!(e, taskgate_server::store::StoreError::Unavailable(_)), "{e:?}");
     }
 
     webhook_secrets_rotate_and_keep_the_previous_one(s) {
         let first = s.webhook_secrets("ten_1", "whsec_a").await.unwrap();
         assert_eq!(first.current, "whsec_a");
         assert_eq!(s.webhook_secrets("ten_1", "whsec_b").await.unwrap().current, "whsec_a");
-        let rotated = s.rotate_webhook_secret("ten_1", "whsec_c", 1000).await.unwrap();
+        let Rotation::Rotated(rotated) = s.rotate_webhook_secret("ten_1", "whsec_c", 10, 1000).await.unwrap() else {
+            panic!("the first rotation is refused");
+        };
         assert_eq!(rotated.current, "whsec_c");
         assert_eq!(rotated.previous.as_deref(), Some("whsec_a"));
         assert_eq!(rotated.previous_expires_at, Some(1000));
+        // While whsec_a still signs, a second rotation changes nothing.
+        let refused = s.rotate_webhook_secret("ten_1", "whsec_d", 999, 2000).await.unwrap();
+        assert_eq!(refused, Rotation::OverlapRunning(rotated));
+        let Rotation::Rotated(again) = s.rotate_webhook_secret("ten_1", "whsec_d", 1000, 2000).await.unwrap() else {
+            panic!("a rotation after the overlap is refused");
+        };
+        assert_eq!((again.current.as_str(), again.previous.as_deref()), ("whsec_d", Some("whsec_c")));
+    }
+
+    manual_retries_are_spaced_per_delivery(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
+        s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Failed, 21).await.unwrap();
+        let gap = Duration::from_secs(10);
+        assert_eq!(s.redeliver(&d.delivery.id, 1_000, gap).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver(&d.delivery.id, 5_000, gap).await.unwrap(), Redeliver::TooSoon { retry_at: 11_000 });
+        assert_eq!(s.redeliver(&d.delivery.id, 11_000, gap).await.unwrap(), Redeliver::Scheduled);
+        assert_eq!(s.redeliver("whk_nope", 11_000, gap).await.unwrap(), Redeliver::NotFound);
+    }
+
+    claims_respect_each_hosts_room_and_skip_blocked_hosts(s) {
+        let urls = ["https://a.example/1", "https://a.example/2?x", "https://a.example/3", "http://b.example:8080/1", "http://b.example:8080/2"];
+        for (i, url) in urls.iter().enumerate() {
+            let mut t = callback_task(&format!("task_{i}"));
+            t.callback_url = Some((*url).into());
+            s.insert_task(t).await.unwrap();
+            let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+            s.finish(&c.task.id, &c.token, &Outcome::Success { outputs: vec![] }, 20 + i as i64).await.unwrap();
+        }
+        let room = HostRoom { per_host: 2, limited: vec![("http://b.example:8080".into(), 0)] };
+        let claimed = s.claim_deliveries(100, 10, LEASE, &room).await.unwrap();
+        let hosts: Vec<&str> = claimed.iter().map(|c| c.delivery.host.as_str()).collect();
+        assert_eq!(hosts, ["https://a.example", "https://a.example"], "two for a, none for blocked b");
+        assert_eq!(s.next_delivery_due(&["http://b.example:8080".into()]).await.unwrap(), Some(22));
+        assert_eq!(s.next_delivery_due(&[]).await.unwrap(), Some(22));
+        // b's circuit opens: its backlog moves in one statement.
+        assert_eq!(s.defer_host("http://b.example:8080", 5_000).await.unwrap(), 2);
+        assert_eq!(s.next_delivery_due(&["https://a.example".into()]).await.unwrap(), Some(5_000));
+        let rest = s.claim_deliveries(5_000, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(rest.len(), 3);
     }
 }
 
@@ -535,5 +593,49 @@ conformance! {
         let r = s.recover_expired(ahead).await.unwrap();
         assert!(r.is_empty(), "{r:?}");
         assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Processing);
+    }
+}
+
+/// PostgreSQL only: stores opening one fresh schema at the same instant all open (schema and
+/// migrations), all register the same bootstrap key without a conflict, and all agree on the
+/// settings and secrets they initialise.
+#[tokio::test]
+async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_start_up_rows() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        skip("stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_start_up_rows (set TEST_DATABASE_URL)");
+        return;
+    };
+    for _ in 0..5 {
+        let schema = format!("t_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        let opens: Vec<_> = (0..4u8)
+            .map(|i| {
+                let (url, schema) = (url.clone(), schema.clone());
+                tokio::spawn(async move {
+                    let s = PostgresStore::connect(&url, Some(&schema)).await?;
+                    taskgate_server::auth::register_bootstrap_key(&s, "tg_one_key_for_all").await?;
+                    let v = s.setting_or_init("k", &[i]).await?;
+                    let secret = s.webhook_secrets("ten_1", &format!("whsec_{i}")).await?;
+                    s.close().await;
+                    Ok::<_, taskgate_server::store::StoreError>((v, secret.current))
+                })
+            })
+            .collect();
+        let mut values = std::collections::HashSet::new();
+        for open in opens {
+            values.insert(open.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            values.len(),
+            1,
+            "every node reads the first values: {values:?}"
+        );
+        let s = PostgresStore::connect(&url, Some(&schema)).await.unwrap();
+        assert_eq!(
+            s.list_keys().await.unwrap().len(),
+            1,
+            "the key is registered once"
+        );
+        s.close().await;
+        drop_schema(&schema).await;
     }
 }

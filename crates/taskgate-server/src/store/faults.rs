@@ -13,8 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
-    Outcome, Recovered, Redeliver, Runner, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
+    NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store, StoreError, StoreEvent,
+    Tenant, WebhookSecrets,
 };
 use crate::domain::Task;
 
@@ -270,11 +271,12 @@ impl Store for FaultyStore {
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError> {
+    ) -> Result<Rotation, StoreError> {
         self.plan.enter("rotate_webhook_secret").await?;
         self.inner
-            .rotate_webhook_secret(tenant_id, new, previous_until)
+            .rotate_webhook_secret(tenant_id, new, now, previous_until)
             .await
     }
 
@@ -283,14 +285,20 @@ impl Store for FaultyStore {
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         self.plan.enter("claim_deliveries").await?;
-        self.inner.claim_deliveries(now, limit, lease).await
+        self.inner.claim_deliveries(now, limit, lease, room).await
     }
 
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
         self.plan.enter("next_delivery_due").await?;
-        self.inner.next_delivery_due().await
+        self.inner.next_delivery_due(blocked).await
+    }
+
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
+        self.plan.enter("defer_host").await?;
+        self.inner.defer_host(host, until).await
     }
 
     async fn finish_delivery_attempt(
@@ -320,9 +328,14 @@ impl Store for FaultyStore {
         self.inner.deliveries_for_task(task_id).await
     }
 
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError> {
         self.plan.enter("redeliver").await?;
-        self.inner.redeliver(id, now).await
+        self.inner.redeliver(id, now, min_gap).await
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {

@@ -182,6 +182,8 @@ pub struct Delivery {
     pub task_id: String,
     pub tenant_id: String,
     pub url: String,
+    /// The receiver, `scheme://host[:port]`: the unit of per-host limits and circuits.
+    pub host: String,
     /// `pending`, `delivering`, `succeeded` or `failed`.
     pub state: String,
     pub attempts: u32,
@@ -224,6 +226,50 @@ pub enum Redeliver {
     Scheduled,
     InFlight,
     NotFound,
+    /// Asked again too soon after the last manual retry: allowed from this time (Unix ms).
+    TooSoon {
+        retry_at: i64,
+    },
+}
+
+/// Why a redelivery changed nothing, from the row's last manual retry (`None`: no such row).
+fn redeliver_refusal(last_manual_retry: Option<Option<i64>>, now: i64, gap: i64) -> Redeliver {
+    match last_manual_retry {
+        None => Redeliver::NotFound,
+        Some(Some(last)) if last > now - gap => Redeliver::TooSoon {
+            retry_at: last + gap,
+        },
+        Some(_) => Redeliver::InFlight,
+    }
+}
+
+/// How many more requests each receiver host may take now, for a delivery claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostRoom {
+    /// Room of a host not listed in `limited`.
+    pub per_host: usize,
+    /// Hosts with less room than `per_host`; 0 leaves a host out (saturated, or circuit open).
+    pub limited: Vec<(String, usize)>,
+}
+
+impl HostRoom {
+    /// Hosts that may take nothing now.
+    pub fn blocked(&self) -> Vec<String> {
+        self.limited
+            .iter()
+            .filter(|(_, room)| *room == 0)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+}
+
+/// Answer to a secret rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    Rotated(WebhookSecrets),
+    /// The previous secret still signs (until `previous_expires_at`): rotating now would stop it
+    /// before its overlap ends, so nothing changed.
+    OverlapRunning(WebhookSecrets),
 }
 
 #[async_trait]
@@ -346,23 +392,31 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<WebhookSecrets, StoreError>;
 
     /// Makes `new` the current secret; the old one keeps signing until `previous_until`.
+    /// Refused (atomically, across nodes) while a previous secret still signs at `now`.
     async fn rotate_webhook_secret(
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError>;
+    ) -> Result<Rotation, StoreError>;
 
-    /// Claims up to `limit` due deliveries (pending → delivering) with a lease.
+    /// Claims up to `limit` due deliveries (pending → delivering) with a lease, oldest first,
+    /// no more per host than `room` gives it, so that a busy host's backlog stays untouched.
     async fn claim_deliveries(
         &self,
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError>;
 
-    /// The earliest `next_attempt_at` among pending deliveries.
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError>;
+    /// The earliest `next_attempt_at` among pending deliveries to hosts other than `blocked`.
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError>;
+
+    /// Moves every pending delivery to `host` to no earlier than `until`, in one statement (its
+    /// circuit opened). Returns how many were moved.
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError>;
 
     /// Records an attempt (if one was made) and moves the delivery on; false when the claim is
     /// no longer ours.
@@ -383,8 +437,14 @@ pub trait Store: Send + Sync + 'static {
         task_id: &str,
     ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError>;
 
-    /// Schedules one more attempt of a finished delivery, now.
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError>;
+    /// Schedules one more attempt of a delivery, now, unless the last manual retry was less
+    /// than `min_gap` ago.
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError>;
 
     /// Puts deliveries whose lease ended before `now` back to pending; returns how many.
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError>;

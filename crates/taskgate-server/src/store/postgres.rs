@@ -25,8 +25,9 @@ use super::rows::{
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::Runner;
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
-    Outcome, Recovered, Redeliver, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
+    NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant,
+    WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task, Transition};
 
@@ -55,10 +56,18 @@ impl PostgresStore {
                 .max_connections(1)
                 .connect_with(options.clone())
                 .await?;
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
                 .execute(&admin)
-                .await?;
+                .await;
             admin.close().await;
+            match created {
+                Ok(_) => {}
+                // Two connections creating one schema at once: IF NOT EXISTS checks before
+                // inserting into the catalog, so the loser can still hit its unique index.
+                // Either way the schema exists, which is all we asked for.
+                Err(sqlx::Error::Database(e)) if already_exists(e.as_ref()) => {}
+                Err(e) => return Err(e.into()),
+            }
             options = options.options([("search_path", schema)]);
         }
         let pool = PgPoolOptions::new()
@@ -76,6 +85,11 @@ impl PostgresStore {
             closing: CancellationToken::new(),
         })
     }
+}
+
+/// `unique_violation` or `duplicate_schema`: what a concurrent `CREATE … IF NOT EXISTS` raises.
+fn already_exists(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.is_unique_violation() || e.code().as_deref() == Some("42P06")
 }
 
 async fn notify(tx: &mut Transaction<'_, Postgres>, payload: &str) -> Result<(), StoreError> {
@@ -104,6 +118,12 @@ async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
                     let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
                         msg.clone(),
                     ))));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                // Alone in its batch: its own error, kind and cause kept, without a second try.
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
                 }
             }
             Err(_) => {
@@ -505,7 +525,7 @@ impl Store for PostgresStore {
             revoked_at: None,
             key_hash: key_hash.to_vec(),
         };
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at, kind) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -517,8 +537,15 @@ impl Store for PostgresStore {
         .bind(record.created_at)
         .bind(kind.as_str())
         .execute(&self.pool)
-        .await?;
-        Ok(record)
+        .await;
+        match r {
+            Ok(_) => Ok(record),
+            // Nodes starting together all register TASKGATE_API_KEY; one of them wins.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                "this key is registered already".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -596,21 +623,37 @@ impl Store for PostgresStore {
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError> {
-        Ok(sqlx::query_as::<_, SecretsRow>(
+    ) -> Result<Rotation, StoreError> {
+        // The guard sits in the upsert itself, so two nodes rotating at once cannot both pass.
+        let rotated = sqlx::query_as::<_, SecretsRow>(
             "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = webhook_secrets.secret, \
              previous_expires_at = $4, secret = EXCLUDED.secret, created_at = EXCLUDED.created_at \
+             WHERE webhook_secrets.previous_expires_at IS NULL \
+                OR webhook_secrets.previous_expires_at <= $3 \
              RETURNING secret, previous_secret, previous_expires_at",
         )
         .bind(tenant_id)
         .bind(new)
-        .bind(crate::domain::now_ms())
+        .bind(now)
         .bind(previous_until)
-        .fetch_one(&self.pool)
-        .await?
-        .into())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = rotated {
+            return Ok(Rotation::Rotated(r.into()));
+        }
+        Ok(Rotation::OverlapRunning(
+            sqlx::query_as::<_, SecretsRow>(
+                "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
+                 WHERE tenant_id = $1",
+            )
+            .bind(tenant_id)
+            .fetch_one(&self.pool)
+            .await?
+            .into(),
+        ))
     }
 
     async fn claim_deliveries(
@@ -618,18 +661,39 @@ impl Store for PostgresStore {
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         let token = new_id("dlv");
+        let (hosts, rooms): (Vec<&str>, Vec<i64>) = room
+            .limited
+            .iter()
+            .map(|(h, r)| (h.as_str(), i64::try_from(*r).unwrap_or(i64::MAX)))
+            .unzip();
+        // A window function cannot be locked, so the ranked pick is locked in an outer select;
+        // it re-checks `state`, since another node may have claimed a row since the snapshot.
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = $1, \
-             lease_expires_at = $2 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_at <= $3 ORDER BY next_attempt_at, id \
-             LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {DELIVERY_COLUMNS}"
+             lease_expires_at = $2 WHERE id IN ( \
+               SELECT id FROM webhook_deliveries WHERE state = 'pending' AND id IN ( \
+                 SELECT id FROM ( \
+                   SELECT d.id, d.next_attempt_at, COALESCE(l.room, $6) AS room, \
+                          row_number() OVER (PARTITION BY d.host \
+                                             ORDER BY d.next_attempt_at, d.id) AS rn \
+                   FROM webhook_deliveries d \
+                   LEFT JOIN unnest($5::text[], $7::bigint[]) AS l(host, room) \
+                     ON l.host = d.host \
+                   WHERE d.state = 'pending' AND d.next_attempt_at <= $3) ranked \
+                 WHERE rn <= room ORDER BY next_attempt_at, id LIMIT $4) \
+               FOR UPDATE SKIP LOCKED) \
+             RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
+        .bind(&hosts)
+        .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
+        .bind(&rooms)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -641,12 +705,26 @@ impl Store for PostgresStore {
             .collect())
     }
 
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' \
+             AND NOT (host = ANY($1))",
         )
+        .bind(blocked)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = $1 \
+             WHERE state = 'pending' AND host = $2 AND next_attempt_at < $1",
+        )
+        .bind(until)
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn finish_delivery_attempt(
@@ -737,14 +815,23 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError> {
+        let gap = min_gap.as_millis() as i64;
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $1, \
-             completed_at = NULL WHERE id = $2 AND state <> 'delivering'",
+             completed_at = NULL, last_manual_retry_at = $1 \
+             WHERE id = $2 AND state <> 'delivering' \
+             AND (last_manual_retry_at IS NULL OR last_manual_retry_at <= $1 - $3)",
         )
         .bind(now)
         .bind(id)
+        .bind(gap)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 1 {
@@ -753,10 +840,12 @@ impl Store for PostgresStore {
             return Ok(Redeliver::Scheduled);
         }
         tx.rollback().await?;
-        Ok(match self.get_delivery(id).await? {
-            Some(_) => Redeliver::InFlight,
-            None => Redeliver::NotFound,
-        })
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT last_manual_retry_at FROM webhook_deliveries WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(super::redeliver_refusal(last, now, gap))
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {

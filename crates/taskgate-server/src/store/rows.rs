@@ -123,7 +123,7 @@ impl From<TenantRow> for Tenant {
     }
 }
 
-pub const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, state, attempts, \
+pub const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, host, state, attempts, \
      next_attempt_at, created_at, completed_at, last_error";
 
 #[derive(sqlx::FromRow)]
@@ -132,6 +132,7 @@ pub struct DeliveryRow {
     task_id: String,
     tenant_id: String,
     url: String,
+    host: String,
     state: String,
     attempts: i64,
     next_attempt_at: i64,
@@ -147,6 +148,7 @@ impl From<DeliveryRow> for Delivery {
             task_id: r.task_id,
             tenant_id: r.tenant_id,
             url: r.url,
+            host: r.host,
             state: r.state,
             attempts: r.attempts as u32,
             next_attempt_at: r.next_attempt_at,

@@ -24,8 +24,8 @@ use super::rows::{
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::Runner;
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, KeyKind, NewTask,
-    Outcome, Recovered, Redeliver, Store, StoreError, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
+    NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
 use crate::domain::{fail_code, new_id, Task, Transition};
 
@@ -97,8 +97,9 @@ async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>)
                 }
             }
             Err(e) if batch.len() == 1 => {
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Invalid(e.to_string())));
+                // The error as it is: an unavailable database must answer 503, not 500.
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
                 }
             }
             Err(_) => {
@@ -507,7 +508,7 @@ impl Store for SqliteStore {
             revoked_at: None,
             key_hash: key_hash.to_vec(),
         };
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO api_keys (id, kind, tenant_id, name, key_hash, prefix, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
@@ -519,8 +520,14 @@ impl Store for SqliteStore {
         .bind(prefix)
         .bind(record.created_at)
         .execute(&self.writer)
-        .await?;
-        Ok(record)
+        .await;
+        match r {
+            Ok(_) => Ok(record),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                "this key is registered already".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -598,21 +605,37 @@ impl Store for SqliteStore {
         &self,
         tenant_id: &str,
         new: &str,
+        now: i64,
         previous_until: i64,
-    ) -> Result<WebhookSecrets, StoreError> {
-        Ok(sqlx::query_as::<_, SecretsRow>(
+    ) -> Result<Rotation, StoreError> {
+        // The guard sits in the upsert itself, so two racing rotations cannot both pass it.
+        let rotated = sqlx::query_as::<_, SecretsRow>(
             "INSERT INTO webhook_secrets (tenant_id, secret, created_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (tenant_id) DO UPDATE SET previous_secret = webhook_secrets.secret, \
              previous_expires_at = ?4, secret = excluded.secret, created_at = excluded.created_at \
+             WHERE webhook_secrets.previous_expires_at IS NULL \
+                OR webhook_secrets.previous_expires_at <= ?3 \
              RETURNING secret, previous_secret, previous_expires_at",
         )
         .bind(tenant_id)
         .bind(new)
-        .bind(crate::domain::now_ms())
+        .bind(now)
         .bind(previous_until)
-        .fetch_one(&self.writer)
-        .await?
-        .into())
+        .fetch_optional(&self.writer)
+        .await?;
+        if let Some(r) = rotated {
+            return Ok(Rotation::Rotated(r.into()));
+        }
+        Ok(Rotation::OverlapRunning(
+            sqlx::query_as::<_, SecretsRow>(
+                "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
+                 WHERE tenant_id = ?",
+            )
+            .bind(tenant_id)
+            .fetch_one(&self.writer)
+            .await?
+            .into(),
+        ))
     }
 
     async fn claim_deliveries(
@@ -620,18 +643,33 @@ impl Store for SqliteStore {
         now: i64,
         limit: usize,
         lease: Duration,
+        room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
         let token = new_id("dlv");
+        // `limited` goes in as JSON, `[["https://a.example", 0], ...]`: SQLite has no arrays.
+        let limited =
+            serde_json::to_string(&room.limited).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = ?1, \
-             lease_expires_at = ?2 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id \
-             LIMIT ?4) RETURNING {DELIVERY_COLUMNS}"
+             lease_expires_at = ?2 WHERE id IN ( \
+               SELECT id FROM ( \
+                 SELECT d.id, d.next_attempt_at, COALESCE(l.room, ?6) AS room, \
+                        row_number() OVER (PARTITION BY d.host \
+                                           ORDER BY d.next_attempt_at, d.id) AS rn \
+                 FROM webhook_deliveries d \
+                 LEFT JOIN (SELECT json_extract(value, '$[0]') AS host, \
+                                   json_extract(value, '$[1]') AS room FROM json_each(?5)) l \
+                   ON l.host = d.host \
+                 WHERE d.state = 'pending' AND d.next_attempt_at <= ?3) \
+               WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?4) \
+             RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
+        .bind(limited)
+        .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
         .fetch_all(&self.writer)
         .await?;
         Ok(rows
@@ -643,12 +681,28 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
+    async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
+        let blocked =
+            serde_json::to_string(blocked).map_err(|e| StoreError::Invalid(e.to_string()))?;
         Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'",
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' \
+             AND host NOT IN (SELECT value FROM json_each(?))",
         )
+        .bind(blocked)
         .fetch_one(&self.reader)
         .await?)
+    }
+
+    async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?1 \
+             WHERE state = 'pending' AND host = ?2 AND next_attempt_at < ?1",
+        )
+        .bind(until)
+        .bind(host)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn finish_delivery_attempt(
@@ -736,22 +790,33 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn redeliver(&self, id: &str, now: i64) -> Result<Redeliver, StoreError> {
+    async fn redeliver(
+        &self,
+        id: &str,
+        now: i64,
+        min_gap: Duration,
+    ) -> Result<Redeliver, StoreError> {
+        let gap = min_gap.as_millis() as i64;
         let r = sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?, \
-             completed_at = NULL WHERE id = ? AND state <> 'delivering'",
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?1, \
+             completed_at = NULL, last_manual_retry_at = ?1 \
+             WHERE id = ?2 AND state <> 'delivering' \
+             AND (last_manual_retry_at IS NULL OR last_manual_retry_at <= ?1 - ?3)",
         )
         .bind(now)
         .bind(id)
+        .bind(gap)
         .execute(&self.writer)
         .await?;
         if r.rows_affected() == 1 {
             return Ok(Redeliver::Scheduled);
         }
-        Ok(match self.get_delivery(id).await? {
-            Some(_) => Redeliver::InFlight,
-            None => Redeliver::NotFound,
-        })
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT last_manual_retry_at FROM webhook_deliveries WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.writer)
+                .await?;
+        Ok(super::redeliver_refusal(last, now, gap))
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {

@@ -6,11 +6,14 @@
 //! Standard Webhooks specification with the tenant's secret.
 //!
 //! Concurrency model: the worker claims due deliveries in batches no larger than its free
-//! global permits (so a large backlog costs little memory), and runs each in its own task. A
-//! host with `max_per_host` requests in flight, or whose circuit is open after repeated
-//! failures, gets its deliveries deferred without an attempt being counted, so one slow or dead
-//! receiver cannot hold up the others. Wake-ups come from task completions and replays; with
-//! nothing due the worker sleeps until the next retry is due.
+//! global permits (so a large backlog costs little memory), and runs each in its own task. One
+//! slow or dead receiver cannot hold up the others, and its backlog costs almost nothing while
+//! it waits: each claim tells the store how much room every host has (`max_per_host` minus its
+//! requests in flight; none while its circuit is open), so a saturated host's deliveries are
+//! never claimed, and rows are written only when they are really attempted. When a circuit
+//! opens, its host's pending rows move to the reopen time in one statement. Wake-ups come from
+//! task completions, replays and a host freeing a slot; with nothing claimable the worker sleeps
+//! until the next retry is due or the next circuit reopens.
 
 pub mod ssrf;
 
@@ -18,7 +21,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use taskgate_proto::{webhook, Envelope};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -29,23 +31,118 @@ use crate::artifacts::ResultLinks;
 use crate::config::WebhookConfig;
 use crate::domain::now_ms;
 use crate::error::error_chain;
+use crate::retry::{AfterLast, RetryPolicy};
 use crate::store::{
-    DeliveryAttempt, DeliveryClaim, DeliveryNext, Store, StoreError, WebhookSecrets,
+    DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, Store, StoreError, WebhookSecrets,
 };
 
 /// How long a claimed delivery is ours; longer than any request may take.
 const LEASE_EXTRA: Duration = Duration::from_secs(60);
 /// Most deliveries claimed at once.
 const BATCH: usize = 64;
-/// How long a delivery waits when its host already has `max_per_host` requests in flight.
-const HOST_BUSY_DEFER: Duration = Duration::from_millis(500);
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
+/// Most receiver hosts whose state is kept; past it, idle hosts are forgotten (closed circuits
+/// first), so that callbacks to very many hosts cannot grow the table without bound.
+const MAX_HOSTS: usize = 10_000;
+/// How soon a person may ask for the same delivery to be sent again (`.../retry`): a replay
+/// button pressed in a loop must not hammer a receiver.
+pub const MANUAL_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct HostState {
     in_flight: usize,
     consecutive_failures: u32,
     open_until: Option<i64>,
+}
+
+impl HostState {
+    fn is_open(&self, now: i64) -> bool {
+        self.open_until.is_some_and(|u| u > now)
+    }
+}
+
+/// Per-host state, keyed by the delivery's `host` column. Hosts with nothing in flight and no
+/// failures are dropped at once; the rest are capped at `cap` entries.
+struct HostTable {
+    hosts: HashMap<String, HostState>,
+    cap: usize,
+}
+
+impl HostTable {
+    fn new(cap: usize) -> Self {
+        HostTable {
+            hosts: HashMap::new(),
+            cap,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// The state of `host`, created if missing; makes room first when the table is full.
+    fn entry(&mut self, host: &str, now: i64) -> &mut HostState {
+        if !self.hosts.contains_key(host) && self.hosts.len() >= self.cap {
+            self.evict(now);
+        }
+        self.hosts.entry(host.to_owned()).or_default()
+    }
+
+    /// Forgets idle hosts down to 90 % of the cap (so eviction runs once per many new hosts):
+    /// closed circuits first, then open ones reopening soonest. A host with requests in flight
+    /// is never forgotten, since its count guards `max_per_host`; there are at most
+    /// `max_in_flight` of those.
+    fn evict(&mut self, now: i64) {
+        let target = self.cap - self.cap / 10;
+        let mut idle: Vec<(bool, i64, String)> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.in_flight == 0)
+            .map(|(k, h)| (h.is_open(now), h.open_until.unwrap_or(0), k.clone()))
+            .collect();
+        idle.sort_unstable();
+        let excess = self.hosts.len().saturating_sub(target);
+        for (_, _, host) in idle.into_iter().take(excess) {
+            self.hosts.remove(&host);
+        }
+    }
+
+    fn remove_if_idle(&mut self, host: &str) {
+        if self
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.in_flight == 0 && h.consecutive_failures == 0)
+        {
+            self.hosts.remove(host);
+        }
+    }
+
+    /// What each host may take now: hosts with less than `per_host` of room, 0 for a host that
+    /// is saturated or whose circuit is open.
+    fn room(&self, per_host: usize, now: i64) -> HostRoom {
+        let limited = self
+            .hosts
+            .iter()
+            .filter_map(|(k, h)| {
+                let room = if h.is_open(now) {
+                    0
+                } else {
+                    per_host.saturating_sub(h.in_flight)
+                };
+                (room < per_host).then(|| (k.clone(), room))
+            })
+            .collect();
+        HostRoom { per_host, limited }
+    }
+
+    /// When the next open circuit closes, to wake then.
+    fn next_reopen(&self, now: i64) -> Option<i64> {
+        self.hosts
+            .values()
+            .filter_map(|h| h.open_until.filter(|u| *u > now))
+            .min()
+    }
 }
 
 pub struct Deliverer {
@@ -55,7 +152,7 @@ pub struct Deliverer {
     client: reqwest::Client,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
-    hosts: Mutex<HashMap<String, HostState>>,
+    hosts: Mutex<HostTable>,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
@@ -76,11 +173,10 @@ pub fn signing_secrets(s: &WebhookSecrets, now: i64) -> Vec<webhook::Secret> {
     out
 }
 
-/// Delay before retry number `attempt` (1-based), ±10 % so that retries to one host spread out.
-fn retry_delay(delays: &[Duration], attempt: u32) -> Option<Duration> {
-    let base = delays.get(attempt as usize - 1)?;
-    let jitter = rand::thread_rng().gen_range(0.9..=1.1);
-    Some(base.mul_f64(jitter))
+/// Retries follow the configured delays, ±10 % so that retries to one host spread out, and stop
+/// after the last.
+fn retry_policy(config: &WebhookConfig) -> RetryPolicy {
+    RetryPolicy::new(config.retry_delays.clone(), 0.1, AfterLast::GiveUp)
 }
 
 impl Deliverer {
@@ -105,7 +201,7 @@ impl Deliverer {
             config,
             client: builder.build()?,
             wake,
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HostTable::new(MAX_HOSTS)),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
         }))
@@ -133,12 +229,9 @@ impl Deliverer {
         self.config.timeout + LEASE_EXTRA
     }
 
+    /// Claims and sends due deliveries until stopped. Deliveries whose lease ended (a node died
+    /// mid-request) are put back by `dispatch::maintenance`, the one owner of lease sweeps.
     async fn run(self: Arc<Self>) {
-        // Deliveries claimed by a process that died are ours to send again.
-        let mut last_sweep = Instant::now();
-        if let Err(e) = self.store.recover_expired_deliveries(now_ms()).await {
-            error!(error = %error_chain(&e), "cannot recover deliveries");
-        }
         loop {
             let first = tokio::select! {
                 p = self.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -151,16 +244,11 @@ impl Deliverer {
                     Err(_) => break,
                 }
             }
-            if last_sweep.elapsed() > self.lease() {
-                last_sweep = Instant::now();
-                if let Err(e) = self.store.recover_expired_deliveries(now_ms()).await {
-                    error!(error = %error_chain(&e), "cannot recover deliveries");
-                }
-            }
             let now = now_ms();
+            let room = self.host_room(now);
             let claims = match self
                 .store
-                .claim_deliveries(now, permits.len(), self.lease())
+                .claim_deliveries(now, permits.len(), self.lease(), &room)
                 .await
             {
                 Ok(c) => c,
@@ -180,10 +268,27 @@ impl Deliverer {
             if full {
                 continue;
             }
-            let wait = match self.store.next_delivery_due().await {
-                Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(5, 30_000) as u64),
-                Ok(None) => IDLE_RECHECK,
-                Err(_) => Duration::from_secs(1),
+            // Hosts that are full now (this batch may have filled some) are left out: their due
+            // rows are not claimable, and waiting on them would spin. A host freeing a slot
+            // wakes the loop; an open circuit is waited for below.
+            let now = now_ms();
+            let (blocked, reopen) = {
+                let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    hosts.room(self.config.max_per_host, now).blocked(),
+                    hosts.next_reopen(now),
+                )
+            };
+            let due = match self.store.next_delivery_due(&blocked).await {
+                Ok(due) => due,
+                Err(e) => {
+                    error!(error = %error_chain(&e), "cannot read the next delivery time");
+                    Some(now + 1000)
+                }
+            };
+            let wait = match due.into_iter().chain(reopen).min() {
+                Some(at) => Duration::from_millis((at - now).clamp(5, 30_000) as u64),
+                None => IDLE_RECHECK,
             };
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -200,21 +305,27 @@ impl Deliverer {
         }
     }
 
-    /// Sends `claim` in its own task, or defers it when its host is saturated or failing.
+    fn host_room(&self, now: i64) -> HostRoom {
+        let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts.room(self.config.max_per_host, now)
+    }
+
+    /// Sends `claim` in its own task. The claim respected each host's room, so a deferral here
+    /// is rare: only a circuit that opened since the claim (or a full host, defensively).
     async fn dispatch(
         self: &Arc<Self>,
         claim: DeliveryClaim,
         permit: tokio::sync::OwnedSemaphorePermit,
         now: i64,
     ) {
-        let host = host_key(&claim.delivery.url);
+        let host = claim.delivery.host.clone();
         let deferral = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-            let h = hosts.entry(host.clone()).or_default();
+            let h = hosts.entry(&host, now);
             match h.open_until {
                 Some(until) if until > now => Some(until),
                 _ if h.in_flight >= self.config.max_per_host => {
-                    Some(now + HOST_BUSY_DEFER.as_millis() as i64)
+                    Some(claim.delivery.next_attempt_at)
                 }
                 _ => {
                     h.in_flight += 1;
@@ -238,24 +349,36 @@ impl Deliverer {
         self.tracker.spawn(
             async move {
                 let ok = this.attempt(&claim).await;
-                this.host_done(&host, ok);
                 drop(permit);
+                if let Some(until) = this.host_done(&host, ok) {
+                    // One statement for the host's whole backlog, instead of claiming and
+                    // deferring each row until the circuit closes.
+                    if let Err(e) = this.store.defer_host(&host, until).await {
+                        error!(error = %error_chain(&e), host, "cannot hold back a failing host's deliveries");
+                    }
+                }
+                // A slot (or a global permit) is free: the loop may be waiting for it.
+                this.wake.notify_one();
             }
             .instrument(span),
         );
     }
 
-    fn host_done(&self, host: &str, ok: bool) {
+    /// Records the end of a request to `host`; returns the time its circuit stays open until,
+    /// when this failure opened (or extended) it.
+    fn host_done(&self, host: &str, ok: bool) -> Option<i64> {
+        let now = now_ms();
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        let h = hosts.entry(host.to_owned()).or_default();
+        let h = hosts.entry(host, now);
         h.in_flight = h.in_flight.saturating_sub(1);
+        let mut opened = None;
         if ok {
             h.consecutive_failures = 0;
             h.open_until = None;
         } else {
             h.consecutive_failures += 1;
             if h.consecutive_failures >= self.config.breaker_threshold {
-                let until = now_ms() + self.config.breaker_cooldown.as_millis() as i64;
+                let until = now + self.config.breaker_cooldown.as_millis() as i64;
                 if h.open_until.is_none_or(|u| u < until) {
                     warn!(
                         host,
@@ -264,11 +387,11 @@ impl Deliverer {
                     );
                 }
                 h.open_until = Some(until);
+                opened = Some(until);
             }
         }
-        if h.in_flight == 0 && h.consecutive_failures == 0 {
-            hosts.remove(host);
-        }
+        hosts.remove_if_idle(host);
+        opened
     }
 
     /// One attempt: build, sign, send, record. Returns whether the receiver took it.
@@ -336,13 +459,11 @@ impl Deliverer {
                 error!(error = %error_chain(&e), "cannot record delivery attempt; it will run again when its lease ends")
             }
         }
-        // The loop may be asleep with nothing pending: a retry is due soon.
-        self.wake.notify_one();
         ok
     }
 
     fn next_after_failure(&self, attempts_made: u32) -> DeliveryNext {
-        match retry_delay(&self.config.retry_delays, attempts_made) {
+        match retry_policy(&self.config).delay(attempts_made) {
             Some(delay) => DeliveryNext::RetryAt(now_ms() + delay.as_millis() as i64),
             None => DeliveryNext::Failed,
         }
@@ -431,34 +552,23 @@ enum SendError {
     },
 }
 
-/// `host:port`, the unit of per-receiver limits.
-fn host_key(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
-        .unwrap_or_else(|| url.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn retry_delays_follow_the_schedule_with_bounded_jitter_then_stop() {
-        let delays = vec![Duration::from_secs(10), Duration::from_secs(100)];
-        for _ in 0..50 {
-            let d = retry_delay(&delays, 1).unwrap_or_default();
-            assert!(
-                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
-                "{d:?}"
-            );
-            let d = retry_delay(&delays, 2).unwrap_or_default();
-            assert!(
-                d >= Duration::from_secs(90) && d <= Duration::from_secs(110),
-                "{d:?}"
-            );
-        }
-        assert_eq!(retry_delay(&delays, 3), None);
+    fn delivery_retries_follow_the_configured_delays_with_jitter_then_stop() {
+        let config = WebhookConfig {
+            retry_delays: vec![Duration::from_secs(10)],
+            ..WebhookConfig::default()
+        };
+        let p = retry_policy(&config);
+        let d = p.delay(1).unwrap_or_default();
+        assert!(
+            d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+            "{d:?}"
+        );
+        assert_eq!(p.delay(2), None);
     }
 
     #[test]
@@ -472,9 +582,74 @@ mod tests {
         assert_eq!(signing_secrets(&s, 1000).len(), 1);
     }
 
+    fn failing(in_flight: usize, open_until: Option<i64>) -> HostState {
+        HostState {
+            in_flight,
+            consecutive_failures: 1,
+            open_until,
+        }
+    }
+
     #[test]
-    fn hosts_are_keyed_with_their_port() {
-        assert_eq!(host_key("https://a.example/x"), "a.example:443");
-        assert_eq!(host_key("http://a.example:8080/x"), "a.example:8080");
+    fn the_host_table_stays_within_its_cap_forgetting_closed_idle_hosts_first() {
+        let mut t = HostTable::new(10);
+        let now = 1_000;
+        // Full: 3 busy, 3 with open circuits, 4 closed and idle (failures only).
+        for i in 0..3 {
+            *t.entry(&format!("busy{i}"), now) = failing(1, None);
+            *t.entry(&format!("open{i}"), now) = failing(0, Some(now + 100 * (i + 1)));
+        }
+        for i in 0..4 {
+            *t.entry(&format!("idle{i}"), now) = failing(0, None);
+        }
+        assert_eq!(t.len(), 10);
+        t.entry("new", now).in_flight = 1;
+        // Evicted down to 9 before the insert: one closed, idle host went.
+        assert_eq!(t.len(), 10);
+        assert_eq!(t.hosts.keys().filter(|k| k.starts_with("idle")).count(), 3);
+        for k in ["busy0", "busy1", "busy2", "open0", "open1", "open2", "new"] {
+            assert!(t.hosts.contains_key(k), "{k} was evicted");
+        }
+        // Busy newcomers use up the closed, idle hosts, then the circuit reopening soonest.
+        for i in 0..4 {
+            t.entry(&format!("more{i}"), now).in_flight = 1;
+            assert!(t.len() <= 10, "{}", t.len());
+        }
+        assert_eq!(t.hosts.keys().filter(|k| k.starts_with("idle")).count(), 0);
+        assert!(!t.hosts.contains_key("open0"));
+        assert!(t.hosts.contains_key("open1") && t.hosts.contains_key("open2"));
+        // Hosts with requests in flight are never forgotten, even past the cap.
+        for i in 0..5 {
+            t.entry(&format!("extra{i}"), now).in_flight = 1;
+        }
+        assert_eq!(
+            t.hosts.values().filter(|h| h.in_flight > 0).count(),
+            3 + 1 + 4 + 5
+        );
+    }
+
+    #[test]
+    fn a_host_with_nothing_in_flight_and_no_failures_is_dropped() {
+        let mut t = HostTable::new(10);
+        t.entry("a", 0).in_flight = 0;
+        t.remove_if_idle("a");
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn room_leaves_out_saturated_and_open_hosts() {
+        let mut t = HostTable::new(10);
+        *t.entry("full", 0) = failing(2, None);
+        *t.entry("half", 0) = failing(1, None);
+        *t.entry("open", 0) = failing(0, Some(50));
+        *t.entry("fine", 0) = failing(0, None);
+        let mut room = t.room(2, 10).limited;
+        room.sort();
+        assert_eq!(
+            room,
+            vec![("full".into(), 0), ("half".into(), 1), ("open".into(), 0)]
+        );
+        assert_eq!(t.next_reopen(10), Some(50));
+        assert!(t.room(2, 50).limited.iter().all(|(h, _)| h != "open"));
     }
 }

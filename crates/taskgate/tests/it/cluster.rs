@@ -257,3 +257,44 @@ async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() 
     node.terminate().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn nodes_started_at_the_same_instant_on_a_fresh_database_all_start_and_accept_the_key() {
+    for round in 0..5 {
+        let Some(db) = create_db().await else { return };
+        let dir = tempfile::tempdir().unwrap();
+        // Every node writes the same start-up rows (the key, its tenant, the URL signing key)
+        // into an empty database at the same moment.
+        let starts: Vec<_> = (0..4)
+            .map(|i| {
+                let data = dir.path().join(format!("node-{i}"));
+                let url = db.url.clone();
+                tokio::spawn(async move {
+                    ServerProcess::spawn_with(&data, None, &["--database-url", &url]).await
+                })
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        let mut failed = Vec::new();
+        for (i, start) in starts.into_iter().enumerate() {
+            match start.await {
+                Ok(node) => nodes.push(node),
+                Err(_) => {
+                    let log = dir.path().join(format!("node-{i}/server.log"));
+                    failed.push(format!(
+                        "node {i}: {}",
+                        std::fs::read_to_string(log).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "round {round}: {}", failed.join("\n"));
+        for node in &nodes {
+            node.api.submit_ok("echo", json!({})).await;
+        }
+        for node in nodes {
+            node.terminate().await;
+        }
+        db.drop_db().await;
+    }
+}

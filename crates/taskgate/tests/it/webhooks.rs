@@ -626,3 +626,264 @@ async fn a_delivery_cut_short_by_kill_9_is_sent_after_restart() {
     assert_eq!(d["id"], msg_id.as_str());
     server.terminate().await;
 }
+
+/// A receiver that holds every request until the test opens its gate, then answers 200; it
+/// records the `webhook-id` of each request.
+struct GatedReceiver {
+    url: String,
+    ids: Arc<Mutex<Vec<String>>>,
+    count: watch::Receiver<usize>,
+    gate: watch::Sender<bool>,
+}
+
+impl GatedReceiver {
+    async fn start() -> GatedReceiver {
+        #[derive(Clone)]
+        struct S {
+            ids: Arc<Mutex<Vec<String>>>,
+            count: Arc<watch::Sender<usize>>,
+            gate: watch::Receiver<bool>,
+        }
+        async fn hook(State(mut s): State<S>, headers: HeaderMap) -> StatusCode {
+            let id = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            s.ids.lock().unwrap().push(id);
+            s.count.send_modify(|c| *c += 1);
+            let _ = s.gate.wait_for(|open| *open).await;
+            StatusCode::OK
+        }
+        let (count_tx, count) = watch::channel(0);
+        let (gate, gate_rx) = watch::channel(false);
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let state = S {
+            ids: ids.clone(),
+            count: Arc::new(count_tx),
+            gate: gate_rx,
+        };
+        let app = axum::Router::new()
+            .route("/hook", post(hook))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        GatedReceiver {
+            url,
+            ids,
+            count,
+            gate,
+        }
+    }
+}
+
+/// Opens the server's SQLite file and counts, with a trigger inside the database, every UPDATE
+/// of a delivery row from now on: each claim, deferral and recorded attempt is one.
+async fn count_delivery_writes(data_dir: &std::path::Path) -> sqlx::SqlitePool {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(data_dir.join("taskgate.db"))
+        .busy_timeout(Duration::from_secs(10));
+    let db = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE TABLE test_delivery_writes (n INTEGER NOT NULL)",
+        "INSERT INTO test_delivery_writes (n) VALUES (0)",
+        "CREATE TRIGGER test_count_delivery_writes AFTER UPDATE ON webhook_deliveries \
+         BEGIN UPDATE test_delivery_writes SET n = n + 1; END",
+    ] {
+        sqlx::query(sql).execute(&db).await.unwrap();
+    }
+    db
+}
+
+async fn delivery_writes(db: &sqlx::SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT n FROM test_delivery_writes")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn deliveries_in_state(db: &sqlx::SqlitePool, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = ?")
+        .bind(state)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_backlog_to_one_slow_host_costs_writes_per_attempt_not_per_wait() {
+    let mut rx = GatedReceiver::start().await;
+    let app = start_app(|c| {
+        c.webhooks.max_per_host = 1;
+        c.webhooks.timeout = Duration::from_secs(60);
+    })
+    .await;
+    let db = count_delivery_writes(&app.data_dir).await;
+    const N: i64 = 50;
+    for i in 0..N {
+        submit_callback(&app.api, &rx.url, json!({ "n": i })).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), rx.count.wait_for(|c| *c >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "every task's delivery", || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_deliveries")
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                == N
+        }
+    })
+    .await;
+
+    // The measurement window: the host holds its one request, so nothing can be sent. Waiting
+    // should cost no writes; before the fix every due row was rewritten twice a second.
+    let before = delivery_writes(&db).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during_wait = delivery_writes(&db).await - before;
+    assert_eq!(*rx.count.borrow(), 1, "max_per_host = 1 holds");
+    assert!(
+        during_wait <= 4,
+        "{during_wait} delivery writes while the only host was busy for 2s"
+    );
+
+    rx.gate.send_replace(true);
+    wait_until(Duration::from_secs(60), "every delivery to succeed", || {
+        let db = db.clone();
+        async move { deliveries_in_state(&db, "succeeded").await == N }
+    })
+    .await;
+    let ids = rx.ids.lock().unwrap().clone();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len() as i64, N, "each callback arrives exactly once");
+    assert_eq!(distinct.len() as i64, N);
+    // A claim and a recorded attempt per delivery, and a little slack for deferrals in races.
+    let total = delivery_writes(&db).await;
+    assert!(
+        total <= 2 * N + 10,
+        "{total} delivery writes for {N} attempts"
+    );
+}
+
+async fn post_retry(api: &Api, delivery_id: &str) -> (Status, Value, Option<String>) {
+    let resp = api
+        .http
+        .post(format!(
+            "{}/api/v1/webhookDeliveries/{delivery_id}/retry",
+            api.base
+        ))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (status, body) = envelope(resp).await;
+    (status, body, retry_after)
+}
+
+#[tokio::test]
+async fn a_manual_retry_within_ten_seconds_of_the_last_gets_429_even_after_a_restart() {
+    let mut rx = Receiver::start(vec![]).await;
+    let app = start_app(|_| {}).await;
+    let id = submit_callback(&app.api, &rx.url, json!({})).await;
+    let d = wait_delivery(&app.api, &id, |d| d["state"] == "succeeded").await;
+    let delivery_id = d["id"].as_str().unwrap().to_owned();
+
+    let (status, body, _) = post_retry(&app.api, &delivery_id).await;
+    assert_eq!(status, Status::OK, "{body}");
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    wait_delivery(&app.api, &id, |d| d["state"] == "succeeded").await;
+
+    let (status, body, retry_after) = post_retry(&app.api, &delivery_id).await;
+    assert_error(
+        status,
+        &body,
+        Status::TOO_MANY_REQUESTS,
+        &["retried", "seconds"],
+    );
+    let secs: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
+    assert!((1..=10).contains(&secs), "Retry-After: {secs}");
+
+    // The last retry time is in the store, so another node (here: the next start) knows it.
+    let dir = app.dir();
+    app.stop().await.unwrap();
+    let app = TestApp::start_in(dir, |c| c.webhooks.allow_private = true).await;
+    let (status, body, _) = post_retry(&app.api, &delivery_id).await;
+    assert_eq!(status, Status::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(*rx.count.borrow(), 2, "the refused retries sent nothing");
+}
+
+async fn rotate(api: &Api) -> (Status, Value) {
+    let resp = api
+        .http
+        .post(format!("{}/api/v1/webhookSecret/rotate", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap();
+    envelope(resp).await
+}
+
+#[tokio::test]
+async fn a_second_rotation_during_the_overlap_is_refused_and_keeps_the_previous_secret_signing() {
+    let mut rx = Receiver::start(vec![]).await;
+    let app = start_app(|_| {}).await;
+    let first = webhook_secret(&app.api).await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = rotate(&app.api).await;
+    assert_eq!(status, Status::OK, "{body}");
+    let second = body["data"]["secret"].as_str().unwrap().to_owned();
+
+    let (status, body) = rotate(&app.api).await;
+    assert_error(
+        status,
+        &body,
+        Status::CONFLICT,
+        &["previous secret", "until"],
+    );
+    let now = webhook_secret(&app.api).await;
+    assert_eq!(now["secret"], second.as_str());
+    assert_eq!(now["previousSecret"], first.as_str(), "{now}");
+
+    submit_callback(&app.api, &rx.url, json!({})).await;
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    let r = &got[0];
+    let (id, ts) = (header(r, "webhook-id"), header(r, "webhook-timestamp"));
+    let sigs: Vec<&str> = header(r, "webhook-signature").split(' ').collect();
+    assert_eq!(
+        sigs,
+        vec![
+            expected_signature(&second, id, ts, &r.body).as_str(),
+            expected_signature(&first, id, ts, &r.body).as_str()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn once_the_overlap_has_ended_the_secret_can_be_rotated_again() {
+    let app = start_app(|c| c.webhooks.secret_overlap = Duration::from_millis(300)).await;
+    let (status, body) = rotate(&app.api).await;
+    assert_eq!(status, Status::OK, "{body}");
+    let second = body["data"]["secret"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(10), "a second rotation", || {
+        let api = app.api.clone();
+        async move { rotate(&api).await.0 == Status::OK }
+    })
+    .await;
+    let now = webhook_secret(&app.api).await;
+    assert_ne!(now["secret"], second.as_str());
+    assert_eq!(now["previousSecret"], second.as_str(), "{now}");
+}
