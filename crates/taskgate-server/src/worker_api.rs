@@ -173,8 +173,11 @@ pub async fn heartbeat(
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
     }
     // A worker that heartbeats forever must still respect the model's timeout.
-    let started = claim.task.start_time.unwrap_or_else(now_ms);
-    if now_ms() - started > model.config.timeout.as_millis() as i64 {
+    // Measured on the clock the start time was stamped with (the database's, on PostgreSQL), so
+    // a node whose clock runs ahead does not time out live work.
+    let now = state.store.clock_ms().await?;
+    let started = claim.task.start_time.unwrap_or(now);
+    if now - started > model.config.timeout.as_millis() as i64 {
         let err = BackendError::fatal(
             fail_code::PROCESSING_TIMEOUT,
             format!(

@@ -325,7 +325,12 @@ conformance! {
         let third = s.claim_deliveries(60, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(s.redeliver(&d.id, 61, Duration::ZERO).await.unwrap(), Redeliver::InFlight);
         assert_eq!(s.recover_expired_deliveries(61).await.unwrap(), 0);
-        assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
+        if s.exclusive() {
+            assert_eq!(s.recover_expired_deliveries(60 + 30_001).await.unwrap(), third.len() as u64);
+        } else {
+            // Shared stores judge delivery leases on their own clock, not the caller's.
+            assert_eq!(s.recover_expired_deliveries(i64::MAX).await.unwrap(), 0);
+        }
     }
 
     a_deferred_delivery_counts_no_attempt(s) {
@@ -502,7 +507,11 @@ async fn walk_the_state_machine(store: &str) {
             let s = f.store.clone();
             let token = task_in(s.as_ref(), from).await;
             let made = attempt(s.as_ref(), t, token.as_deref()).await;
-            let allowed = t.from_states().contains(&from);
+            // A shared store narrows Remove to pending tasks (another node may still run the
+            // model); the table allows it from processing, which the exclusive store does.
+            let narrowed =
+                t == Transition::Remove && from == TaskState::Processing && !s.exclusive();
+            let allowed = t.from_states().contains(&from) && !narrowed;
             assert_eq!(made, allowed, "{store}: {t:?} from {from}");
             let now = s.get_task("task_a").await.unwrap().unwrap().state;
             assert_eq!(
@@ -579,6 +588,22 @@ conformance! {
         assert!(t.fail_msg.unwrap().contains("gone"));
         assert_eq!(s.deliveries_for_task("task_a").await.unwrap().len(), 1);
         assert_eq!(s.get_task("task_b").await.unwrap().unwrap().state, TaskState::Pending);
+    }
+
+    unacknowledged_claims_go_back_uncounted_only_a_few_times(s) {
+        let mut t = new_task("task_a", "m", 1);
+        t.max_attempts = 1;
+        s.insert_task(t).await.unwrap();
+        for _ in 0..taskgate_server::store::MAX_UNACKED_REFUNDS {
+            s.claim_batch("m", 10, Duration::ZERO, 10, 1, Runner::Worker).await.unwrap().remove(0);
+            assert_eq!(s.recover_expired(i64::MAX).await.unwrap().unacknowledged.len(), 1);
+        }
+        // One more lost claim counts: the task (one attempt allowed) ends.
+        s.claim_batch("m", 10, Duration::ZERO, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        let r = s.recover_expired(i64::MAX).await.unwrap();
+        assert_eq!(r.failed, vec!["task_a".to_string()]);
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.fail_code.as_deref(), Some(fail_code::ATTEMPTS_EXHAUSTED));
     }
 
     a_node_whose_clock_runs_ahead_does_not_take_over_live_work(s) {

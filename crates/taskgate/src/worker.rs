@@ -263,7 +263,14 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
         Err(e) => warn!(error = %format!("{e:#}"), "cannot acknowledge the claim; will retry"),
     }
     info!("running");
-    let output_dir = work_dir.join(format!("taskgate-{}.{}", task.task_id, task.attempt));
+    // Named after the claim (its tag), never after the attempt number: a claim handed back
+    // unacknowledged comes again with the same number, and two claims must never share a
+    // directory.
+    let output_dir = work_dir.join(format!(
+        "taskgate-{}@{}",
+        task.task_id,
+        taskgate_server::domain::attempt_tag(&task.lease_token)
+    ));
     tokio::select! {
         () = attempt(api, backend, &output_dir, &task) => {}
         () = heartbeat_until_lost(api, &task, renewed) => {
@@ -276,8 +283,7 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
 /// Runs the program, uploads its outputs and reports the outcome; the caller holds the lease
 /// meanwhile and drops this future when the lease is lost.
 async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, task: &WorkerTask) {
-    let _ = tokio::fs::remove_dir_all(output_dir).await;
-    if let Err(e) = tokio::fs::create_dir_all(output_dir).await {
+    if let Err(e) = tokio::fs::create_dir(output_dir).await {
         report_failure(
             api,
             task,

@@ -76,24 +76,29 @@ impl TreeGuard {
 
 impl Drop for TreeGuard {
     fn drop(&mut self) {
-        let Some(mut tree) = self.0.take() else {
+        let Some(tree) = self.0.take() else {
             return;
         };
-        // One round here, so every process we can see is signalled before whoever dropped the
-        // attempt settles it; it is a single /proc scan, short enough to do on this thread.
-        if tree.kill_round().is_empty() {
-            return;
-        }
+        // The group at once (one syscall); the /proc rounds that find and reap escapees are
+        // blocking work, so they run off the async threads.
+        tree.kill_group();
         let finish = move || {
             if let Err(survivors) = tree.kill(KILL_BOUND) {
                 tracing::error!(error = %survivors, "the model program's processes would not die");
             }
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("taskgate-kill-tree".into())
-            .spawn(finish)
-        {
-            tracing::error!(error = %e, "cannot start a thread to finish killing the model program's processes");
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(finish);
+            }
+            Err(_) => {
+                if let Err(e) = std::thread::Builder::new()
+                    .name("taskgate-kill-tree".into())
+                    .spawn(finish)
+                {
+                    tracing::error!(error = %e, "cannot start a thread to finish killing the model program's processes");
+                }
+            }
         }
     }
 }

@@ -112,6 +112,14 @@ impl ProcessTree {
         }
     }
 
+    /// Signals the root's process group: one syscall, cheap enough for any thread. The rounds
+    /// of [`ProcessTree::kill`] find the rest.
+    pub fn kill_group(&self) {
+        use nix::sys::signal::{killpg, Signal};
+        // ESRCH (the group is gone) is the common case.
+        let _ = killpg(nix::unistd::Pid::from_raw(self.root), Signal::SIGKILL);
+    }
+
     /// One round: signals every live process of the tree and reaps its zombies; returns the
     /// pids that were alive (so signalled) this round.
     pub fn kill_round(&mut self) -> Vec<i32> {

@@ -86,11 +86,15 @@ impl Dispatcher {
             }
         };
         remove_dir(&dir).await;
-        let published = result.is_ok();
+        let succeeded = result.is_ok();
         let settled = self
             .settle(&model.name, &claim, result, started.elapsed(), lease.get())
             .await;
-        if published && settled != Settled::Written {
+        // Staged files are taken back unless they may be the task's: after a failure (some may
+        // have been staged before it), or when the claim was not ours. Not after `NotWritten`:
+        // the write may have committed unseen, and deleting published outputs is worse than
+        // leaving an unreferenced file behind.
+        if !succeeded || settled == Settled::NotOurs {
             self.discard(&staged).await;
         }
     }

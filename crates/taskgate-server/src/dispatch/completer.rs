@@ -107,6 +107,10 @@ impl Dispatcher {
     /// Tries `write` until it lands, the claim turns out not to be ours, or the lease ends.
     async fn write(&self, claim: &Claim, write: &Write, lease_until: Instant) -> Settled {
         let mut pause = FIRST_WRITE_PAUSE;
+        // A write that failed may have committed all the same (the connection dropped before
+        // the reply): a later try then finds the token gone, which must not be taken for "not
+        // ours" (the attempt would delete outputs the task now lists).
+        let mut failed_once = false;
         loop {
             let r = match write {
                 Write::Final(outcome) => {
@@ -122,8 +126,12 @@ impl Dispatcher {
             };
             match r {
                 Ok(true) => return Settled::Written,
+                Ok(false) if failed_once && self.landed(claim, write).await => {
+                    return Settled::Written
+                }
                 Ok(false) => return Settled::NotOurs,
                 Err(e) => {
+                    failed_once = true;
                     if Instant::now() + pause >= lease_until {
                         return Settled::NotWritten(e);
                     }
@@ -132,6 +140,29 @@ impl Dispatcher {
                     pause = (pause * 2).min(MAX_WRITE_PAUSE);
                 }
             }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Whether an earlier try of `write` that reported an error had in fact committed: the task
+    /// is in the state it would have left it in, with this attempt's outputs or failure.
+    async fn landed(&self, claim: &Claim, write: &Write) -> bool {
+        let Ok(Some(task)) = self.store.get_task(&claim.task.id).await else {
+            return false;
+        };
+        match write {
+            Write::Final(Outcome::Success { outputs }) => {
+                task.state == taskgate_proto::TaskState::Success && &task.outputs == outputs
+            }
+            Write::Final(Outcome::Failure { code, message }) => {
+                task.state == taskgate_proto::TaskState::Failed
+                    && task.fail_code.as_ref() == Some(code)
+                    && task.fail_msg.as_ref() == Some(message)
+            }
+            // A requeue that landed leaves the task pending (or already claimed again); either
+            // way nothing of this attempt is published, so "not ours" is harmless.
+            Write::Requeue { .. } => false,
         }
     }
 }

@@ -108,9 +108,11 @@ pub fn prepare_work_dir(data_dir: &Path, exclusive: bool) -> std::io::Result<Wor
     }
     let node = crate::domain::new_id("node");
     let path = data_dir.join(format!("work-{node}"));
-    std::fs::create_dir_all(&path)?;
+    // Lock first, then make the directory: a directory that exists always has its lock held
+    // while its node lives, so a node starting at the same moment cannot take it for abandoned.
     let lock = lock_file(&data_dir.join(format!("work-{node}.lock")))?
         .ok_or_else(|| std::io::Error::other("a fresh node lock is held by another process"))?;
+    std::fs::create_dir_all(&path)?;
     remove_abandoned_work_dirs(data_dir, &path);
     Ok(WorkDir {
         path,

@@ -343,6 +343,11 @@ impl Store for FaultyStore {
         self.inner.recover_expired_deliveries(now).await
     }
 
+    async fn clock_ms(&self) -> Result<i64, StoreError> {
+        self.plan.enter("clock_ms").await?;
+        self.inner.clock_ms().await
+    }
+
     fn exclusive(&self) -> bool {
         self.inner.exclusive()
     }

@@ -103,6 +103,10 @@ impl Recovered {
     }
 }
 
+/// How many unacknowledged claims of one task go back without counting; past this, an
+/// unacknowledged claim that expires counts like any lost attempt, so the task still ends.
+pub const MAX_UNACKED_REFUNDS: u32 = 3;
+
 /// Who runs a claimed attempt. Decides what a restart recovers: an attempt that ran inside the
 /// process that died is recovered at start; a pull worker's keeps its lease, since the worker
 /// may still be running it.
@@ -348,13 +352,20 @@ pub trait Store: Send + Sync + 'static {
     /// whose clock runs ahead cannot take over live work.
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError>;
 
+    /// The clock leases and start times are measured on: the store's own where nodes share it
+    /// (so nodes whose clocks disagree agree on how long a task has run), else this process's.
+    async fn clock_ms(&self) -> Result<i64, StoreError> {
+        Ok(crate::domain::now_ms())
+    }
+
     /// At the start of an exclusive store's only process: hands on every attempt that ran in
     /// the process that died (runner `local`), whatever its lease says. Pull workers' claims
     /// keep their leases.
     async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError>;
 
     /// Fails every unfinished task of a model not in `known` with `MODEL_REMOVED` (callbacks
-    /// owed as for any final state); returns their ids.
+    /// owed as for any final state); returns their ids. Stores shared by nodes fail only
+    /// `pending` ones (another node may still be running the model during a rolling deploy).
     async fn fail_removed_models(
         &self,
         known: &[String],

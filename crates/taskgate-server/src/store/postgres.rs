@@ -23,12 +23,12 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::rows::{removed_message, EXHAUSTED_SQL};
-use super::Runner;
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
     NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant,
     WebhookSecrets,
 };
+use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
@@ -203,9 +203,12 @@ impl PostgresStore {
         };
         let mut tx = self.pool.begin().await?;
         let unacknowledged: Vec<(String, String)> = sqlx::query_as(&format!(
-            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE \
-             WHERE id IN ({}) RETURNING id, model",
-            rows("AND claim_acked = FALSE", Transition::Requeue)
+            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE, \
+             unacked_refunds = unacked_refunds + 1 WHERE id IN ({}) RETURNING id, model",
+            rows(
+                &format!("AND claim_acked = FALSE AND unacked_refunds < {MAX_UNACKED_REFUNDS}"),
+                Transition::Requeue
+            )
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -307,7 +310,8 @@ impl Store for PostgresStore {
         }
         let rows = sqlx::query_as::<_, TaskRow>(&format!(
             "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
-             lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, start_time = $3, \
+             lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, \
+             start_time = {DB_NOW_MS}, \
              runner = $6, claim_acked = $7 \
              WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND {guard} \
                           AND run_after <= $3 ORDER BY priority DESC, id LIMIT $5 \
@@ -426,9 +430,19 @@ impl Store for PostgresStore {
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
         // The caller's `now` only stamps completion times: expiry is judged on the database's
-        // clock, the one every lease was set on.
-        self.recover(&format!("lease_expires_at <= {DB_NOW_MS}"), now)
+        // clock, the one every lease was set on, read once so that the three statements of the
+        // sweep agree on which leases have ended.
+        let db_now: i64 = sqlx::query_scalar(&format!("SELECT {DB_NOW_MS}"))
+            .fetch_one(&self.pool)
+            .await?;
+        self.recover(&format!("lease_expires_at <= {db_now}"), now)
             .await
+    }
+
+    async fn clock_ms(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!("SELECT {DB_NOW_MS}"))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError> {
@@ -436,6 +450,9 @@ impl Store for PostgresStore {
         self.recover_expired(now).await
     }
 
+    /// Only `pending` tasks: on a shared store a task `processing` on another node (one that
+    /// still offers the model, during a rolling deploy) is left to its runner, and comes back
+    /// here as pending if its lease expires.
     async fn fail_removed_models(
         &self,
         known: &[String],
@@ -453,7 +470,8 @@ impl Store for PostgresStore {
             let ids: Vec<String> = sqlx::query_scalar(&format!(
                 "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = $3, \
                  lease_token = NULL, lease_expires_at = NULL WHERE id IN \
-                 (SELECT id FROM tasks WHERE model = $4 AND {} FOR UPDATE SKIP LOCKED) \
+                 (SELECT id FROM tasks WHERE model = $4 AND {} AND state = 'pending' \
+                  FOR UPDATE SKIP LOCKED) \
                  RETURNING id",
                 Transition::Remove.set_state(),
                 Transition::Remove.guard()
@@ -673,7 +691,7 @@ impl Store for PostgresStore {
         // it re-checks `state`, since another node may have claimed a row since the snapshot.
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = $1, \
-             lease_expires_at = $2 WHERE id IN ( \
+             lease_expires_at = {DB_NOW_MS} + $2 WHERE id IN ( \
                SELECT id FROM webhook_deliveries WHERE state = 'pending' AND id IN ( \
                  SELECT id FROM ( \
                    SELECT d.id, d.next_attempt_at, COALESCE(l.room, $6) AS room, \
@@ -688,7 +706,7 @@ impl Store for PostgresStore {
              RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(&token)
-        .bind(now + lease.as_millis() as i64)
+        .bind(lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
         .bind(&hosts)
@@ -848,12 +866,12 @@ impl Store for PostgresStore {
         Ok(super::redeliver_refusal(last, now, gap))
     }
 
-    async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {
-        let r = sqlx::query(
+    async fn recover_expired_deliveries(&self, _now: i64) -> Result<u64, StoreError> {
+        // Judged on the database's clock, the one the lease was set on.
+        let r = sqlx::query(&format!(
             "UPDATE webhook_deliveries SET state = 'pending', lease_token = NULL, \
-             lease_expires_at = NULL WHERE state = 'delivering' AND lease_expires_at <= $1",
-        )
-        .bind(now)
+             lease_expires_at = NULL WHERE state = 'delivering' AND lease_expires_at <= {DB_NOW_MS}"
+        ))
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())

@@ -22,11 +22,11 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::rows::{removed_message, EXHAUSTED_SQL};
-use super::Runner;
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
     NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
+use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// Most rows written by one group commit.
@@ -219,8 +219,10 @@ impl SqliteStore {
         );
         let mut tx = self.writer.begin().await?;
         let unacknowledged: Vec<String> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE \
-             WHERE {} AND {which} AND claim_acked = FALSE RETURNING id",
+            "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE, \
+             unacked_refunds = unacked_refunds + 1 \
+             WHERE {} AND {which} AND claim_acked = FALSE AND unacked_refunds < {MAX_UNACKED_REFUNDS} \
+             RETURNING id",
             Transition::Requeue.guard()
         ))
         .bind(now)

@@ -354,7 +354,7 @@ impl Deliverer {
                     // One statement for the host's whole backlog, instead of claiming and
                     // deferring each row until the circuit closes.
                     if let Err(e) = this.store.defer_host(&host, until).await {
-                        error!(error = %error_chain(&e), host, "cannot hold back a failing host's deliveries");
+                        error!(error = %error_chain(&e), host = %without_userinfo(&host), "cannot hold back a failing host's deliveries");
                     }
                 }
                 // A slot (or a global permit) is free: the loop may be waiting for it.
@@ -381,7 +381,7 @@ impl Deliverer {
                 let until = now + self.config.breaker_cooldown.as_millis() as i64;
                 if h.open_until.is_none_or(|u| u < until) {
                     warn!(
-                        host,
+                        host = %without_userinfo(host),
                         failures = h.consecutive_failures,
                         "receiver keeps failing; holding its deliveries back"
                     );
@@ -552,9 +552,29 @@ enum SendError {
     },
 }
 
+/// `scheme://host[:port]` with any `user:password@` taken out: a callback URL may carry
+/// credentials, and host keys end up in logs.
+fn without_userinfo(host: &str) -> std::borrow::Cow<'_, str> {
+    match (host.find("://"), host.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}{}", &host[..scheme_end + 3], &host[at + 1..]).into()
+        }
+        _ => host.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_keys_are_logged_without_credentials() {
+        assert_eq!(
+            without_userinfo("https://u:p@a.example:8443"),
+            "https://a.example:8443"
+        );
+        assert_eq!(without_userinfo("https://a.example"), "https://a.example");
+    }
 
     #[test]
     fn delivery_retries_follow_the_configured_delays_with_jitter_then_stop() {

@@ -573,8 +573,10 @@ async fn a_worker_retries_a_completion_answered_503_until_the_server_takes_it() 
 async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without_reporting() {
     let dir = tempfile::tempdir().unwrap();
     let (stub, base) = StubWorkerApi::start(StubScript {
-        lease_ms: 600,
-        upload_delay: Duration::from_millis(1500),
+        // Long enough that a loaded machine still gets a heartbeat through before the worker
+        // counts the lease lost on its own.
+        lease_ms: 1500,
+        upload_delay: Duration::from_millis(3000),
         complete_503s: 0,
         program_marker: dir.path().join("started"),
         lose_lease_while_uploading: true,
@@ -591,8 +593,8 @@ async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without
         },
     )
     .await;
-    // Had the worker kept going, it would report once the 1.5 s upload was answered.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Had the worker kept going, it would report once the 3 s upload was answered.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
 
     let calls = stub.calls();
     assert!(
