@@ -109,6 +109,12 @@ const STDERR_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[async_trait]
 impl Backend for CommandBackend {
+    /// A descendant that cleared its environment and was orphaned escapes the tree kill, so
+    /// an attempt's directory is never handed to another.
+    fn writes_end_with_run(&self) -> bool {
+        false
+    }
+
     async fn run(&self, job: &Job) -> Result<(), BackendError> {
         let input = serde_json::to_vec(&serde_json::Value::Object(job.input.clone()))
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;

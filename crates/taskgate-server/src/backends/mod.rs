@@ -77,6 +77,14 @@ pub trait Backend: Send + Sync + 'static {
     /// timeout and at shutdown).
     async fn run(&self, job: &Job) -> Result<(), BackendError>;
 
+    /// Whether every write of an attempt has finished once `run` has returned (not been
+    /// dropped). True for backends that write only from this process and await every write;
+    /// false for ones that start other programs, whose descendants might still write. The
+    /// dispatcher reuses an attempt's directory only when this holds and `run` returned.
+    fn writes_end_with_run(&self) -> bool {
+        true
+    }
+
     /// False for backends whose attempts run elsewhere (pull workers claim them): the
     /// dispatcher then runs no loop for the model.
     fn runs_locally(&self) -> bool {

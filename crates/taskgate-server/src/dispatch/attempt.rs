@@ -1,13 +1,19 @@
-//! One local attempt: a directory no other attempt has used or will use, the backend under the
-//! model's timeout, lease renewals beside it, and outputs staged under the attempt's own tag.
+//! One local attempt: an output directory that nothing else can write into, the backend under
+//! the model's timeout, lease renewals beside it, and outputs staged under the attempt's own tag.
 //!
-//! The directory is named after the task and the attempt's tag (unique per claim) and removed
-//! when the attempt ends, so a late writer (a write that cannot be cancelled, a descendant that
-//! outlived its process group) writes into a directory nobody will read. Staged outputs become
-//! the task's outputs only through the completer's token-guarded write; an attempt that loses
-//! its claim deletes what it staged.
+//! The directory is either fresh, or one a previous attempt left *proven empty and unreachable*:
+//! that attempt's `run` returned (was not dropped by a timeout, a shutdown or a lost lease), its
+//! backend is one whose writes all end with `run` (`Backend::writes_end_with_run`: the builtins
+//! and http, not a program that may leave descendants), and the directory was emptied and found
+//! empty. Every other directory is removed and never used again, so a late writer (a write that
+//! cannot be cancelled, a descendant that outlived its process tree) writes where nobody reads.
+//! Reuse matters: creating a directory per attempt costs an inode allocation, which on ext4 was
+//! the largest cost of a short task. Staged outputs become the task's outputs only through the
+//! completer's token-guarded write; an attempt that failed or lost its claim deletes what it
+//! staged.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,16 +49,18 @@ impl Dispatcher {
     pub(super) async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
         let lease = LeaseDeadline::starting_now(self.lease);
         let tag = attempt_tag(&claim.token);
-        let dir = self.work_dir.join(format!("{}@{tag}", claim.task.id));
-        if let Err(e) = fresh_dir(&dir).await {
-            let err = BackendError::retryable(
-                fail_code::INTERNAL_ERROR,
-                format!("cannot create an output directory: {e}"),
-            );
-            self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
-                .await;
-            return;
-        }
+        let dir = match self.work_dirs.take().await {
+            Ok(d) => d,
+            Err(e) => {
+                let err = BackendError::retryable(
+                    fail_code::INTERNAL_ERROR,
+                    format!("cannot create an output directory: {e}"),
+                );
+                self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
+                    .await;
+                return;
+            }
+        };
         let job = Job {
             task_id: claim.task.id.clone(),
             model: model.name.clone(),
@@ -63,19 +71,21 @@ impl Dispatcher {
         // Keys handed to the artifact store so far, so that an attempt that loses its claim
         // mid-way can take back what it staged.
         let staged = Arc::new(Mutex::new(Vec::new()));
+        // Set once the backend's `run` has returned rather than been dropped.
+        let returned = AtomicBool::new(false);
         info!("started");
         let started = std::time::Instant::now();
         let result = tokio::select! {
-            r = self.execute(model, &job, &tag, &staged) => r,
+            r = self.execute(model, &job, &tag, &staged, &returned) => r,
             lost = self.keep_lease(&claim, &lease) => {
                 // Another runner owns the task now; whatever we produced is not ours to publish.
                 warn!(lost, "claim lost while running; abandoning the attempt");
-                remove_dir(&dir).await;
+                self.work_dirs.give_back(dir, false).await;
                 self.discard(&staged).await;
                 return;
             }
             _ = self.interrupt.cancelled() => {
-                remove_dir(&dir).await;
+                self.work_dirs.give_back(dir, false).await;
                 self.discard(&staged).await;
                 match self.store.requeue(&claim.task.id, &claim.token, now_ms(), true).await {
                     Ok(_) => info!("interrupted by shutdown; left pending"),
@@ -85,7 +95,8 @@ impl Dispatcher {
                 return;
             }
         };
-        remove_dir(&dir).await;
+        let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
+        self.work_dirs.give_back(dir, reusable).await;
         let succeeded = result.is_ok();
         let settled = self
             .settle(&model.name, &claim, result, started.elapsed(), lease.get())
@@ -116,10 +127,14 @@ impl Dispatcher {
         job: &Job,
         tag: &str,
         staged: &Mutex<Vec<String>>,
+        returned: &AtomicBool,
     ) -> Result<Vec<String>, BackendError> {
         let timeout = model.config.timeout;
         match tokio::time::timeout(timeout, model.backend.run(job)).await {
-            Ok(r) => r?,
+            Ok(r) => {
+                returned.store(true, Ordering::Release);
+                r?
+            }
             Err(_) => {
                 return Err(BackendError::fatal(
                     fail_code::PROCESSING_TIMEOUT,
@@ -197,9 +212,67 @@ async fn remove_dir(dir: &Path) {
     }
 }
 
-/// Creates `dir`, which must not exist: a directory another attempt used is never reused.
-async fn fresh_dir(dir: &Path) -> std::io::Result<()> {
-    tokio::fs::create_dir(dir).await
+/// Output directories of local attempts: fresh ones, and ones proven empty and unreachable by
+/// the attempt that used them (see the module docs). At most as many exist as attempts run at
+/// once.
+pub(super) struct WorkDirs {
+    root: PathBuf,
+    free: Mutex<Vec<PathBuf>>,
+    next: AtomicU64,
+}
+
+impl WorkDirs {
+    pub(super) fn new(root: PathBuf) -> Self {
+        WorkDirs {
+            root,
+            free: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// An empty directory that no writer of an earlier attempt can reach.
+    async fn take(&self) -> std::io::Result<PathBuf> {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(dir) = reused {
+            return Ok(dir);
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(format!("slot-{n}"));
+        // Never an existing path: a name is used once per process, and the root starts empty.
+        tokio::fs::create_dir(&dir).await?;
+        Ok(dir)
+    }
+
+    /// Takes `dir` back after an attempt. With `reusable` (its writers are all done) it is
+    /// emptied, checked empty, and kept for the next attempt; otherwise it is removed and its
+    /// name never used again.
+    async fn give_back(&self, dir: PathBuf, reusable: bool) {
+        if !reusable {
+            remove_dir(&dir).await;
+            return;
+        }
+        let target = dir.clone();
+        let emptied = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            for entry in std::fs::read_dir(&target)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+            Ok(std::fs::read_dir(&target)?.next().is_none())
+        })
+        .await;
+        match emptied {
+            Ok(Ok(true)) => self
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(dir),
+            _ => remove_dir(&dir).await,
+        }
+    }
 }
 
 /// Every regular file under `dir`, with its path relative to `dir` (`a/b.png` → `a_b.png`);

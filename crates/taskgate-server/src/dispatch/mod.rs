@@ -72,6 +72,7 @@ pub struct Dispatcher {
     models: BTreeMap<String, Arc<ModelRuntime>>,
     /// This node's scratch space: attempts' directories and uploads in progress.
     work_dir: PathBuf,
+    work_dirs: attempt::WorkDirs,
     retry: RetryPolicy,
     lease: Duration,
     /// Wakes the webhook deliverer when a callback task reaches its final state.
@@ -97,6 +98,7 @@ impl Dispatcher {
             store,
             artifacts,
             models,
+            work_dirs: attempt::WorkDirs::new(work_dir.clone()),
             work_dir,
             retry,
             lease,

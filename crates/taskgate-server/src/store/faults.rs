@@ -26,6 +26,9 @@ pub enum Fault {
     Fail,
     /// The call waits this long before going through.
     Delay(Duration),
+    /// The call goes through (its write commits) and then reports failure, as when the
+    /// connection drops before the database's answer arrives.
+    FailAfter,
 }
 
 #[derive(Debug, Clone)]
@@ -85,8 +88,9 @@ impl FaultPlan {
             .unwrap_or(0)
     }
 
-    /// Counts the call and applies the fault that covers it, if any.
-    async fn enter(&self, point: &'static str) -> Result<(), StoreError> {
+    /// Counts the call and applies the fault that covers it, if any; `Ok(Some(n))` asks
+    /// [`FaultPlan::leave`] to fail call `n` after it went through.
+    async fn enter(&self, point: &'static str) -> Result<Option<u64>, StoreError> {
         let n = {
             let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
             let n = calls.entry(point).or_insert(0);
@@ -101,16 +105,34 @@ impl FaultPlan {
             .find(|r| r.point == point && n >= r.from && n - r.from < r.times)
             .map(|r| r.fault);
         match fault {
-            None => Ok(()),
+            None => Ok(None),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(())
+                Ok(None)
             }
-            Some(Fault::Fail) => Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
-                "injected fault: call {n} of {point}"
-            )))),
+            Some(Fault::Fail) => Err(injected(point, n)),
+            Some(Fault::FailAfter) => Ok(Some(n)),
         }
     }
+
+    /// The call's result, or the injected failure of a call that went through.
+    fn leave<T>(
+        &self,
+        point: &'static str,
+        fail_after: Option<u64>,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match fail_after {
+            Some(n) => result.and(Err(injected(point, n))),
+            None => result,
+        }
+    }
+}
+
+fn injected(point: &str, n: u64) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(format!(
+        "injected fault: call {n} of {point}"
+    )))
 }
 
 /// A store whose calls pass through a [`FaultPlan`] first.
@@ -128,13 +150,15 @@ impl FaultyStore {
 #[async_trait]
 impl Store for FaultyStore {
     async fn insert_task(&self, task: NewTask) -> Result<(), StoreError> {
-        self.plan.enter("insert_task").await?;
-        self.inner.insert_task(task).await
+        let after = self.plan.enter("insert_task").await?;
+        let result = self.inner.insert_task(task).await;
+        self.plan.leave("insert_task", after, result)
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.plan.enter("get_task").await?;
-        self.inner.get_task(id).await
+        let after = self.plan.enter("get_task").await?;
+        let result = self.inner.get_task(id).await;
+        self.plan.leave("get_task", after, result)
     }
 
     async fn claim_batch(
@@ -153,8 +177,9 @@ impl Store for FaultyStore {
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
-        self.plan.enter("next_due").await?;
-        self.inner.next_due(model).await
+        let after = self.plan.enter("next_due").await?;
+        let result = self.inner.next_due(model).await;
+        self.plan.leave("next_due", after, result)
     }
 
     async fn renew_lease(
@@ -178,8 +203,9 @@ impl Store for FaultyStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.plan.enter("finish").await?;
-        self.inner.finish(id, token, outcome, now).await
+        let after = self.plan.enter("finish").await?;
+        let result = self.inner.finish(id, token, outcome, now).await;
+        self.plan.leave("finish", after, result)
     }
 
     async fn requeue(
@@ -196,13 +222,15 @@ impl Store for FaultyStore {
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
-        self.plan.enter("recover_expired").await?;
-        self.inner.recover_expired(now).await
+        let after = self.plan.enter("recover_expired").await?;
+        let result = self.inner.recover_expired(now).await;
+        self.plan.leave("recover_expired", after, result)
     }
 
     async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError> {
-        self.plan.enter("recover_local").await?;
-        self.inner.recover_local(now).await
+        let after = self.plan.enter("recover_local").await?;
+        let result = self.inner.recover_local(now).await;
+        self.plan.leave("recover_local", after, result)
     }
 
     async fn fail_removed_models(
@@ -210,18 +238,21 @@ impl Store for FaultyStore {
         known: &[String],
         now: i64,
     ) -> Result<Vec<String>, StoreError> {
-        self.plan.enter("fail_removed_models").await?;
-        self.inner.fail_removed_models(known, now).await
+        let after = self.plan.enter("fail_removed_models").await?;
+        let result = self.inner.fail_removed_models(known, now).await;
+        self.plan.leave("fail_removed_models", after, result)
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
-        self.plan.enter("tenant_by_name").await?;
-        self.inner.tenant_by_name(name).await
+        let after = self.plan.enter("tenant_by_name").await?;
+        let result = self.inner.tenant_by_name(name).await;
+        self.plan.leave("tenant_by_name", after, result)
     }
 
     async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
-        self.plan.enter("create_tenant").await?;
-        self.inner.create_tenant(name).await
+        let after = self.plan.enter("create_tenant").await?;
+        let result = self.inner.create_tenant(name).await;
+        self.plan.leave("create_tenant", after, result)
     }
 
     async fn insert_key(
@@ -239,23 +270,27 @@ impl Store for FaultyStore {
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.plan.enter("key_by_hash").await?;
-        self.inner.key_by_hash(key_hash).await
+        let after = self.plan.enter("key_by_hash").await?;
+        let result = self.inner.key_by_hash(key_hash).await;
+        self.plan.leave("key_by_hash", after, result)
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.plan.enter("list_keys").await?;
-        self.inner.list_keys().await
+        let after = self.plan.enter("list_keys").await?;
+        let result = self.inner.list_keys().await;
+        self.plan.leave("list_keys", after, result)
     }
 
     async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        self.plan.enter("revoke_key").await?;
-        self.inner.revoke_key(id, now).await
+        let after = self.plan.enter("revoke_key").await?;
+        let result = self.inner.revoke_key(id, now).await;
+        self.plan.leave("revoke_key", after, result)
     }
 
     async fn setting_or_init(&self, name: &str, init: &[u8]) -> Result<Vec<u8>, StoreError> {
-        self.plan.enter("setting_or_init").await?;
-        self.inner.setting_or_init(name, init).await
+        let after = self.plan.enter("setting_or_init").await?;
+        let result = self.inner.setting_or_init(name, init).await;
+        self.plan.leave("setting_or_init", after, result)
     }
 
     async fn webhook_secrets(
@@ -263,8 +298,9 @@ impl Store for FaultyStore {
         tenant_id: &str,
         init: &str,
     ) -> Result<WebhookSecrets, StoreError> {
-        self.plan.enter("webhook_secrets").await?;
-        self.inner.webhook_secrets(tenant_id, init).await
+        let after = self.plan.enter("webhook_secrets").await?;
+        let result = self.inner.webhook_secrets(tenant_id, init).await;
+        self.plan.leave("webhook_secrets", after, result)
     }
 
     async fn rotate_webhook_secret(
@@ -287,18 +323,21 @@ impl Store for FaultyStore {
         lease: Duration,
         room: &HostRoom,
     ) -> Result<Vec<DeliveryClaim>, StoreError> {
-        self.plan.enter("claim_deliveries").await?;
-        self.inner.claim_deliveries(now, limit, lease, room).await
+        let after = self.plan.enter("claim_deliveries").await?;
+        let result = self.inner.claim_deliveries(now, limit, lease, room).await;
+        self.plan.leave("claim_deliveries", after, result)
     }
 
     async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {
-        self.plan.enter("next_delivery_due").await?;
-        self.inner.next_delivery_due(blocked).await
+        let after = self.plan.enter("next_delivery_due").await?;
+        let result = self.inner.next_delivery_due(blocked).await;
+        self.plan.leave("next_delivery_due", after, result)
     }
 
     async fn defer_host(&self, host: &str, until: i64) -> Result<u64, StoreError> {
-        self.plan.enter("defer_host").await?;
-        self.inner.defer_host(host, until).await
+        let after = self.plan.enter("defer_host").await?;
+        let result = self.inner.defer_host(host, until).await;
+        self.plan.leave("defer_host", after, result)
     }
 
     async fn finish_delivery_attempt(
@@ -316,16 +355,18 @@ impl Store for FaultyStore {
     }
 
     async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        self.plan.enter("get_delivery").await?;
-        self.inner.get_delivery(id).await
+        let after = self.plan.enter("get_delivery").await?;
+        let result = self.inner.get_delivery(id).await;
+        self.plan.leave("get_delivery", after, result)
     }
 
     async fn deliveries_for_task(
         &self,
         task_id: &str,
     ) -> Result<Vec<(Delivery, Vec<DeliveryAttempt>)>, StoreError> {
-        self.plan.enter("deliveries_for_task").await?;
-        self.inner.deliveries_for_task(task_id).await
+        let after = self.plan.enter("deliveries_for_task").await?;
+        let result = self.inner.deliveries_for_task(task_id).await;
+        self.plan.leave("deliveries_for_task", after, result)
     }
 
     async fn redeliver(
@@ -334,18 +375,21 @@ impl Store for FaultyStore {
         now: i64,
         min_gap: Duration,
     ) -> Result<Redeliver, StoreError> {
-        self.plan.enter("redeliver").await?;
-        self.inner.redeliver(id, now, min_gap).await
+        let after = self.plan.enter("redeliver").await?;
+        let result = self.inner.redeliver(id, now, min_gap).await;
+        self.plan.leave("redeliver", after, result)
     }
 
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError> {
-        self.plan.enter("recover_expired_deliveries").await?;
-        self.inner.recover_expired_deliveries(now).await
+        let after = self.plan.enter("recover_expired_deliveries").await?;
+        let result = self.inner.recover_expired_deliveries(now).await;
+        self.plan.leave("recover_expired_deliveries", after, result)
     }
 
     async fn clock_ms(&self) -> Result<i64, StoreError> {
-        self.plan.enter("clock_ms").await?;
-        self.inner.clock_ms().await
+        let after = self.plan.enter("clock_ms").await?;
+        let result = self.inner.clock_ms().await;
+        self.plan.leave("clock_ms", after, result)
     }
 
     fn exclusive(&self) -> bool {

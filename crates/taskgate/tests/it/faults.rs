@@ -550,6 +550,35 @@ async fn a_local_task_whose_final_write_fails_a_few_times_still_succeeds() {
 }
 
 #[tokio::test]
+async fn a_final_write_that_committed_but_reported_an_error_keeps_its_outputs() {
+    // The connection drops after the commit: the completer's next try finds the token gone,
+    // which must not be taken for a lost claim (whose staged outputs would be deleted).
+    let (app, plan) = TestApp::start_with_faults(|c| {
+        c.models =
+            models("[models.echo]\nbackend = \"builtin\"\nbuiltin = \"echo\"\nconcurrency = 1\n");
+    })
+    .await;
+    plan.inject_next("finish", 1, Fault::FailAfter);
+    let id = app.api.submit_ok("echo", json!({ "n": 7 })).await;
+    let data = app.api.wait_final("echo", &id, WAIT).await;
+    assert_eq!(data["state"], "success", "{data}");
+    // With one slot, a second task runs only once the first attempt has settled entirely
+    // (including whatever it decided about its staged files).
+    let after = app.api.submit_ok("echo", json!({ "n": 8 })).await;
+    app.api.wait_final("echo", &after, WAIT).await;
+    assert!(plan.calls("finish") >= 3, "{}", plan.calls("finish"));
+    check_invariants(
+        &app.api,
+        &[(
+            "echo",
+            &id,
+            Want::Success(&[("result.json", "{\n  \"n\": 7\n}")]),
+        )],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_worker_is_told_503_when_its_outcome_could_not_be_written_and_finishes_once_later() {
     let (app, plan) = TestApp::start_with_faults(|c| {
         c.models = models(WORKER_MODEL);
