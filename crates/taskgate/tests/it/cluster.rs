@@ -12,50 +12,6 @@ use tokio::task::JoinHandle;
 
 use crate::support::*;
 
-/// A database of its own on the test server, dropped by `drop_db`.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-async fn create_db() -> Option<TestDb> {
-    let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
-        skip("PostgreSQL cluster test (set TEST_DATABASE_URL)");
-        return None;
-    };
-    let name = format!(
-        "tg_it_{}",
-        ulid::Ulid::new().to_string().to_ascii_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    let mut url = url::Url::parse(&admin_url).unwrap();
-    url.set_path(&name);
-    Some(TestDb {
-        admin_url,
-        name,
-        url: url.to_string(),
-    })
-}
-
-impl TestDb {
-    async fn drop_db(self) {
-        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-}
-
 fn work_model(concurrency: usize) -> String {
     format!(
         r#"
@@ -71,7 +27,9 @@ max_attempts = 5
 
 #[tokio::test]
 async fn three_nodes_lose_no_task_when_one_is_killed_and_never_exceed_concurrency() {
-    let Some(db) = create_db().await else { return };
+    let Some(db) = create_db("PostgreSQL cluster test").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, work_model(2)).unwrap();
@@ -195,7 +153,9 @@ impl Proxy {
 
 #[tokio::test]
 async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() {
-    let Some(db) = create_db().await else { return };
+    let Some(db) = create_db("PostgreSQL cluster test").await else {
+        return;
+    };
     let mut proxy = Proxy::start(0).await;
     let mut via_proxy = url::Url::parse(&db.url).unwrap();
     via_proxy.set_port(Some(proxy.port)).unwrap();
@@ -261,7 +221,9 @@ async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() 
 #[tokio::test]
 async fn nodes_started_at_the_same_instant_on_a_fresh_database_all_start_and_accept_the_key() {
     for round in 0..5 {
-        let Some(db) = create_db().await else { return };
+        let Some(db) = create_db("PostgreSQL cluster test").await else {
+            return;
+        };
         let dir = tempfile::tempdir().unwrap();
         // Every node writes the same start-up rows (the key, its tenant, the URL signing key)
         // into an empty database at the same moment.

@@ -3,13 +3,11 @@
 //! server is stopped and restarted on its data dir. Every test ends with [`check_invariants`]
 //! over the tasks it submitted.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::Connection;
 use taskgate_server::config::{FileConfig, ModelConfig};
 use taskgate_server::store::faults::Fault;
 use tokio::sync::Notify;
@@ -29,38 +27,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn models(toml: &str) -> std::collections::BTreeMap<String, ModelConfig> {
     FileConfig::parse(toml).unwrap().models.unwrap()
-}
-
-/// `taskgate keys create --worker` against the server's store: returns the token.
-async fn worker_token(data_dir: &Path, database_url: Option<&str>) -> String {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--worker",
-        "--name",
-        "faults",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ];
-    if let Some(url) = database_url {
-        args.extend(["--database-url", url]);
-    }
-    let out = taskgate(&args).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let token = stdout
-        .trim_end()
-        .lines()
-        .last()
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .to_owned();
-    assert!(token.starts_with("tgw_"), "{stdout}");
-    token
 }
 
 /// A pull worker played by the test: one raw worker-API call per method.
@@ -676,53 +642,11 @@ async fn a_failure_message_with_nul_and_escapes_is_stored_clean_on_sqlite() {
     fail_with_a_dirty_message(&app, &token).await;
 }
 
-/// A database of its own on the test server, dropped by `drop_db`.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-async fn create_db() -> Option<TestDb> {
-    let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
-        skip("faults on PostgreSQL (set TEST_DATABASE_URL)");
-        return None;
-    };
-    let name = format!(
-        "tg_it_{}",
-        ulid::Ulid::new().to_string().to_ascii_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    let mut url = url::Url::parse(&admin_url).unwrap();
-    url.set_path(&name);
-    Some(TestDb {
-        admin_url,
-        name,
-        url: url.to_string(),
-    })
-}
-
-impl TestDb {
-    async fn drop_db(self) {
-        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_failure_message_with_nul_and_escapes_is_stored_clean_on_postgresql() {
-    let Some(db) = create_db().await else { return };
+    let Some(db) = create_db("faults on PostgreSQL").await else {
+        return;
+    };
     let url = db.url.clone();
     let app = TestApp::start_with(|c| {
         c.models = models(WORKER_MODEL);

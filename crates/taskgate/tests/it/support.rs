@@ -544,3 +544,84 @@ pub fn skip(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }
+
+/// `taskgate keys create --worker` against the server's store: returns the token.
+pub async fn worker_token(data_dir: &Path, database_url: Option<&str>) -> String {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--worker",
+        "--name",
+        "gpu",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let out = taskgate(&args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout
+        .trim_end()
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_owned();
+    assert!(token.starts_with("tgw_"), "{stdout}");
+    token
+}
+
+/// A database of its own on the test server (`TEST_DATABASE_URL`), dropped by `drop_db`.
+/// Without the variable, says visibly that `what` was skipped and returns `None`.
+pub struct TestDb {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+pub async fn create_db(what: &str) -> Option<TestDb> {
+    let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
+        skip(&format!("{what} (set TEST_DATABASE_URL)"));
+        return None;
+    };
+    let name = format!(
+        "tg_it_{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    );
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let mut url = url::Url::parse(&admin_url).unwrap();
+    url.set_path(&name);
+    Some(TestDb {
+        admin_url,
+        name,
+        url: url.to_string(),
+    })
+}
+
+impl TestDb {
+    pub async fn drop_db(self) {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin_url)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+}

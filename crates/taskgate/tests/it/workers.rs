@@ -21,37 +21,6 @@ timeout = "30s"
 max_attempts = 3
 "#;
 
-/// `taskgate keys create --worker`: returns the token (last word of the last line).
-async fn worker_token(data_dir: &Path) -> String {
-    let out = taskgate(&[
-        "keys",
-        "create",
-        "--worker",
-        "--name",
-        "gpu",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ])
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let token = stdout
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_owned();
-    assert!(token.starts_with("tgw_"), "{stdout}");
-    token
-}
-
 /// Starts `taskgate worker` running `sh -c SCRIPT` per task.
 fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
@@ -71,7 +40,7 @@ fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child 
 #[tokio::test]
 async fn a_pull_worker_runs_the_task_and_its_outputs_become_results() {
     let app = TestApp::start_with_models(WORKER_MODEL).await;
-    let token = worker_token(&app.data_dir).await;
+    let token = worker_token(&app.data_dir, None).await;
     let _worker = spawn_worker(
         &app.api.base,
         &token,
@@ -104,7 +73,7 @@ async fn a_pull_worker_runs_the_task_and_its_outputs_become_results() {
 #[tokio::test]
 async fn a_failing_program_on_a_worker_fails_the_task_with_its_stderr() {
     let app = TestApp::start_with_models(WORKER_MODEL).await;
-    let token = worker_token(&app.data_dir).await;
+    let token = worker_token(&app.data_dir, None).await;
     let _worker = spawn_worker(
         &app.api.base,
         &token,
@@ -129,7 +98,7 @@ async fn a_failing_program_on_a_worker_fails_the_task_with_its_stderr() {
 #[tokio::test]
 async fn worker_tokens_and_client_keys_cannot_stand_in_for_each_other() {
     let app = TestApp::start_with_models(WORKER_MODEL).await;
-    let token = worker_token(&app.data_dir).await;
+    let token = worker_token(&app.data_dir, None).await;
     let (status, body) = app
         .api
         .with_key(&token)
@@ -172,7 +141,7 @@ async fn a_worker_killed_mid_task_loses_only_its_lease_and_another_worker_finish
         c.lease = Duration::from_millis(900);
     })
     .await;
-    let token = worker_token(&app.data_dir).await;
+    let token = worker_token(&app.data_dir, None).await;
     let marker = app.data_dir.join("first-started");
     let mut first = spawn_worker(
         &app.api.base,
@@ -253,7 +222,7 @@ async fn a_worker_given_a_refused_token_exits_with_a_clear_error_instead_of_retr
 #[tokio::test]
 async fn a_retried_task_does_not_show_the_previous_attempts_progress() {
     let app = TestApp::start_with_models(WORKER_MODEL).await;
-    let token = worker_token(&app.data_dir).await;
+    let token = worker_token(&app.data_dir, None).await;
     let id = app.api.submit_ok("remote", json!({})).await;
     let claim = |wait: u64| {
         let api = app.api.clone();
