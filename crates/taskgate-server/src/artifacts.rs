@@ -210,6 +210,23 @@ pub fn is_safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
+/// The names under which an attempt's files are stored: each made safe ([`sanitize_name`]) and
+/// made distinct (`a b.png` and `a_b.png` would collide; the later one gets a `_` prefix), so
+/// no output silently replaces another. Used for local attempts and by `taskgate worker`.
+pub fn output_names(files: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
+    let mut used = std::collections::HashSet::new();
+    files
+        .into_iter()
+        .map(|(relative, path)| {
+            let mut name = sanitize_name(&relative);
+            while !used.insert(name.clone()) {
+                name = format!("_{name}");
+            }
+            (name, path)
+        })
+        .collect()
+}
+
 /// Makes a backend's file name safe to serve: other characters become `_`.
 pub fn sanitize_name(raw: &str) -> String {
     let mut s: String = raw
@@ -332,6 +349,18 @@ mod tests {
         assert_eq!(store.path_of("t/not-hex/x"), None);
         assert_eq!(store.path_of("t/ab/x/y"), None);
         assert_eq!(store.path_of("t/x"), Some(PathBuf::from("/d/files/00/t.x")));
+    }
+
+    #[test]
+    fn output_names_that_collide_once_made_safe_stay_distinct() {
+        let names: Vec<String> = output_names(vec![
+            ("a b.png".into(), PathBuf::from("/x/1")),
+            ("a_b.png".into(), PathBuf::from("/x/2")),
+        ])
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+        assert_eq!(names, ["a_b.png", "_a_b.png"]);
     }
 
     #[test]

@@ -423,9 +423,23 @@ async fn upload_outputs(
         .await
         .map_err(|e| CallError::Other(e.into()))?;
     let mut names = Vec::with_capacity(files.len());
-    for (name, path) in files {
-        let name = taskgate_server::artifacts::sanitize_name(&name);
-        api.upload(task, &name, &path).await?;
+    for (name, path) in taskgate_server::artifacts::output_names(files) {
+        // A passing failure (a 5xx, a dropped connection) is tried again rather than failing
+        // the attempt; the heartbeat beside this call still ends it if the lease is lost.
+        let mut pause = Duration::from_millis(500);
+        let mut tries = 1;
+        loop {
+            match api.upload(task, &name, &path).await {
+                Ok(()) => break,
+                Err(CallError::Other(e)) if tries < 4 => {
+                    warn!(error = %format!("{e:#}"), %name, retry_in = ?pause, "upload failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         names.push(name);
     }
     Ok(names)

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::completer::Settled;
 use super::{Dispatcher, ModelRuntime};
-use crate::artifacts::{sanitize_name, staged_key};
+use crate::artifacts::{output_names, staged_key};
 use crate::backends::{BackendError, Job};
 use crate::domain::{attempt_tag, fail_code, now_ms};
 use crate::error::error_chain;
@@ -156,12 +156,7 @@ impl Dispatcher {
             return Err(BackendError::no_output());
         }
         let mut keys = Vec::with_capacity(files.len());
-        let mut used = std::collections::HashSet::new();
-        for (relative, path) in files {
-            let mut name = sanitize_name(&relative);
-            while !used.insert(name.clone()) {
-                name = format!("_{name}");
-            }
+        for (name, path) in output_names(files) {
             let key = staged_key(&job.task_id, tag, &name);
             staged
                 .lock()
