@@ -371,7 +371,9 @@ async fn stub_claim(State(stub): State<StubWorkerApi>) -> axum::Json<serde_json:
         "model": "remote",
         "input": {},
         "attempt": 1,
-        "leaseToken": "lease_stub",
+        // Unique per claim, as the server's are: the worker names its output directory after it,
+        // and stubs of tests running side by side share the temp dir.
+        "leaseToken": format!("lease_stub_{}", ulid::Ulid::new()),
         "leaseMs": stub.script.lease_ms,
         "timeoutMs": 30_000,
     }))
@@ -481,8 +483,9 @@ async fn a_worker_acknowledges_a_claim_with_a_heartbeat_before_running_the_progr
 async fn a_worker_keeps_its_lease_while_an_upload_takes_longer_than_the_lease() {
     let dir = tempfile::tempdir().unwrap();
     let (stub, base) = StubWorkerApi::start(StubScript {
-        lease_ms: 600,
-        upload_delay: Duration::from_millis(1500),
+        // Heartbeats every 500 ms, each allowed 500 ms: slack for a loaded machine.
+        lease_ms: 1500,
+        upload_delay: Duration::from_millis(4500),
         complete_503s: 0,
         program_marker: dir.path().join("started"),
         lose_lease_while_uploading: false,
@@ -500,7 +503,7 @@ async fn a_worker_keeps_its_lease_while_an_upload_takes_longer_than_the_lease() 
         .iter()
         .filter(|c| matches!(c, Call::Heartbeat { .. }))
         .count();
-    // A heartbeat every 200 ms over a 1.5 s upload: at least the lease's worth of renewals.
+    // A heartbeat every 500 ms over a 4.5 s upload (three leases): at least three renewals.
     assert!(
         during >= 3,
         "{during} heartbeats during the upload: {calls:?}"
@@ -544,8 +547,8 @@ async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without
     let (stub, base) = StubWorkerApi::start(StubScript {
         // Long enough that a loaded machine still gets a heartbeat through before the worker
         // counts the lease lost on its own.
-        lease_ms: 1500,
-        upload_delay: Duration::from_millis(3000),
+        lease_ms: 4000,
+        upload_delay: Duration::from_millis(5000),
         complete_503s: 0,
         program_marker: dir.path().join("started"),
         lose_lease_while_uploading: true,
@@ -560,8 +563,8 @@ async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without
         async move { started }
     })
     .await;
-    // Had the worker kept going, it would report once the 3 s upload was answered.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Had the worker kept going, it would report once the 5 s upload was answered.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
 
     let calls = stub.calls();
     assert!(
