@@ -81,22 +81,13 @@ pub async fn open_store(
 /// Holds an exclusive lock on the data dir for the life of the server: two servers on one
 /// SQLite file would each think the other's running tasks were orphans.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
-    use fs4::fs_std::FileExt;
-    let path = data_dir.join("taskgate.lock");
-    let io = |source| ServerError::DataDir {
-        path: data_dir.to_owned(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock_exclusive() {
-        Ok(true) => Ok(file),
-        Ok(false) => Err(ServerError::DataDirLocked(data_dir.to_owned())),
-        Err(e) => Err(io(e)),
+    match dispatch::maintenance::lock_file(&data_dir.join("taskgate.lock")) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(ServerError::DataDirLocked(data_dir.to_owned())),
+        Err(source) => Err(ServerError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -73,15 +73,7 @@ async fn claimed(
         .filter(|m| !m.backend.runs_locally())
         .cloned()
         .ok_or_else(|| lease_lost(task_id))?;
-    // Renewing is the check: it succeeds only for the current holder of a processing task.
-    // It also acknowledges the claim: the worker has it, so from now on the attempt counts.
-    if !state
-        .store
-        .renew_lease(task_id, token, now_ms(), state.dispatcher.lease(), progress)
-        .await?
-    {
-        return Err(lease_lost(task_id));
-    }
+    renew(state, task_id, token, progress).await?;
     Ok((
         Claim {
             task,
@@ -89,6 +81,26 @@ async fn claimed(
         },
         model,
     ))
+}
+
+/// Renews the claim's lease (recording `progress` when given). Renewing is the check: it
+/// succeeds only for the current holder of a processing task. It also acknowledges the claim:
+/// the worker has it, so from now on the attempt counts.
+async fn renew(
+    state: &AppState,
+    task_id: &str,
+    token: &str,
+    progress: Option<f64>,
+) -> Result<(), ApiError> {
+    if state
+        .store
+        .renew_lease(task_id, token, now_ms(), state.dispatcher.lease(), progress)
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(lease_lost(task_id))
+    }
 }
 
 /// When a lease renewed just now ends, less a margin for the answer to reach the worker.
@@ -244,7 +256,7 @@ pub async fn upload(
         }
         file.write_all(&chunk).await.map_err(ApiError::internal)?;
         if renewed.elapsed() >= renew_every {
-            claimed(&state, &task_id, &token, None).await?;
+            renew(&state, &task_id, &token, None).await?;
             renewed = tokio::time::Instant::now();
         }
     }
@@ -258,7 +270,7 @@ pub async fn upload(
         .await
         .map_err(ApiError::internal)?;
     // Still ours after the upload? A stale attempt's staged file is taken back at once.
-    if let Err(e) = claimed(&state, &claim.task.id, &token, None).await {
+    if let Err(e) = renew(&state, &claim.task.id, &token, None).await {
         if let Err(d) = state.dispatcher.artifacts().delete(&key).await {
             warn!(%key, error = %crate::error::error_chain(&d), "cannot delete a stale attempt's output");
         }

@@ -105,7 +105,7 @@ impl Dispatcher {
         // have been staged before it), or when the claim was not ours. Not after `NotWritten`:
         // the write may have committed unseen, and deleting published outputs is worse than
         // leaving an unreferenced file behind.
-        if !succeeded || settled == Settled::NotOurs {
+        if !succeeded || matches!(settled, Settled::NotOurs) {
             self.discard(&staged).await;
         }
     }

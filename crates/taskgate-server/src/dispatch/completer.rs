@@ -35,17 +35,6 @@ pub enum Settled {
     NotWritten(StoreError),
 }
 
-impl PartialEq for Settled {
-    fn eq(&self, other: &Self) -> bool {
-        matches!(
-            (self, other),
-            (Settled::Written, Settled::Written)
-                | (Settled::NotOurs, Settled::NotOurs)
-                | (Settled::NotWritten(_), Settled::NotWritten(_))
-        )
-    }
-}
-
 /// One write of an outcome.
 enum Write {
     Final(Outcome),

@@ -155,7 +155,7 @@ fn remove_abandoned_work_dirs(data_dir: &Path, ours: &Path) {
 }
 
 /// Opens and exclusively locks `path` (created if needed); `None` when another process holds it.
-fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+pub(crate) fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     use fs4::fs_std::FileExt;
     let file = std::fs::OpenOptions::new()
         .create(true)

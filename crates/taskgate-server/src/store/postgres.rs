@@ -432,9 +432,7 @@ impl Store for PostgresStore {
         // The caller's `now` only stamps completion times: expiry is judged on the database's
         // clock, the one every lease was set on, read once so that the three statements of the
         // sweep agree on which leases have ended.
-        let db_now: i64 = sqlx::query_scalar(&format!("SELECT {DB_NOW_MS}"))
-            .fetch_one(&self.pool)
-            .await?;
+        let db_now = self.clock_ms().await?;
         self.recover(&format!("lease_expires_at <= {db_now}"), now)
             .await
     }

@@ -14,14 +14,6 @@ use tokio::sync::Notify;
 
 use crate::support::*;
 
-const WORKER_MODEL: &str = r#"
-[models.remote]
-backend = "worker"
-concurrency = 2
-timeout = "30s"
-max_attempts = 3
-"#;
-
 /// Every wait in this file is bounded by this.
 const WAIT: Duration = Duration::from_secs(20);
 

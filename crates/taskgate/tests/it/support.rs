@@ -462,13 +462,7 @@ pub async fn create_key(data_dir: &Path, name: &str, tenant: Option<&str>) -> Cr
         "keys create failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let key = stdout
-        .trim_end()
-        .lines()
-        .last()
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .to_owned();
+    let key = last_word(&stdout);
     let id = stdout
         .split_whitespace()
         .find(|w| w.starts_with("key_"))
@@ -566,13 +560,7 @@ pub async fn worker_token(data_dir: &Path, database_url: Option<&str>) -> String
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let token = stdout
-        .trim_end()
-        .lines()
-        .last()
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .to_owned();
+    let token = last_word(&stdout);
     assert!(token.starts_with("tgw_"), "{stdout}");
     token
 }
@@ -625,3 +613,23 @@ impl TestDb {
         .unwrap();
     }
 }
+
+/// The last word of the last line: where `keys create` prints the key it made.
+fn last_word(stdout: &str) -> String {
+    stdout
+        .trim_end()
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no key in {stdout:?}"))
+        .to_owned()
+}
+
+/// A model served by pull workers (`remote`).
+pub const WORKER_MODEL: &str = r#"
+[models.remote]
+backend = "worker"
+concurrency = 2
+timeout = "30s"
+max_attempts = 3
+"#;

@@ -13,14 +13,6 @@ use serde_json::json;
 
 use crate::support::*;
 
-const WORKER_MODEL: &str = r#"
-[models.remote]
-backend = "worker"
-concurrency = 2
-timeout = "30s"
-max_attempts = 3
-"#;
-
 /// Starts `taskgate worker` running `sh -c SCRIPT` per task.
 fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
