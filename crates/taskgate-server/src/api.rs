@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
-use taskgate_proto::{Envelope, RequestType, TaskCreated, TaskStatus};
+use taskgate_proto::{Envelope, RequestType, TaskCreated};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -26,6 +26,7 @@ use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
 use crate::store::{Delivery, DeliveryAttempt, Redeliver, Rotation};
 use crate::store::{NewTask, Store};
+use crate::views::{FinalView, FinalViews};
 use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
 use taskgate_proto::{
@@ -44,6 +45,8 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     pub webhooks: WebhookConfig,
     pub deliverer: Arc<Deliverer>,
+    /// Finished tasks' statusTask answers, ready to send.
+    pub views: FinalViews,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -85,7 +88,8 @@ pub fn router(state: AppState) -> Router {
                 )
             },
         ))
-        .with_state(state)
+        // One Arc for the whole state: axum clones the state for every request.
+        .with_state(Arc::new(state))
 }
 
 async fn healthz() -> Json<Envelope<Value>> {
@@ -216,7 +220,7 @@ fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError
 }
 
 async fn generate_task(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -254,11 +258,11 @@ async fn generate_task(
 }
 
 async fn status_task(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-) -> Result<Json<Envelope<TaskStatus>>, ApiError> {
+) -> Result<Response, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
     // A model removed from the configuration has no runtime, but its tasks (failed with
     // MODEL_REMOVED) still answer; an unknown model with no such task is a 404 naming the model.
@@ -271,11 +275,17 @@ async fn status_task(
     };
     let not_found =
         || ApiError::NotFound(format!("task {task_id:?} not found for model {model:?}"));
+    // Another tenant's task, or one of another model, does not exist as far as this key knows.
+    if let Some(view) = state.views.get(&task_id) {
+        if view.tenant_id != tenant.id || view.model != model {
+            return Err(runtime.err().unwrap_or_else(not_found));
+        }
+        return Ok(json_bytes(view.body.clone()));
+    }
     let task = match state.store.get_task(&task_id).await? {
         Some(t) => t,
         None => return Err(runtime.err().unwrap_or_else(not_found)),
     };
-    // Another tenant's task, or one of another model, does not exist as far as this key knows.
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
@@ -284,7 +294,31 @@ async fn status_task(
         .status_of(&task)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(Envelope::success(status)))
+    let body =
+        Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);
+    if task.state.is_final() {
+        state.views.insert(
+            task.id,
+            FinalView {
+                tenant_id: task.tenant_id,
+                model: task.model,
+                body: body.clone(),
+            },
+        );
+    }
+    Ok(json_bytes(body))
+}
+
+/// A 200 answer with a body serialised already.
+fn json_bytes(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn secret_data(s: crate::store::WebhookSecrets) -> WebhookSecretData {
@@ -297,7 +331,7 @@ fn secret_data(s: crate::store::WebhookSecrets) -> WebhookSecretData {
 }
 
 async fn webhook_secret(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
@@ -309,7 +343,7 @@ async fn webhook_secret(
 }
 
 async fn rotate_webhook_secret(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
@@ -375,7 +409,7 @@ pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
 }
 
 async fn list_deliveries(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Json<Envelope<WebhookDeliveries>>, ApiError> {
@@ -403,7 +437,7 @@ async fn list_deliveries(
 }
 
 async fn retry_delivery(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
@@ -454,7 +488,7 @@ async fn retry_delivery(
 
 /// A file of a task finished before outputs were staged per attempt (`TASK_ID/NAME` keys).
 async fn get_untagged_file(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path((task_id, name)): Path<(String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
@@ -462,7 +496,7 @@ async fn get_untagged_file(
 }
 
 async fn get_file(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path((task_id, tag, name)): Path<(String, String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
@@ -470,7 +504,7 @@ async fn get_file(
 }
 
 async fn serve_file(
-    state: AppState,
+    state: Arc<AppState>,
     key: String,
     name: String,
     uri: Uri,
@@ -495,18 +529,32 @@ async fn serve_file(
         return Err(refused());
     }
     let path = files.path_of(&key).ok_or_else(refused)?;
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
+    // A file, or a small output kept in the database (see `artifacts::INLINE_MAX`).
+    let (body, len) = match tokio::fs::File::open(&path).await {
+        Ok(file) => {
+            let len = file.metadata().await.map_err(ApiError::internal)?.len();
+            (
+                Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+                len,
+            )
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound(
-                "this result file no longer exists".into(),
-            ))
+            match state.store.get_blob(&key).await? {
+                Some(content) => {
+                    let len = content.len() as u64;
+                    (Body::from(content), len)
+                }
+                None => {
+                    return Err(ApiError::NotFound(
+                        "this result file no longer exists".into(),
+                    ))
+                }
+            }
         }
         Err(e) => return Err(ApiError::internal(e)),
     };
-    let len = file.metadata().await.map_err(ApiError::internal)?.len();
     let content_type = mime_guess::from_path(&name).first_or_octet_stream();
-    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let mut response = body.into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type.as_ref()) {
         h.insert(header::CONTENT_TYPE, v);

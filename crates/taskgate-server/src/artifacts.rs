@@ -59,6 +59,13 @@ pub enum ArtifactError {
 pub trait ArtifactStore: Send + Sync + 'static {
     /// Moves (or copies, or uploads) the file at `src` in under `key`.
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError>;
+    /// Stores `content` under `key`.
+    async fn put_bytes(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError>;
+    /// Largest in-memory output kept in the database instead of here (served through this
+    /// node's signed `/files` URLs); 0 where results must be served by the store itself.
+    fn inline_max(&self) -> usize {
+        0
+    }
     /// An absolute URL that fetches `key` until `expires_at` (Unix seconds). Async because
     /// presigning may first have to fetch or refresh cloud credentials.
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError>;
@@ -67,6 +74,10 @@ pub trait ArtifactStore: Send + Sync + 'static {
     /// Removes `key`; removing a key that holds nothing is not an error.
     async fn delete(&self, key: &str) -> Result<(), ArtifactError>;
 }
+
+/// Largest output the local store keeps in the database (`output_blobs`) rather than as a file:
+/// an inode per small output was the largest cost of a short task on ext4.
+pub const INLINE_MAX: usize = 64 * 1024;
 
 /// The key of output `name` staged by the attempt tagged `tag` of `task_id`.
 pub fn staged_key(task_id: &str, tag: &str, name: &str) -> String {
@@ -213,7 +224,7 @@ pub fn is_safe_name(s: &str) -> bool {
 /// The names under which an attempt's files are stored: each made safe ([`sanitize_name`]) and
 /// made distinct (`a b.png` and `a_b.png` would collide; the later one gets a `_` prefix), so
 /// no output silently replaces another. Used for local attempts and by `taskgate worker`.
-pub fn output_names(files: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
+pub fn output_names<T>(files: Vec<(String, T)>) -> Vec<(String, T)> {
     let mut used = std::collections::HashSet::new();
     files
         .into_iter()
@@ -281,6 +292,27 @@ impl ArtifactStore for LocalArtifacts {
         .await
         .map_err(|e| io(std::io::Error::other(e)))?
         .map_err(io)
+    }
+
+    async fn put_bytes(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError> {
+        let dest = self.path_or_bad_key(key)?;
+        let io = |source| ArtifactError::Io {
+            key: key.to_owned(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&dest, content)
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
+    }
+
+    fn inline_max(&self) -> usize {
+        INLINE_MAX
     }
 
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError> {

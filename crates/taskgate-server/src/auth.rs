@@ -5,7 +5,8 @@
 //! its hash, and the stored hash is then compared in constant time, so neither the lookup nor
 //! the comparison tells an attacker anything about a real key.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap};
 use base64::Engine;
@@ -131,15 +132,50 @@ async fn ensure_tenant(store: &dyn Store, name: &str) -> Result<Tenant, StoreErr
 /// Tenant that holds worker tokens.
 pub const WORKER_TENANT: &str = "workers";
 
+/// Most keys one node keeps in memory.
+const KEY_CACHE_ENTRIES: usize = 10_000;
+
+/// How often a node asks the store whether any key was revoked: the longest a key revoked
+/// elsewhere (another node, `taskgate keys revoke`) keeps working on this node.
+pub const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+
 /// Turns an `Authorization` header into the tenant it acts for.
+///
+/// Keys found valid are kept in a bounded in-memory cache, so a request costs no store read.
+/// Revocations reach the cache through a watcher that reads the store's revocation
+/// revision every [`REVOCATION_CHECK`] and empties the cache when it moves. Unknown and revoked
+/// keys are never cached: a key created a moment ago works at once.
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
+    cache: Arc<KeyCache>,
+}
+
+struct KeyCache {
+    keys: quick_cache::sync::Cache<[u8; 32], ApiKeyRecord>,
+    /// Bumped (under the write lock) whenever the cache is emptied. A lookup that missed
+    /// inserts what it read only if the generation did not move while it read, so a record
+    /// read before a revocation cannot land in the cache after the watcher emptied it.
+    generation: RwLock<u64>,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Authenticator { store }
+        Authenticator {
+            store,
+            cache: Arc::new(KeyCache {
+                keys: quick_cache::sync::Cache::new(KEY_CACHE_ENTRIES),
+                generation: RwLock::new(0),
+            }),
+        }
+    }
+
+    /// Starts the revocation watcher; it ends when the last clone of this authenticator is
+    /// dropped.
+    pub fn watch_revocations(&self) {
+        let cache = Arc::downgrade(&self.cache);
+        let store = self.store.clone();
+        tokio::spawn(watch_revocations(store, cache));
     }
 
     /// A client key's tenant; worker tokens are refused here.
@@ -184,14 +220,75 @@ impl Authenticator {
                 )
             })?;
         let hash = hash_key(key);
+        // The cache is keyed by the full hash of a key already proven valid; the constant-time
+        // comparison below guards the store's lookup by hash.
+        if let Some(r) = self.cache.keys.get(&hash) {
+            return Ok(r);
+        }
+        let generation = *self
+            .cache
+            .generation
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let record = self.store.key_by_hash(&hash).await?;
         match record {
-            Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => Ok(r),
+            Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => {
+                let now = self
+                    .cache
+                    .generation
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                if *now == generation {
+                    self.cache.keys.insert(hash, r.clone());
+                }
+                Ok(r)
+            }
             Some(r) if r.revoked_at.is_some() => Err(ApiError::Unauthorized(
                 "this API key has been revoked; create a new one with `taskgate keys create`"
                     .into(),
             )),
             _ => Err(ApiError::Unauthorized("invalid API key".into())),
+        }
+    }
+}
+
+/// Empties `cache` whenever the store's revocation revision moves; ends with the cache.
+async fn watch_revocations(store: Arc<dyn Store>, cache: Weak<KeyCache>) {
+    let mut seen = None;
+    let mut failing = false;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(REVOCATION_CHECK).await;
+        }
+        first = false;
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        match store.keys_revision().await {
+            Ok(revision) => {
+                failing = false;
+                // The first reading also empties the cache: whatever was cached before it was
+                // read against an unknown revision.
+                if seen != Some(revision) {
+                    let mut generation =
+                        cache.generation.write().unwrap_or_else(|p| p.into_inner());
+                    *generation += 1;
+                    cache.keys.clear();
+                }
+                seen = Some(revision);
+            }
+            Err(e) => {
+                // A store that cannot be read cannot tell us of revocations either: forget what
+                // we cached, so that keys are checked against the store again once it is back.
+                let mut generation = cache.generation.write().unwrap_or_else(|p| p.into_inner());
+                *generation += 1;
+                cache.keys.clear();
+                if !failing {
+                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot check for revoked keys; the key cache is emptied until the store answers");
+                    failing = true;
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod retry;
 pub mod store;
+pub mod views;
 pub mod webhooks;
 pub mod worker_api;
 
@@ -254,9 +255,12 @@ pub async fn run_with(
     dispatcher.start();
     forward_store_events(store.clone(), dispatcher.clone(), deliverer.clone());
 
+    let authenticator = auth::Authenticator::new(store.clone());
+    authenticator.watch_revocations();
     let state = api::AppState {
         store: store.clone(),
-        auth: auth::Authenticator::new(store.clone()),
+        auth: authenticator,
+        views: views::FinalViews::default(),
         dispatcher: dispatcher.clone(),
         links,
         local_files,

@@ -121,7 +121,7 @@ fn worker_task(task: &Task, token: String, model: &ModelRuntime, lease: Duration
 }
 
 pub async fn claim(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<WorkerTask>>, ApiError> {
@@ -165,7 +165,7 @@ pub async fn claim(
 }
 
 pub async fn heartbeat(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -221,7 +221,7 @@ pub async fn heartbeat(
 /// uploads of one attempt never touch each other's) and is removed on every path out, including
 /// a dropped connection. The staged output becomes the task's only through `complete`.
 pub async fn upload(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path((task_id, name)): Path<(String, String)>,
     headers: HeaderMap,
     uri: Uri,
@@ -308,7 +308,7 @@ impl Drop for TempUpload {
 }
 
 pub async fn complete(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -344,7 +344,7 @@ pub async fn complete(
 }
 
 pub async fn fail(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -382,7 +382,7 @@ async fn settle(
         .unwrap_or_default();
     match state
         .dispatcher
-        .settle(&model.name, claim, result, elapsed, lease_deadline(state))
+        .settle(&model.name, claim, result.map(|keys| (keys, Vec::new())), elapsed, lease_deadline(state))
         .instrument(info_span!("task", task_id = %claim.task.id))
         .await
     {

@@ -138,7 +138,7 @@ conformance! {
         assert_eq!(second.len(), 1);
         assert!(s.claim_batch("m", 10, LEASE, 4, 10, Runner::Local).await.unwrap().is_empty());
         // Every token finishes its own task, and only its own.
-        let ok = Outcome::Success { outputs: vec![] };
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
         assert!(!s.finish("task_0", &first[1].token, &ok, 20).await.unwrap());
         for c in first.iter().chain(&second) {
             assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
@@ -153,7 +153,7 @@ conformance! {
         let a = s.claim("m", 10, LEASE, 2).await.unwrap().unwrap();
         s.claim("m", 10, LEASE, 2).await.unwrap().unwrap();
         assert!(s.claim("m", 10, LEASE, 2).await.unwrap().is_none(), "two are running");
-        s.finish(&a.task.id, &a.token, &Outcome::Success { outputs: vec![] }, 11).await.unwrap();
+        s.finish(&a.task.id, &a.token, &Outcome::Success { outputs: vec![], blobs: vec![] }, 11).await.unwrap();
         assert_eq!(s.claim("m", 12, LEASE, 2).await.unwrap().unwrap().task.id, "task_c");
     }
 
@@ -173,7 +173,7 @@ conformance! {
     the_final_state_is_written_once_and_only_by_the_claim_holder(s) {
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-        let ok = Outcome::Success { outputs: vec!["task_a/x.png".into()] };
+        let ok = Outcome::Success { outputs: vec!["task_a/x.png".into()], blobs: vec![] };
         assert!(!s.finish("task_a", "att_stale", &ok, 20).await.unwrap());
         assert!(s.finish("task_a", &c.token, &ok, 20).await.unwrap());
         let fail = Outcome::Failure { code: "X".into(), message: "y".into() };
@@ -190,7 +190,7 @@ conformance! {
         let c1 = s.claim("m", 10, Duration::ZERO, 10).await.unwrap().unwrap();
         let r = s.recover_expired(100).await.unwrap();
         assert_eq!(r.requeued, vec!["task_a".to_string()]);
-        let ok = Outcome::Success { outputs: vec![] };
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
         assert!(!s.finish("task_a", &c1.token, &ok, 101).await.unwrap(), "a stale holder cannot finish");
         let c2 = s.claim("m", 200, Duration::ZERO, 10).await.unwrap().unwrap();
         assert_eq!(c2.task.attempts, 2);
@@ -279,7 +279,7 @@ conformance! {
         s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
         for _ in 0..2 {
             let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-            let ok = Outcome::Success { outputs: vec![] };
+            let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
             assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
         }
         let a = s.deliveries_for_task("task_a").await.unwrap();
@@ -301,7 +301,7 @@ conformance! {
     deliveries_are_claimed_once_retried_and_finished(s) {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![], blobs: vec![] }, 20).await.unwrap();
         let claims = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
         assert_eq!(claims.len(), 1);
         assert!(s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().is_empty(), "claimed once");
@@ -336,7 +336,7 @@ conformance! {
     a_deferred_delivery_counts_no_attempt(s) {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![], blobs: vec![] }, 20).await.unwrap();
         let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
         s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Defer(99), 21).await.unwrap();
         let got = s.get_delivery(&d.delivery.id).await.unwrap().unwrap();
@@ -373,7 +373,7 @@ conformance! {
     manual_retries_are_spaced_per_delivery(s) {
         s.insert_task(callback_task("task_a")).await.unwrap();
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![] }, 20).await.unwrap();
+        s.finish("task_a", &c.token, &Outcome::Success { outputs: vec![], blobs: vec![] }, 20).await.unwrap();
         let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().remove(0);
         s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Failed, 21).await.unwrap();
         let gap = Duration::from_secs(10);
@@ -390,7 +390,7 @@ conformance! {
             t.callback_url = Some((*url).into());
             s.insert_task(t).await.unwrap();
             let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-            s.finish(&c.task.id, &c.token, &Outcome::Success { outputs: vec![] }, 20 + i as i64).await.unwrap();
+            s.finish(&c.task.id, &c.token, &Outcome::Success { outputs: vec![], blobs: vec![] }, 20 + i as i64).await.unwrap();
         }
         let room = HostRoom { per_host: 2, limited: vec![("http://b.example:8080".into(), 0)] };
         let claimed = s.claim_deliveries(100, 10, LEASE, &room).await.unwrap();
@@ -448,7 +448,10 @@ async fn task_in(s: &dyn Store, state: TaskState) -> Option<String> {
     }
     let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
     let outcome = match state {
-        TaskState::Success => Outcome::Success { outputs: vec![] },
+        TaskState::Success => Outcome::Success {
+            outputs: vec![],
+            blobs: vec![],
+        },
         TaskState::Failed => Outcome::Failure {
             code: "X".into(),
             message: "y".into(),
@@ -466,7 +469,15 @@ async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
         Transition::Claim => s.claim("m", 30, LEASE, 10).await.unwrap().is_some(),
         Transition::Requeue => s.requeue("task_a", token, 30, false).await.unwrap(),
         Transition::Succeed => s
-            .finish("task_a", token, &Outcome::Success { outputs: vec![] }, 30)
+            .finish(
+                "task_a",
+                token,
+                &Outcome::Success {
+                    outputs: vec![],
+                    blobs: vec![],
+                },
+                30,
+            )
             .await
             .unwrap(),
         Transition::Fail => s
@@ -571,7 +582,7 @@ conformance! {
         if s.exclusive() {
             assert_eq!(r.requeued, vec!["task_local".to_string()]);
         }
-        let ok = Outcome::Success { outputs: vec!["task_worker/t/x.png".into()] };
+        let ok = Outcome::Success { outputs: vec!["task_worker/t/x.png".into()], blobs: vec![] };
         assert!(s.finish("task_worker", &w.token, &ok, 30).await.unwrap());
     }
 

@@ -300,7 +300,7 @@ async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, t
         model: task.model.clone(),
         input: task.input.clone(),
         attempt: task.attempt,
-        output_dir: output_dir.to_owned(),
+        output_dir: Some(output_dir.to_owned()),
     };
     let timeout = Duration::from_millis(task.timeout_ms);
     let result = match tokio::time::timeout(timeout, backend.run(&job)).await {

@@ -203,6 +203,23 @@ impl ArtifactStore for S3Artifacts {
         Ok(())
     }
 
+    async fn put_bytes(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError> {
+        let location = self.location(key)?;
+        let content_type = mime_guess::from_path(key).first_or_octet_stream();
+        let opts = PutOptions {
+            attributes: Attributes::from_iter([(Attribute::ContentType, content_type.to_string())]),
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&location, PutPayload::from(content), opts)
+            .await
+            .map_err(|source| ArtifactError::Upload {
+                key: key.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, ArtifactError> {
         let location = self.location(key)?;
         match self.store.head(&location).await {

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{optional_u64, Backend, BackendError, Job};
+use super::{optional_u64, Backend, BackendError, Job, Produced};
 use crate::domain::fail_code;
 
 /// Longest `input.delay_ms` honoured by `echo`.
@@ -31,7 +31,7 @@ impl Backend for Echo {
         }
     }
 
-    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+    async fn run(&self, job: &Job) -> Result<Produced, BackendError> {
         let delay = optional_u64(&job.input, "delay_ms")
             .map_err(|m| BackendError::fatal(fail_code::INVALID_INPUT, m))?
             .unwrap_or(0)
@@ -47,14 +47,11 @@ impl Backend for Echo {
         }
         let body = serde_json::to_vec_pretty(&Value::Object(job.input.clone()))
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
-        tokio::fs::write(job.output_dir.join("result.json"), body)
-            .await
-            .map_err(|e| {
-                BackendError::retryable(
-                    fail_code::INTERNAL_ERROR,
-                    format!("cannot write result: {e}"),
-                )
-            })
+        Ok(Produced::InMemory(vec![("result.json".to_owned(), body)]))
+    }
+
+    fn needs_output_dir(&self) -> bool {
+        false
     }
 }
 
@@ -91,7 +88,7 @@ impl Backend for DemoImage {
         Ok(())
     }
 
-    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+    async fn run(&self, job: &Job) -> Result<Produced, BackendError> {
         let invalid = |m| BackendError::fatal(fail_code::INVALID_INPUT, m);
         let (w, h) = image_size(&job.input).map_err(invalid)?;
         let prompt = prompt_of(&job.input).map_err(invalid)?.to_owned();
@@ -100,14 +97,11 @@ impl Backend for DemoImage {
             .await
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
-        tokio::fs::write(job.output_dir.join("image.png"), png)
-            .await
-            .map_err(|e| {
-                BackendError::retryable(
-                    fail_code::INTERNAL_ERROR,
-                    format!("cannot write result: {e}"),
-                )
-            })
+        Ok(Produced::InMemory(vec![("image.png".to_owned(), png)]))
+    }
+
+    fn needs_output_dir(&self) -> bool {
+        false
     }
 }
 

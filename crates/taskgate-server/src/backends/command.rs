@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::process_tree::{self, ProcessTree, KILL_BOUND};
-use super::{Backend, BackendError, Job};
+use super::{Backend, BackendError, Job, Produced};
 use crate::domain::fail_code;
 
 /// Exit status meaning "temporary failure, try again" (sysexits.h).
@@ -115,7 +115,8 @@ impl Backend for CommandBackend {
         false
     }
 
-    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+    async fn run(&self, job: &Job) -> Result<Produced, BackendError> {
+        let output_dir = job.dir()?;
         let input = serde_json::to_vec(&serde_json::Value::Object(job.input.clone()))
             .map_err(|e| BackendError::fatal(fail_code::INTERNAL_ERROR, e.to_string()))?;
         let mut cmd = Command::new(&self.argv[0]);
@@ -130,7 +131,7 @@ impl Backend for CommandBackend {
             // The server's own settings (its key, database URL, storage credentials) must not
             // leak into model code; a model that needs a credential gets it through `env`.
             .env_remove("TASKGATE_API_KEY")
-            .env("TASKGATE_OUTPUT_DIR", &job.output_dir)
+            .env("TASKGATE_OUTPUT_DIR", output_dir)
             .env("TASKGATE_TASK_ID", &job.task_id)
             .env("TASKGATE_MODEL", &job.model)
             .env("TASKGATE_ATTEMPT", job.attempt.to_string())
@@ -197,7 +198,7 @@ impl Backend for CommandBackend {
             )
         })?;
         if status.success() {
-            return Ok(());
+            return Ok(Produced::Files);
         }
         let tail = String::from_utf8_lossy(tail.make_contiguous())
             .trim()

@@ -12,7 +12,7 @@ use base64::Engine;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::Value;
 
-use super::{human, Backend, BackendError, Job};
+use super::{human, Backend, BackendError, Job, Produced};
 use crate::config::{HttpBackendConfig, HttpResponseKind};
 use crate::domain::fail_code;
 
@@ -125,7 +125,7 @@ fn strings_at<'a>(doc: &'a Value, pointer: &str) -> Result<Vec<&'a str>, Backend
 
 impl HttpBackend {
     async fn write(&self, job: &Job, name: String, bytes: &[u8]) -> Result<(), BackendError> {
-        tokio::fs::write(job.output_dir.join(name), bytes)
+        tokio::fs::write(job.dir()?.join(name), bytes)
             .await
             .map_err(|e| {
                 BackendError::retryable(
@@ -186,7 +186,7 @@ struct Answer {
 
 #[async_trait]
 impl Backend for HttpBackend {
-    async fn run(&self, job: &Job) -> Result<(), BackendError> {
+    async fn run(&self, job: &Job) -> Result<Produced, BackendError> {
         let request = self
             .client
             .post(&self.cfg.url)
@@ -199,7 +199,8 @@ impl Backend for HttpBackend {
         match self.cfg.response {
             HttpResponseKind::Raw => {
                 self.write(job, file_name(0, content_type.as_deref(), None), &body)
-                    .await
+                    .await?;
+                Ok(Produced::Files)
             }
             HttpResponseKind::Json => {
                 let doc: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -236,7 +237,7 @@ impl Backend for HttpBackend {
                         index += 1;
                     }
                 }
-                Ok(())
+                Ok(Produced::Files)
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Backends run one attempt of a task. Dispatch gives each attempt an empty output directory;
-//! every file the backend leaves there becomes a result. Later kinds (pull workers, upstream
+//! every file the backend leaves there becomes a result. In-process backends whose results are
+//! small hand them back in memory instead ([`Produced::InMemory`]) and get no directory: a
+//! no-op task then touches no file system at all. Later kinds (pull workers, upstream
 //! providers) implement the same trait and need no change to dispatch.
 
 mod builtin;
@@ -7,7 +9,7 @@ mod command;
 mod http;
 mod process_tree;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +30,30 @@ pub struct Job {
     pub input: Map<String, Value>,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// Empty at start; what is in it at the end is the result.
-    pub output_dir: PathBuf,
+    /// Empty at start; what is in it at the end is the result. `None` for backends that
+    /// produce in memory (`Backend::needs_output_dir` false).
+    pub output_dir: Option<PathBuf>,
+}
+
+impl Job {
+    /// The output directory, for backends that write files.
+    pub fn dir(&self) -> Result<&Path, BackendError> {
+        self.output_dir.as_deref().ok_or_else(|| {
+            BackendError::fatal(
+                crate::domain::fail_code::INTERNAL_ERROR,
+                "this backend writes files but the attempt has no output directory",
+            )
+        })
+    }
+}
+
+/// What an attempt produced.
+#[derive(Debug)]
+pub enum Produced {
+    /// The files the backend left in the job's output directory.
+    Files,
+    /// The outputs themselves, by name, held in memory (no file was written).
+    InMemory(Vec<(String, Vec<u8>)>),
 }
 
 /// How an attempt failed: retryable errors run again while attempts remain.
@@ -75,7 +99,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Runs one attempt. Dropping the future must stop the work (the dispatcher does so on
     /// timeout and at shutdown).
-    async fn run(&self, job: &Job) -> Result<(), BackendError>;
+    async fn run(&self, job: &Job) -> Result<Produced, BackendError>;
+
+    /// Whether attempts need an output directory. False for backends that always answer
+    /// [`Produced::InMemory`]: the dispatcher then makes none.
+    fn needs_output_dir(&self) -> bool {
+        true
+    }
 
     /// Whether every write of an attempt has finished once `run` has returned (not been
     /// dropped). True for backends that write only from this process and await every write;
@@ -97,7 +127,7 @@ pub struct PullWorkers;
 
 #[async_trait]
 impl Backend for PullWorkers {
-    async fn run(&self, _job: &Job) -> Result<(), BackendError> {
+    async fn run(&self, _job: &Job) -> Result<Produced, BackendError> {
         Err(BackendError::fatal(
             crate::domain::fail_code::MODEL_UNAVAILABLE,
             "this model is served by pull workers, not by the server itself",

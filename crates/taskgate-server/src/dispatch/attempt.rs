@@ -18,15 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::completer::Settled;
 use super::{Dispatcher, ModelRuntime};
 use crate::artifacts::{output_names, staged_key};
-use crate::backends::{BackendError, Job};
+use crate::backends::{BackendError, Job, Produced};
 use crate::domain::{attempt_tag, fail_code, now_ms};
 use crate::error::error_chain;
-use crate::store::Claim;
+use crate::store::{Blob, Claim};
 
 /// When the attempt's lease ends, as far as this process knows: moved on by every renewal.
 pub(super) struct LeaseDeadline(Mutex<Instant>);
@@ -49,17 +49,22 @@ impl Dispatcher {
     pub(super) async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
         let lease = LeaseDeadline::starting_now(self.lease);
         let tag = attempt_tag(&claim.token);
-        let dir = match self.work_dirs.take().await {
-            Ok(d) => d,
-            Err(e) => {
-                let err = BackendError::retryable(
-                    fail_code::INTERNAL_ERROR,
-                    format!("cannot create an output directory: {e}"),
-                );
-                self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
-                    .await;
-                return;
+        // Backends that answer in memory get no directory: a no-op task touches no file.
+        let dir = if model.backend.needs_output_dir() {
+            match self.work_dirs.take().await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let err = BackendError::retryable(
+                        fail_code::INTERNAL_ERROR,
+                        format!("cannot create an output directory: {e}"),
+                    );
+                    self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
+                        .await;
+                    return;
+                }
             }
+        } else {
+            None
         };
         let job = Job {
             task_id: claim.task.id.clone(),
@@ -73,19 +78,19 @@ impl Dispatcher {
         let staged = Arc::new(Mutex::new(Vec::new()));
         // Set once the backend's `run` has returned rather than been dropped.
         let returned = AtomicBool::new(false);
-        info!("started");
+        debug!("started");
         let started = std::time::Instant::now();
         let result = tokio::select! {
             r = self.execute(model, &job, &tag, &staged, &returned) => r,
             lost = self.keep_lease(&claim, &lease) => {
                 // Another runner owns the task now; whatever we produced is not ours to publish.
                 warn!(lost, "claim lost while running; abandoning the attempt");
-                self.work_dirs.give_back(dir, false).await;
+                self.give_back(dir, false).await;
                 self.discard(&staged).await;
                 return;
             }
             _ = self.interrupt.cancelled() => {
-                self.work_dirs.give_back(dir, false).await;
+                self.give_back(dir, false).await;
                 self.discard(&staged).await;
                 match self.store.requeue(&claim.task.id, &claim.token, now_ms(), true).await {
                     Ok(_) => info!("interrupted by shutdown; left pending"),
@@ -96,7 +101,7 @@ impl Dispatcher {
             }
         };
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
-        self.work_dirs.give_back(dir, reusable).await;
+        self.give_back(dir, reusable).await;
         let succeeded = result.is_ok();
         let settled = self
             .settle(&model.name, &claim, result, started.elapsed(), lease.get())
@@ -104,9 +109,16 @@ impl Dispatcher {
         // Staged files are taken back unless they may be the task's: after a failure (some may
         // have been staged before it), or when the claim was not ours. Not after `NotWritten`:
         // the write may have committed unseen, and deleting published outputs is worse than
-        // leaving an unreferenced file behind.
+        // leaving an unreferenced file behind. (Blobs need no such care: they are written with
+        // the final state or not at all.)
         if !succeeded || matches!(settled, Settled::NotOurs) {
             self.discard(&staged).await;
+        }
+    }
+
+    async fn give_back(&self, dir: Option<PathBuf>, reusable: bool) {
+        if let Some(dir) = dir {
+            self.work_dirs.give_back(dir, reusable).await;
         }
     }
 
@@ -120,7 +132,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the backend within the model's timeout and stages its outputs under `tag`.
+    /// Runs the backend within the model's timeout and stages its outputs under `tag`: files
+    /// go to the artifact store; small in-memory outputs become blobs, written with the final
+    /// state when the artifact store lets the database hold them.
     async fn execute(
         &self,
         model: &ModelRuntime,
@@ -128,9 +142,9 @@ impl Dispatcher {
         tag: &str,
         staged: &Mutex<Vec<String>>,
         returned: &AtomicBool,
-    ) -> Result<Vec<String>, BackendError> {
+    ) -> Result<(Vec<String>, Vec<Blob>), BackendError> {
         let timeout = model.config.timeout;
-        match tokio::time::timeout(timeout, model.backend.run(job)).await {
+        let produced = match tokio::time::timeout(timeout, model.backend.run(job)).await {
             Ok(r) => {
                 returned.store(true, Ordering::Release);
                 r?
@@ -145,30 +159,59 @@ impl Dispatcher {
                     ),
                 ))
             }
-        }
-        let files = collect_files(&job.output_dir).await.map_err(|e| {
-            BackendError::retryable(
-                fail_code::INTERNAL_ERROR,
-                format!("cannot read the output directory: {e}"),
-            )
-        })?;
-        if files.is_empty() {
-            return Err(BackendError::no_output());
-        }
-        let mut keys = Vec::with_capacity(files.len());
-        for (name, path) in output_names(files) {
-            let key = staged_key(&job.task_id, tag, &name);
+        };
+        let internal = |e| BackendError::retryable(fail_code::INTERNAL_ERROR, e);
+        let stage = |key: &str| {
             staged
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(key.clone());
-            self.artifacts
-                .put_file(&key, &path)
-                .await
-                .map_err(|e| BackendError::retryable(fail_code::INTERNAL_ERROR, error_chain(&e)))?;
-            keys.push(key);
+                .push(key.to_owned());
+        };
+        let mut keys = Vec::new();
+        let mut blobs = Vec::new();
+        match produced {
+            Produced::Files => {
+                let dir = job.dir()?;
+                let files = collect_files(dir)
+                    .await
+                    .map_err(|e| internal(format!("cannot read the output directory: {e}")))?;
+                if files.is_empty() {
+                    return Err(BackendError::no_output());
+                }
+                for (name, path) in output_names(files) {
+                    let key = staged_key(&job.task_id, tag, &name);
+                    stage(&key);
+                    self.artifacts
+                        .put_file(&key, &path)
+                        .await
+                        .map_err(|e| internal(error_chain(&e)))?;
+                    keys.push(key);
+                }
+            }
+            Produced::InMemory(outputs) => {
+                if outputs.is_empty() {
+                    return Err(BackendError::no_output());
+                }
+                let inline_max = self.artifacts.inline_max();
+                for (name, content) in output_names(outputs) {
+                    let key = staged_key(&job.task_id, tag, &name);
+                    if content.len() <= inline_max {
+                        blobs.push(Blob {
+                            key: key.clone(),
+                            content,
+                        });
+                    } else {
+                        stage(&key);
+                        self.artifacts
+                            .put_bytes(&key, content)
+                            .await
+                            .map_err(|e| internal(error_chain(&e)))?;
+                    }
+                    keys.push(key);
+                }
+            }
         }
-        Ok(keys)
+        Ok((keys, blobs))
     }
 
     /// Renews the lease until it is lost; returns only then (with how it was lost).

@@ -11,13 +11,13 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Dispatcher;
 use crate::backends::BackendError;
 use crate::domain::{clean_text, now_ms, MAX_FAIL_CODE, MAX_FAIL_MSG};
 use crate::error::error_chain;
-use crate::store::{Claim, Outcome, StoreError};
+use crate::store::{Blob, Claim, Outcome, StoreError};
 
 /// First pause between two tries of a failed write; doubles up to [`MAX_WRITE_PAUSE`].
 const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(100);
@@ -48,13 +48,13 @@ impl Dispatcher {
         &self,
         model: &str,
         claim: &Claim,
-        result: Result<Vec<String>, BackendError>,
+        result: Result<(Vec<String>, Vec<Blob>), BackendError>,
         elapsed: Duration,
         lease_until: Instant,
     ) -> Settled {
         let task = &claim.task;
         let write = match result {
-            Ok(outputs) => Write::Final(Outcome::Success { outputs }),
+            Ok((outputs, blobs)) => Write::Final(Outcome::Success { outputs, blobs }),
             Err(BackendError::Retryable { code, message }) if task.attempts < task.max_attempts => {
                 let delay = self
                     .retry
@@ -141,7 +141,7 @@ impl Dispatcher {
             return false;
         };
         match write {
-            Write::Final(Outcome::Success { outputs }) => {
+            Write::Final(Outcome::Success { outputs, .. }) => {
                 task.state == taskgate_proto::TaskState::Success && &task.outputs == outputs
             }
             Write::Final(Outcome::Failure { code, message }) => {
@@ -172,7 +172,10 @@ fn failure(code: &str, message: &str) -> Outcome {
 fn log_outcome(outcome: &Outcome, elapsed: Duration) {
     let elapsed_ms = elapsed.as_millis() as u64;
     match outcome {
-        Outcome::Success { outputs } => info!(outputs = outputs.len(), elapsed_ms, "succeeded"),
+        // Per-task success lines are debug: at info, logging was a measurable share of a drain.
+        Outcome::Success { outputs, .. } => {
+            debug!(outputs = outputs.len(), elapsed_ms, "succeeded")
+        }
         Outcome::Failure { code, message } => info!(%code, %message, elapsed_ms, "failed"),
     }
 }

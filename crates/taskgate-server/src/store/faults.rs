@@ -275,6 +275,18 @@ impl Store for FaultyStore {
         self.plan.leave("key_by_hash", after, result)
     }
 
+    async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
+        let after = self.plan.enter("keys_revision").await?;
+        let result = self.inner.keys_revision().await;
+        self.plan.leave("keys_revision", after, result)
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let after = self.plan.enter("get_blob").await?;
+        let result = self.inner.get_blob(key).await;
+        self.plan.leave("get_blob", after, result)
+    }
+
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let after = self.plan.enter("list_keys").await?;
         let result = self.inner.list_keys().await;

@@ -78,11 +78,27 @@ pub struct Claim {
     pub token: String,
 }
 
+/// An output kept in the database rather than as a file (small results of in-process
+/// backends): written in the same transaction as the `success` that lists its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub key: String,
+    pub content: Vec<u8>,
+}
+
 /// How an attempt ended, when it ends the task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Success { outputs: Vec<String> },
-    Failure { code: String, message: String },
+    /// `outputs` lists every output key, in order; `blobs` carries the bytes of those kept in
+    /// the database (a subset of `outputs`), the rest are files in the artifact store.
+    Success {
+        outputs: Vec<String>,
+        blobs: Vec<Blob>,
+    },
+    Failure {
+        code: String,
+        message: String,
+    },
 }
 
 /// What a lease sweep did.
@@ -236,6 +252,12 @@ pub enum Redeliver {
     },
 }
 
+/// Whether no task id appears twice (for batched final writes, which match rows by id).
+fn distinct_tasks<'a>(ids: impl Iterator<Item = &'a str>) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().all(|id| seen.insert(id))
+}
+
 /// Why a redelivery changed nothing, from the row's last manual retry (`None`: no such row).
 fn redeliver_refusal(last_manual_retry: Option<Option<i64>>, now: i64, gap: i64) -> Redeliver {
     match last_manual_retry {
@@ -283,6 +305,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError>;
 
+    /// The bytes of an output kept in the database, by its artifact key.
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// Claims the oldest due pending task of `model` for a local attempt (pending → processing),
     /// counting an attempt, unless `max_running` tasks of the model are processing already
     /// (across every node that shares the store).
@@ -326,8 +351,9 @@ pub trait Store: Send + Sync + 'static {
         progress: Option<f64>,
     ) -> Result<bool, StoreError>;
 
-    /// Writes the final state (processing → success | failed). False when the claim is no longer
-    /// ours or the task is already final: the final state is written once.
+    /// Writes the final state (processing → success | failed), with a success's blobs, in one
+    /// transaction. False when the claim is no longer ours or the task is already final: the
+    /// final state is written once.
     async fn finish(
         &self,
         id: &str,
@@ -385,6 +411,9 @@ pub trait Store: Send + Sync + 'static {
         key_hash: &[u8],
     ) -> Result<ApiKeyRecord, StoreError>;
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Changes whenever a key is revoked (anywhere, by any process): nodes that cache keys
+    /// compare it in the background and forget what they cached when it moves.
+    async fn keys_revision(&self) -> Result<(i64, i64), StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Revokes by key id; false when no such unrevoked key exists.
     async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError>;

@@ -43,7 +43,17 @@ type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
 pub struct PostgresStore {
     pool: PgPool,
     inserts: mpsc::Sender<InsertRequest>,
+    finishes: mpsc::Sender<FinishRequest>,
     closing: CancellationToken,
+}
+
+/// A final state to write, and where to say whether it was written.
+struct FinishRequest {
+    id: String,
+    token: String,
+    outcome: Outcome,
+    now: i64,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 impl PostgresStore {
@@ -71,6 +81,9 @@ impl PostgresStore {
             options = options.options([("search_path", schema)]);
         }
         let pool = PgPoolOptions::new()
+            // No ping before each acquire (a round trip per statement); a connection the server
+            // dropped fails its statement, which callers already treat as "unavailable, retry".
+            .test_before_acquire(false)
             .max_connections(16)
             // Fail fast while the database is down: the API answers 503 rather than hanging.
             .acquire_timeout(Duration::from_secs(3))
@@ -79,9 +92,12 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(insert_batches(pool.clone(), rx));
+        let (finishes, finish_rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(finish_batches(pool.clone(), finish_rx));
         Ok(PostgresStore {
             pool,
             inserts: tx,
+            finishes,
             closing: CancellationToken::new(),
         })
     }
@@ -147,7 +163,7 @@ async fn write_batch(pool: &PgPool, tasks: &[&NewTask]) -> Result<(), StoreError
             .push_bind(&t.tenant_id)
             .push_bind(&t.model)
             .push_bind("pending")
-            .push_bind(serde_json::Value::Object(t.input.clone()).to_string())
+            .push_bind(serde_json::to_string(&t.input).unwrap_or_else(|_| "{}".to_owned()))
             .push_bind(&t.callback_url)
             .push_bind(i64::from(t.max_attempts))
             .push_bind(t.create_time)
@@ -160,6 +176,145 @@ async fn write_batch(pool: &PgPool, tasks: &[&NewTask]) -> Result<(), StoreError
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Group commit for final states: every outcome waiting at the moment is written by one
+/// `UPDATE … FROM unnest(…)` (each row still guarded by its own token), with its blobs, outbox
+/// rows and one NOTIFY per model, in one transaction; each caller learns after the commit
+/// whether its write took.
+async fn finish_batches(pool: PgPool, mut rx: mpsc::Receiver<FinishRequest>) {
+    let mut batch: Vec<FinishRequest> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Rows that took are told apart by task id, so a batch naming one task twice (a stale
+        // attempt and the current one finishing together) is written one outcome at a time.
+        let result = if super::distinct_tasks(batch.iter().map(|r| r.id.as_str())) {
+            finish_all(&pool, &batch).await
+        } else {
+            Err(StoreError::Conflict("a batch names one task twice".into()))
+        };
+        match result {
+            Ok(written) => {
+                for req in batch.drain(..) {
+                    let ok = written.contains(req.id.as_str());
+                    let _ = req.reply.send(Ok(ok));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some(req) = batch.pop() {
+                    let _ = req.reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                // One bad outcome must not fail its neighbours: write each on its own.
+                for req in batch.drain(..) {
+                    let r = finish_all(&pool, std::slice::from_ref(&req))
+                        .await
+                        .map(|w| w.contains(req.id.as_str()));
+                    let _ = req.reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch of final states; returns the ids whose write took.
+async fn finish_all(
+    pool: &PgPool,
+    batch: &[FinishRequest],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let (mut ids, mut tokens, mut states, mut nows) = (vec![], vec![], vec![], vec![]);
+    let (mut outputs, mut codes, mut messages) = (vec![], vec![], vec![]);
+    for req in batch {
+        let (state, out, code, message) = outcome_columns(&req.outcome)?;
+        ids.push(req.id.as_str());
+        tokens.push(req.token.as_str());
+        states.push(state.as_str());
+        nows.push(req.now);
+        outputs.push(out);
+        codes.push(code);
+        messages.push(message);
+    }
+    let mut tx = pool.begin().await?;
+    // Succeed and Fail share their guard (from `processing`, under the claim's token). The
+    // unnested columns are named apart from the table's so the guard reads the task's own.
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(&format!(
+        "UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
+         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
+                     $7::text[]) AS v(task, token, new_state, at, outs, code, msg) \
+         WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
+         RETURNING tasks.id, tasks.model, tasks.tenant_id, tasks.callback_url",
+        Transition::Succeed.guard()
+    ))
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&states)
+    .bind(&nows)
+    .bind(&outputs)
+    .bind(&codes)
+    .bind(&messages)
+    .fetch_all(&mut *tx)
+    .await?;
+    let written: std::collections::HashSet<String> =
+        rows.iter().map(|(id, ..)| id.clone()).collect();
+    let (mut keys, mut owners, mut contents) = (vec![], vec![], vec![]);
+    for req in batch.iter().filter(|r| written.contains(r.id.as_str())) {
+        if let Outcome::Success { blobs, .. } = &req.outcome {
+            for blob in blobs {
+                keys.push(blob.key.as_str());
+                owners.push(req.id.as_str());
+                contents.push(blob.content.as_slice());
+            }
+        }
+    }
+    if !keys.is_empty() {
+        sqlx::query(
+            "INSERT INTO output_blobs (key, task_id, content) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
+        )
+        .bind(&keys)
+        .bind(&owners)
+        .bind(&contents)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let now_of: std::collections::HashMap<&str, i64> =
+        batch.iter().map(|r| (r.id.as_str(), r.now)).collect();
+    let (mut d_ids, mut d_tasks, mut d_tenants, mut d_urls, mut d_at) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for (id, _, tenant, url) in &rows {
+        if let Some(url) = url {
+            d_ids.push(new_id("whk"));
+            d_tasks.push(id.as_str());
+            d_tenants.push(tenant.as_str());
+            d_urls.push(url.as_str());
+            d_at.push(now_of.get(id.as_str()).copied().unwrap_or_default());
+        }
+    }
+    if !d_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
+             next_attempt_at, created_at) \
+             SELECT i, t, n, u, 'pending', a, a \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                  AS d(i, t, n, u, a)",
+        )
+        .bind(&d_ids)
+        .bind(&d_tasks)
+        .bind(&d_tenants)
+        .bind(&d_urls)
+        .bind(&d_at)
+        .execute(&mut *tx)
+        .await?;
+        notify(&mut tx, "delivery").await?;
+    }
+    // A slot of each model is free again, on whichever node takes it.
+    let models: BTreeSet<&str> = rows.iter().map(|(_, m, ..)| m.as_str()).collect();
+    for model in models {
+        notify(&mut tx, &format!("task:{model}")).await?;
+    }
+    tx.commit().await?;
+    Ok(written)
 }
 
 /// The outbox write, in the transaction that made the task final.
@@ -270,6 +425,15 @@ impl Store for PostgresStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT content FROM output_blobs WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
         sqlx::query_as::<_, TaskRow>(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
             .bind(id)
@@ -371,32 +535,19 @@ impl Store for PostgresStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (state, outputs, code, message) = outcome_columns(outcome)?;
-        let mut tx = self.pool.begin().await?;
-        // Succeed and Fail share their guard (from `processing`, under the claim's token).
-        let model: Option<String> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET state = $1, complete_time = $2, outputs = $3, fail_code = $4, \
-             fail_msg = $5, lease_token = NULL, lease_expires_at = NULL \
-             WHERE id = $6 AND {} AND lease_token = $7 RETURNING model",
-            Transition::Succeed.guard()
-        ))
-        .bind(state.as_str())
-        .bind(now)
-        .bind(outputs)
-        .bind(code)
-        .bind(message)
-        .bind(id)
-        .bind(token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(model) = model else {
-            return Ok(false);
+        let (reply, answer) = oneshot::channel();
+        let req = FinishRequest {
+            id: id.to_owned(),
+            token: token.to_owned(),
+            outcome: outcome.clone(),
+            now,
+            reply,
         };
-        enqueue_callback(&mut tx, id, now).await?;
-        // A slot of this model is free again, on whichever node takes it.
-        notify(&mut tx, &format!("task:{model}")).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.finishes
+            .send(req)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn requeue(
@@ -572,6 +723,15 @@ impl Store for PostgresStore {
                 .await?
                 .map(ApiKeyRecord::from),
         )
+    }
+
+    async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
+             WHERE revoked_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {

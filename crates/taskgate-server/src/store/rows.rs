@@ -217,7 +217,7 @@ pub type OutcomeColumns<'a> = (TaskState, Option<String>, Option<&'a str>, Optio
 
 pub fn outcome_columns(outcome: &super::Outcome) -> Result<OutcomeColumns<'_>, StoreError> {
     Ok(match outcome {
-        super::Outcome::Success { outputs } => (
+        super::Outcome::Success { outputs, .. } => (
             TaskState::Success,
             Some(serde_json::to_string(outputs).map_err(|e| StoreError::Invalid(e.to_string()))?),
             None,

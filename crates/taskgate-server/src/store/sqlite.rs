@@ -23,8 +23,9 @@ use super::rows::{
 };
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
-    NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
+    ApiKeyRecord, Blob, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom,
+    KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
+    WebhookSecrets,
 };
 use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
@@ -61,13 +62,17 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each acquire: it is one more round trip to the connection's thread per
+        // statement, and a local file does not drop connections the way a network peer does.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
@@ -105,7 +110,7 @@ async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>)
             Err(_) => {
                 // One bad row must not fail its neighbours: retry each on its own.
                 for (task, reply) in batch.drain(..) {
-                    let r = write_batch_one(&pool, &task).await;
+                    let r = write_batch_one(&pool, task).await;
                     let _ = reply.send(r);
                 }
             }
@@ -113,42 +118,38 @@ async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>)
     }
 }
 
+/// One multi-row INSERT for the whole batch: statements cost a round trip each to the
+/// connection's thread, and those hops, not SQLite, bounded the submit rate.
 async fn write_batch(pool: &SqlitePool, batch: &[InsertRequest]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    for (task, _) in batch {
-        insert_one(&mut tx, task).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-async fn write_batch_one(pool: &SqlitePool, task: &NewTask) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    insert_one(&mut tx, task).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-async fn insert_one(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    task: &NewTask,
-) -> Result<(), StoreError> {
-    let input = serde_json::Value::Object(task.input.clone()).to_string();
-    sqlx::query(
+    let inputs = batch
+        .iter()
+        .map(|(t, _)| serde_json::to_string(&t.input))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> = sqlx::QueryBuilder::new(
         "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
-         run_after, create_time) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-    )
-    .bind(&task.id)
-    .bind(&task.tenant_id)
-    .bind(&task.model)
-    .bind(input)
-    .bind(&task.callback_url)
-    .bind(task.max_attempts as i64)
-    .bind(task.create_time)
-    .bind(task.create_time)
-    .execute(&mut **tx)
-    .await?;
+         run_after, create_time) ",
+    );
+    qb.push_values(batch.iter().zip(inputs), |mut b, ((t, _), input)| {
+        b.push_bind(&t.id)
+            .push_bind(&t.tenant_id)
+            .push_bind(&t.model)
+            .push_bind("pending")
+            .push_bind(input)
+            .push_bind(&t.callback_url)
+            .push_bind(i64::from(t.max_attempts))
+            .push_bind(t.create_time)
+            .push_bind(t.create_time);
+    });
+    qb.build().execute(&mut *tx).await?;
+    tx.commit().await?;
     Ok(())
+}
+
+async fn write_batch_one(pool: &SqlitePool, task: NewTask) -> Result<(), StoreError> {
+    let (reply, _) = oneshot::channel();
+    write_batch(pool, &[(task, reply)]).await
 }
 
 /// Group commit for final states, like submits: every outcome waiting at the moment is written
@@ -157,7 +158,14 @@ async fn insert_one(
 async fn finish_batches(pool: SqlitePool, mut rx: mpsc::Receiver<FinishRequest>) {
     let mut batch: Vec<FinishRequest> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match finish_all(&pool, &batch).await {
+        // Rows that took are told apart by task id, so a batch naming one task twice (a stale
+        // attempt and the current one finishing together) is written one outcome at a time.
+        let result = if super::distinct_tasks(batch.iter().map(|r| r.id.as_str())) {
+            finish_all(&pool, &batch).await
+        } else {
+            Err(StoreError::Conflict("a batch names one task twice".into()))
+        };
+        match result {
             Ok(written) => {
                 for (req, ok) in batch.drain(..).zip(written) {
                     let _ = req.reply.send(Ok(ok));
@@ -176,35 +184,108 @@ async fn finish_batches(pool: SqlitePool, mut rx: mpsc::Receiver<FinishRequest>)
     }
 }
 
+/// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token
+/// (a statement per row was a round trip per row to the connection's thread); then the blobs
+/// and outbox rows of the rows that took, each as one statement, in the same transaction.
 async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
+    let columns = batch
+        .iter()
+        .map(|req| outcome_columns(&req.outcome))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut tx = pool.begin().await?;
-    let mut written = Vec::with_capacity(batch.len());
-    for req in batch {
-        let (state, outputs, code, message) = outcome_columns(&req.outcome)?;
-        // Succeed and Fail share their guard (from `processing`, under the claim's token).
-        let r = sqlx::query(&format!(
-            "UPDATE tasks SET state = ?, complete_time = ?, outputs = ?, fail_code = ?, \
-             fail_msg = ?, lease_token = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND {} AND lease_token = ?",
-            Transition::Succeed.guard()
-        ))
-        .bind(state.as_str())
-        .bind(req.now)
-        .bind(outputs)
-        .bind(code)
-        .bind(message)
-        .bind(&req.id)
-        .bind(&req.token)
-        .execute(&mut *tx)
-        .await?;
-        let ok = r.rows_affected() == 1;
-        if ok {
-            enqueue_callback(&mut tx, &req.id, req.now).await?;
-        }
-        written.push(ok);
+    let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> =
+        sqlx::QueryBuilder::new("WITH v(task, token, new_state, at, outs, code, msg) AS (");
+    qb.push_values(
+        batch.iter().zip(columns),
+        |mut b, (req, (state, outs, code, msg))| {
+            b.push_bind(req.id.as_str())
+                .push_bind(req.token.as_str())
+                .push_bind(state.as_str())
+                .push_bind(req.now)
+                .push_bind(outs)
+                .push_bind(code)
+                .push_bind(msg);
+        },
+    );
+    // Succeed and Fail share their guard (from `processing`, under the claim's token).
+    qb.push(format!(
+        ") UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
+         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
+         FROM v WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
+         RETURNING tasks.id, tasks.tenant_id, tasks.callback_url",
+        Transition::Succeed.guard()
+    ));
+    let rows: Vec<(String, String, Option<String>)> =
+        qb.build_query_as().fetch_all(&mut *tx).await?;
+    let written: std::collections::HashMap<&str, (&str, Option<&str>)> = rows
+        .iter()
+        .map(|(id, tenant, url)| (id.as_str(), (tenant.as_str(), url.as_deref())))
+        .collect();
+    let blobs: Vec<(&str, &Blob)> = batch
+        .iter()
+        .filter(|r| written.contains_key(r.id.as_str()))
+        .flat_map(|r| match &r.outcome {
+            Outcome::Success { blobs, .. } => blobs.iter().map(|b| (r.id.as_str(), b)).collect(),
+            Outcome::Failure { .. } => Vec::new(),
+        })
+        .collect();
+    for chunk in blobs.chunks(MAX_BATCH) {
+        let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> =
+            sqlx::QueryBuilder::new("INSERT INTO output_blobs (key, task_id, content) ");
+        qb.push_values(chunk, |mut b, (task, blob)| {
+            b.push_bind(blob.key.as_str())
+                .push_bind(*task)
+                .push_bind(blob.content.as_slice());
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    // The outbox: a row only for tasks with a callback, whose tenant and URL the UPDATE gave.
+    let deliveries: Vec<(&FinishRequest, &str, &str)> = batch
+        .iter()
+        .filter_map(|r| {
+            let (tenant, url) = written.get(r.id.as_str())?;
+            Some((r, *tenant, (*url)?))
+        })
+        .collect();
+    if !deliveries.is_empty() {
+        let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> = sqlx::QueryBuilder::new(
+            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
+             next_attempt_at, created_at) ",
+        );
+        qb.push_values(deliveries, |mut b, (req, tenant, url)| {
+            b.push_bind(new_id("whk"))
+                .push_bind(req.id.as_str())
+                .push_bind(tenant)
+                .push_bind(url)
+                .push_bind("pending")
+                .push_bind(req.now)
+                .push_bind(req.now);
+        });
+        qb.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(written)
+    Ok(batch
+        .iter()
+        .map(|r| written.contains_key(r.id.as_str()))
+        .collect())
+}
+
+/// The claim: up to `?6` due pending tasks of model `?4`, best priority first, no more than
+/// leave `?5` running. It must walk the `tasks_ready` index, never scan the table (a test checks
+/// its query plan).
+fn claim_sql() -> String {
+    format!(
+        "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
+         lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
+         claim_acked = ?8 \
+         WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
+                      AND run_after <= ?3 ORDER BY priority DESC, id \
+                      LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
+                                                WHERE model = ?4 AND state = 'processing')))) \
+         RETURNING {TASK_COLUMNS}",
+        set = Transition::Claim.set_state(),
+        guard = Transition::Claim.guard(),
+    )
 }
 
 impl SqliteStore {
@@ -291,6 +372,15 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT content FROM output_blobs WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
         sqlx::query_as::<_, TaskRow>(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
             .bind(id)
@@ -313,28 +403,17 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Claim>, StoreError> {
         // Each claim's token is the batch's prefix and the task id: distinct, one write.
         let prefix = format!("{}_", new_id("att"));
-        let rows = sqlx::query_as::<_, TaskRow>(&format!(
-            "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
-             lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
-             claim_acked = ?8 \
-             WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
-                          AND run_after <= ?3 ORDER BY priority DESC, id \
-                          LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
-                                                    WHERE model = ?4 AND state = 'processing')))) \
-             RETURNING {TASK_COLUMNS}",
-            set = Transition::Claim.set_state(),
-            guard = Transition::Claim.guard(),
-        ))
-        .bind(&prefix)
-        .bind(now + lease.as_millis() as i64)
-        .bind(now)
-        .bind(model)
-        .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(runner.as_str())
-        .bind(runner == Runner::Local)
-        .fetch_all(&self.writer)
-        .await?;
+        let rows = sqlx::query_as::<_, TaskRow>(&claim_sql())
+            .bind(&prefix)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(model)
+            .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(runner.as_str())
+            .bind(runner == Runner::Local)
+            .fetch_all(&self.writer)
+            .await?;
         claims_from_rows(rows, &prefix)
     }
 
@@ -540,6 +619,15 @@ impl Store for SqliteStore {
                 .await?
                 .map(ApiKeyRecord::from),
         )
+    }
+
+    async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
+             WHERE revoked_at IS NOT NULL",
+        )
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
@@ -839,5 +927,35 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.reader.close().await;
         self.writer.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The hot statements walk an index: a table scan per claim or per sweep makes every claim
+    /// cost as much as the table is large (as it did while the guard read `state IN (…)`).
+    #[tokio::test]
+    async fn the_claim_and_the_lease_sweep_use_indexes_not_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let sweep = format!(
+            "SELECT id FROM tasks WHERE {} AND lease_expires_at <= ?1",
+            Transition::Requeue.guard()
+        );
+        for sql in [claim_sql(), sweep] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(&store.writer)
+                    .await
+                    .unwrap();
+            let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+            assert!(
+                !steps.iter().any(|s| s.starts_with("SCAN tasks")),
+                "{sql}\nscans the table: {steps:?}"
+            );
+        }
     }
 }

@@ -288,7 +288,14 @@ async fn a_revoked_key_is_401_saying_it_was_revoked() {
     let out = taskgate(&["keys", "revoke", &created.id, "--data-dir", dir]).await;
     assert!(out.status.success(), "{out:?}");
 
-    let (status, body) = api.submit("echo", json!({ "input": {} })).await;
+    // The server had this key cached; the revocation reaches it within the revocation check
+    // interval (1 s), so wait for that, boundedly, rather than expecting it at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (mut status, mut body) = api.submit("echo", json!({ "input": {} })).await;
+    while status == StatusCode::OK && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        (status, body) = api.submit("echo", json!({ "input": {} })).await;
+    }
     assert_error(status, &body, StatusCode::UNAUTHORIZED, &["revoked"]);
     let (status, body) = api.status("echo", &id).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, &["revoked"]);
