@@ -11,7 +11,8 @@
 //!
 //! Knobs (environment): `DURATION` (seconds per load run, 10), `DRAIN_N` (100000), `STORED_N`
 //! (1000000), `ONLY` (comma list of steps), `TEST_DATABASE_URL` (PostgreSQL; without it the
-//! PostgreSQL drain is skipped, visibly).
+//! PostgreSQL drain is skipped, visibly), `STORED_RATE` (status requests/s of the stored-tasks
+//! row instead of a quarter of the ceiling's status rate).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -85,6 +86,8 @@ struct Settings {
     duration: u64,
     drain_n: usize,
     stored_n: usize,
+    /// Status requests/s for the stored-tasks row; `None`: a quarter of the ceiling's.
+    stored_rate: Option<f64>,
     steps: BTreeSet<&'static str>,
     pg_url: Option<String>,
     clk_tck: f64,
@@ -171,6 +174,10 @@ impl Settings {
         let duration = env_num("DURATION", 10u64)?;
         let drain_n = env_num("DRAIN_N", 100_000usize)?;
         let stored_n = env_num("STORED_N", 1_000_000usize)?;
+        let stored_rate = match env_num("STORED_RATE", 0.0f64)? {
+            r if r > 0.0 => Some(r),
+            _ => None,
+        };
         if duration == 0 || drain_n == 0 || stored_n < 10 {
             bail!("DURATION and DRAIN_N must be positive, STORED_N at least 10");
         }
@@ -181,6 +188,7 @@ impl Settings {
             duration,
             drain_n,
             stored_n,
+            stored_rate,
             steps,
             pg_url: std::env::var("TEST_DATABASE_URL")
                 .ok()
@@ -397,6 +405,7 @@ async fn run() -> Result<bool> {
             "duration_s": suite.s.duration,
             "drain_n": suite.s.drain_n,
             "stored_n": suite.s.stored_n,
+            "stored_rate": suite.s.stored_rate,
             "steps": suite.s.steps,
             "postgres": suite.s.pg_url.is_some(),
             "clk_tck": suite.s.clk_tck,
@@ -529,10 +538,13 @@ fn machine_lines(m: &Value, s: &Settings) -> Vec<String> {
         format!("taskgate: git {} ({})", f("git"), f("taskgate_bin")),
         format!("load tool: {}; data dirs under {}", f("wrk"), f("tmp")),
         format!(
-            "knobs: DURATION={} DRAIN_N={} STORED_N={} ONLY={} TEST_DATABASE_URL {}",
+            "knobs: DURATION={} DRAIN_N={} STORED_N={}{} ONLY={} TEST_DATABASE_URL {}",
             s.duration,
             s.drain_n,
             s.stored_n,
+            s.stored_rate
+                .map(|r| format!(" STORED_RATE={r}"))
+                .unwrap_or_default(),
             s.steps.iter().copied().collect::<Vec<_>>().join(","),
             if s.pg_url.is_some() { "set" } else { "unset" }
         ),
@@ -2269,7 +2281,13 @@ async fn stored_dir(
 async fn step_stored(suite: &mut Suite) -> Result<()> {
     let n = suite.s.stored_n;
     let secs = suite.s.duration;
-    let rate = suite.ceiling_status_rate().await? / 4.0;
+    let (rate, rate_source) = match suite.s.stored_rate {
+        Some(r) => (r, "STORED_RATE"),
+        None => (
+            suite.ceiling_status_rate().await? / 4.0,
+            "¼ of the ceiling's wrk status rate",
+        ),
+    };
     let http = suite.http.clone();
 
     // A. n finished tasks; status at a quarter of the ceiling's status rate.
@@ -2309,10 +2327,7 @@ async fn step_stored(suite: &mut Suite) -> Result<()> {
     .await;
     trivial.stop().await;
     let (c_lat, c_mem) = ceiling?;
-    let rate_note = format!(
-        "offered {} /s (¼ of the ceiling's wrk status rate)",
-        thousands(rate)
-    );
+    let rate_note = format!("offered {} /s ({rate_source})", thousands(rate));
     suite.record(
         "stored_status",
         json!({
