@@ -13,7 +13,7 @@ use taskgate_server::domain::Transition;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Rotation,
+    Blob, DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Rotation,
     Runner, Store,
 };
 
@@ -673,5 +673,230 @@ async fn stores_opening_a_fresh_schema_at_once_all_open_and_agree_on_start_up_ro
         );
         s.close().await;
         drop_schema(&schema).await;
+    }
+}
+
+/// A blob under `key` holding `content`.
+fn blob(key: &str, content: &[u8]) -> Blob {
+    Blob {
+        key: key.into(),
+        content: content.to_vec(),
+    }
+}
+
+/// A success listing `blobs` (and `files`, kept elsewhere) as its outputs.
+fn success_with(blobs: Vec<Blob>, files: &[&str]) -> Outcome {
+    let mut outputs: Vec<String> = blobs.iter().map(|b| b.key.clone()).collect();
+    outputs.extend(files.iter().map(|f| f.to_string()));
+    Outcome::Success { outputs, blobs }
+}
+
+/// Every byte value, NUL included: a blob is bytes, not text.
+fn all_bytes() -> Vec<u8> {
+    (0..=255u8).chain((0..=255u8).rev()).collect()
+}
+
+conformance! {
+    a_success_writes_its_blobs_only_when_its_final_write_takes(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        let key = "task_a/0a/result.json";
+
+        // A stale holder's success writes neither the state nor its blob.
+        let stale = success_with(vec![blob(key, b"stale")], &[]);
+        assert!(!s.finish("task_a", "att_stale", &stale, 15).await.unwrap());
+        assert_eq!(s.get_blob(key).await.unwrap(), None, "a refused success left its blob");
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Processing);
+
+        // The claim holder's success writes both, byte for byte, alongside a file output.
+        let live = success_with(
+            vec![blob(key, br#"{"x":1}"#), blob("task_a/0a/raw.bin", &all_bytes())],
+            &["task_a/0a/big.png"],
+        );
+        assert!(s.finish("task_a", &c.token, &live, 20).await.unwrap());
+        assert_eq!(s.get_blob(key).await.unwrap().as_deref(), Some(&br#"{"x":1}"#[..]));
+        assert_eq!(s.get_blob("task_a/0a/raw.bin").await.unwrap(), Some(all_bytes()));
+        assert_eq!(s.get_blob("task_a/0a/big.png").await.unwrap(), None, "a file is not a blob");
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Success);
+        assert_eq!(t.outputs, vec![key.to_string(), "task_a/0a/raw.bin".into(), "task_a/0a/big.png".into()]);
+
+        // The task is final: another success, even under the same token, writes nothing more
+        // and changes nothing already written.
+        let late = success_with(vec![blob("task_a/0b/late.json", b"late"), blob(key, b"over")], &[]);
+        assert!(!s.finish("task_a", &c.token, &late, 30).await.unwrap());
+        assert_eq!(s.get_blob("task_a/0b/late.json").await.unwrap(), None);
+        assert_eq!(s.get_blob(key).await.unwrap().as_deref(), Some(&br#"{"x":1}"#[..]));
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!((t.outputs.len(), t.complete_time), (3, Some(20)));
+
+        // A task that failed keeps no blob of a success attempted after it.
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        let b = s.claim("m", 40, LEASE, 10).await.unwrap().unwrap();
+        let fail = Outcome::Failure { code: "X".into(), message: "y".into() };
+        assert!(s.finish("task_b", &b.token, &fail, 41).await.unwrap());
+        let after = success_with(vec![blob("task_b/0a/result.json", b"b")], &[]);
+        assert!(!s.finish("task_b", &b.token, &after, 42).await.unwrap());
+        assert_eq!(s.get_blob("task_b/0a/result.json").await.unwrap(), None);
+        assert_eq!(s.get_blob("task_nope/0a/x").await.unwrap(), None);
+    }
+
+    concurrent_finishes_each_get_their_own_answer_and_exact_end_states(s) {
+        const N: usize = 50;
+        let id = |i: usize| format!("task_{i:02}");
+        // Every fifth task asks for a callback, each with its own tenant and URL, so that a
+        // batch mixing them up would show.
+        let url = |i: usize| format!("https://example.com/hook/{i}");
+        for i in 0..N {
+            let mut t = new_task(&id(i), "m", 1);
+            if i % 5 == 0 {
+                t.callback_url = Some(url(i));
+                t.tenant_id = format!("ten_{i}");
+            }
+            s.insert_task(t).await.unwrap();
+        }
+        let claims = s.claim_batch("m", 10, LEASE, N, N, Runner::Local).await.unwrap();
+        assert_eq!(claims.len(), N);
+        let token_of: std::collections::HashMap<String, String> =
+            claims.iter().map(|c| (c.task.id.clone(), c.token.clone())).collect();
+        let key = |i: usize| format!("{}/0a/out.bin", id(i));
+        let content = |i: usize| vec![i as u8; i + 1];
+
+        // Round 1, every task once, all at the same moment: even ones under their own token,
+        // odd ones under their neighbour's (a live token, of another task).
+        let outcomes: Vec<(String, String, Outcome, i64)> = (0..N)
+            .map(|i| {
+                let token = if i % 2 == 0 { token_of[&id(i)].clone() } else { token_of[&id(i - 1)].clone() };
+                let outcome = success_with(vec![blob(&key(i), &content(i))], &[]);
+                (id(i), token, outcome, 100 + i as i64)
+            })
+            .collect();
+        let answers = futures::future::join_all(
+            outcomes.iter().map(|(id, token, outcome, now)| s.finish(id, token, outcome, *now)),
+        )
+        .await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.unwrap(), i % 2 == 0, "round 1, {}", id(i));
+        }
+
+        // Round 2, one task named twice (a stale holder and the live one together), the odd
+        // tasks failed under their own tokens, and the even ones, final already, again.
+        s.insert_task(new_task("task_dup", "m", 1)).await.unwrap();
+        let stale = s.claim("m", 200, Duration::ZERO, N + 1).await.unwrap().unwrap();
+        assert_eq!(s.recover_expired(300).await.unwrap().requeued, vec!["task_dup".to_string()]);
+        let live = s.claim("m", 400, LEASE, N + 1).await.unwrap().unwrap();
+        assert_eq!(live.task.id, "task_dup");
+        let fail = |i: usize| Outcome::Failure { code: format!("CODE_{i}"), message: format!("m{i}") };
+        let mut round2: Vec<(String, String, Outcome, i64, bool)> = vec![
+            ("task_dup".into(), stale.token.clone(), success_with(vec![blob("task_dup/0a/x", b"stale")], &[]), 500, false),
+        ];
+        for i in 0..N {
+            round2.push((id(i), token_of[&id(i)].clone(), fail(i), 500 + i as i64, i % 2 == 1));
+        }
+        round2.push(("task_dup".into(), live.token.clone(), success_with(vec![blob("task_dup/0b/x", b"live")], &[]), 600, true));
+        let answers = futures::future::join_all(
+            round2.iter().map(|(id, token, outcome, now, _)| s.finish(id, token, outcome, *now)),
+        )
+        .await;
+        for ((id, token, _, _, want), answer) in round2.iter().zip(answers) {
+            assert_eq!(answer.unwrap(), *want, "round 2, {id} under {token}");
+        }
+
+        // End states: exactly what the answers said, each with its own values.
+        for i in 0..N {
+            let t = s.get_task(&id(i)).await.unwrap().unwrap();
+            if i % 2 == 0 {
+                assert_eq!(t.state, TaskState::Success, "{}", id(i));
+                assert_eq!(t.outputs, vec![key(i)]);
+                assert_eq!(t.complete_time, Some(100 + i as i64));
+                assert_eq!(t.fail_code, None);
+                assert_eq!(s.get_blob(&key(i)).await.unwrap(), Some(content(i)), "{}", id(i));
+            } else {
+                assert_eq!(t.state, TaskState::Failed, "{}", id(i));
+                assert_eq!(t.fail_code, Some(format!("CODE_{i}")));
+                assert_eq!(t.fail_msg, Some(format!("m{i}")));
+                assert_eq!(t.complete_time, Some(500 + i as i64));
+                assert!(t.outputs.is_empty(), "{}: {:?}", id(i), t.outputs);
+                assert_eq!(s.get_blob(&key(i)).await.unwrap(), None, "{}: the refused success left its blob", id(i));
+            }
+            let deliveries = s.deliveries_for_task(&id(i)).await.unwrap();
+            if i % 5 == 0 {
+                assert_eq!(deliveries.len(), 1, "{}", id(i));
+                let d = &deliveries[0].0;
+                assert_eq!((d.task_id.as_str(), d.tenant_id.as_str(), d.url.as_str()), (id(i).as_str(), format!("ten_{i}").as_str(), url(i).as_str()));
+                assert_eq!(d.state, "pending");
+                assert_eq!(d.next_attempt_at, t.complete_time.unwrap(), "{}", id(i));
+            } else {
+                assert!(deliveries.is_empty(), "{}: {deliveries:?}", id(i));
+            }
+        }
+        let t = s.get_task("task_dup").await.unwrap().unwrap();
+        assert_eq!((t.state, t.complete_time), (TaskState::Success, Some(600)));
+        assert_eq!(t.outputs, vec!["task_dup/0b/x".to_string()]);
+        assert_eq!(s.get_blob("task_dup/0b/x").await.unwrap().as_deref(), Some(&b"live"[..]));
+        assert_eq!(s.get_blob("task_dup/0a/x").await.unwrap(), None);
+        assert!(s.claim("m", 700, LEASE, N + 1).await.unwrap().is_none(), "a task was left running");
+    }
+
+    only_a_final_write_that_takes_enqueues_a_callback_and_only_for_a_callback_task(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        s.insert_task(callback_task("task_c")).await.unwrap();
+        let claims = s.claim_batch("m", 10, LEASE, 10, 3, Runner::Local).await.unwrap();
+        let token = |id: &str| claims.iter().find(|c| c.task.id == id).unwrap().token.clone();
+        let ok = success_with(vec![blob("task_x/0a/r.json", b"{}")], &[]);
+        let fail = Outcome::Failure { code: "X".into(), message: "y".into() };
+        // A refused write of a callback task enqueues nothing.
+        assert!(!s.finish("task_a", "att_stale", &Outcome::Success { outputs: vec![], blobs: vec![] }, 15).await.unwrap());
+        assert!(s.deliveries_for_task("task_a").await.unwrap().is_empty());
+        // Three final writes together: a success with a callback, one without, a failure with one.
+        let (ta, tb, tc) = (token("task_a"), token("task_b"), token("task_c"));
+        let empty = Outcome::Success { outputs: vec![], blobs: vec![] };
+        let (a, b, c) = tokio::join!(
+            s.finish("task_a", &ta, &empty, 20),
+            s.finish("task_b", &tb, &ok, 21),
+            s.finish("task_c", &tc, &fail, 22),
+        );
+        assert!(a.unwrap() && b.unwrap() && c.unwrap());
+        // A second final write of a task already final enqueues no second delivery.
+        assert!(!s.finish("task_a", &ta, &fail, 30).await.unwrap());
+        for (id, at) in [("task_a", 20), ("task_c", 22)] {
+            let d = s.deliveries_for_task(id).await.unwrap();
+            assert_eq!(d.len(), 1, "{id}: {d:?}");
+            assert_eq!((d[0].0.state.as_str(), d[0].0.next_attempt_at), ("pending", at), "{id}");
+            assert_eq!(d[0].0.url, "https://example.com/hook");
+            assert!(d[0].1.is_empty(), "{id}: no attempt yet");
+        }
+        assert!(s.deliveries_for_task("task_b").await.unwrap().is_empty());
+        let claimed = s.claim_deliveries(100, 10, LEASE, &ROOM).await.unwrap();
+        let mut ids: Vec<&str> = claimed.iter().map(|c| c.delivery.task_id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["task_a", "task_c"], "the outbox holds exactly these");
+    }
+
+    the_keys_revision_moves_on_every_revocation_and_only_then(s) {
+        let t = s.create_tenant("acme").await.unwrap();
+        let r0 = s.keys_revision().await.unwrap();
+        let k1 = s.insert_key(KeyKind::Client, &t, "one", "tg_one", &[1]).await.unwrap();
+        let k2 = s.insert_key(KeyKind::Worker, &t, "two", "tgw_two", &[2]).await.unwrap();
+        let k3 = s.insert_key(KeyKind::Client, &t, "three", "tg_three", &[3]).await.unwrap();
+        assert_eq!(s.keys_revision().await.unwrap(), r0, "creating keys revoked nothing");
+        let mut seen = vec![r0];
+        assert!(s.revoke_key(&k1.id, 100).await.unwrap());
+        seen.push(s.keys_revision().await.unwrap());
+        // A worker token, revoked at the same instant as the previous key.
+        assert!(s.revoke_key(&k2.id, 100).await.unwrap());
+        seen.push(s.keys_revision().await.unwrap());
+        // A node whose clock runs behind revokes with an earlier time: still a move.
+        assert!(s.revoke_key(&k3.id, 50).await.unwrap());
+        seen.push(s.keys_revision().await.unwrap());
+        let distinct: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(distinct.len(), seen.len(), "a revocation left the revision where it was: {seen:?}");
+        // Nothing revoked, nothing moves: a refused revocation, a new key, reads.
+        let last = *seen.last().unwrap();
+        assert!(!s.revoke_key(&k1.id, 200).await.unwrap());
+        s.insert_key(KeyKind::Client, &t, "four", "tg_four", &[4]).await.unwrap();
+        s.list_keys().await.unwrap();
+        assert_eq!(s.keys_revision().await.unwrap(), last);
     }
 }

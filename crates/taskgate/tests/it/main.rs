@@ -9,6 +9,7 @@ mod command;
 mod config;
 mod dispatch;
 mod faults;
+mod hot_paths;
 mod http_backend;
 mod keys;
 mod recovery;
