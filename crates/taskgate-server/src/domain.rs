@@ -162,7 +162,9 @@ pub struct Task {
     pub tenant_id: String,
     pub model: String,
     pub state: TaskState,
-    pub input: Map<String, Value>,
+    /// The input object as the JSON text that was stored: parsed only where an attempt needs
+    /// it, never for a status read.
+    pub input: String,
     pub callback_url: Option<String>,
     /// Attempts started so far (claims), including the running one.
     pub attempts: u32,
@@ -179,6 +181,15 @@ pub struct Task {
 }
 
 impl Task {
+    /// The input object, parsed.
+    pub fn parse_input(&self) -> Result<Map<String, Value>, String> {
+        match serde_json::from_str(&self.input) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err("the stored input is not a JSON object".to_owned()),
+            Err(e) => Err(format!("the stored input is not valid JSON: {e}")),
+        }
+    }
+
     /// The APIXO status view, with result URLs made by `url_for` from the output keys.
     pub fn status(&self, url_for: impl Fn(&str) -> String) -> TaskStatus {
         let success = self.state == TaskState::Success;
@@ -297,7 +308,7 @@ mod tests {
             tenant_id: "t".into(),
             model: "echo".into(),
             state,
-            input: Map::new(),
+            input: "{}".to_owned(),
             callback_url: None,
             attempts: 1,
             max_attempts: 3,

@@ -108,16 +108,26 @@ fn lease_deadline(state: &AppState) -> tokio::time::Instant {
     tokio::time::Instant::now() + state.dispatcher.lease().mul_f64(0.8)
 }
 
-fn worker_task(task: &Task, token: String, model: &ModelRuntime, lease: Duration) -> WorkerTask {
-    WorkerTask {
+/// The claim answer. An input that no longer parses (the database was edited by hand) is a
+/// 500; the unacknowledged claim goes back when its lease ends, and after its refunds the task
+/// fails like any lost attempt.
+fn worker_task(
+    task: &Task,
+    token: String,
+    model: &ModelRuntime,
+    lease: Duration,
+) -> Result<WorkerTask, ApiError> {
+    Ok(WorkerTask {
         task_id: task.id.clone(),
         model: task.model.clone(),
-        input: task.input.clone(),
+        input: task
+            .parse_input()
+            .map_err(|m| ApiError::internal(std::io::Error::other(m)))?,
         attempt: task.attempts,
         lease_token: token,
         lease_ms: lease.as_millis() as u64,
         timeout_ms: model.config.timeout.as_millis() as u64,
-    }
+    })
 }
 
 pub async fn claim(
@@ -154,7 +164,7 @@ pub async fn claim(
                 c.token,
                 &model,
                 state.dispatcher.lease(),
-            ))))
+            )?)))
         }
         None => Ok(Json(Envelope {
             code: 200,

@@ -49,6 +49,15 @@ impl Dispatcher {
     pub(super) async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
         let lease = LeaseDeadline::starting_now(self.lease);
         let tag = attempt_tag(&claim.token);
+        let input = match claim.task.parse_input() {
+            Ok(input) => input,
+            Err(message) => {
+                let err = BackendError::fatal(fail_code::INTERNAL_ERROR, message);
+                self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
+                    .await;
+                return;
+            }
+        };
         // Backends that answer in memory get no directory: a no-op task touches no file.
         let dir = if model.backend.needs_output_dir() {
             match self.work_dirs.take().await {
@@ -69,7 +78,7 @@ impl Dispatcher {
         let job = Job {
             task_id: claim.task.id.clone(),
             model: model.name.clone(),
-            input: claim.task.input.clone(),
+            input,
             attempt: claim.task.attempts,
             output_dir: dir.clone(),
         };

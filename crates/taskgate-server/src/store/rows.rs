@@ -36,14 +36,6 @@ impl TryFrom<TaskRow> for Task {
     fn try_from(r: TaskRow) -> Result<Self, StoreError> {
         let state = TaskState::parse(&r.state)
             .ok_or_else(|| StoreError::Invalid(format!("unknown task state {:?}", r.state)))?;
-        let input = match serde_json::from_str(&r.input) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => {
-                return Err(StoreError::Invalid(
-                    "task input is not a JSON object".into(),
-                ))
-            }
-        };
         let outputs = match r.outputs {
             Some(s) => serde_json::from_str(&s)
                 .map_err(|e| StoreError::Invalid(format!("task outputs: {e}")))?,
@@ -54,7 +46,7 @@ impl TryFrom<TaskRow> for Task {
             tenant_id: r.tenant_id,
             model: r.model,
             state,
-            input,
+            input: r.input,
             callback_url: r.callback_url,
             attempts: r.attempts as u32,
             max_attempts: r.max_attempts as u32,

@@ -38,8 +38,8 @@ type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    inserts: mpsc::Sender<InsertRequest>,
-    finishes: mpsc::Sender<FinishRequest>,
+    /// The writer loop's queue: submits, final states and claims.
+    writes: mpsc::Sender<Write>,
 }
 
 /// A final state to write, and where to say whether it was written.
@@ -76,52 +76,153 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(insert_batches(writer.clone(), rx));
-        let (finishes, finish_rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(finish_batches(writer.clone(), finish_rx));
+        let (writes, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(write_loop(writer.clone(), rx));
         Ok(SqliteStore {
             writer,
             reader,
-            inserts: tx,
-            finishes,
+            writes,
         })
     }
 }
 
-/// The group-commit loop: waits for one insert, takes every other one already queued, writes
-/// them in one transaction and answers each caller.
-async fn insert_batches(pool: SqlitePool, mut rx: mpsc::Receiver<InsertRequest>) {
-    let mut batch: Vec<InsertRequest> = Vec::with_capacity(MAX_BATCH);
+/// A write for the writer loop, with where to send its answer.
+enum Write {
+    Insert(NewTask, oneshot::Sender<Result<(), StoreError>>),
+    Finish(FinishRequest),
+    Claim(ClaimRequest),
+}
+
+/// A claim to make in the writer loop's next round.
+struct ClaimRequest {
+    model: String,
+    now: i64,
+    lease_ms: i64,
+    max_running: usize,
+    limit: usize,
+    runner: Runner,
+    reply: oneshot::Sender<Result<Vec<Claim>, StoreError>>,
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+/// The group-commit loop for the hot writes: it waits for one, takes every other one queued at
+/// that moment (submits, final states and claims alike), writes them all in one transaction,
+/// final states first so that the slots they free count for the claims after them, and answers
+/// each caller after the commit. One fsync (`synchronous = FULL`) then covers a whole round,
+/// however the work is mixed: with a transaction per kind, claims made one or two at a time
+/// each paid an fsync of their own, and under a mixed load the writer fell behind.
+async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let result = write_batch(&pool, &batch).await;
-        match result {
-            Ok(()) => {
-                for (_, reply) in batch.drain(..) {
+        let (mut inserts, mut finishes, mut claims) = (Vec::new(), Vec::new(), Vec::new());
+        for w in batch.drain(..) {
+            match w {
+                Write::Insert(t, reply) => inserts.push((t, reply)),
+                Write::Finish(f) => finishes.push(f),
+                Write::Claim(c) => claims.push(c),
+            }
+        }
+        // Final states that took are told apart by task id, so a round naming one task twice
+        // (a stale attempt and the current one finishing together) goes one write at a time.
+        let distinct = super::distinct_tasks(finishes.iter().map(|r| r.id.as_str()));
+        let round = if distinct {
+            write_round(&pool, &inserts, &finishes, &claims).await
+        } else {
+            Err(StoreError::Conflict("a round names one task twice".into()))
+        };
+        match round {
+            Ok((written, claimed)) => {
+                for (_, reply) in inserts {
                     let _ = reply.send(Ok(()));
                 }
+                for (req, ok) in finishes.into_iter().zip(written) {
+                    let _ = req.reply.send(Ok(ok));
+                }
+                for (req, (prefix, rows)) in claims.into_iter().zip(claimed) {
+                    let _ = req.reply.send(claims_from_rows(rows, &prefix));
+                }
             }
-            Err(e) if batch.len() == 1 => {
-                // The error as it is: an unavailable database must answer 503, not 500.
-                if let Some((_, reply)) = batch.pop() {
+            Err(e) if inserts.len() + finishes.len() + claims.len() == 1 => {
+                // Alone in its round: its own error, so an unavailable database answers 503.
+                if let Some((_, reply)) = inserts.pop() {
                     let _ = reply.send(Err(e));
+                } else if let Some(req) = finishes.pop() {
+                    let _ = req.reply.send(Err(e));
+                } else if let Some(req) = claims.pop() {
+                    let _ = req.reply.send(Err(e));
                 }
             }
             Err(_) => {
-                // One bad row must not fail its neighbours: retry each on its own.
-                for (task, reply) in batch.drain(..) {
-                    let r = write_batch_one(&pool, task).await;
+                // One bad write must not fail its neighbours: each on its own.
+                for (task, reply) in inserts {
+                    let one = [(task, oneshot::channel().0)];
+                    let r = write_round(&pool, &one, &[], &[]).await.map(|_| ());
                     let _ = reply.send(r);
+                }
+                for req in finishes {
+                    let r = write_round(&pool, &[], std::slice::from_ref(&req), &[])
+                        .await
+                        .map(|(w, _)| w.first().copied().unwrap_or(false));
+                    let _ = req.reply.send(r);
+                }
+                for req in claims {
+                    let r = write_round(&pool, &[], &[], std::slice::from_ref(&req))
+                        .await
+                        .and_then(|(_, mut c)| match c.pop() {
+                            Some((prefix, rows)) => claims_from_rows(rows, &prefix),
+                            None => Ok(Vec::new()),
+                        });
+                    let _ = req.reply.send(r);
                 }
             }
         }
     }
 }
 
-/// One multi-row INSERT for the whole batch: statements cost a round trip each to the
-/// connection's thread, and those hops, not SQLite, bounded the submit rate.
-async fn write_batch(pool: &SqlitePool, batch: &[InsertRequest]) -> Result<(), StoreError> {
+/// Which final states took, and each claim's token prefix and rows.
+type RoundResult = (Vec<bool>, Vec<(String, Vec<TaskRow>)>);
+
+/// One transaction: final states, then submits, then claims.
+async fn write_round(
+    pool: &SqlitePool,
+    inserts: &[InsertRequest],
+    finishes: &[FinishRequest],
+    claims: &[ClaimRequest],
+) -> Result<RoundResult, StoreError> {
     let mut tx = pool.begin().await?;
+    let written = if finishes.is_empty() {
+        Vec::new()
+    } else {
+        finish_in(&mut tx, finishes).await?
+    };
+    if !inserts.is_empty() {
+        insert_in(&mut tx, inserts).await?;
+    }
+    let mut claimed = Vec::with_capacity(claims.len());
+    for c in claims {
+        // Each claim's token is its prefix and the task id: distinct, one statement.
+        let prefix = format!("{}_", new_id("att"));
+        let rows = sqlx::query_as::<_, TaskRow>(&claim_sql())
+            .bind(&prefix)
+            .bind(c.now + c.lease_ms)
+            .bind(c.now)
+            .bind(&c.model)
+            .bind(i64::try_from(c.max_running).unwrap_or(i64::MAX))
+            .bind(i64::try_from(c.limit).unwrap_or(i64::MAX))
+            .bind(c.runner.as_str())
+            .bind(c.runner == Runner::Local)
+            .fetch_all(&mut *tx)
+            .await?;
+        claimed.push((prefix, rows));
+    }
+    tx.commit().await?;
+    Ok((written, claimed))
+}
+
+/// Submits as one multi-row INSERT: statements cost a round trip each to the connection's
+/// thread, and those hops, not SQLite, bounded the submit rate.
+async fn insert_in(tx: &mut Tx<'_>, batch: &[InsertRequest]) -> Result<(), StoreError> {
     let inputs = batch
         .iter()
         .map(|(t, _)| serde_json::to_string(&t.input))
@@ -142,57 +243,18 @@ async fn write_batch(pool: &SqlitePool, batch: &[InsertRequest]) -> Result<(), S
             .push_bind(t.create_time)
             .push_bind(t.create_time);
     });
-    qb.build().execute(&mut *tx).await?;
-    tx.commit().await?;
+    qb.build().execute(&mut **tx).await?;
     Ok(())
-}
-
-async fn write_batch_one(pool: &SqlitePool, task: NewTask) -> Result<(), StoreError> {
-    let (reply, _) = oneshot::channel();
-    write_batch(pool, &[(task, reply)]).await
-}
-
-/// Group commit for final states, like submits: every outcome waiting at the moment is written
-/// in one transaction (each guarded by its own token, each with its outbox row), and each caller
-/// learns after the commit whether its write took.
-async fn finish_batches(pool: SqlitePool, mut rx: mpsc::Receiver<FinishRequest>) {
-    let mut batch: Vec<FinishRequest> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // Rows that took are told apart by task id, so a batch naming one task twice (a stale
-        // attempt and the current one finishing together) is written one outcome at a time.
-        let result = if super::distinct_tasks(batch.iter().map(|r| r.id.as_str())) {
-            finish_all(&pool, &batch).await
-        } else {
-            Err(StoreError::Conflict("a batch names one task twice".into()))
-        };
-        match result {
-            Ok(written) => {
-                for (req, ok) in batch.drain(..).zip(written) {
-                    let _ = req.reply.send(Ok(ok));
-                }
-            }
-            Err(_) => {
-                // One bad outcome must not fail its neighbours: write each on its own.
-                for req in batch.drain(..) {
-                    let r = finish_all(&pool, std::slice::from_ref(&req))
-                        .await
-                        .map(|w| w.first().copied().unwrap_or(false));
-                    let _ = req.reply.send(r);
-                }
-            }
-        }
-    }
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token
 /// (a statement per row was a round trip per row to the connection's thread); then the blobs
 /// and outbox rows of the rows that took, each as one statement, in the same transaction.
-async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
+async fn finish_in(tx: &mut Tx<'_>, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
     let columns = batch
         .iter()
         .map(|req| outcome_columns(&req.outcome))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut tx = pool.begin().await?;
     let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> =
         sqlx::QueryBuilder::new("WITH v(task, token, new_state, at, outs, code, msg) AS (");
     qb.push_values(
@@ -216,7 +278,7 @@ async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bo
         Transition::Succeed.guard()
     ));
     let rows: Vec<(String, String, Option<String>)> =
-        qb.build_query_as().fetch_all(&mut *tx).await?;
+        qb.build_query_as().fetch_all(&mut **tx).await?;
     let written: std::collections::HashMap<&str, (&str, Option<&str>)> = rows
         .iter()
         .map(|(id, tenant, url)| (id.as_str(), (tenant.as_str(), url.as_deref())))
@@ -237,7 +299,7 @@ async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bo
                 .push_bind(*task)
                 .push_bind(blob.content.as_slice());
         });
-        qb.build().execute(&mut *tx).await?;
+        qb.build().execute(&mut **tx).await?;
     }
     // The outbox: a row only for tasks with a callback, whose tenant and URL the UPDATE gave.
     let deliveries: Vec<(&FinishRequest, &str, &str)> = batch
@@ -261,9 +323,8 @@ async fn finish_all(pool: &SqlitePool, batch: &[FinishRequest]) -> Result<Vec<bo
                 .push_bind(req.now)
                 .push_bind(req.now);
         });
-        qb.build().execute(&mut *tx).await?;
+        qb.build().execute(&mut **tx).await?;
     }
-    tx.commit().await?;
     Ok(batch
         .iter()
         .map(|r| written.contains_key(r.id.as_str()))
@@ -365,8 +426,8 @@ async fn enqueue_callback(
 impl Store for SqliteStore {
     async fn insert_task(&self, task: NewTask) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.inserts
-            .send((task, tx))
+        self.writes
+            .send(Write::Insert(task, tx))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -401,20 +462,21 @@ impl Store for SqliteStore {
         limit: usize,
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
-        // Each claim's token is the batch's prefix and the task id: distinct, one write.
-        let prefix = format!("{}_", new_id("att"));
-        let rows = sqlx::query_as::<_, TaskRow>(&claim_sql())
-            .bind(&prefix)
-            .bind(now + lease.as_millis() as i64)
-            .bind(now)
-            .bind(model)
-            .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(runner.as_str())
-            .bind(runner == Runner::Local)
-            .fetch_all(&self.writer)
-            .await?;
-        claims_from_rows(rows, &prefix)
+        let (reply, answer) = oneshot::channel();
+        let req = ClaimRequest {
+            model: model.to_owned(),
+            now,
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            max_running,
+            limit,
+            runner,
+            reply,
+        };
+        self.writes
+            .send(Write::Claim(req))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
@@ -462,8 +524,8 @@ impl Store for SqliteStore {
             now,
             reply,
         };
-        self.finishes
-            .send(req)
+        self.writes
+            .send(Write::Finish(req))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
