@@ -1618,7 +1618,7 @@ async fn step_submit(suite: &mut Suite) -> Result<()> {
     );
     drop(tmp);
 
-    // Dispatch live: echo ×64 runs what arrives.
+    // Dispatch live: echo ×256 runs what arrives.
     let tmp = fresh_tmp()?;
     let echo_cfg = suite.s.echo_config();
     let mut server = suite.taskgate(tmp.path(), &echo_cfg, None).await?;
@@ -1637,7 +1637,7 @@ async fn step_submit(suite: &mut Suite) -> Result<()> {
     suite.row(
         20,
         "submit",
-        "submit, wrk, dispatch live, echo ×64 (req/s)",
+        "submit, wrk, dispatch live, echo ×256 (req/s)",
         thousands(live.rps),
         thousands(ceiling),
         percent(live.rps, ceiling),
@@ -1980,7 +1980,7 @@ fn report_drain(suite: &mut Suite, step: &'static str, label: &str, order: u32, 
         order,
         step,
         &format!(
-            "drain {} echo tasks, {label}, concurrency 64 (tasks/s)",
+            "drain {} echo tasks, {label}, concurrency 256 (tasks/s)",
             thousands(d.n as f64)
         ),
         thousands(d.tasks_per_s),
@@ -2079,7 +2079,14 @@ async fn e2e_one(
 
 async fn step_e2e(suite: &mut Suite) -> Result<()> {
     let ceiling = suite.ceiling_submit().await?;
-    for (percent_of, order) in [(1.0, 60), (10.0, 70)] {
+    // E2E_PERCENTS adds rates between (e.g. "1,3,5,10") to find where latency turns.
+    let percents: Vec<f64> = std::env::var("E2E_PERCENTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .filter(|v: &Vec<f64>| !v.is_empty())
+        .unwrap_or_else(|| vec![1.0, 10.0]);
+    for (i, percent_of) in percents.into_iter().enumerate() {
+        let order = 60 + 10 * i as u32;
         if let Err(e) = e2e_at(suite, ceiling, percent_of, order).await {
             suite.ok = false;
             eprintln!("e2e at {percent_of} % FAILED: {e:#}");
@@ -2191,7 +2198,7 @@ async fn e2e_at(suite: &mut Suite, ceiling: f64, percent_of: f64, order: u32) ->
     suite.row(
         order,
         "e2e",
-        &format!("submit → success latency at {percent_of} % of the ceiling's submit rate, SQLite, echo ×64 (p50 / p90 / p99 / max)"),
+        &format!("submit → success latency at {percent_of} % of the ceiling's submit rate, SQLite, echo (p50 / p90 / p99 / max)"),
         if lat.is_empty() {
             "none succeeded".into()
         } else {

@@ -26,7 +26,7 @@ use crate::domain::{new_task_id, now_ms};
 use crate::error::{envelope_response, ApiError};
 use crate::store::{Delivery, DeliveryAttempt, Redeliver, Rotation};
 use crate::store::{NewTask, Store};
-use crate::views::{FinalView, FinalViews};
+use crate::views::{CachedView, TaskViews};
 use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
 use taskgate_proto::{
@@ -45,8 +45,11 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     pub webhooks: WebhookConfig,
     pub deliverer: Arc<Deliverer>,
-    /// Finished tasks' statusTask answers, ready to send.
-    pub views: FinalViews,
+    /// Tasks' statusTask answers, ready to send (`views` module).
+    pub views: TaskViews,
+    /// Whether just-submitted tasks' pending views are kept: only where this process is the
+    /// store's only writer.
+    pub live_views: bool,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -252,7 +255,17 @@ async fn generate_task(
         create_time: now_ms(),
     };
     let task_id = task.id.clone();
-    state.store.insert_task(task).await?;
+    // Before the insert: once it commits the task may be claimed at once, and the claim's
+    // `forget` must come after this.
+    if state.live_views {
+        if let Some(view) = pending_view(&task) {
+            state.views.insert(task_id.clone(), view);
+        }
+    }
+    if let Err(e) = state.store.insert_task(task).await {
+        state.views.forget(&task_id);
+        return Err(e.into());
+    }
     state.dispatcher.notify(&runtime.name);
     Ok(Json(Envelope::success(TaskCreated { task_id })))
 }
@@ -299,7 +312,7 @@ async fn status_task(
     if task.state.is_final() {
         state.views.insert(
             task.id,
-            FinalView {
+            CachedView {
                 tenant_id: task.tenant_id,
                 model: task.model,
                 body: body.clone(),
@@ -307,6 +320,34 @@ async fn status_task(
         );
     }
     Ok(json_bytes(body))
+}
+
+/// The statusTask answer of a task just submitted, as a store read would render it.
+fn pending_view(task: &NewTask) -> Option<CachedView> {
+    let view = crate::domain::Task {
+        id: task.id.clone(),
+        tenant_id: task.tenant_id.clone(),
+        model: task.model.clone(),
+        state: taskgate_proto::TaskState::Pending,
+        input: String::new(),
+        callback_url: task.callback_url.clone(),
+        attempts: 0,
+        max_attempts: task.max_attempts,
+        create_time: task.create_time,
+        start_time: None,
+        complete_time: None,
+        outputs: Vec::new(),
+        fail_code: None,
+        fail_msg: None,
+        progress: None,
+    }
+    .status(|_| String::new());
+    let body = serde_json::to_vec(&Envelope::success(view)).ok()?;
+    Some(CachedView {
+        tenant_id: task.tenant_id.clone(),
+        model: task.model.clone(),
+        body: Bytes::from(body),
+    })
 }
 
 /// A 200 answer with a body serialised already.

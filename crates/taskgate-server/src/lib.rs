@@ -243,6 +243,7 @@ pub async fn run_with(
     .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
     deliverer.start();
 
+    let views = views::TaskViews::default();
     let dispatcher = Dispatcher::new(
         store.clone(),
         artifacts,
@@ -250,7 +251,10 @@ pub async fn run_with(
         work_dir.path.clone(),
         RetryPolicy::new(config.retry_backoff.clone(), 0.0, AfterLast::RepeatLast),
         config.lease,
-        webhook_wake,
+        dispatch::Shared {
+            webhook_wake,
+            views: views.clone(),
+        },
     );
     dispatcher.start();
     forward_store_events(store.clone(), dispatcher.clone(), deliverer.clone());
@@ -260,7 +264,8 @@ pub async fn run_with(
     let state = api::AppState {
         store: store.clone(),
         auth: authenticator,
-        views: views::FinalViews::default(),
+        views: views.clone(),
+        live_views: store.exclusive(),
         dispatcher: dispatcher.clone(),
         links,
         local_files,

@@ -1,10 +1,17 @@
-//! The status views of finished tasks, kept in memory ready to send.
+//! Tasks' statusTask answers, kept in memory ready to send.
 //!
 //! A task in `success` or `failed` never changes again, and its view is a pure function of its
 //! row (result URLs expire at completion + the URL lifetime, so signing again gives the same
 //! expiry), so the serialised envelope can be reused for every later read: a status read of a
-//! finished task then costs one cache lookup and no store read, on any node. The cache is
-//! bounded by the bytes it holds; what falls out is read from the store again.
+//! finished task then costs one cache lookup and no store read, on any node.
+//!
+//! On a store only this process writes (SQLite), a just-submitted task's `pending` view is kept
+//! too, so that clients polling a new task do not read the store: it is put in before the task
+//! is inserted (nobody knows its id yet) and forgotten by the dispatcher as soon as a claim of
+//! it commits, the only way out of `pending` while the process runs. Reads after that go to the
+//! store until the task is final. (With several nodes another node may claim it, so nothing
+//! live is kept there.) The cache is bounded by the bytes it holds; what falls out is read from
+//! the store again.
 
 use std::sync::Arc;
 
@@ -15,8 +22,8 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// A guess at the number of views, which sizes the cache's tables.
 const ESTIMATED_VIEWS: usize = 65_536;
 
-/// A finished task's serialised statusTask answer, with what a read must match to see it.
-pub struct FinalView {
+/// A task's serialised statusTask answer, with what a read must match to see it.
+pub struct CachedView {
     pub tenant_id: String,
     pub model: String,
     /// The whole envelope, `{"code":200,…,"data":{…}}`.
@@ -26,20 +33,20 @@ pub struct FinalView {
 #[derive(Clone)]
 struct ByBytes;
 
-impl quick_cache::Weighter<String, Arc<FinalView>> for ByBytes {
-    fn weight(&self, key: &String, view: &Arc<FinalView>) -> u64 {
+impl quick_cache::Weighter<String, Arc<CachedView>> for ByBytes {
+    fn weight(&self, key: &String, view: &Arc<CachedView>) -> u64 {
         (key.len() + view.body.len() + view.tenant_id.len() + view.model.len()) as u64
     }
 }
 
 #[derive(Clone)]
-pub struct FinalViews {
-    cache: Arc<quick_cache::sync::Cache<String, Arc<FinalView>, ByBytes>>,
+pub struct TaskViews {
+    cache: Arc<quick_cache::sync::Cache<String, Arc<CachedView>, ByBytes>>,
 }
 
-impl Default for FinalViews {
+impl Default for TaskViews {
     fn default() -> Self {
-        FinalViews {
+        TaskViews {
             cache: Arc::new(quick_cache::sync::Cache::with_weighter(
                 ESTIMATED_VIEWS,
                 CACHE_BYTES,
@@ -49,13 +56,19 @@ impl Default for FinalViews {
     }
 }
 
-impl FinalViews {
-    pub fn get(&self, task_id: &str) -> Option<Arc<FinalView>> {
+impl TaskViews {
+    pub fn get(&self, task_id: &str) -> Option<Arc<CachedView>> {
         self.cache.get(task_id)
     }
 
-    /// Keeps the view of a task that is final; callers must not pass live tasks.
-    pub fn insert(&self, task_id: String, view: FinalView) {
+    /// Keeps the view of a task that is final, or of one about to be inserted `pending` (see
+    /// the module docs for the rule that keeps that one true).
+    pub fn insert(&self, task_id: String, view: CachedView) {
         self.cache.insert(task_id, Arc::new(view));
+    }
+
+    /// Drops a task's view: it was claimed, or its insert failed.
+    pub fn forget(&self, task_id: &str) {
+        self.cache.remove(task_id);
     }
 }

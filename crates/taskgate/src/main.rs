@@ -395,6 +395,12 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// mimalloc instead of the system allocator: a task's life allocates on one thread and frees on
+/// another (tokio workers, the store's connection threads), where glibc's malloc spent about a
+/// sixth of a drain's samples in its own locks and consolidation (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -41,6 +41,7 @@ use crate::backends::Backend;
 use crate::config::ModelConfig;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
+use crate::views::TaskViews;
 
 /// How long a claim lasts without renewal, by default; renewed every third of it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -82,6 +83,16 @@ pub struct Dispatcher {
     /// Interrupts running attempts (after the grace period).
     interrupt: CancellationToken,
     tracker: TaskTracker,
+    /// Cached status views: a claimed task's pending view is forgotten here.
+    views: TaskViews,
+}
+
+/// What the dispatcher shares with the rest of the node.
+pub struct Shared {
+    /// Wakes the webhook deliverer.
+    pub webhook_wake: Arc<Notify>,
+    /// The API's cached status views.
+    pub views: TaskViews,
 }
 
 impl Dispatcher {
@@ -92,8 +103,12 @@ impl Dispatcher {
         work_dir: PathBuf,
         retry: RetryPolicy,
         lease: Duration,
-        webhook_wake: Arc<Notify>,
+        shared: Shared,
     ) -> Arc<Self> {
+        let Shared {
+            webhook_wake,
+            views,
+        } = shared;
         Arc::new(Dispatcher {
             store,
             artifacts,
@@ -106,6 +121,7 @@ impl Dispatcher {
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            views,
         })
     }
 

@@ -12,7 +12,7 @@ use crate::error::error_chain;
 use crate::store::{Claim, Runner, StoreError};
 
 /// Most tasks one claim takes.
-const CLAIM_BATCH: usize = 32;
+const CLAIM_BATCH: usize = 256;
 /// Safety net for a missed wake-up; notifications are the main path.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -48,6 +48,7 @@ impl Dispatcher {
                     .await?
                     .pop();
                 if let Some(c) = claimed {
+                    self.views.forget(&c.task.id);
                     return Ok(Some((m.clone(), c)));
                 }
                 if let Some(due) = self.store.next_due(&m.name).await? {
@@ -104,6 +105,8 @@ impl Dispatcher {
             {
                 Ok(claims) if !claims.is_empty() => {
                     for (claim, permit) in claims.into_iter().zip(permits) {
+                        // Out of `pending`: its cached pending view is no longer true.
+                        self.views.forget(&claim.task.id);
                         let this = self.clone();
                         let model = model.clone();
                         let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
