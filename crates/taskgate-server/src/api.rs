@@ -309,7 +309,13 @@ async fn status_task(
         .map_err(ApiError::internal)?;
     let body =
         Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);
-    if task.state.is_final() {
+    // A failure's view has no URLs; a success's is kept only where its URLs stay valid.
+    let keep = match task.state {
+        taskgate_proto::TaskState::Failed => true,
+        taskgate_proto::TaskState::Success => state.links.store.stable_urls(),
+        _ => false,
+    };
+    if keep {
         state.views.insert(
             task.id,
             CachedView {

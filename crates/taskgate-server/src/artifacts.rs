@@ -61,6 +61,12 @@ pub trait ArtifactStore: Send + Sync + 'static {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), ArtifactError>;
     /// Stores `content` under `key`.
     async fn put_bytes(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError>;
+    /// Whether `url` gives the same URL for the same key and expiry every time, so a rendered
+    /// view can be kept and sent again. Presigned URLs of a bucket depend on the credentials in
+    /// force when signing (temporary ones expire before the URL would), so they are not.
+    fn stable_urls(&self) -> bool {
+        false
+    }
     /// Largest in-memory output kept in the database instead of here (served through this
     /// node's signed `/files` URLs); 0 where results must be served by the store itself.
     fn inline_max(&self) -> usize {
@@ -313,6 +319,10 @@ impl ArtifactStore for LocalArtifacts {
 
     fn inline_max(&self) -> usize {
         INLINE_MAX
+    }
+
+    fn stable_urls(&self) -> bool {
+        true
     }
 
     async fn url(&self, key: &str, expires_at: i64) -> Result<String, ArtifactError> {

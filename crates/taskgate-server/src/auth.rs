@@ -265,7 +265,11 @@ async fn watch_revocations(store: Arc<dyn Store>, cache: Weak<KeyCache>) {
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        match store.keys_revision().await {
+        // A read that hangs (a half-dead connection) must count as a failure, or revoked keys
+        // would keep working for as long as it hangs.
+        let read = tokio::time::timeout(REVOCATION_CHECK, store.keys_revision()).await;
+        let read = read.unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        match read {
             Ok(revision) => {
                 failing = false;
                 // The first reading also empties the cache: whatever was cached before it was

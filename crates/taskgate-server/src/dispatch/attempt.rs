@@ -204,7 +204,7 @@ impl Dispatcher {
                 let inline_max = self.artifacts.inline_max();
                 for (name, content) in output_names(outputs) {
                     let key = staged_key(&job.task_id, tag, &name);
-                    if content.len() <= inline_max {
+                    if inline_max > 0 && content.len() <= inline_max {
                         blobs.push(Blob {
                             key: key.clone(),
                             content,

@@ -64,6 +64,11 @@ pub(super) async fn sweep_leases(dispatcher: Arc<Dispatcher>) {
         }
         match dispatcher.store.recover_expired(now_ms()).await {
             Ok(r) if !r.is_empty() => {
+                // None of these is pending with a cached view any more (or pending again, which
+                // the store answers): drop whatever view a lost claim answer left behind.
+                for id in r.requeued.iter().chain(&r.failed).chain(&r.unacknowledged) {
+                    dispatcher.views.forget(id);
+                }
                 warn!(
                     requeued = r.requeued.len(),
                     failed = r.failed.len(),

@@ -252,6 +252,12 @@ pub enum Redeliver {
     },
 }
 
+/// An `Unavailable` error carrying another's message: sqlx errors cannot be cloned, and a batch's
+/// one error is answered to each of its callers.
+fn unavailable(message: &str) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(message.to_owned()))
+}
+
 /// Whether no task id appears twice (for batched final writes, which match rows by id).
 fn distinct_tasks<'a>(ids: impl Iterator<Item = &'a str>) -> bool {
     let mut seen = std::collections::HashSet::new();

@@ -153,22 +153,27 @@ async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
 }
 
 async fn write_batch(pool: &PgPool, tasks: &[&NewTask]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
         "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
          run_after, create_time) ",
     );
-    qb.push_values(tasks, |mut b, t| {
+    let inputs = tasks
+        .iter()
+        .map(|t| serde_json::to_string(&t.input))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    qb.push_values(tasks.iter().zip(inputs), |mut b, (t, input)| {
         b.push_bind(&t.id)
             .push_bind(&t.tenant_id)
             .push_bind(&t.model)
             .push_bind("pending")
-            .push_bind(serde_json::to_string(&t.input).unwrap_or_else(|_| "{}".to_owned()))
+            .push_bind(input)
             .push_bind(&t.callback_url)
             .push_bind(i64::from(t.max_attempts))
             .push_bind(t.create_time)
             .push_bind(t.create_time);
     });
+    let mut tx = pool.begin().await?;
     qb.build().execute(&mut *tx).await?;
     let models: BTreeSet<&str> = tasks.iter().map(|t| t.model.as_str()).collect();
     for model in models {
@@ -199,6 +204,16 @@ async fn finish_batches(pool: PgPool, mut rx: mpsc::Receiver<FinishRequest>) {
                     let _ = req.reply.send(Ok(ok));
                 }
             }
+            // The database is unreachable, or the commit's outcome is unknown (it may have
+            // landed): every caller hears so, and the completer reads its task back before
+            // taking a later "not ours" for the truth. Writing each on its own here would turn
+            // a commit that landed into "not ours", and wait out a timeout per row.
+            Err(StoreError::Unavailable(e)) => {
+                let msg = e.to_string();
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(super::unavailable(&msg)));
+                }
+            }
             Err(e) if batch.len() == 1 => {
                 if let Some(req) = batch.pop() {
                     let _ = req.reply.send(Err(e));
@@ -224,7 +239,10 @@ async fn finish_all(
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let (mut ids, mut tokens, mut states, mut nows) = (vec![], vec![], vec![], vec![]);
     let (mut outputs, mut codes, mut messages) = (vec![], vec![], vec![]);
-    for req in batch {
+    // Rows are locked in id order, so two nodes' batches that overlap cannot deadlock.
+    let mut ordered: Vec<&FinishRequest> = batch.iter().collect();
+    ordered.sort_by(|a, b| a.id.cmp(&b.id));
+    for req in ordered {
         let (state, out, code, message) = outcome_columns(&req.outcome)?;
         ids.push(req.id.as_str());
         tokens.push(req.token.as_str());
@@ -313,7 +331,8 @@ async fn finish_all(
     for model in models {
         notify(&mut tx, &format!("task:{model}")).await?;
     }
-    tx.commit().await?;
+    // A failed commit may have landed all the same: its outcome is unknown.
+    tx.commit().await.map_err(StoreError::Unavailable)?;
     Ok(written)
 }
 

@@ -140,7 +140,27 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
                     let _ = req.reply.send(Ok(ok));
                 }
                 for (req, (prefix, rows)) in claims.into_iter().zip(claimed) {
-                    let _ = req.reply.send(claims_from_rows(rows, &prefix));
+                    let answer = claims_from_rows(rows, &prefix);
+                    if let Err(Ok(orphans)) = req.reply.send(answer) {
+                        // The claimer went away (a pull worker's long-poll closed) after the
+                        // claim was queued: hand the tasks back at once, uncounted.
+                        give_back(&pool, &orphans).await;
+                    }
+                }
+            }
+            // The database cannot be written, or the commit's outcome is unknown (it may have
+            // landed): every caller hears so. Writing each on its own would turn a commit that
+            // landed into "not ours" (or a claim nobody runs), and wait out a timeout per write.
+            Err(StoreError::Unavailable(e)) => {
+                let msg = e.to_string();
+                for (_, reply) in inserts {
+                    let _ = reply.send(Err(super::unavailable(&msg)));
+                }
+                for req in finishes {
+                    let _ = req.reply.send(Err(super::unavailable(&msg)));
+                }
+                for req in claims {
+                    let _ = req.reply.send(Err(super::unavailable(&msg)));
                 }
             }
             Err(e) if inserts.len() + finishes.len() + claims.len() == 1 => {
@@ -201,6 +221,11 @@ async fn write_round(
     }
     let mut claimed = Vec::with_capacity(claims.len());
     for c in claims {
+        if c.reply.is_closed() {
+            // Nobody waits for this claim any more: make none.
+            claimed.push((String::new(), Vec::new()));
+            continue;
+        }
         // Each claim's token is its prefix and the task id: distinct, one statement.
         let prefix = format!("{}_", new_id("att"));
         let rows = sqlx::query_as::<_, TaskRow>(&claim_sql())
@@ -216,8 +241,29 @@ async fn write_round(
             .await?;
         claimed.push((prefix, rows));
     }
-    tx.commit().await?;
+    // A failed commit may have landed all the same: its outcome is unknown.
+    tx.commit().await.map_err(StoreError::Unavailable)?;
     Ok((written, claimed))
+}
+
+/// Puts claims nobody will run back to pending, their attempts refunded.
+async fn give_back(pool: &SqlitePool, claims: &[Claim]) {
+    for c in claims {
+        let r = sqlx::query(&format!(
+            "UPDATE tasks SET {}, lease_token = NULL, lease_expires_at = NULL, runner = NULL, \
+             attempts = attempts - 1 WHERE id = ? AND {} AND lease_token = ?",
+            Transition::Requeue.set_state(),
+            Transition::Requeue.guard()
+        ))
+        .bind(&c.task.id)
+        .bind(&c.token)
+        .execute(pool)
+        .await;
+        if let Err(e) = r {
+            // Its lease will end and the sweep hands it on.
+            tracing::warn!(task_id = %c.task.id, error = %crate::error::error_chain(&e), "cannot hand back an unclaimed task");
+        }
+    }
 }
 
 /// Submits as one multi-row INSERT: statements cost a round trip each to the connection's

@@ -321,6 +321,43 @@ async fn while_the_revocation_check_fails_cached_keys_are_checked_against_the_st
 }
 
 #[tokio::test]
+async fn a_revocation_check_that_hangs_counts_as_failed_and_cached_keys_stop_being_trusted() {
+    let (app, plan) = TestApp::start_with_faults(|_| {}).await;
+    wait_until(WAIT, "the first revocation check", || {
+        let n = plan.calls("keys_revision");
+        async move { n >= 1 }
+    })
+    .await;
+    let id = app.api.submit_ok("echo", json!({})).await;
+    app.api.wait_final("echo", &id, WAIT).await;
+    let (status, before) = app.api.status("echo", &id).await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+
+    // A read that never answers (a half-dead connection) must not freeze the cache in place.
+    plan.inject_next(
+        "keys_revision",
+        u64::MAX,
+        Fault::Delay(Duration::from_secs(3600)),
+    );
+    plan.inject_next("key_by_hash", u64::MAX, Fault::Fail);
+    let deadline = tokio::time::Instant::now() + 5 * REVOCATION_CHECK;
+    loop {
+        let (status, body) = app.api.status("echo", &id).await;
+        match status {
+            StatusCode::OK => assert_eq!(body, before),
+            StatusCode::SERVICE_UNAVAILABLE => break,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cached key was still trusted {:?} into a hanging revocation check",
+            5 * REVOCATION_CHECK
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_revoked_key_stops_working_within_the_check_interval_and_an_unused_one_at_once() {
     let app = TestApp::start().await;
     let used = create_key(&app.data_dir, "used", None).await;
