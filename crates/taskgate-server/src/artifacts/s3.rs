@@ -95,6 +95,25 @@ impl S3Artifacts {
         })
     }
 
+    /// One PUT of a whole object, stored with its content type so the bucket answers presigned
+    /// GETs with the right one.
+    async fn put_one(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError> {
+        let location = self.location(key)?;
+        let content_type = mime_guess::from_path(key).first_or_octet_stream();
+        let opts = PutOptions {
+            attributes: Attributes::from_iter([(Attribute::ContentType, content_type.to_string())]),
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&location, PutPayload::from(content), opts)
+            .await
+            .map_err(|source| ArtifactError::Upload {
+                key: key.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -189,35 +208,11 @@ impl ArtifactStore for S3Artifacts {
             return self.put_multipart(key, &location, src, attributes).await;
         }
         let bytes = tokio::fs::read(src).await.map_err(io)?;
-        let opts = PutOptions {
-            attributes,
-            ..Default::default()
-        };
-        self.store
-            .put_opts(&location, PutPayload::from(bytes), opts)
-            .await
-            .map_err(|source| ArtifactError::Upload {
-                key: key.to_owned(),
-                source,
-            })?;
-        Ok(())
+        self.put_one(key, bytes).await
     }
 
     async fn put_bytes(&self, key: &str, content: Vec<u8>) -> Result<(), ArtifactError> {
-        let location = self.location(key)?;
-        let content_type = mime_guess::from_path(key).first_or_octet_stream();
-        let opts = PutOptions {
-            attributes: Attributes::from_iter([(Attribute::ContentType, content_type.to_string())]),
-            ..Default::default()
-        };
-        self.store
-            .put_opts(&location, PutPayload::from(content), opts)
-            .await
-            .map_err(|source| ArtifactError::Upload {
-                key: key.to_owned(),
-                source,
-            })?;
-        Ok(())
+        self.put_one(key, content).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, ArtifactError> {

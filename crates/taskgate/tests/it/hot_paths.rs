@@ -297,21 +297,7 @@ async fn while_the_revocation_check_fails_cached_keys_are_checked_against_the_st
     // two, the cached key is no longer taken on trust.
     plan.inject_next("keys_revision", u64::MAX, Fault::Fail);
     plan.inject_next("key_by_hash", u64::MAX, Fault::Fail);
-    let deadline = tokio::time::Instant::now() + 5 * REVOCATION_CHECK;
-    loop {
-        let (status, body) = app.api.status("echo", &id).await;
-        match status {
-            StatusCode::OK => assert_eq!(body, before),
-            StatusCode::SERVICE_UNAVAILABLE => break,
-            other => panic!("{other}: {body}"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the cached key was still trusted {:?} after the store failed",
-            5 * REVOCATION_CHECK
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_untrusted(&app, &id, &before).await;
 
     // Once the store answers again, so does the key.
     plan.clear();
@@ -340,17 +326,23 @@ async fn a_revocation_check_that_hangs_counts_as_failed_and_cached_keys_stop_bei
         Fault::Delay(Duration::from_secs(3600)),
     );
     plan.inject_next("key_by_hash", u64::MAX, Fault::Fail);
+    until_untrusted(&app, &id, &before).await;
+}
+
+/// Polls the status of `id` (answered from memory as `before`) until the node stops trusting
+/// its cached key and answers 503, within five revocation checks.
+async fn until_untrusted(app: &TestApp, id: &str, before: &serde_json::Value) {
     let deadline = tokio::time::Instant::now() + 5 * REVOCATION_CHECK;
     loop {
-        let (status, body) = app.api.status("echo", &id).await;
+        let (status, body) = app.api.status("echo", id).await;
         match status {
-            StatusCode::OK => assert_eq!(body, before),
-            StatusCode::SERVICE_UNAVAILABLE => break,
+            StatusCode::OK => assert_eq!(&body, before),
+            StatusCode::SERVICE_UNAVAILABLE => return,
             other => panic!("{other}: {body}"),
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the cached key was still trusted {:?} into a hanging revocation check",
+            "the cached key was still trusted {:?} after the store stopped answering",
             5 * REVOCATION_CHECK
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
