@@ -108,21 +108,18 @@ fn lease_deadline(state: &AppState) -> tokio::time::Instant {
     tokio::time::Instant::now() + state.dispatcher.lease().mul_f64(0.8)
 }
 
-/// The claim answer. An input that no longer parses (the database was edited by hand) is a
-/// 500; the unacknowledged claim goes back when its lease ends, and after its refunds the task
-/// fails like any lost attempt.
+/// The claim answer, or why the task's stored input cannot be sent (the database was edited by
+/// hand).
 fn worker_task(
     task: &Task,
     token: String,
     model: &ModelRuntime,
     lease: Duration,
-) -> Result<WorkerTask, ApiError> {
+) -> Result<WorkerTask, String> {
     Ok(WorkerTask {
         task_id: task.id.clone(),
         model: task.model.clone(),
-        input: task
-            .parse_input()
-            .map_err(|m| ApiError::internal(std::io::Error::other(m)))?,
+        input: task.parse_input()?,
         attempt: task.attempts,
         lease_token: token,
         lease_ms: lease.as_millis() as u64,
@@ -159,12 +156,30 @@ pub async fn claim(
     match state.dispatcher.claim_for_worker(&models, wait).await? {
         Some((model, c)) => {
             info!(task_id = %c.task.id, model = %model.name, attempt = c.task.attempts, worker = %worker.name, "claimed by a pull worker");
-            Ok(Json(Envelope::success(worker_task(
-                &c.task,
-                c.token,
-                &model,
-                state.dispatcher.lease(),
-            )?)))
+            match worker_task(&c.task, c.token.clone(), &model, state.dispatcher.lease()) {
+                Ok(task) => Ok(Json(Envelope::success(task))),
+                Err(message) => {
+                    // No worker could run it: fail the task now rather than hand it out again
+                    // on every claim until its attempts run out.
+                    let err = BackendError::fatal(fail_code::INTERNAL_ERROR, message);
+                    state
+                        .dispatcher
+                        .settle(
+                            &model.name,
+                            &c,
+                            Err(err),
+                            Duration::ZERO,
+                            lease_deadline(&state),
+                        )
+                        .instrument(info_span!("task", task_id = %c.task.id))
+                        .await;
+                    Ok(Json(Envelope {
+                        code: 200,
+                        message: "no task".into(),
+                        data: None,
+                    }))
+                }
+            }
         }
         None => Ok(Json(Envelope {
             code: 200,

@@ -394,3 +394,37 @@ async fn a_revoked_key_stops_working_within_the_check_interval_and_an_unused_one
     let (status, body) = used_api.status("echo", &id).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, &["revoked"]);
 }
+
+/// The input is stored as the JSON text accepted and parsed only when an attempt starts: a text
+/// that no longer parses fails the task with a message, it does not break status reads.
+#[tokio::test]
+async fn a_local_task_whose_stored_input_no_longer_parses_fails_and_still_answers_status() {
+    use sqlx::Connection;
+    let app = TestApp::start_with_models(
+        "[models.echo]\nbackend = \"builtin\"\nbuiltin = \"echo\"\nconcurrency = 1\n",
+    )
+    .await;
+    let holder = app.api.submit_ok("echo", json!({ "delay_ms": 1500 })).await;
+    let id = app.api.submit_ok("echo", json!({ "n": 1 })).await;
+    let url = format!("sqlite://{}", app.data_dir.join("taskgate.db").display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let changed =
+        sqlx::query("UPDATE tasks SET input = '[1, 2' WHERE id = ? AND state = 'pending'")
+            .bind(&id)
+            .execute(&mut db)
+            .await
+            .unwrap()
+            .rows_affected();
+    db.close().await.unwrap();
+    assert_eq!(changed, 1, "the second task was no longer pending");
+
+    let data = app.api.wait_final("echo", &id, WAIT).await;
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "INTERNAL_ERROR", "{data}");
+    assert!(
+        data["failMsg"].as_str().unwrap().contains("stored input"),
+        "{data}"
+    );
+    let held = app.api.wait_final("echo", &holder, WAIT).await;
+    assert_eq!(held["state"], "success", "{held}");
+}

@@ -566,3 +566,45 @@ async fn a_worker_that_loses_its_lease_while_uploading_abandons_the_task_without
         "{calls:?}"
     );
 }
+
+#[tokio::test]
+async fn a_task_whose_stored_input_no_longer_parses_fails_at_its_first_claim() {
+    use sqlx::Connection;
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir, None).await;
+    let id = app.api.submit_ok("remote", json!({ "prompt": "x" })).await;
+    // Someone edited the database by hand.
+    let url = format!("sqlite://{}", app.data_dir.join("taskgate.db").display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let changed = sqlx::query("UPDATE tasks SET input = 'not json' WHERE id = ?")
+        .bind(&id)
+        .execute(&mut db)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(changed, 1);
+    db.close().await.unwrap();
+
+    let resp = app
+        .api
+        .http
+        .post(format!("{}/api/v1/worker/claim", app.api.base))
+        .bearer_auth(&token)
+        .json(&json!({ "models": ["remote"], "waitMs": 0 }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = envelope(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["data"].is_null(), "the task was handed out: {body}");
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(10))
+        .await;
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "INTERNAL_ERROR", "{data}");
+    assert!(
+        data["failMsg"].as_str().unwrap().contains("stored input"),
+        "{data}"
+    );
+}
