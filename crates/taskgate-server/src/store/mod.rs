@@ -252,6 +252,37 @@ pub enum Redeliver {
     },
 }
 
+/// A final state for a store's group-commit loop, and where to say whether it was written.
+struct FinishRequest {
+    id: String,
+    token: String,
+    outcome: Outcome,
+    now: i64,
+    reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+}
+
+impl FinishRequest {
+    fn new(
+        id: &str,
+        token: &str,
+        outcome: &Outcome,
+        now: i64,
+    ) -> (
+        Self,
+        tokio::sync::oneshot::Receiver<Result<bool, StoreError>>,
+    ) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = FinishRequest {
+            id: id.to_owned(),
+            token: token.to_owned(),
+            outcome: outcome.clone(),
+            now,
+            reply,
+        };
+        (req, answer)
+    }
+}
+
 /// An `Unavailable` error carrying another's message: sqlx errors cannot be cloned, and a batch's
 /// one error is answered to each of its callers.
 fn unavailable(message: &str) -> StoreError {

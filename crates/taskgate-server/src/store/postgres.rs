@@ -24,9 +24,9 @@ use super::rows::{
 };
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
-    NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant,
-    WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
+    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError,
+    StoreEvent, Tenant, WebhookSecrets,
 };
 use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
@@ -45,15 +45,6 @@ pub struct PostgresStore {
     inserts: mpsc::Sender<InsertRequest>,
     finishes: mpsc::Sender<FinishRequest>,
     closing: CancellationToken,
-}
-
-/// A final state to write, and where to say whether it was written.
-struct FinishRequest {
-    id: String,
-    token: String,
-    outcome: Outcome,
-    now: i64,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 impl PostgresStore {
@@ -554,14 +545,7 @@ impl Store for PostgresStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let req = FinishRequest {
-            id: id.to_owned(),
-            token: token.to_owned(),
-            outcome: outcome.clone(),
-            now,
-            reply,
-        };
+        let (req, answer) = FinishRequest::new(id, token, outcome, now);
         self.finishes
             .send(req)
             .await

@@ -23,9 +23,9 @@ use super::rows::{
 };
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::{
-    ApiKeyRecord, Blob, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom,
-    KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
-    WebhookSecrets,
+    ApiKeyRecord, Blob, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext,
+    FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store,
+    StoreError, Tenant, WebhookSecrets,
 };
 use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
@@ -40,15 +40,6 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// The writer loop's queue: submits, final states and claims.
     writes: mpsc::Sender<Write>,
-}
-
-/// A final state to write, and where to say whether it was written.
-struct FinishRequest {
-    id: String,
-    token: String,
-    outcome: Outcome,
-    now: i64,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 impl SqliteStore {
@@ -562,14 +553,7 @@ impl Store for SqliteStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let req = FinishRequest {
-            id: id.to_owned(),
-            token: token.to_owned(),
-            outcome: outcome.clone(),
-            now,
-            reply,
-        };
+        let (req, answer) = FinishRequest::new(id, token, outcome, now);
         self.writes
             .send(Write::Finish(req))
             .await

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use taskgate_server::artifacts::INLINE_MAX;
 use taskgate_server::auth::REVOCATION_CHECK;
-use taskgate_server::store::faults::Fault;
+use taskgate_server::store::faults::{Fault, FaultPlan};
 
 use crate::support::*;
 
@@ -282,16 +282,7 @@ async fn a_finished_tasks_status_is_answered_from_memory_while_the_store_fails()
 
 #[tokio::test]
 async fn while_the_revocation_check_fails_cached_keys_are_checked_against_the_store_again() {
-    let (app, plan) = TestApp::start_with_faults(|_| {}).await;
-    wait_until(WAIT, "the first revocation check", || {
-        let n = plan.calls("keys_revision");
-        async move { n >= 1 }
-    })
-    .await;
-    let id = app.api.submit_ok("echo", json!({})).await;
-    app.api.wait_final("echo", &id, WAIT).await;
-    let (status, before) = app.api.status("echo", &id).await;
-    assert_eq!(status, StatusCode::OK, "{before}");
+    let (app, plan, id, before) = with_a_cached_finished_task().await;
 
     // The store cannot say whether a key was revoked, nor vouch for one: within a check or
     // two, the cached key is no longer taken on trust.
@@ -308,16 +299,7 @@ async fn while_the_revocation_check_fails_cached_keys_are_checked_against_the_st
 
 #[tokio::test]
 async fn a_revocation_check_that_hangs_counts_as_failed_and_cached_keys_stop_being_trusted() {
-    let (app, plan) = TestApp::start_with_faults(|_| {}).await;
-    wait_until(WAIT, "the first revocation check", || {
-        let n = plan.calls("keys_revision");
-        async move { n >= 1 }
-    })
-    .await;
-    let id = app.api.submit_ok("echo", json!({})).await;
-    app.api.wait_final("echo", &id, WAIT).await;
-    let (status, before) = app.api.status("echo", &id).await;
-    assert_eq!(status, StatusCode::OK, "{before}");
+    let (app, plan, id, before) = with_a_cached_finished_task().await;
 
     // A read that never answers (a half-dead connection) must not freeze the cache in place.
     plan.inject_next(
@@ -329,9 +311,25 @@ async fn a_revocation_check_that_hangs_counts_as_failed_and_cached_keys_stop_bei
     until_untrusted(&app, &id, &before).await;
 }
 
+/// A server with a fault plan, past its first revocation check, with one finished task whose
+/// status (returned) and key are now cached.
+async fn with_a_cached_finished_task() -> (TestApp, std::sync::Arc<FaultPlan>, String, Value) {
+    let (app, plan) = TestApp::start_with_faults(|_| {}).await;
+    wait_until(WAIT, "the first revocation check", || {
+        let n = plan.calls("keys_revision");
+        async move { n >= 1 }
+    })
+    .await;
+    let id = app.api.submit_ok("echo", json!({})).await;
+    app.api.wait_final("echo", &id, WAIT).await;
+    let (status, before) = app.api.status("echo", &id).await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    (app, plan, id, before)
+}
+
 /// Polls the status of `id` (answered from memory as `before`) until the node stops trusting
 /// its cached key and answers 503, within five revocation checks.
-async fn until_untrusted(app: &TestApp, id: &str, before: &serde_json::Value) {
+async fn until_untrusted(app: &TestApp, id: &str, before: &Value) {
     let deadline = tokio::time::Instant::now() + 5 * REVOCATION_CHECK;
     loop {
         let (status, body) = app.api.status("echo", id).await;
