@@ -1262,39 +1262,29 @@ impl Db {
             }
             sql
         };
+        // The same statements on either pool; a macro because sqlx's query types differ per
+        // database.
+        macro_rules! seed_into {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await?;
+                for chunk in rows.chunks(SEED_CHUNK) {
+                    let sql = sql_for(chunk.len());
+                    let mut q = sqlx::query(&sql)
+                        .bind(tenant)
+                        .bind(MODEL)
+                        .bind(max_attempts)
+                        .bind(now);
+                    for (id, input) in chunk {
+                        q = q.bind(id).bind(input);
+                    }
+                    q.execute(&mut *tx).await.context("seeding failed")?;
+                }
+                tx.commit().await?;
+            }};
+        }
         match self {
-            Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                for chunk in rows.chunks(SEED_CHUNK) {
-                    let sql = sql_for(chunk.len());
-                    let mut q = sqlx::query(&sql)
-                        .bind(tenant)
-                        .bind(MODEL)
-                        .bind(max_attempts)
-                        .bind(now);
-                    for (id, input) in chunk {
-                        q = q.bind(id).bind(input);
-                    }
-                    q.execute(&mut *tx).await.context("seeding failed")?;
-                }
-                tx.commit().await?;
-            }
-            Db::Pg(pool) => {
-                let mut tx = pool.begin().await?;
-                for chunk in rows.chunks(SEED_CHUNK) {
-                    let sql = sql_for(chunk.len());
-                    let mut q = sqlx::query(&sql)
-                        .bind(tenant)
-                        .bind(MODEL)
-                        .bind(max_attempts)
-                        .bind(now);
-                    for (id, input) in chunk {
-                        q = q.bind(id).bind(input);
-                    }
-                    q.execute(&mut *tx).await.context("seeding failed")?;
-                }
-                tx.commit().await?;
-            }
+            Db::Sqlite(pool) => seed_into!(pool),
+            Db::Pg(pool) => seed_into!(pool),
         }
         Ok(())
     }
