@@ -1608,7 +1608,7 @@ async fn step_submit(suite: &mut Suite) -> Result<()> {
     );
     drop(tmp);
 
-    // Dispatch live: echo ×256 runs what arrives.
+    // Dispatch live: echo ×1024 runs what arrives.
     let tmp = fresh_tmp()?;
     let echo_cfg = suite.s.echo_config();
     let mut server = suite.taskgate(tmp.path(), &echo_cfg, None).await?;
@@ -1627,7 +1627,7 @@ async fn step_submit(suite: &mut Suite) -> Result<()> {
     suite.row(
         20,
         "submit",
-        "submit, wrk, dispatch live, echo ×256 (req/s)",
+        "submit, wrk, dispatch live, echo ×1024 (req/s)",
         thousands(live.rps),
         thousands(ceiling),
         percent(live.rps, ceiling),
@@ -1970,7 +1970,7 @@ fn report_drain(suite: &mut Suite, step: &'static str, label: &str, order: u32, 
         order,
         step,
         &format!(
-            "drain {} echo tasks, {label}, concurrency 256 (tasks/s)",
+            "drain {} echo tasks, {label}, concurrency 1024 (tasks/s)",
             thousands(d.n as f64)
         ),
         thousands(d.tasks_per_s),

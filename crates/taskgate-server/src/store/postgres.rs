@@ -42,6 +42,8 @@ type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The engine's own connections (claims, final states, due times).
+    engine: PgPool,
     inserts: mpsc::Sender<InsertRequest>,
     finishes: mpsc::Sender<FinishRequest>,
     closing: CancellationToken,
@@ -78,15 +80,23 @@ impl PostgresStore {
             .max_connections(16)
             // Fail fast while the database is down: the API answers 503 rather than hanging.
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        // The engine's claims, final states and due-time reads on connections of their own, so
+        // that a flood of API reads holding every pooled connection cannot stall dispatch.
+        let engine = PgPoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(options);
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(insert_batches(pool.clone(), rx));
         let (finishes, finish_rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(finish_batches(pool.clone(), finish_rx));
+        tokio::spawn(finish_batches(engine.clone(), finish_rx));
         Ok(PostgresStore {
             pool,
+            engine,
             inserts: tx,
             finishes,
             closing: CancellationToken::new(),
@@ -463,7 +473,7 @@ impl Store for PostgresStore {
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
         let prefix = format!("{}_", new_id("att"));
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.engine.begin().await?;
         // Serialises claims of one model across nodes, so the count below stays true until commit.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7474))")
             .bind(model)
@@ -512,7 +522,7 @@ impl Store for PostgresStore {
             "SELECT MIN(run_after) FROM tasks WHERE model = $1 AND state = 'pending'",
         )
         .bind(model)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.engine)
         .await?)
     }
 
@@ -1086,6 +1096,7 @@ impl Store for PostgresStore {
     async fn close(&self) {
         self.closing.cancel();
         self.pool.close().await;
+        self.engine.close().await;
     }
 }
 

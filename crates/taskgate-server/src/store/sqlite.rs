@@ -37,7 +37,12 @@ type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
 
 pub struct SqliteStore {
     writer: SqlitePool,
+    /// Reads for the API (status, listings, files).
     reader: SqlitePool,
+    /// Reads for the engine alone (when is work due), on a connection of their own: under a flood
+    /// of status polls the API's readers are all busy, and a dispatcher waiting behind them for
+    /// `next_due` stopped claiming, so tasks queued, so clients polled more.
+    engine_reader: SqlitePool,
     /// The writer loop's queue: submits, final states and claims.
     writes: mpsc::Sender<Write>,
 }
@@ -62,16 +67,35 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let read_only = options.read_only(true);
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(read_only.clone())
+            .await?;
+        let engine_reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(1)
+            .connect_with(read_only)
             .await?;
         let (writes, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(write_loop(writer.clone(), rx));
+        // The writer loop runs on a thread and runtime of its own: on the server's runtime each
+        // of a round's awaits queued behind every HTTP request in flight, so under load rounds
+        // stretched to milliseconds and every task's three rounds with them. It ends when the
+        // last sender (this store) is gone.
+        let pool = writer.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        std::thread::Builder::new()
+            .name("taskgate-writer".into())
+            .spawn(move || runtime.block_on(write_loop(pool, rx)))
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         Ok(SqliteStore {
             writer,
             reader,
+            engine_reader,
             writes,
         })
     }
@@ -521,7 +545,7 @@ impl Store for SqliteStore {
             "SELECT MIN(run_after) FROM tasks WHERE model = ? AND state = 'pending'",
         )
         .bind(model)
-        .fetch_one(&self.reader)
+        .fetch_one(&self.engine_reader)
         .await?)
     }
 
@@ -871,7 +895,7 @@ impl Store for SqliteStore {
              AND host NOT IN (SELECT value FROM json_each(?))",
         )
         .bind(blocked)
-        .fetch_one(&self.reader)
+        .fetch_one(&self.engine_reader)
         .await?)
     }
 
@@ -1018,6 +1042,7 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.reader.close().await;
+        self.engine_reader.close().await;
         self.writer.close().await;
     }
 }
