@@ -62,7 +62,7 @@ impl From<crate::store::StoreError> for ApiError {
             crate::store::StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %error_chain(&cause), "database unavailable");
                 ApiError::Unavailable(
-                    "the database is unavailable; nothing was changed, retry shortly".into(),
+                    "the database is unavailable, retry shortly (a submit answered so may have been stored: use the same request again only if a duplicate task is acceptable)".into(),
                 )
             }
             other => ApiError::internal(other),

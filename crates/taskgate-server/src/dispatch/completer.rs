@@ -113,11 +113,18 @@ impl Dispatcher {
                         .await
                 }
             };
+            // After a failed try, "not ours" is checked by reading the task back; a read that
+            // fails is no answer either, and is retried like the write.
+            let r = match r {
+                Ok(false) if failed_once => match self.landed(claim, write).await {
+                    Ok(true) => Ok(true),
+                    Ok(false) => Ok(false),
+                    Err(e) => Err(e),
+                },
+                other => other,
+            };
             match r {
                 Ok(true) => return Settled::Written,
-                Ok(false) if failed_once && self.landed(claim, write).await => {
-                    return Settled::Written
-                }
                 Ok(false) => return Settled::NotOurs,
                 Err(e) => {
                     failed_once = true;
@@ -136,11 +143,11 @@ impl Dispatcher {
 impl Dispatcher {
     /// Whether an earlier try of `write` that reported an error had in fact committed: the task
     /// is in the state it would have left it in, with this attempt's outputs or failure.
-    async fn landed(&self, claim: &Claim, write: &Write) -> bool {
-        let Ok(Some(task)) = self.store.get_task(&claim.task.id).await else {
-            return false;
+    async fn landed(&self, claim: &Claim, write: &Write) -> Result<bool, StoreError> {
+        let Some(task) = self.store.get_task(&claim.task.id).await? else {
+            return Ok(false);
         };
-        match write {
+        Ok(match write {
             Write::Final(Outcome::Success { outputs, .. }) => {
                 task.state == taskgate_proto::TaskState::Success && &task.outputs == outputs
             }
@@ -152,7 +159,7 @@ impl Dispatcher {
             // A requeue that landed leaves the task pending (or already claimed again); either
             // way nothing of this attempt is published, so "not ours" is harmless.
             Write::Requeue { .. } => false,
-        }
+        })
     }
 }
 

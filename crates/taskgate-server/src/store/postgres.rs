@@ -240,7 +240,9 @@ async fn finish_all(
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let (mut ids, mut tokens, mut states, mut nows) = (vec![], vec![], vec![], vec![]);
     let (mut outputs, mut codes, mut messages) = (vec![], vec![], vec![]);
-    // Rows are locked in id order, so two nodes' batches that overlap cannot deadlock.
+    // Sorted by id so batches usually meet rows in the same order; the plan may still join in
+    // another, and a deadlock with another node's batch is an error that sends the batch down
+    // the one-outcome-at-a-time path.
     let mut ordered: Vec<&FinishRequest> = batch.iter().collect();
     ordered.sort_by(|a, b| a.id.cmp(&b.id));
     for req in ordered {
@@ -473,7 +475,13 @@ impl Store for PostgresStore {
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
         let prefix = format!("{}_", new_id("att"));
-        let mut tx = self.engine.begin().await?;
+        // Local loops claim on the engine's pool; pull workers' long-polls, which arrive as API
+        // traffic, on the API's, so a crowd of workers cannot hold the engine's connections.
+        let pool = match runner {
+            Runner::Local => &self.engine,
+            Runner::Worker => &self.pool,
+        };
+        let mut tx = pool.begin().await?;
         // Serialises claims of one model across nodes, so the count below stays true until commit.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7474))")
             .bind(model)
@@ -543,7 +551,7 @@ impl Store for PostgresStore {
         .bind(id)
         .bind(token)
         .bind(progress)
-        .execute(&self.pool)
+        .execute(&self.engine)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -570,7 +578,7 @@ impl Store for PostgresStore {
         run_after: i64,
         refund_attempt: bool,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.engine.begin().await?;
         let model: Option<String> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET {}, run_after = $1, lease_token = NULL, \
              lease_expires_at = NULL, attempts = attempts - $2 \
@@ -743,7 +751,7 @@ impl Store for PostgresStore {
             "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
              WHERE revoked_at IS NOT NULL",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.engine)
         .await?)
     }
 

@@ -75,7 +75,7 @@ impl SqliteStore {
             .await?;
         let engine_reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
-            .max_connections(1)
+            .max_connections(2)
             .connect_with(read_only)
             .await?;
         let (writes, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -84,13 +84,18 @@ impl SqliteStore {
         // stretched to milliseconds and every task's three rounds with them. It ends when the
         // last sender (this store) is gone.
         let pool = writer.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         std::thread::Builder::new()
             .name("taskgate-writer".into())
-            .spawn(move || runtime.block_on(write_loop(pool, rx)))
+            .spawn(move || {
+                let _watch = WriterWatch;
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(write_loop(pool, rx)),
+                    Err(e) => tracing::error!(error = %e, "cannot start the SQLite writer"),
+                }
+            })
             .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         Ok(SqliteStore {
             writer,
@@ -98,6 +103,18 @@ impl SqliteStore {
             engine_reader,
             writes,
         })
+    }
+}
+
+/// Says so loudly when the writer thread ends by a panic: every write fails from then on (callers
+/// see the store as closed), and the log must tell why.
+struct WriterWatch;
+
+impl Drop for WriterWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the SQLite writer stopped after a panic; no write can succeed until the server restarts");
+        }
     }
 }
 
@@ -208,7 +225,9 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
                             Some((prefix, rows)) => claims_from_rows(rows, &prefix),
                             None => Ok(Vec::new()),
                         });
-                    let _ = req.reply.send(r);
+                    if let Err(Ok(orphans)) = req.reply.send(r) {
+                        give_back(&pool, &orphans).await;
+                    }
                 }
             }
         }
@@ -738,11 +757,13 @@ impl Store for SqliteStore {
     }
 
     async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
+        // On the engine's connection: behind a flood of API reads the check would time out,
+        // and a timeout empties the key cache (more reads still).
         Ok(sqlx::query_as(
             "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
              WHERE revoked_at IS NOT NULL",
         )
-        .fetch_one(&self.reader)
+        .fetch_one(&self.engine_reader)
         .await?)
     }
 
