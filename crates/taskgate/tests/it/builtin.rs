@@ -20,19 +20,12 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (be(&bytes[16..20]), be(&bytes[20..24]))
 }
 
-async fn fetch(url: &str) -> (String, Vec<u8>) {
-    let resp = reqwest::get(url).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK, "{url}");
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
-    (ct, resp.bytes().await.unwrap().to_vec())
-}
-
 async fn demo_image(api: &Api, input: Value) -> (String, Vec<u8>) {
     let data = api.run_to_end("demo-image", input).await;
     assert_eq!(data["state"], "success", "{data}");
     let urls = result_urls(&data);
     assert_eq!(urls.len(), 1, "{data}");
-    fetch(&urls[0]).await
+    fetch_ok(&urls[0]).await
 }
 
 #[tokio::test]
@@ -47,7 +40,7 @@ async fn echo_waits_delay_ms_before_succeeding() {
 
     assert_eq!(data["state"], "success", "{data}");
     assert!(started.elapsed() >= Duration::from_millis(400));
-    let (ct, body) = fetch(&result_urls(&data)[0]).await;
+    let (ct, body) = fetch_ok(&result_urls(&data)[0]).await;
     assert_eq!(ct, "application/json");
     let echoed: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echoed, json!({ "delay_ms": 400, "prompt": "p" }));
@@ -172,7 +165,7 @@ async fn the_seeds_own_polling_loop_gets_a_demo_image() {
     if let Some(s) = sleeps.first() {
         assert_eq!(s, 3000);
     }
-    let (ct, png) = fetch(&result_urls(result)[0]).await;
+    let (ct, png) = fetch_ok(&result_urls(result)[0]).await;
     assert_eq!(ct, "image/png");
     assert_eq!(png_size(&png), (512, 512));
 }

@@ -3,17 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::*;
-
-async fn fetch(url: &str) -> (String, Vec<u8>) {
-    let resp = reqwest::get(url).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK, "{url}");
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
-    (ct, resp.bytes().await.unwrap().to_vec())
-}
 
 /// Every result file by its name (the last path segment of its URL, without the query).
 async fn files_by_name(data: &Value) -> BTreeMap<String, (String, Vec<u8>)> {
@@ -27,7 +19,7 @@ async fn files_by_name(data: &Value) -> BTreeMap<String, (String, Vec<u8>)> {
             .next()
             .unwrap()
             .to_owned();
-        out.insert(name, fetch(&url).await);
+        out.insert(name, fetch_ok(&url).await);
     }
     out
 }
@@ -317,7 +309,7 @@ env = { MODEL_SETTING = "kept" }
     .await;
     let data = server.api.run_to_end("env", json!({})).await;
     assert_eq!(data["state"], "success", "{data}");
-    let (_, body) = fetch(&result_urls(&data)[0]).await;
+    let (_, body) = fetch_ok(&result_urls(&data)[0]).await;
     let env = String::from_utf8(body).unwrap();
     assert!(env.contains("MODEL_SETTING=kept"), "{env}");
     assert!(env.contains("TASKGATE_TASK_ID=task_"), "{env}");

@@ -54,19 +54,6 @@ fn url_parts(url: &str) -> (String, String, String) {
     (parts[0].into(), parts[1].into(), parts[2].into())
 }
 
-/// GETs a result URL (no key needed): status, content type, declared length, body.
-async fn fetch(url: &str) -> (StatusCode, String, Option<u64>, Vec<u8>) {
-    let resp = reqwest::get(url).await.unwrap();
-    let status = resp.status();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let len = resp.content_length();
-    (status, ct, len, resp.bytes().await.unwrap().to_vec())
-}
-
 /// Width and height from a PNG's IHDR chunk, checking the signature and chunk type.
 fn png_size(bytes: &[u8]) -> (u32, u32) {
     assert!(bytes.len() > 24, "too short for a PNG: {}", bytes.len());
@@ -99,7 +86,7 @@ async fn an_echo_result_is_served_from_the_database_and_leaves_no_file() {
     let input = json!({ "prompt": "a small result", "n": 7 });
 
     let (id, url) = one_result(&app.api, "echo", input.clone()).await;
-    let (status, ct, len, body) = fetch(&url).await;
+    let (status, ct, len, body) = fetch_url(&url).await;
 
     assert_eq!(status, StatusCode::OK, "{url}");
     assert_eq!(ct, "application/json");
@@ -118,7 +105,7 @@ async fn an_echo_result_is_served_from_the_database_and_leaves_no_file() {
         format!("{task}/{tag}0/{name}"),
         format!("{task}/{tag}/x{name}"),
     ] {
-        let (status, _, _, _) = fetch(&format!("{}/files/{path}?{query}", app.api.base)).await;
+        let (status, _, _, _) = fetch_url(&format!("{}/files/{path}?{query}", app.api.base)).await;
         assert!(
             status == StatusCode::FORBIDDEN || status == StatusCode::NOT_FOUND,
             "{path}: {status}"
@@ -135,7 +122,7 @@ async fn an_output_of_exactly_the_inline_limit_is_a_blob_and_one_byte_more_is_a_
 
     for (n, as_file) in [(at_limit, false), (at_limit + 1, true)] {
         let (id, url) = one_result(&app.api, "echo", json!({ "prompt": "x".repeat(n) })).await;
-        let (status, _, _, body) = fetch(&url).await;
+        let (status, _, _, body) = fetch_url(&url).await;
 
         assert_eq!(status, StatusCode::OK, "{url}");
         assert_eq!(body.len(), echo_len(n));
@@ -160,7 +147,7 @@ async fn an_image_over_the_inline_limit_is_a_file_on_disk_served_as_a_valid_png(
     let input = json!({ "prompt": "a lighthouse, large", "width": 1024, "height": 1024 });
 
     let (id, url) = one_result(&app.api, "demo-image", input).await;
-    let (status, ct, len, png) = fetch(&url).await;
+    let (status, ct, len, png) = fetch_url(&url).await;
 
     assert_eq!(status, StatusCode::OK, "{url}");
     assert_eq!(ct, "image/png");

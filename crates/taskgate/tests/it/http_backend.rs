@@ -129,17 +129,10 @@ fn http_model(name: &str, base: &str, scenario: &str, extra: &str) -> String {
     )
 }
 
-async fn fetch(url: &str) -> (String, Vec<u8>) {
-    let resp = reqwest::get(url).await.unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::OK, "{url}");
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
-    (ct, resp.bytes().await.unwrap().to_vec())
-}
-
 async fn fetch_all(data: &Value) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for url in result_urls(data) {
-        out.push(fetch(&url).await);
+        out.push(fetch_ok(&url).await);
     }
     out
 }

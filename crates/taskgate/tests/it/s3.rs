@@ -100,18 +100,6 @@ fn s3_config(moto: &Moto) -> S3Config {
     }
 }
 
-/// GET without any API key; returns status, content type and body.
-async fn fetch(url: &str) -> (StatusCode, String, Vec<u8>) {
-    let resp = reqwest::get(url).await.unwrap();
-    let status = resp.status();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, ct, resp.bytes().await.unwrap().to_vec())
-}
-
 fn hmac(key: &[u8], data: &str) -> Vec<u8> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
     mac.update(data.as_bytes());
@@ -258,13 +246,13 @@ async fn results_are_uploaded_to_s3_and_served_by_presigned_urls() {
     );
     assert!(name.starts_with("result.json?"), "{echo_url}");
 
-    let (status, ct, body) = fetch(&echo_url).await;
+    let (status, ct, _, body) = fetch_url(&echo_url).await;
     assert_eq!(status, StatusCode::OK, "{echo_url}");
     assert_eq!(ct, "application/json");
     let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echoed, json!({ "prompt": "to s3" }));
 
-    let (status, ct, body) = fetch(&image_url).await;
+    let (status, ct, _, body) = fetch_url(&image_url).await;
     assert_eq!(status, StatusCode::OK, "{image_url}");
     assert_eq!(ct, "image/png");
     assert_eq!(&body[..8], b"\x89PNG\r\n\x1a\n");
@@ -277,7 +265,7 @@ async fn results_are_uploaded_to_s3_and_served_by_presigned_urls() {
 
     // The objects are private: without the presigned query the bucket refuses.
     let bare = echo_url.split_once('?').unwrap().0;
-    assert_eq!(fetch(bare).await.0, StatusCode::FORBIDDEN, "{bare}");
+    assert_eq!(fetch_url(bare).await.0, StatusCode::FORBIDDEN, "{bare}");
 
     // This node serves no files of its own: result links point to the bucket.
     let (status, body) = envelope(
@@ -297,7 +285,7 @@ async fn results_are_uploaded_to_s3_and_served_by_presigned_urls() {
     // Every status read signs afresh, and the callback view uses the same store.
     let (_, again) = app.api.status("echo", task_id).await;
     let again_url = result_urls(&again["data"]).remove(0);
-    assert_eq!(fetch(&again_url).await.0, StatusCode::OK);
+    assert_eq!(fetch_url(&again_url).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -329,7 +317,7 @@ async fn a_file_larger_than_one_part_goes_up_in_parts_intact() {
 
     assert_eq!(data["state"], "success", "{data}");
     let url = &result_urls(&data)[0];
-    let (status, ct, body) = fetch(url).await;
+    let (status, ct, _, body) = fetch_url(url).await;
     assert_eq!(status, StatusCode::OK);
     assert!(ct.starts_with("text/plain"), "{ct}");
     // A multipart object's ETag is `"MD5-PARTS"`; a single PUT's has no dash.
@@ -378,7 +366,7 @@ async fn the_binary_selects_s3_from_flags_and_takes_credentials_from_the_aws_env
         "{url}"
     );
     assert_properly_presigned(&url, Duration::from_secs(24 * 3600));
-    let (status, _, body) = fetch(&url).await;
+    let (status, _, _, body) = fetch_url(&url).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&body).unwrap(),

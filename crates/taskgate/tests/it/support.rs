@@ -633,3 +633,25 @@ concurrency = 2
 timeout = "30s"
 max_attempts = 3
 "#;
+
+/// GETs a URL with no API key (result links are meant for browsers): status, content type
+/// (empty when absent), declared length, body.
+pub async fn fetch_url(url: &str) -> (StatusCode, String, Option<u64>, Vec<u8>) {
+    let resp = reqwest::get(url).await.unwrap();
+    let status = resp.status();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let len = resp.content_length();
+    (status, ct, len, resp.bytes().await.unwrap().to_vec())
+}
+
+/// A result file that must be there: asserts 200 and a content type; returns both parts.
+pub async fn fetch_ok(url: &str) -> (String, Vec<u8>) {
+    let (status, ct, _, body) = fetch_url(url).await;
+    assert_eq!(status, StatusCode::OK, "{url}");
+    assert!(!ct.is_empty(), "{url} came without a content type");
+    (ct, body)
+}
