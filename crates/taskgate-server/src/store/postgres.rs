@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder, Transaction};
+use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +22,7 @@ use super::rows::{
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
     TASK_COLUMNS,
 };
-use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::rows::{insert_tasks, removed_message, EXHAUSTED_SQL};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
     HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError,
@@ -154,26 +154,7 @@ async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
 }
 
 async fn write_batch(pool: &PgPool, tasks: &[&NewTask]) -> Result<(), StoreError> {
-    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
-         run_after, create_time) ",
-    );
-    let inputs = tasks
-        .iter()
-        .map(|t| serde_json::to_string(&t.input))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::Invalid(e.to_string()))?;
-    qb.push_values(tasks.iter().zip(inputs), |mut b, (t, input)| {
-        b.push_bind(&t.id)
-            .push_bind(&t.tenant_id)
-            .push_bind(&t.model)
-            .push_bind("pending")
-            .push_bind(input)
-            .push_bind(&t.callback_url)
-            .push_bind(i64::from(t.max_attempts))
-            .push_bind(t.create_time)
-            .push_bind(t.create_time);
-    });
+    let mut qb = insert_tasks::<Postgres>(tasks.iter().copied())?;
     let mut tx = pool.begin().await?;
     qb.build().execute(&mut *tx).await?;
     let models: BTreeSet<&str> = tasks.iter().map(|t| t.model.as_str()).collect();

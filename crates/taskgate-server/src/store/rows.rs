@@ -258,3 +258,38 @@ pub fn removed_message(model: &str) -> String {
 /// failMsg of a task whose attempts all ended with their runner gone.
 pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' time(s) \
      (its worker stopped or was killed) and has no attempts left'";
+
+/// The multi-row `INSERT` of new tasks (state `pending`, due at creation), for either dialect:
+/// each store's group commit writes a batch of submits with it.
+pub fn insert_tasks<'a, DB>(
+    tasks: impl IntoIterator<Item = &'a super::NewTask>,
+) -> Result<sqlx::QueryBuilder<'a, DB>, StoreError>
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let rows = tasks
+        .into_iter()
+        .map(|t| serde_json::to_string(&t.input).map(|input| (t, input)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let mut qb = sqlx::QueryBuilder::new(
+        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
+         run_after, create_time) ",
+    );
+    qb.push_values(rows, |mut b, (t, input)| {
+        b.push_bind(t.id.as_str())
+            .push_bind(t.tenant_id.as_str())
+            .push_bind(t.model.as_str())
+            .push_bind("pending")
+            .push_bind(input)
+            .push_bind(t.callback_url.as_deref())
+            .push_bind(i64::from(t.max_attempts))
+            .push_bind(t.create_time)
+            .push_bind(t.create_time);
+    });
+    Ok(qb)
+}

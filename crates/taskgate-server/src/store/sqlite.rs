@@ -21,7 +21,7 @@ use super::rows::{
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
     TASK_COLUMNS,
 };
-use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::rows::{insert_tasks, removed_message, EXHAUSTED_SQL};
 use super::{
     ApiKeyRecord, Blob, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext,
     FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store,
@@ -303,26 +303,7 @@ async fn give_back(pool: &SqlitePool, claims: &[Claim]) {
 /// Submits as one multi-row INSERT: statements cost a round trip each to the connection's
 /// thread, and those hops, not SQLite, bounded the submit rate.
 async fn insert_in(tx: &mut Tx<'_>, batch: &[InsertRequest]) -> Result<(), StoreError> {
-    let inputs = batch
-        .iter()
-        .map(|(t, _)| serde_json::to_string(&t.input))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> = sqlx::QueryBuilder::new(
-        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
-         run_after, create_time) ",
-    );
-    qb.push_values(batch.iter().zip(inputs), |mut b, ((t, _), input)| {
-        b.push_bind(&t.id)
-            .push_bind(&t.tenant_id)
-            .push_bind(&t.model)
-            .push_bind("pending")
-            .push_bind(input)
-            .push_bind(&t.callback_url)
-            .push_bind(i64::from(t.max_attempts))
-            .push_bind(t.create_time)
-            .push_bind(t.create_time);
-    });
+    let mut qb = insert_tasks::<sqlx::Sqlite>(batch.iter().map(|(t, _)| t))?;
     qb.build().execute(&mut **tx).await?;
     Ok(())
 }
