@@ -264,6 +264,10 @@ async fn remove_dir(dir: &Path) {
 /// once.
 pub(super) struct WorkDirs {
     root: PathBuf,
+    /// Unique to this process, so that no name is ever used by two processes: a program left
+    /// running by a process that was killed still writes to its old path, which must not be
+    /// a directory this process hands to a new attempt.
+    run: String,
     free: Mutex<Vec<PathBuf>>,
     next: AtomicU64,
 }
@@ -272,6 +276,7 @@ impl WorkDirs {
     pub(super) fn new(root: PathBuf) -> Self {
         WorkDirs {
             root,
+            run: crate::domain::new_id("run"),
             free: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
         }
@@ -284,8 +289,9 @@ impl WorkDirs {
             return Ok(dir);
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join(format!("slot-{n}"));
-        // Never an existing path: a name is used once per process, and the root starts empty.
+        let dir = self.root.join(format!("{}-slot-{n}", self.run));
+        // Never an existing path, nor one an earlier process used: the name carries this
+        // process's run id.
         tokio::fs::create_dir(&dir).await?;
         Ok(dir)
     }
