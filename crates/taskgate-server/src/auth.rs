@@ -268,7 +268,8 @@ async fn watch_revocations(store: Arc<dyn Store>, cache: Weak<KeyCache>) {
         // A read that hangs (a half-dead connection) must count as a failure, or revoked keys
         // would keep working for as long as it hangs.
         let read = tokio::time::timeout(REVOCATION_CHECK, store.keys_revision()).await;
-        let read = read.unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        let read =
+            read.unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut.into())));
         match read {
             Ok(revision) => {
                 failing = false;

@@ -60,7 +60,7 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::Unavailable(cause) => {
-                tracing::warn!(error = %error_chain(&cause), "database unavailable");
+                tracing::warn!(error = %error_chain(&*cause), "database unavailable");
                 ApiError::Unavailable(
                     "the database is unavailable, retry shortly (a submit answered so may have been stored: use the same request again only if a duplicate task is acceptable)".into(),
                 )

@@ -343,6 +343,47 @@ conformance! {
         assert_eq!((got.attempts, got.next_attempt_at, got.state.as_str()), (0, 99, "pending"));
     }
 
+    a_parked_claim_is_made_by_the_submit_of_its_model_and_a_withdrawn_one_takes_nothing(s) {
+        if !s.parks_claims() {
+            // Answers at once, like claim_batch.
+            assert!(s.claim_parked("m", LEASE, 10, 5).await.unwrap().is_empty());
+            return;
+        }
+        let now = taskgate_server::domain::now_ms();
+        let parked = {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5).await })
+        };
+        // A submit of another model, and a poke, leave it parked (nothing of "m" is due).
+        s.insert_task(new_task("task_other", "other", now)).await.unwrap();
+        s.poke("m");
+        s.insert_task(new_task("task_other2", "other", now)).await.unwrap();
+        assert!(!parked.is_finished(), "a parked claim answered with nothing due");
+        // The submit of its model is claimed in the submit's own commit: by the time the insert
+        // returns, the task is processing.
+        s.insert_task(new_task("task_a", "m", now)).await.unwrap();
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Processing);
+        let claims = parked.await.unwrap().unwrap();
+        assert_eq!(claims.iter().map(|c| c.task.id.as_str()).collect::<Vec<_>>(), ["task_a"]);
+        assert_eq!(claims[0].task.attempts, 1);
+        assert_eq!(s.get_task("task_other").await.unwrap().unwrap().state, TaskState::Pending);
+
+        // Withdrawn (the future dropped): the next submit stays pending for whoever claims next.
+        let withdrawn = {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5).await })
+        };
+        // Parked once an insert of another model has gone through after it.
+        s.insert_task(new_task("task_other3", "other", now)).await.unwrap();
+        withdrawn.abort();
+        let _ = withdrawn.await;
+        s.insert_task(new_task("task_b", "m", now)).await.unwrap();
+        let b = s.get_task("task_b").await.unwrap().unwrap();
+        assert_eq!((b.state, b.attempts), (TaskState::Pending, 0));
+        let c = s.claim("m", now, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, "task_b");
+    }
+
     a_failed_insert_keeps_its_cause_so_an_outage_is_not_taken_for_bad_input(s) {
         // A closed pool fails like a lost database: the caller must learn it is unavailable
         // (503), not that its row was invalid (500).

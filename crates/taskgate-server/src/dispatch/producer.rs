@@ -72,7 +72,60 @@ impl Dispatcher {
         }
     }
 
+    /// How long to wait before looking for due work again when a claim found less than it
+    /// asked for: until the next retry's due time, or the idle recheck.
+    async fn until_due(&self, model: &ModelRuntime) -> Duration {
+        let now = now_ms();
+        match self.store.next_due(&model.name).await {
+            Ok(Some(due)) if due > now => Duration::from_millis((due - now).min(30_000) as u64),
+            // Due work but no claim: the model is at its concurrency (on other nodes or with
+            // pull workers), whose completions will notify us.
+            Ok(Some(_)) | Ok(None) => IDLE_RECHECK,
+            Err(e) => {
+                error!(error = %error_chain(&e), model = %model.name, "cannot read the queue");
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    /// A claim parked in the store until a task of `model` is due; wake-ups that are not
+    /// submits (requeues, freed capacity, a retry's time after `wait`) poke it. `None` when the
+    /// server stops: the dropped claim is withdrawn.
+    async fn claim_parked(
+        &self,
+        model: &ModelRuntime,
+        limit: usize,
+        wait: Duration,
+    ) -> Option<Result<Vec<Claim>, StoreError>> {
+        let claim =
+            self.store
+                .claim_parked(&model.name, self.lease, model.config.concurrency, limit);
+        tokio::pin!(claim);
+        let timer = tokio::time::sleep(wait);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                claimed = &mut claim => return Some(claimed),
+                _ = model.notify.notified() => {
+                    // The wake-up may be a retry put back with a later due time. Read before
+                    // the poke: whatever is due by the read, the poke's claim (made later) sees.
+                    let wait = self.until_due(model).await;
+                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                    self.store.poke(&model.name);
+                }
+                _ = &mut timer => {
+                    self.store.poke(&model.name);
+                    timer.as_mut().reset(tokio::time::Instant::now() + IDLE_RECHECK);
+                }
+                _ = self.stop.cancelled() => return None,
+            }
+        }
+    }
+
     pub(super) async fn model_loop(self: Arc<Self>, model: Arc<ModelRuntime>) {
+        // Set when the last claim found less than it asked for and the store parks claims: the
+        // next one waits in the store, with this as when to look again for a retry coming due.
+        let mut park_for: Option<Duration> = None;
         loop {
             let first = tokio::select! {
                 p = model.permits.clone().acquire_owned() => match p {
@@ -91,19 +144,29 @@ impl Dispatcher {
                 }
             }
             let now = now_ms();
-            match self
-                .store
-                .claim_batch(
-                    &model.name,
-                    now,
-                    self.lease,
-                    model.config.concurrency,
-                    permits.len(),
-                    Runner::Local,
-                )
-                .await
-            {
-                Ok(claims) if !claims.is_empty() => {
+            let asked = permits.len();
+            let claimed = match park_for.take() {
+                Some(wait) => match self.claim_parked(&model, asked, wait).await {
+                    Some(claimed) => claimed,
+                    None => return,
+                },
+                None => {
+                    self.store
+                        .claim_batch(
+                            &model.name,
+                            now,
+                            self.lease,
+                            model.config.concurrency,
+                            asked,
+                            Runner::Local,
+                        )
+                        .await
+                }
+            };
+            match claimed {
+                Ok(claims) => {
+                    let got = claims.len();
+                    // Permits left over when fewer tasks came back are dropped with the zip.
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         // Out of `pending`: its cached pending view is no longer true.
                         self.views.forget(&claim.task.id);
@@ -118,21 +181,18 @@ impl Dispatcher {
                             .instrument(span),
                         );
                     }
-                }
-                Ok(_) => {
-                    drop(permits);
-                    let wait = match self.store.next_due(&model.name).await {
-                        Ok(Some(due)) if due > now => {
-                            Duration::from_millis((due - now).min(30_000) as u64)
-                        }
-                        // Due work but no claim: the model is at its concurrency on other nodes,
-                        // whose completions will notify us.
-                        Ok(Some(_)) | Ok(None) => IDLE_RECHECK,
-                        Err(e) => {
-                            error!(error = %error_chain(&e), model = %model.name, "cannot read the queue");
-                            Duration::from_secs(1)
-                        }
-                    };
+                    if got == asked {
+                        // Maybe more where these came from: claim again at once.
+                        continue;
+                    }
+                    // Fewer than asked: nothing more was due when the claim ran, so wait for a
+                    // submit's wake-up (kept by `Notify` if it came meanwhile) or the next
+                    // retry's due time, instead of paying a second, empty claim per task.
+                    let wait = self.until_due(&model).await;
+                    if self.store.parks_claims() {
+                        park_for = Some(wait);
+                        continue;
+                    }
                     tokio::select! {
                         _ = model.notify.notified() => {}
                         _ = tokio::time::sleep(wait) => {}

@@ -130,9 +130,7 @@ impl FaultPlan {
 }
 
 fn injected(point: &str, n: u64) -> StoreError {
-    StoreError::Unavailable(sqlx::Error::Protocol(format!(
-        "injected fault: call {n} of {point}"
-    )))
+    StoreError::Unavailable(format!("injected fault: call {n} of {point}").into())
 }
 
 /// A store whose calls pass through a [`FaultPlan`] first.

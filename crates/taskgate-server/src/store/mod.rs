@@ -22,9 +22,9 @@ pub enum StoreError {
     /// The database cannot be reached (connection refused or lost, pool exhausted): the request
     /// may succeed later; nothing was written.
     #[error("the database is unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] BoxError),
     #[error("database error")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] BoxError),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
@@ -35,6 +35,9 @@ pub enum StoreError {
     Closed,
 }
 
+/// A driver's error (sqlx's, or rusqlite's on the SQLite writer thread), kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
@@ -42,8 +45,8 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-            other => StoreError::Database(other),
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.into()),
+            other => StoreError::Database(other.into()),
         }
     }
 }
@@ -286,7 +289,7 @@ impl FinishRequest {
 /// An `Unavailable` error carrying another's message: sqlx errors cannot be cloned, and a batch's
 /// one error is answered to each of its callers.
 fn unavailable(message: &str) -> StoreError {
-    StoreError::Unavailable(sqlx::Error::Protocol(message.to_owned()))
+    StoreError::Unavailable(message.into())
 }
 
 /// Whether no task id appears twice (for batched final writes, which match rows by id).
@@ -372,6 +375,39 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError>;
+
+    /// Whether [`Store::claim_parked`] waits inside the store (SQLite's writer thread does):
+    /// the local loops then park their free slots there instead of waiting for a wake-up.
+    fn parks_claims(&self) -> bool {
+        false
+    }
+
+    /// A local claim of up to `limit` tasks that, when none is due, waits in the store and is
+    /// made in the same transaction as the next submit of `model` (or at the next
+    /// [`Store::poke`]), so a task on an idle model costs one commit fewer: its insert's commit
+    /// also claims it. Dropping the future withdraws the claim; tasks it took meanwhile go back
+    /// to pending, uncounted. Stores that do not park answer at once, like `claim_batch`.
+    async fn claim_parked(
+        &self,
+        model: &str,
+        lease: Duration,
+        max_running: usize,
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        self.claim_batch(
+            model,
+            crate::domain::now_ms(),
+            lease,
+            max_running,
+            limit,
+            Runner::Local,
+        )
+        .await
+    }
+
+    /// Tells a parked claim of `model` to look again (tasks became due some other way than a
+    /// submit: a requeue, a retry's time, capacity freed).
+    fn poke(&self, _model: &str) {}
 
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError>;

@@ -132,9 +132,7 @@ async fn insert_batches(pool: PgPool, mut rx: mpsc::Receiver<InsertRequest>) {
             Err(StoreError::Unavailable(e)) => {
                 let msg = e.to_string();
                 for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                        msg.clone(),
-                    ))));
+                    let _ = reply.send(Err(super::unavailable(&msg)));
                 }
             }
             Err(e) if batch.len() == 1 => {
@@ -316,7 +314,9 @@ async fn finish_all(
         notify(&mut tx, &format!("task:{model}")).await?;
     }
     // A failed commit may have landed all the same: its outcome is unknown.
-    tx.commit().await.map_err(StoreError::Unavailable)?;
+    tx.commit()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.into()))?;
     Ok(written)
 }
 

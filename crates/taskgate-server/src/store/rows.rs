@@ -30,6 +30,30 @@ pub struct TaskRow {
     progress: Option<f64>,
 }
 
+impl TaskRow {
+    /// The row as the SQLite writer thread's rusqlite connection returns it, columns in
+    /// [`TASK_COLUMNS`] order.
+    pub fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(TaskRow {
+            id: r.get(0)?,
+            tenant_id: r.get(1)?,
+            model: r.get(2)?,
+            state: r.get(3)?,
+            input: r.get(4)?,
+            callback_url: r.get(5)?,
+            attempts: r.get(6)?,
+            max_attempts: r.get(7)?,
+            create_time: r.get(8)?,
+            start_time: r.get(9)?,
+            complete_time: r.get(10)?,
+            outputs: r.get(11)?,
+            fail_code: r.get(12)?,
+            fail_msg: r.get(13)?,
+            progress: r.get(14)?,
+        })
+    }
+}
+
 impl TryFrom<TaskRow> for Task {
     type Error = StoreError;
 
@@ -259,8 +283,9 @@ pub fn removed_message(model: &str) -> String {
 pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' time(s) \
      (its worker stopped or was killed) and has no attempts left'";
 
-/// The multi-row `INSERT` of new tasks (state `pending`, due at creation), for either dialect:
-/// each store's group commit writes a batch of submits with it.
+/// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
+/// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
+/// same statement through rusqlite, in `store/sqlite/writer.rs`.)
 pub fn insert_tasks<'a, DB>(
     tasks: impl IntoIterator<Item = &'a super::NewTask>,
 ) -> Result<sqlx::QueryBuilder<'a, DB>, StoreError>

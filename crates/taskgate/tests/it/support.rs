@@ -265,6 +265,8 @@ async fn wait_healthy(api: &Api) {
 pub struct ServerProcess {
     pub api: Api,
     pub child: tokio::process::Child,
+    /// The server's stderr, shown when it does not exit in time.
+    pub log: PathBuf,
 }
 
 impl ServerProcess {
@@ -294,10 +296,13 @@ impl ServerProcess {
 
     /// Waits (up to 60 s) for the process to exit.
     pub async fn wait_exit(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("taskgate did not exit within 60s of SIGTERM")
-            .unwrap()
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "taskgate did not exit within 60s of SIGTERM; its log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+        }
     }
 }
 
@@ -527,7 +532,11 @@ impl ServerProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let api = Api::new(base);
         wait_healthy(&api).await;
-        ServerProcess { api, child }
+        ServerProcess {
+            api,
+            child,
+            log: data_dir.join("server.log"),
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! Concurrency model: all writes go through one connection (SQLite has one writer anyway; one
-//! connection means no `SQLITE_BUSY` between our own writers), reads through a small pool.
-//! Submits and final states are group-committed: `insert_task` and `finish` hand their write to
-//! a batching task that writes everything waiting at that moment in one transaction, so many
-//! callers share one fsync while each still returns only after its write is durable
-//! (`synchronous = FULL`). Claims take a batch per statement (`claim_batch`).
+//! Concurrency model: the hot writes (submits, final states, claims) go to the writer thread
+//! (`writer`), which group-commits everything waiting at that moment in one transaction on a
+//! connection of its own, so many callers share one fsync while each still returns only after
+//! its write is durable (`synchronous = FULL`); a claim takes a batch per statement. The other
+//! writes go through one sqlx connection, and every write transaction on either side is
+//! `BEGIN IMMEDIATE`, so SQLite's one-writer lock orders them without `SQLITE_BUSY`. Reads go
+//! through two small read-only pools (the API's and the engine's).
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,23 +18,21 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{
-    attempt_error, claims_from_rows, delivery_next_columns, outcome_columns, AttemptRow,
-    DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
-    TASK_COLUMNS,
+    attempt_error, delivery_next_columns, AttemptRow, DeliveryRow, KeyRow, SecretsRow, TaskRow,
+    TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
-use super::rows::{insert_tasks, removed_message, EXHAUSTED_SQL};
+use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::{
-    ApiKeyRecord, Blob, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext,
-    FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store,
-    StoreError, Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
+    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
+    WebhookSecrets,
 };
 use super::{Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
-/// Most rows written by one group commit.
-const MAX_BATCH: usize = 512;
+mod writer;
 
-type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
+use writer::{ClaimRequest, Write};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -78,25 +77,7 @@ impl SqliteStore {
             .max_connections(2)
             .connect_with(read_only)
             .await?;
-        let (writes, rx) = mpsc::channel(MAX_BATCH * 4);
-        // The writer loop runs on a thread and runtime of its own: on the server's runtime each
-        // of a round's awaits queued behind every HTTP request in flight, so under load rounds
-        // stretched to milliseconds and every task's three rounds with them. It ends when the
-        // last sender (this store) is gone.
-        let pool = writer.clone();
-        std::thread::Builder::new()
-            .name("taskgate-writer".into())
-            .spawn(move || {
-                let _watch = WriterWatch;
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(write_loop(pool, rx)),
-                    Err(e) => tracing::error!(error = %e, "cannot start the SQLite writer"),
-                }
-            })
-            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        let writes = writer::start(path).await?;
         Ok(SqliteStore {
             writer,
             reader,
@@ -106,296 +87,10 @@ impl SqliteStore {
     }
 }
 
-/// Says so loudly when the writer thread ends by a panic: every write fails from then on (callers
-/// see the store as closed), and the log must tell why.
-struct WriterWatch;
-
-impl Drop for WriterWatch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            tracing::error!("the SQLite writer stopped after a panic; no write can succeed until the server restarts");
-        }
-    }
-}
-
-/// A write for the writer loop, with where to send its answer.
-enum Write {
-    Insert(NewTask, oneshot::Sender<Result<(), StoreError>>),
-    Finish(FinishRequest),
-    Claim(ClaimRequest),
-}
-
-/// A claim to make in the writer loop's next round.
-struct ClaimRequest {
-    model: String,
-    now: i64,
-    lease_ms: i64,
-    max_running: usize,
-    limit: usize,
-    runner: Runner,
-    reply: oneshot::Sender<Result<Vec<Claim>, StoreError>>,
-}
-
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
-
-/// The group-commit loop for the hot writes: it waits for one, takes every other one queued at
-/// that moment (submits, final states and claims alike), writes them all in one transaction,
-/// final states first so that the slots they free count for the claims after them, and answers
-/// each caller after the commit. One fsync (`synchronous = FULL`) then covers a whole round,
-/// however the work is mixed: with a transaction per kind, claims made one or two at a time
-/// each paid an fsync of their own, and under a mixed load the writer fell behind.
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
-    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (mut inserts, mut finishes, mut claims) = (Vec::new(), Vec::new(), Vec::new());
-        for w in batch.drain(..) {
-            match w {
-                Write::Insert(t, reply) => inserts.push((t, reply)),
-                Write::Finish(f) => finishes.push(f),
-                Write::Claim(c) => claims.push(c),
-            }
-        }
-        // Final states that took are told apart by task id, so a round naming one task twice
-        // (a stale attempt and the current one finishing together) goes one write at a time.
-        let distinct = super::distinct_tasks(finishes.iter().map(|r| r.id.as_str()));
-        let round = if distinct {
-            write_round(&pool, &inserts, &finishes, &claims).await
-        } else {
-            Err(StoreError::Conflict("a round names one task twice".into()))
-        };
-        match round {
-            Ok((written, claimed)) => {
-                for (_, reply) in inserts {
-                    let _ = reply.send(Ok(()));
-                }
-                for (req, ok) in finishes.into_iter().zip(written) {
-                    let _ = req.reply.send(Ok(ok));
-                }
-                for (req, (prefix, rows)) in claims.into_iter().zip(claimed) {
-                    let answer = claims_from_rows(rows, &prefix);
-                    if let Err(Ok(orphans)) = req.reply.send(answer) {
-                        // The claimer went away (a pull worker's long-poll closed) after the
-                        // claim was queued: hand the tasks back at once, uncounted.
-                        give_back(&pool, &orphans).await;
-                    }
-                }
-            }
-            // The database cannot be written, or the commit's outcome is unknown (it may have
-            // landed): every caller hears so. Writing each on its own would turn a commit that
-            // landed into "not ours" (or a claim nobody runs), and wait out a timeout per write.
-            Err(StoreError::Unavailable(e)) => {
-                let msg = e.to_string();
-                for (_, reply) in inserts {
-                    let _ = reply.send(Err(super::unavailable(&msg)));
-                }
-                for req in finishes {
-                    let _ = req.reply.send(Err(super::unavailable(&msg)));
-                }
-                for req in claims {
-                    let _ = req.reply.send(Err(super::unavailable(&msg)));
-                }
-            }
-            Err(e) if inserts.len() + finishes.len() + claims.len() == 1 => {
-                // Alone in its round: its own error, so an unavailable database answers 503.
-                if let Some((_, reply)) = inserts.pop() {
-                    let _ = reply.send(Err(e));
-                } else if let Some(req) = finishes.pop() {
-                    let _ = req.reply.send(Err(e));
-                } else if let Some(req) = claims.pop() {
-                    let _ = req.reply.send(Err(e));
-                }
-            }
-            Err(_) => {
-                // One bad write must not fail its neighbours: each on its own.
-                for (task, reply) in inserts {
-                    let one = [(task, oneshot::channel().0)];
-                    let r = write_round(&pool, &one, &[], &[]).await.map(|_| ());
-                    let _ = reply.send(r);
-                }
-                for req in finishes {
-                    let r = write_round(&pool, &[], std::slice::from_ref(&req), &[])
-                        .await
-                        .map(|(w, _)| w.first().copied().unwrap_or(false));
-                    let _ = req.reply.send(r);
-                }
-                for req in claims {
-                    let r = write_round(&pool, &[], &[], std::slice::from_ref(&req))
-                        .await
-                        .and_then(|(_, mut c)| match c.pop() {
-                            Some((prefix, rows)) => claims_from_rows(rows, &prefix),
-                            None => Ok(Vec::new()),
-                        });
-                    if let Err(Ok(orphans)) = req.reply.send(r) {
-                        give_back(&pool, &orphans).await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Which final states took, and each claim's token prefix and rows.
-type RoundResult = (Vec<bool>, Vec<(String, Vec<TaskRow>)>);
-
-/// One transaction: final states, then submits, then claims.
-async fn write_round(
-    pool: &SqlitePool,
-    inserts: &[InsertRequest],
-    finishes: &[FinishRequest],
-    claims: &[ClaimRequest],
-) -> Result<RoundResult, StoreError> {
-    let mut tx = pool.begin().await?;
-    let written = if finishes.is_empty() {
-        Vec::new()
-    } else {
-        finish_in(&mut tx, finishes).await?
-    };
-    if !inserts.is_empty() {
-        insert_in(&mut tx, inserts).await?;
-    }
-    let mut claimed = Vec::with_capacity(claims.len());
-    for c in claims {
-        if c.reply.is_closed() {
-            // Nobody waits for this claim any more: make none.
-            claimed.push((String::new(), Vec::new()));
-            continue;
-        }
-        // Each claim's token is its prefix and the task id: distinct, one statement.
-        let prefix = format!("{}_", new_id("att"));
-        let rows = sqlx::query_as::<_, TaskRow>(&claim_sql())
-            .bind(&prefix)
-            .bind(c.now + c.lease_ms)
-            .bind(c.now)
-            .bind(&c.model)
-            .bind(i64::try_from(c.max_running).unwrap_or(i64::MAX))
-            .bind(i64::try_from(c.limit).unwrap_or(i64::MAX))
-            .bind(c.runner.as_str())
-            .bind(c.runner == Runner::Local)
-            .fetch_all(&mut *tx)
-            .await?;
-        claimed.push((prefix, rows));
-    }
-    // A failed commit may have landed all the same: its outcome is unknown.
-    tx.commit().await.map_err(StoreError::Unavailable)?;
-    Ok((written, claimed))
-}
-
-/// Puts claims nobody will run back to pending, their attempts refunded.
-async fn give_back(pool: &SqlitePool, claims: &[Claim]) {
-    for c in claims {
-        let r = sqlx::query(&format!(
-            "UPDATE tasks SET {}, lease_token = NULL, lease_expires_at = NULL, runner = NULL, \
-             attempts = attempts - 1 WHERE id = ? AND {} AND lease_token = ?",
-            Transition::Requeue.set_state(),
-            Transition::Requeue.guard()
-        ))
-        .bind(&c.task.id)
-        .bind(&c.token)
-        .execute(pool)
-        .await;
-        if let Err(e) = r {
-            // Its lease will end and the sweep hands it on.
-            tracing::warn!(task_id = %c.task.id, error = %crate::error::error_chain(&e), "cannot hand back an unclaimed task");
-        }
-    }
-}
-
-/// Submits as one multi-row INSERT: statements cost a round trip each to the connection's
-/// thread, and those hops, not SQLite, bounded the submit rate.
-async fn insert_in(tx: &mut Tx<'_>, batch: &[InsertRequest]) -> Result<(), StoreError> {
-    let mut qb = insert_tasks::<sqlx::Sqlite>(batch.iter().map(|(t, _)| t))?;
-    qb.build().execute(&mut **tx).await?;
-    Ok(())
-}
-
-/// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token
-/// (a statement per row was a round trip per row to the connection's thread); then the blobs
-/// and outbox rows of the rows that took, each as one statement, in the same transaction.
-async fn finish_in(tx: &mut Tx<'_>, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
-    let columns = batch
-        .iter()
-        .map(|req| outcome_columns(&req.outcome))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> =
-        sqlx::QueryBuilder::new("WITH v(task, token, new_state, at, outs, code, msg) AS (");
-    qb.push_values(
-        batch.iter().zip(columns),
-        |mut b, (req, (state, outs, code, msg))| {
-            b.push_bind(req.id.as_str())
-                .push_bind(req.token.as_str())
-                .push_bind(state.as_str())
-                .push_bind(req.now)
-                .push_bind(outs)
-                .push_bind(code)
-                .push_bind(msg);
-        },
-    );
-    // Succeed and Fail share their guard (from `processing`, under the claim's token).
-    qb.push(format!(
-        ") UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
-         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
-         FROM v WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
-         RETURNING tasks.id, tasks.tenant_id, tasks.callback_url",
-        Transition::Succeed.guard()
-    ));
-    let rows: Vec<(String, String, Option<String>)> =
-        qb.build_query_as().fetch_all(&mut **tx).await?;
-    let written: std::collections::HashMap<&str, (&str, Option<&str>)> = rows
-        .iter()
-        .map(|(id, tenant, url)| (id.as_str(), (tenant.as_str(), url.as_deref())))
-        .collect();
-    let blobs: Vec<(&str, &Blob)> = batch
-        .iter()
-        .filter(|r| written.contains_key(r.id.as_str()))
-        .flat_map(|r| match &r.outcome {
-            Outcome::Success { blobs, .. } => blobs.iter().map(|b| (r.id.as_str(), b)).collect(),
-            Outcome::Failure { .. } => Vec::new(),
-        })
-        .collect();
-    for chunk in blobs.chunks(MAX_BATCH) {
-        let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> =
-            sqlx::QueryBuilder::new("INSERT INTO output_blobs (key, task_id, content) ");
-        qb.push_values(chunk, |mut b, (task, blob)| {
-            b.push_bind(blob.key.as_str())
-                .push_bind(*task)
-                .push_bind(blob.content.as_slice());
-        });
-        qb.build().execute(&mut **tx).await?;
-    }
-    // The outbox: a row only for tasks with a callback, whose tenant and URL the UPDATE gave.
-    let deliveries: Vec<(&FinishRequest, &str, &str)> = batch
-        .iter()
-        .filter_map(|r| {
-            let (tenant, url) = written.get(r.id.as_str())?;
-            Some((r, *tenant, (*url)?))
-        })
-        .collect();
-    if !deliveries.is_empty() {
-        let mut qb: sqlx::QueryBuilder<sqlx::Sqlite> = sqlx::QueryBuilder::new(
-            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
-             next_attempt_at, created_at) ",
-        );
-        qb.push_values(deliveries, |mut b, (req, tenant, url)| {
-            b.push_bind(new_id("whk"))
-                .push_bind(req.id.as_str())
-                .push_bind(tenant)
-                .push_bind(url)
-                .push_bind("pending")
-                .push_bind(req.now)
-                .push_bind(req.now);
-        });
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(batch
-        .iter()
-        .map(|r| written.contains_key(r.id.as_str()))
-        .collect())
-}
-
 /// The claim: up to `?6` due pending tasks of model `?4`, best priority first, no more than
 /// leave `?5` running. It must walk the `tasks_ready` index, never scan the table (a test checks
 /// its query plan).
-fn claim_sql() -> String {
+pub(super) fn claim_sql() -> String {
     format!(
         "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
          lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
@@ -411,6 +106,51 @@ fn claim_sql() -> String {
 }
 
 impl SqliteStore {
+    /// A claim made by the writer thread: at `now`, or (`None`) parked until something of
+    /// `model` is due, at the time it is made.
+    async fn claim_in_writer(
+        &self,
+        model: &str,
+        now: Option<i64>,
+        lease: Duration,
+        max_running: usize,
+        limit: usize,
+        runner: Runner,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let req = ClaimRequest {
+            model: model.to_owned(),
+            now,
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            max_running,
+            limit,
+            runner,
+            reply,
+        };
+        self.writes
+            .send(Write::Claim(req))
+            .await
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+}
+
+/// What a hot write hears once the writer thread has ended (closed, or stopped by a panic): the
+/// database cannot be written, as a closed pool answers on the sqlx side.
+fn writer_gone() -> StoreError {
+    super::unavailable("the database is closed")
+}
+
+/// A write transaction on the sqlx side, holding the write lock from its first statement, as the
+/// writer thread's do: a deferred one that read first could find its snapshot made stale by the
+/// other connection's commit, and fail with `SQLITE_BUSY` instead of waiting.
+async fn begin_write(
+    pool: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+impl SqliteStore {
     /// Hands on the processing tasks matching `which` (SQL over the row, `?1` = `now`): claims
     /// never acknowledged go back without counting; tasks out of attempts fail; the rest go
     /// back to pending.
@@ -420,7 +160,7 @@ impl SqliteStore {
             "{}, lease_token = NULL, lease_expires_at = NULL, runner = NULL",
             Transition::Requeue.set_state()
         );
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin_write(&self.writer).await?;
         let unacknowledged: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE, \
              unacked_refunds = unacked_refunds + 1 \
@@ -490,8 +230,8 @@ impl Store for SqliteStore {
         self.writes
             .send(Write::Insert(task, tx))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+            .map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())?
     }
 
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -523,21 +263,29 @@ impl Store for SqliteStore {
         limit: usize,
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let req = ClaimRequest {
-            model: model.to_owned(),
-            now,
-            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
-            max_running,
-            limit,
-            runner,
-            reply,
-        };
-        self.writes
-            .send(Write::Claim(req))
+        self.claim_in_writer(model, Some(now), lease, max_running, limit, runner)
             .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn parks_claims(&self) -> bool {
+        true
+    }
+
+    async fn claim_parked(
+        &self,
+        model: &str,
+        lease: Duration,
+        max_running: usize,
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        self.claim_in_writer(model, None, lease, max_running, limit, Runner::Local)
+            .await
+    }
+
+    fn poke(&self, model: &str) {
+        // A full queue means the writer is busy, and a busy writer looks at parked claims in
+        // every round that holds a write of their model; a poke is only needed when it idles.
+        let _ = self.writes.try_send(Write::Poke(model.to_owned()));
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
@@ -581,8 +329,8 @@ impl Store for SqliteStore {
         self.writes
             .send(Write::Finish(req))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 
     async fn requeue(
@@ -630,7 +378,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.writer)
         .await?;
         let mut failed = Vec::new();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin_write(&self.writer).await?;
         for model in models.iter().filter(|m| !known.contains(m)) {
             let ids: Vec<String> = sqlx::query_scalar(&format!(
                 "UPDATE tasks SET {}, complete_time = ?, fail_code = ?, fail_msg = ?, \
@@ -922,7 +670,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let (state, next_at, completed_at) = delivery_next_columns(next, now);
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin_write(&self.writer).await?;
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET state = ?, \
              next_attempt_at = COALESCE(?, next_attempt_at), completed_at = ?, \
@@ -1043,6 +791,10 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.writes.send(Write::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
         self.reader.close().await;
         self.engine_reader.close().await;
         self.writer.close().await;

@@ -1,0 +1,465 @@
+//! The SQLite writer thread: the group commit for the hot writes (submits, final states, claims).
+//!
+//! It owns a connection of its own (rusqlite) and runs every statement on its own thread. Through
+//! sqlx, each statement was a message to the connection's worker thread and back: a round
+//! (BEGIN, the writes, COMMIT) cost six or more thread switches, and on a VM a switch costs tens
+//! of microseconds. Below saturation those switches, not SQLite, were what a task cost: a perf
+//! profile at 435 submits/s showed 63 % of the server's samples in the kernel's scheduler and
+//! 1.15 ms of CPU per task (docs/BENCHMARKS.md, "Issue 9"). Now a round is one wake-up of this
+//! thread and one wake-up of each caller.
+//!
+//! The other writes (recovery, keys, webhooks) stay on the sqlx writer pool: SQLite still admits
+//! one writer at a time, and both sides open their write transactions with `BEGIN IMMEDIATE`, so
+//! neither can hold a read snapshot the other's commit makes stale.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::ToSql;
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::super::rows::{claims_from_rows, outcome_columns, TaskRow};
+use super::super::{Blob, Claim, FinishRequest, NewTask, Outcome, Runner, StoreError};
+use super::claim_sql;
+use crate::domain::{new_id, now_ms, Transition};
+
+/// Most writes taken into one group commit.
+pub(super) const MAX_BATCH: usize = 512;
+
+pub(super) type InsertRequest = (NewTask, oneshot::Sender<Result<(), StoreError>>);
+
+/// A write for the writer loop, with where to send its answer.
+pub(super) enum Write {
+    Insert(NewTask, oneshot::Sender<Result<(), StoreError>>),
+    Finish(FinishRequest),
+    Claim(ClaimRequest),
+    /// Look again at the parked claim of this model.
+    Poke(String),
+    /// Ends the loop after the writes queued before it, then answers: the connection is closed.
+    Close(oneshot::Sender<()>),
+}
+
+/// A claim to make in the writer loop's next round.
+pub(super) struct ClaimRequest {
+    pub model: String,
+    /// The claim's clock; `None` parks it: made at the time it runs, and when it finds nothing
+    /// due it waits in the loop (unanswered) for a round that writes a task of its model.
+    pub now: Option<i64>,
+    pub lease_ms: i64,
+    pub max_running: usize,
+    pub limit: usize,
+    pub runner: Runner,
+    pub reply: oneshot::Sender<Result<Vec<Claim>, StoreError>>,
+}
+
+/// Opens the writer's connection (the database exists and is migrated by now) and starts its
+/// thread. It ends when the last sender (the store) is gone.
+pub(super) async fn start(path: &Path) -> Result<mpsc::Sender<Write>, StoreError> {
+    let path = path.to_owned();
+    let conn = tokio::task::spawn_blocking(move || open(&path))
+        .await
+        .map_err(|e| StoreError::Unavailable(e.into()))??;
+    let (writes, rx) = mpsc::channel(MAX_BATCH * 4);
+    std::thread::Builder::new()
+        .name("taskgate-writer".into())
+        .spawn(move || {
+            let _watch = WriterWatch;
+            write_loop(conn, rx)
+        })
+        .map_err(|e| StoreError::Unavailable(e.into()))?;
+    Ok(writes)
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sqlite_error)?;
+    // The same settings as the sqlx connections: a commit survives power loss (FULL), and a
+    // write that meets another connection's waits instead of failing.
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sqlite_error)?;
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(sqlite_error)?;
+    // Multi-row statements differ by row count: room for the sizes a busy server sees.
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(conn)
+}
+
+/// Says so loudly when the writer thread ends by a panic: every write fails from then on (callers
+/// see the store as closed), and the log must tell why.
+struct WriterWatch;
+
+impl Drop for WriterWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the SQLite writer stopped after a panic; no write can succeed until the server restarts");
+        }
+    }
+}
+
+/// SQLite's answers that mean "not now" (locked, out of disk, I/O) rather than "this write is
+/// wrong": the callers hear 503, as with the sqlx side's I/O errors.
+pub(super) fn sqlite_error(e: rusqlite::Error) -> StoreError {
+    let transient = matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::OutOfMemory
+        )
+    );
+    if transient {
+        StoreError::Unavailable(e.into())
+    } else {
+        StoreError::Database(e.into())
+    }
+}
+
+/// The group-commit loop for the hot writes: it waits for one, takes every other one queued at
+/// that moment (submits, final states and claims alike), writes them all in one transaction,
+/// final states first so that the slots they free count for the claims after them, and answers
+/// each caller after the commit. One fsync (`synchronous = FULL`) then covers a whole round,
+/// however the work is mixed: with a transaction per kind, claims made one or two at a time
+/// each paid an fsync of their own, and under a mixed load the writer fell behind.
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    let mut closing = None;
+    // Local loops' claims that found nothing due: each waits for a round that submits a task of
+    // its model, and is made in that round's transaction, after the insert.
+    let mut parked: Vec<ClaimRequest> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let (mut inserts, mut finishes, mut claims) = (Vec::new(), Vec::new(), Vec::new());
+        let mut poked: Vec<String> = Vec::new();
+        for w in batch.drain(..) {
+            match w {
+                Write::Insert(t, reply) => inserts.push((t, reply)),
+                Write::Finish(f) => finishes.push(f),
+                Write::Claim(c) => claims.push(c),
+                Write::Poke(model) => poked.push(model),
+                Write::Close(done) => closing = Some(done),
+            }
+        }
+        // Withdrawn parked claims go; those whose model this round submits to, or that were
+        // poked, run in it.
+        parked.retain(|c| !c.reply.is_closed());
+        let (wake, keep): (Vec<_>, Vec<_>) = parked.drain(..).partition(|c| {
+            poked.contains(&c.model) || inserts.iter().any(|(t, _)| t.model == c.model)
+        });
+        parked = keep;
+        claims.extend(wake);
+        // Final states that took are told apart by task id, so a round naming one task twice
+        // (a stale attempt and the current one finishing together) goes one write at a time.
+        let distinct = super::super::distinct_tasks(finishes.iter().map(|r| r.id.as_str()));
+        let round = if distinct {
+            write_round(&mut conn, &inserts, &finishes, &claims)
+        } else {
+            Err(StoreError::Conflict("a round names one task twice".into()))
+        };
+        match round {
+            Ok((written, claimed)) => {
+                for (_, reply) in inserts {
+                    let _ = reply.send(Ok(()));
+                }
+                for (req, ok) in finishes.into_iter().zip(written) {
+                    let _ = req.reply.send(Ok(ok));
+                }
+                for (req, (prefix, rows)) in claims.into_iter().zip(claimed) {
+                    if rows.is_empty() && req.now.is_none() {
+                        parked.push(req);
+                        continue;
+                    }
+                    let answer = claims_from_rows(rows, &prefix);
+                    if let Err(Ok(orphans)) = req.reply.send(answer) {
+                        // The claimer went away (a pull worker's long-poll closed) after the
+                        // claim was queued: hand the tasks back at once, uncounted.
+                        give_back(&conn, &orphans);
+                    }
+                }
+            }
+            // The database cannot be written, or the commit's outcome is unknown (it may have
+            // landed): every caller hears so. Writing each on its own would turn a commit that
+            // landed into "not ours" (or a claim nobody runs), and wait out a timeout per write.
+            Err(StoreError::Unavailable(e)) => {
+                let msg = e.to_string();
+                for (_, reply) in inserts {
+                    let _ = reply.send(Err(super::super::unavailable(&msg)));
+                }
+                for req in finishes {
+                    let _ = req.reply.send(Err(super::super::unavailable(&msg)));
+                }
+                for req in claims {
+                    let _ = req.reply.send(Err(super::super::unavailable(&msg)));
+                }
+            }
+            Err(e) if inserts.len() + finishes.len() + claims.len() == 1 => {
+                // Alone in its round: its own error.
+                if let Some((_, reply)) = inserts.pop() {
+                    let _ = reply.send(Err(e));
+                } else if let Some(req) = finishes.pop() {
+                    let _ = req.reply.send(Err(e));
+                } else if let Some(req) = claims.pop() {
+                    let _ = req.reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                // One bad write must not fail its neighbours: each on its own.
+                for (task, reply) in inserts {
+                    let one = [(task, oneshot::channel().0)];
+                    let r = write_round(&mut conn, &one, &[], &[]).map(|_| ());
+                    let _ = reply.send(r);
+                }
+                for req in finishes {
+                    let r = write_round(&mut conn, &[], std::slice::from_ref(&req), &[])
+                        .map(|(w, _)| w.first().copied().unwrap_or(false));
+                    let _ = req.reply.send(r);
+                }
+                for req in claims {
+                    let r = write_round(&mut conn, &[], &[], std::slice::from_ref(&req)).and_then(
+                        |(_, mut c)| match c.pop() {
+                            Some((prefix, rows)) => claims_from_rows(rows, &prefix),
+                            None => Ok(Vec::new()),
+                        },
+                    );
+                    if let Err(Ok(orphans)) = req.reply.send(r) {
+                        give_back(&conn, &orphans);
+                    }
+                }
+            }
+        }
+        if let Some(done) = closing {
+            // Writes queued after the close find the channel gone and hear "unavailable".
+            rx.close();
+            drop(conn);
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Which final states took, and each claim's token prefix and rows.
+type RoundResult = (Vec<bool>, Vec<(String, Vec<TaskRow>)>);
+
+/// One transaction: final states, then submits, then claims.
+fn write_round(
+    conn: &mut Connection,
+    inserts: &[InsertRequest],
+    finishes: &[FinishRequest],
+    claims: &[ClaimRequest],
+) -> Result<RoundResult, StoreError> {
+    if inserts.is_empty() && finishes.is_empty() && claims.is_empty() {
+        // A round that only closes.
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite_error)?;
+    let written = if finishes.is_empty() {
+        Vec::new()
+    } else {
+        finish_in(&tx, finishes)?
+    };
+    if !inserts.is_empty() {
+        insert_in(&tx, inserts)?;
+    }
+    let mut claimed = Vec::with_capacity(claims.len());
+    for c in claims {
+        if c.reply.is_closed() {
+            // Nobody waits for this claim any more: make none.
+            claimed.push((String::new(), Vec::new()));
+            continue;
+        }
+        // Each claim's token is its prefix and the task id: distinct, one statement.
+        let prefix = format!("{}_", new_id("att"));
+        let now = c.now.unwrap_or_else(now_ms);
+        let mut stmt = tx.prepare_cached(&claim_sql()).map_err(sqlite_error)?;
+        let rows = stmt
+            .query_map(
+                rusqlite::params![
+                    prefix,
+                    now + c.lease_ms,
+                    now,
+                    c.model,
+                    i64::try_from(c.max_running).unwrap_or(i64::MAX),
+                    i64::try_from(c.limit).unwrap_or(i64::MAX),
+                    c.runner.as_str(),
+                    c.runner == Runner::Local,
+                ],
+                TaskRow::from_sqlite,
+            )
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(sqlite_error)?;
+        claimed.push((prefix, rows));
+    }
+    // A failed commit may have landed all the same: its outcome is unknown.
+    tx.commit().map_err(|e| StoreError::Unavailable(e.into()))?;
+    Ok((written, claimed))
+}
+
+/// Puts claims nobody will run back to pending, their attempts refunded.
+fn give_back(conn: &Connection, claims: &[Claim]) {
+    let sql = format!(
+        "UPDATE tasks SET {}, lease_token = NULL, lease_expires_at = NULL, runner = NULL, \
+         attempts = attempts - 1 WHERE id = ?1 AND {} AND lease_token = ?2",
+        Transition::Requeue.set_state(),
+        Transition::Requeue.guard()
+    );
+    for c in claims {
+        let r = conn.execute(&sql, rusqlite::params![c.task.id, c.token]);
+        if let Err(e) = r {
+            // Its lease will end and the sweep hands it on.
+            tracing::warn!(task_id = %c.task.id, error = %crate::error::error_chain(&e), "cannot hand back an unclaimed task");
+        }
+    }
+}
+
+/// `(?, ?, …), (?, ?, …), …`: `rows` groups of `columns` placeholders.
+fn values(rows: usize, columns: usize) -> String {
+    let one = format!("({})", vec!["?"; columns].join(", "));
+    vec![one; rows].join(", ")
+}
+
+/// Submits as one multi-row INSERT, due at creation.
+fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError> {
+    let inputs = batch
+        .iter()
+        .map(|(t, _)| serde_json::to_string(&t.input))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let attempts: Vec<i64> = batch
+        .iter()
+        .map(|(t, _)| i64::from(t.max_attempts))
+        .collect();
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 9);
+    for (((t, _), input), max_attempts) in batch.iter().zip(&inputs).zip(&attempts) {
+        params.extend_from_slice(&[
+            &t.id as &dyn ToSql,
+            &t.tenant_id,
+            &t.model,
+            &"pending",
+            input,
+            &t.callback_url,
+            max_attempts,
+            &t.create_time,
+            &t.create_time,
+        ]);
+    }
+    let sql = format!(
+        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
+         run_after, create_time) VALUES {}",
+        values(batch.len(), 9)
+    );
+    tx.prepare_cached(&sql)
+        .and_then(|mut s| s.execute(params.as_slice()))
+        .map_err(sqlite_error)?;
+    Ok(())
+}
+
+/// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;
+/// then the blobs and outbox rows of the rows that took, each as one statement, in the same
+/// transaction.
+fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, StoreError> {
+    let columns = batch
+        .iter()
+        .map(|req| outcome_columns(&req.outcome))
+        .collect::<Result<Vec<_>, _>>()?;
+    let states: Vec<&str> = columns.iter().map(|(s, ..)| s.as_str()).collect();
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 7);
+    for ((req, (_, outs, code, msg)), state) in batch.iter().zip(&columns).zip(&states) {
+        params.extend_from_slice(&[
+            &req.id as &dyn ToSql,
+            &req.token,
+            state,
+            &req.now,
+            outs,
+            code,
+            msg,
+        ]);
+    }
+    // Succeed and Fail share their guard (from `processing`, under the claim's token).
+    let sql = format!(
+        "WITH v(task, token, new_state, at, outs, code, msg) AS (VALUES {}) \
+         UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
+         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
+         FROM v WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
+         RETURNING tasks.id, tasks.tenant_id, tasks.callback_url",
+        values(batch.len(), 7),
+        Transition::Succeed.guard()
+    );
+    let rows: Vec<(String, String, Option<String>)> = tx
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(sqlite_error)?;
+    let written: HashMap<&str, (&str, Option<&str>)> = rows
+        .iter()
+        .map(|(id, tenant, url)| (id.as_str(), (tenant.as_str(), url.as_deref())))
+        .collect();
+    let blobs: Vec<(&str, &Blob)> = batch
+        .iter()
+        .filter(|r| written.contains_key(r.id.as_str()))
+        .flat_map(|r| match &r.outcome {
+            Outcome::Success { blobs, .. } => blobs.iter().map(|b| (r.id.as_str(), b)).collect(),
+            Outcome::Failure { .. } => Vec::new(),
+        })
+        .collect();
+    for chunk in blobs.chunks(MAX_BATCH) {
+        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 3);
+        for (task, blob) in chunk {
+            params.extend_from_slice(&[&blob.key as &dyn ToSql, task, &blob.content]);
+        }
+        let sql = format!(
+            "INSERT INTO output_blobs (key, task_id, content) VALUES {}",
+            values(chunk.len(), 3)
+        );
+        tx.prepare_cached(&sql)
+            .and_then(|mut s| s.execute(params.as_slice()))
+            .map_err(sqlite_error)?;
+    }
+    // The outbox: a row only for tasks with a callback, whose tenant and URL the UPDATE gave.
+    let deliveries: Vec<(&FinishRequest, &str, &str, String)> = batch
+        .iter()
+        .filter_map(|r| {
+            let (tenant, url) = written.get(r.id.as_str())?;
+            Some((r, *tenant, (*url)?, new_id("whk")))
+        })
+        .collect();
+    if !deliveries.is_empty() {
+        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(deliveries.len() * 7);
+        for (req, tenant, url, id) in &deliveries {
+            params.extend_from_slice(&[
+                id as &dyn ToSql,
+                &req.id,
+                tenant,
+                url,
+                &"pending",
+                &req.now,
+                &req.now,
+            ]);
+        }
+        let sql = format!(
+            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
+             next_attempt_at, created_at) VALUES {}",
+            values(deliveries.len(), 7)
+        );
+        tx.prepare_cached(&sql)
+            .and_then(|mut s| s.execute(params.as_slice()))
+            .map_err(sqlite_error)?;
+    }
+    Ok(batch
+        .iter()
+        .map(|r| written.contains_key(r.id.as_str()))
+        .collect())
+}
