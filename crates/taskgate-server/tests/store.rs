@@ -344,19 +344,22 @@ conformance! {
     }
 
     a_parked_claim_is_made_by_the_submit_of_its_model_and_a_withdrawn_one_takes_nothing(s) {
+        use tokio_util::sync::CancellationToken;
+        let never = CancellationToken::new();
         if !s.parks_claims() {
             // Answers at once, like claim_batch.
-            assert!(s.claim_parked("m", LEASE, 10, 5).await.unwrap().is_empty());
+            assert!(s.claim_parked("m", LEASE, 10, 5, &never).await.unwrap().is_empty());
             return;
         }
         let now = taskgate_server::domain::now_ms();
-        let parked = {
+        let park = |token: CancellationToken| {
             let s = s.clone();
-            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5).await })
+            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5, &token).await })
         };
+        let parked = park(never.clone());
         // A submit of another model, and a poke, leave it parked (nothing of "m" is due).
         s.insert_task(new_task("task_other", "other", now)).await.unwrap();
-        s.poke("m");
+        s.poke("m").await;
         s.insert_task(new_task("task_other2", "other", now)).await.unwrap();
         assert!(!parked.is_finished(), "a parked claim answered with nothing due");
         // The submit of its model is claimed in the submit's own commit: by the time the insert
@@ -368,20 +371,47 @@ conformance! {
         assert_eq!(claims[0].task.attempts, 1);
         assert_eq!(s.get_task("task_other").await.unwrap().unwrap().state, TaskState::Pending);
 
-        // Withdrawn (the future dropped): the next submit stays pending for whoever claims next.
-        let withdrawn = {
-            let s = s.clone();
-            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5).await })
-        };
-        // Parked once an insert of another model has gone through after it.
+        // Withdrawn (as on shutdown) with nothing taken: it answers at once with nothing, and the
+        // next submit stays pending, its attempt uncounted, for whoever claims next.
+        let stop = CancellationToken::new();
+        let withdrawn = park(stop.clone());
         s.insert_task(new_task("task_other3", "other", now)).await.unwrap();
-        withdrawn.abort();
-        let _ = withdrawn.await;
+        stop.cancel();
+        assert!(withdrawn.await.unwrap().unwrap().is_empty());
         s.insert_task(new_task("task_b", "m", now)).await.unwrap();
         let b = s.get_task("task_b").await.unwrap().unwrap();
         assert_eq!((b.state, b.attempts), (TaskState::Pending, 0));
         let c = s.claim("m", now, LEASE, 10).await.unwrap().unwrap();
         assert_eq!(c.task.id, "task_b");
+
+        // Withdrawn around the moment it took a task: the task is never lost. Either the answer
+        // landed first and the caller gets it, or the withdrawal did and the writer handed it
+        // back to pending, its attempt uncounted.
+        let stop = CancellationToken::new();
+        let taken = park(stop.clone());
+        s.insert_task(new_task("task_other4", "other", now)).await.unwrap();
+        s.insert_task(new_task("task_c", "m", now)).await.unwrap();
+        stop.cancel();
+        let claims = taken.await.unwrap().unwrap();
+        if claims.is_empty() {
+            // The hand-back runs on the writer thread right after its failed answer, so once a
+            // later write has gone through the thread, it has landed.
+            s.insert_task(new_task("task_after", "other", now)).await.unwrap();
+            let c = s.get_task("task_c").await.unwrap().unwrap();
+            assert_eq!((c.state, c.attempts), (TaskState::Pending, 0));
+            assert_eq!(s.claim("m", now, LEASE, 10).await.unwrap().unwrap().task.id, "task_c");
+        } else {
+            assert_eq!(claims.iter().map(|c| c.task.id.as_str()).collect::<Vec<_>>(), ["task_c"]);
+        }
+
+        // Dropped (the caller went away) after it parked: the next submit stays pending.
+        let dropped = park(never.clone());
+        s.insert_task(new_task("task_other5", "other", now)).await.unwrap();
+        dropped.abort();
+        let _ = dropped.await;
+        s.insert_task(new_task("task_d", "m", now)).await.unwrap();
+        let d = s.get_task("task_d").await.unwrap().unwrap();
+        assert_eq!((d.state, d.attempts), (TaskState::Pending, 0));
     }
 
     a_failed_insert_keeps_its_cause_so_an_outage_is_not_taken_for_bad_input(s) {

@@ -89,36 +89,37 @@ impl Dispatcher {
     }
 
     /// A claim parked in the store until a task of `model` is due; wake-ups that are not
-    /// submits (requeues, freed capacity, a retry's time after `wait`) poke it. `None` when the
-    /// server stops: the dropped claim is withdrawn.
+    /// submits (requeues, freed capacity, a retry's time after `wait`) poke it. It answers at
+    /// once when the server stops, with what it had already taken: those run within the
+    /// shutdown grace rather than being lost with a dropped future.
     async fn claim_parked(
         &self,
         model: &ModelRuntime,
         limit: usize,
         wait: Duration,
-    ) -> Option<Result<Vec<Claim>, StoreError>> {
-        let claim =
-            self.store
-                .claim_parked(&model.name, self.lease, model.config.concurrency, limit);
+    ) -> Result<Vec<Claim>, StoreError> {
+        let claim = self.store.claim_parked(
+            &model.name,
+            self.lease,
+            model.config.concurrency,
+            limit,
+            &self.stop,
+        );
         tokio::pin!(claim);
         let timer = tokio::time::sleep(wait);
         tokio::pin!(timer);
         loop {
             tokio::select! {
-                claimed = &mut claim => return Some(claimed),
-                _ = model.notify.notified() => {
-                    // The wake-up may be a retry put back with a later due time. Read before
-                    // the poke: whatever is due by the read, the poke's claim (made later) sees.
-                    let wait = self.until_due(model).await;
-                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
-                    self.store.poke(&model.name);
-                }
-                _ = &mut timer => {
-                    self.store.poke(&model.name);
-                    timer.as_mut().reset(tokio::time::Instant::now() + IDLE_RECHECK);
-                }
-                _ = self.stop.cancelled() => return None,
+                claimed = &mut claim => return claimed,
+                _ = model.notify.notified() => {}
+                _ = &mut timer => {}
             }
+            // The wake-up may be a retry put back with a later due time, and the timer may have
+            // been capped short of one: read the due time again, then poke. Read first:
+            // whatever is due by the read, the poke's claim (made later) sees.
+            let wait = self.until_due(model).await;
+            timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            self.store.poke(&model.name).await;
         }
     }
 
@@ -128,11 +129,13 @@ impl Dispatcher {
         let mut park_for: Option<Duration> = None;
         loop {
             let first = tokio::select! {
+                // Stop first: a stopping server claims nothing more, even with slots free.
+                biased;
+                _ = self.stop.cancelled() => return,
                 p = model.permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
-                _ = self.stop.cancelled() => return,
             };
             // Every free slot is filled by one claim: one write for many tasks when a backlog
             // meets idle capacity.
@@ -146,10 +149,7 @@ impl Dispatcher {
             let now = now_ms();
             let asked = permits.len();
             let claimed = match park_for.take() {
-                Some(wait) => match self.claim_parked(&model, asked, wait).await {
-                    Some(claimed) => claimed,
-                    None => return,
-                },
+                Some(wait) => self.claim_parked(&model, asked, wait).await,
                 None => {
                     self.store
                         .claim_batch(

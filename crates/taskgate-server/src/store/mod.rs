@@ -385,14 +385,17 @@ pub trait Store: Send + Sync + 'static {
     /// A local claim of up to `limit` tasks that, when none is due, waits in the store and is
     /// made in the same transaction as the next submit of `model` (or at the next
     /// [`Store::poke`]), so a task on an idle model costs one commit fewer: its insert's commit
-    /// also claims it. Dropping the future withdraws the claim; tasks it took meanwhile go back
-    /// to pending, uncounted. Stores that do not park answer at once, like `claim_batch`.
+    /// also claims it. When `withdraw` is cancelled it answers at once with whatever it had
+    /// already taken (the caller runs those), and takes nothing more; a dropped future hands
+    /// back, uncounted, what it took. Stores that do not park answer at once, like
+    /// `claim_batch`.
     async fn claim_parked(
         &self,
         model: &str,
         lease: Duration,
         max_running: usize,
         limit: usize,
+        _withdraw: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<Claim>, StoreError> {
         self.claim_batch(
             model,
@@ -407,7 +410,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Tells a parked claim of `model` to look again (tasks became due some other way than a
     /// submit: a requeue, a retry's time, capacity freed).
-    fn poke(&self, _model: &str) {}
+    async fn poke(&self, _model: &str) {}
 
     /// The earliest `run_after` among pending tasks of `model`, to sleep until a retry is due.
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError>;

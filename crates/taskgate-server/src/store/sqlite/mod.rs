@@ -9,13 +9,15 @@
 //! through two small read-only pools (the API's and the engine's).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
 
 use super::rows::{
     attempt_error, delivery_next_columns, AttemptRow, DeliveryRow, KeyRow, SecretsRow, TaskRow,
@@ -44,6 +46,9 @@ pub struct SqliteStore {
     engine_reader: SqlitePool,
     /// The writer loop's queue: submits, final states and claims.
     writes: mpsc::Sender<Write>,
+    /// Taken by the writer thread for each round and by the sqlx side for each write: a fair
+    /// (FIFO) turn between the two connections, instead of SQLite's busy polling.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -77,12 +82,14 @@ impl SqliteStore {
             .max_connections(2)
             .connect_with(read_only)
             .await?;
-        let writes = writer::start(path).await?;
+        let write_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let writes = writer::start(path, write_lock.clone()).await?;
         Ok(SqliteStore {
             writer,
             reader,
             engine_reader,
             writes,
+            write_lock,
         })
     }
 }
@@ -141,13 +148,53 @@ fn writer_gone() -> StoreError {
     super::unavailable("the database is closed")
 }
 
-/// A write transaction on the sqlx side, holding the write lock from its first statement, as the
-/// writer thread's do: a deferred one that read first could find its snapshot made stale by the
-/// other connection's commit, and fail with `SQLITE_BUSY` instead of waiting.
-async fn begin_write(
-    pool: &SqlitePool,
-) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+/// The sqlx writer connection, taken under the write lock it shares with the writer thread.
+struct WriteConn {
+    _lock: OwnedMutexGuard<()>,
+    conn: PoolConnection<sqlx::Sqlite>,
+}
+
+impl std::ops::Deref for WriteConn {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+impl SqliteStore {
+    /// The sqlx writer connection for one statement, in turn with the writer thread's rounds.
+    /// Without the lock the two connections met in SQLite's busy handler, which polls with
+    /// sleeps: a writer thread that begins its next round right after each commit could keep a
+    /// lease renewal waiting until its busy timeout.
+    async fn write_conn(&self) -> Result<WriteConn, StoreError> {
+        let lock = self.write_lock.clone().lock_owned().await;
+        Ok(WriteConn {
+            _lock: lock,
+            conn: self.writer.acquire().await?,
+        })
+    }
+
+    /// A write transaction on the sqlx side, under the write lock and `BEGIN IMMEDIATE` (as the
+    /// writer thread's): a deferred one that read first could find its snapshot made stale by
+    /// the other connection's commit. The guard must live as long as the transaction.
+    async fn begin_write(
+        &self,
+    ) -> Result<
+        (
+            OwnedMutexGuard<()>,
+            sqlx::Transaction<'static, sqlx::Sqlite>,
+        ),
+        StoreError,
+    > {
+        let lock = self.write_lock.clone().lock_owned().await;
+        Ok((lock, self.writer.begin_with("BEGIN IMMEDIATE").await?))
+    }
 }
 
 impl SqliteStore {
@@ -160,7 +207,7 @@ impl SqliteStore {
             "{}, lease_token = NULL, lease_expires_at = NULL, runner = NULL",
             Transition::Requeue.set_state()
         );
-        let mut tx = begin_write(&self.writer).await?;
+        let (_lock, mut tx) = self.begin_write().await?;
         let unacknowledged: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET {requeue}, attempts = attempts - 1, claim_acked = TRUE, \
              unacked_refunds = unacked_refunds + 1 \
@@ -277,15 +324,41 @@ impl Store for SqliteStore {
         lease: Duration,
         max_running: usize,
         limit: usize,
+        withdraw: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<Claim>, StoreError> {
-        self.claim_in_writer(model, None, lease, max_running, limit, Runner::Local)
-            .await
+        let (reply, mut answer) = oneshot::channel();
+        let req = ClaimRequest {
+            model: model.to_owned(),
+            now: None,
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            max_running,
+            limit,
+            runner: Runner::Local,
+            reply,
+        };
+        tokio::select! {
+            sent = self.writes.send(Write::Claim(req)) => sent.map_err(|_| writer_gone())?,
+            // Not sent: nothing can have been taken.
+            _ = withdraw.cancelled() => return Ok(Vec::new()),
+        }
+        tokio::select! {
+            answered = &mut answer => answered.map_err(|_| writer_gone())?,
+            _ = withdraw.cancelled() => {
+                // From here the writer's answer cannot land (a claim made after this is handed
+                // back); one that landed before is taken and run by the caller, not lost.
+                answer.close();
+                match answer.try_recv() {
+                    Ok(answered) => answered,
+                    Err(_) => Ok(Vec::new()),
+                }
+            }
+        }
     }
 
-    fn poke(&self, model: &str) {
-        // A full queue means the writer is busy, and a busy writer looks at parked claims in
-        // every round that holds a write of their model; a poke is only needed when it idles.
-        let _ = self.writes.try_send(Write::Poke(model.to_owned()));
+    async fn poke(&self, model: &str) {
+        // Awaited, not `try_send`: a dropped poke could leave a requeued task waiting for the
+        // idle recheck.
+        let _ = self.writes.send(Write::Poke(model.to_owned())).await;
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
@@ -313,7 +386,7 @@ impl Store for SqliteStore {
         .bind(progress)
         .bind(id)
         .bind(token)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -351,7 +424,7 @@ impl Store for SqliteStore {
         .bind(i64::from(refund_attempt))
         .bind(id)
         .bind(token)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -375,10 +448,10 @@ impl Store for SqliteStore {
             "SELECT DISTINCT model FROM tasks WHERE {}",
             Transition::Remove.guard()
         ))
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *self.write_conn().await?)
         .await?;
         let mut failed = Vec::new();
-        let mut tx = begin_write(&self.writer).await?;
+        let (_lock, mut tx) = self.begin_write().await?;
         for model in models.iter().filter(|m| !known.contains(m)) {
             let ids: Vec<String> = sqlx::query_scalar(&format!(
                 "UPDATE tasks SET {}, complete_time = ?, fail_code = ?, fail_msg = ?, \
@@ -405,7 +478,7 @@ impl Store for SqliteStore {
         Ok(
             sqlx::query_as::<_, TenantRow>("SELECT id, name FROM tenants WHERE name = ?")
                 .bind(name)
-                .fetch_optional(&self.writer)
+                .fetch_optional(&mut *self.write_conn().await?)
                 .await?
                 .map(Tenant::from),
         )
@@ -420,7 +493,7 @@ impl Store for SqliteStore {
             .bind(&tenant.id)
             .bind(&tenant.name)
             .bind(crate::domain::now_ms())
-            .execute(&self.writer)
+            .execute(&mut *self.write_conn().await?)
             .await;
         match r {
             Ok(_) => Ok(tenant),
@@ -464,7 +537,7 @@ impl Store for SqliteStore {
         .bind(key_hash)
         .bind(prefix)
         .bind(record.created_at)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await;
         match r {
             Ok(_) => Ok(record),
@@ -512,7 +585,7 @@ impl Store for SqliteStore {
             sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
                 .bind(now)
                 .bind(id)
-                .execute(&self.writer)
+                .execute(&mut *self.write_conn().await?)
                 .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -523,12 +596,12 @@ impl Store for SqliteStore {
         )
         .bind(name)
         .bind(init)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(
             sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
                 .bind(name)
-                .fetch_one(&self.writer)
+                .fetch_one(&mut *self.write_conn().await?)
                 .await?,
         )
     }
@@ -545,14 +618,14 @@ impl Store for SqliteStore {
         .bind(tenant_id)
         .bind(init)
         .bind(crate::domain::now_ms())
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(sqlx::query_as::<_, SecretsRow>(
             "SELECT secret, previous_secret, previous_expires_at FROM webhook_secrets \
              WHERE tenant_id = ?",
         )
         .bind(tenant_id)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.write_conn().await?)
         .await?
         .into())
     }
@@ -577,7 +650,7 @@ impl Store for SqliteStore {
         .bind(new)
         .bind(now)
         .bind(previous_until)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.write_conn().await?)
         .await?;
         if let Some(r) = rotated {
             return Ok(Rotation::Rotated(r.into()));
@@ -588,7 +661,7 @@ impl Store for SqliteStore {
                  WHERE tenant_id = ?",
             )
             .bind(tenant_id)
-            .fetch_one(&self.writer)
+            .fetch_one(&mut *self.write_conn().await?)
             .await?
             .into(),
         ))
@@ -626,7 +699,7 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .bind(limited)
         .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *self.write_conn().await?)
         .await?;
         Ok(rows
             .into_iter()
@@ -656,7 +729,7 @@ impl Store for SqliteStore {
         )
         .bind(until)
         .bind(host)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected())
     }
@@ -670,7 +743,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let (state, next_at, completed_at) = delivery_next_columns(next, now);
-        let mut tx = begin_write(&self.writer).await?;
+        let (_lock, mut tx) = self.begin_write().await?;
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET state = ?, \
              next_attempt_at = COALESCE(?, next_attempt_at), completed_at = ?, \
@@ -762,7 +835,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(id)
         .bind(gap)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         if r.rows_affected() == 1 {
             return Ok(Redeliver::Scheduled);
@@ -770,7 +843,7 @@ impl Store for SqliteStore {
         let last: Option<Option<i64>> =
             sqlx::query_scalar("SELECT last_manual_retry_at FROM webhook_deliveries WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&self.writer)
+                .fetch_optional(&mut *self.write_conn().await?)
                 .await?;
         Ok(super::redeliver_refusal(last, now, gap))
     }
@@ -781,7 +854,7 @@ impl Store for SqliteStore {
              lease_expires_at = NULL WHERE state = 'delivering' AND lease_expires_at <= ?",
         )
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected())
     }

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::ToSql;
@@ -56,7 +57,10 @@ pub(super) struct ClaimRequest {
 
 /// Opens the writer's connection (the database exists and is migrated by now) and starts its
 /// thread. It ends when the last sender (the store) is gone.
-pub(super) async fn start(path: &Path) -> Result<mpsc::Sender<Write>, StoreError> {
+pub(super) async fn start(
+    path: &Path,
+    lock: Arc<tokio::sync::Mutex<()>>,
+) -> Result<mpsc::Sender<Write>, StoreError> {
     let path = path.to_owned();
     let conn = tokio::task::spawn_blocking(move || open(&path))
         .await
@@ -66,7 +70,7 @@ pub(super) async fn start(path: &Path) -> Result<mpsc::Sender<Write>, StoreError
         .name("taskgate-writer".into())
         .spawn(move || {
             let _watch = WriterWatch;
-            write_loop(conn, rx)
+            write_loop(conn, rx, &lock)
         })
         .map_err(|e| StoreError::Unavailable(e.into()))?;
     Ok(writes)
@@ -110,6 +114,7 @@ pub(super) fn sqlite_error(e: rusqlite::Error) -> StoreError {
                 | ErrorCode::CannotOpen
                 | ErrorCode::ReadOnly
                 | ErrorCode::OutOfMemory
+                | ErrorCode::FileLockingProtocolFailed
         )
     );
     if transient {
@@ -125,7 +130,7 @@ pub(super) fn sqlite_error(e: rusqlite::Error) -> StoreError {
 /// each caller after the commit. One fsync (`synchronous = FULL`) then covers a whole round,
 /// however the work is mixed: with a transaction per kind, claims made one or two at a time
 /// each paid an fsync of their own, and under a mixed load the writer fell behind.
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, lock: &tokio::sync::Mutex<()>) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     // Local loops' claims that found nothing due: each waits for a round that submits a task of
@@ -160,6 +165,8 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
         claims.extend(wake);
         // Final states that took are told apart by task id, so a round naming one task twice
         // (a stale attempt and the current one finishing together) goes one write at a time.
+        // The round's turn at the database, shared fairly with the sqlx connection's writes.
+        let _turn = lock.blocking_lock();
         let distinct = super::super::distinct_tasks(finishes.iter().map(|r| r.id.as_str()));
         let round = if distinct {
             write_round(&mut conn, &inserts, &finishes, &claims)
