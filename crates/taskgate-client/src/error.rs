@@ -47,6 +47,9 @@ pub enum Error {
         message: String,
         /// `data.error`, when the server gave one (e.g. "Missing required field: input.prompt").
         detail: Option<String>,
+        /// `data.errorCode`, taskgate's machine-readable reason (APIXO itself sends none); kept
+        /// as text so a code newer than this client still arrives. See [`Error::error_code`].
+        error_code: Option<String>,
     },
 
     /// The request did not get an HTTP answer: refused connection, DNS failure, reset, TLS or
@@ -120,6 +123,19 @@ impl Error {
             Error::Api { status, .. } => is_transient_status(*status),
             Error::Transport { .. } => true,
             _ => false,
+        }
+    }
+
+    /// The server's machine-readable reason (`data.errorCode`), if it sent one this client
+    /// knows. A taskgate server always sends one with an error; APIXO sends none, so decide by
+    /// `status` when this is `None`.
+    pub fn error_code(&self) -> Option<taskgate_proto::ErrorCode> {
+        match self {
+            Error::Api {
+                error_code: Some(c),
+                ..
+            } => taskgate_proto::ErrorCode::parse(c),
+            _ => None,
         }
     }
 }

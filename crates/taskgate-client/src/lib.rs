@@ -453,15 +453,17 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// Turns a non-2xx answer (or a 2xx with an error envelope) into an [`Error::Api`].
 fn api_failure(status: StatusCode, body: &[u8], headers: &HeaderMap) -> Failure {
     let parsed = serde_json::from_slice::<Envelope<Value>>(body).ok();
-    let (code, message, detail) = match parsed {
+    let (code, message, detail, error_code) = match parsed {
         Some(env) => {
-            let detail = env
-                .data
-                .as_ref()
-                .and_then(|d| d.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            (env.code, env.message, detail)
+            let field = |name: &str| {
+                env.data
+                    .as_ref()
+                    .and_then(|d| d.get(name))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let (detail, error_code) = (field("error"), field("errorCode"));
+            (env.code, env.message, detail, error_code)
         }
         None => {
             // Not an envelope: a proxy's HTML page or a bare status. Keep the start of the body
@@ -476,7 +478,7 @@ fn api_failure(status: StatusCode, body: &[u8], headers: &HeaderMap) -> Failure 
             } else {
                 text.chars().take(200).collect()
             };
-            (status.as_u16(), message, None)
+            (status.as_u16(), message, None, None)
         }
     };
     // Some gateways answer HTTP 200 with an error code in the envelope; the envelope decides.
@@ -491,6 +493,7 @@ fn api_failure(status: StatusCode, body: &[u8], headers: &HeaderMap) -> Failure 
             code,
             message,
             detail,
+            error_code,
         },
         retryable: is_transient_status(effective),
         retry_after: retry_after(headers),

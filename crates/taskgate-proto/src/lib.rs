@@ -6,7 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod error_code;
 pub mod webhook;
+
+pub use error_code::{ErrorCode, ErrorData};
 
 /// The envelope every response is wrapped in: `code` mirrors the HTTP status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

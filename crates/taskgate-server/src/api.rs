@@ -29,6 +29,7 @@ use crate::store::{NewTask, Store};
 use crate::views::{CachedView, TaskViews};
 use crate::webhooks::{ssrf, Deliverer, MANUAL_RETRY_INTERVAL};
 use crate::worker_api;
+use taskgate_proto::ErrorCode;
 use taskgate_proto::{
     webhook, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookSecretData,
 };
@@ -86,7 +87,7 @@ pub fn router(state: AppState) -> Router {
             |_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("a request handler panicked");
                 envelope_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::InternalError,
                     "internal error on the server; it has been logged, try again later".into(),
                 )
             },
@@ -100,25 +101,28 @@ async fn healthz() -> Json<Envelope<Value>> {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(format!(
+    ApiError::new(ErrorCode::EndpointNotFound, format!(
         "no such endpoint: {}; the API is POST /api/v1/generateTask/{{model}} and GET /api/v1/statusTask/{{model}}?taskId=",
         uri.path()
     ))
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed(
-        "this method is not allowed on this path (generateTask takes POST, statusTask and files take GET)".into(),
+    ApiError::new(ErrorCode::MethodNotAllowed,
+        "this method is not allowed on this path (generateTask takes POST, statusTask and files take GET)",
     )
 }
 
 fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {
     state.dispatcher.model(model).ok_or_else(|| {
         let known: Vec<&str> = state.dispatcher.models().map(|m| m.name.as_str()).collect();
-        ApiError::NotFound(format!(
-            "model {model:?} not found; this server offers: {}",
-            known.join(", ")
-        ))
+        ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "model {model:?} not found; this server offers: {}",
+                known.join(", ")
+            ),
+        )
     })
 }
 
@@ -140,7 +144,7 @@ struct Submission {
 }
 
 fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
-    let bad = |m: String| ApiError::BadRequest(m);
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         bad(format!(
             "the request body is not valid UTF-8 (invalid byte at offset {})",
@@ -213,7 +217,12 @@ fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, Api
 
 /// An absolute http(s) URL of reasonable length that does not point into a private network.
 fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError> {
-    let bad = |why: &str| ApiError::BadRequest(format!("callback_url {raw:?} {why}"));
+    let bad = |why: &str| {
+        ApiError::new(
+            ErrorCode::CallbackUrlRefused,
+            format!("callback_url {raw:?} {why}"),
+        )
+    };
     if raw.len() > 2048 {
         return Err(bad("is longer than 2048 characters"));
     }
@@ -232,19 +241,25 @@ async fn generate_task(
     let runtime = model_or_404(&state, &model)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!(
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
                 "the request body is larger than the limit of {} bytes; pass large media as URLs",
                 state.max_body_bytes
-            ))
+            ),
+            )
         } else {
-            ApiError::BadRequest(format!("cannot read the request body: {rejection}"))
+            ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("cannot read the request body: {rejection}"),
+            )
         }
     })?;
     let submission = parse_submission(&body, state.webhooks.allow_private)?;
     runtime
         .backend
         .validate(&submission.input)
-        .map_err(ApiError::BadRequest)?;
+        .map_err(|m| ApiError::new(ErrorCode::InvalidInput, m))?;
     let task = NewTask {
         id: new_task_id(),
         tenant_id: tenant.id,
@@ -266,7 +281,11 @@ async fn generate_task(
         state.views.forget(&task_id);
         return Err(e.into());
     }
-    state.dispatcher.notify(&runtime.name);
+    // A local loop parked in the store was answered by the insert's own commit; a wake-up
+    // would only cost it a due-time read. Pull workers' long-polls still need one.
+    if !(state.store.parks_claims() && runtime.backend.runs_locally()) {
+        state.dispatcher.notify(&runtime.name);
+    }
     Ok(Json(Envelope::success(TaskCreated { task_id })))
 }
 
@@ -282,12 +301,19 @@ async fn status_task(
     let runtime = model_or_404(&state, &model);
     let Some(task_id) = query_param(&uri, "taskId") else {
         runtime?;
-        return Err(ApiError::BadRequest(format!(
-            "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
-        )));
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!(
+                "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
+            ),
+        ));
     };
-    let not_found =
-        || ApiError::NotFound(format!("task {task_id:?} not found for model {model:?}"));
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::TaskNotFound,
+            format!("task {task_id:?} not found for model {model:?}"),
+        )
+    };
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
     if let Some(view) = state.views.get(&task_id) {
         if view.tenant_id != tenant.id || view.model != model {
@@ -411,7 +437,7 @@ async fn rotate_webhook_secret(
         Rotation::Rotated(secrets) => Ok(Json(Envelope::success(secret_data(secrets)))),
         Rotation::OverlapRunning(secrets) => {
             let until = secrets.previous_expires_at.unwrap_or(now);
-            Err(ApiError::Conflict(format!(
+            Err(ApiError::new(ErrorCode::SecretRotationPending, format!(
                 "the previous secret still signs deliveries until {} (previousExpiresTime {until}); \
                  rotating again now would stop it early. Rotate again after that time",
                 humantime::format_rfc3339_seconds(
@@ -462,9 +488,9 @@ async fn list_deliveries(
 ) -> Result<Json<Envelope<WebhookDeliveries>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
     let task_id = query_param(&uri, "taskId").ok_or_else(|| {
-        ApiError::BadRequest(
-            "the taskId query parameter is required: /api/v1/webhookDeliveries?taskId=TASK_ID"
-                .into(),
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            "the taskId query parameter is required: /api/v1/webhookDeliveries?taskId=TASK_ID",
         )
     })?;
     let task = state
@@ -472,7 +498,12 @@ async fn list_deliveries(
         .get_task(&task_id)
         .await?
         .filter(|t| t.tenant_id == tenant.id)
-        .ok_or_else(|| ApiError::NotFound(format!("task {task_id:?} not found")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::TaskNotFound,
+                format!("task {task_id:?} not found"),
+            )
+        })?;
     let deliveries = state
         .store
         .deliveries_for_task(&task.id)
@@ -489,7 +520,12 @@ async fn retry_delivery(
     headers: HeaderMap,
 ) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
     let tenant = state.auth.authenticate(&headers).await?;
-    let not_found = || ApiError::NotFound(format!("webhook delivery {id:?} not found"));
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::DeliveryNotFound,
+            format!("webhook delivery {id:?} not found"),
+        )
+    };
     let delivery = state
         .store
         .get_delivery(&id)
@@ -506,18 +542,20 @@ async fn retry_delivery(
         Redeliver::TooSoon { retry_at } => {
             let wait = std::time::Duration::from_millis((retry_at - now).max(0) as u64);
             let secs = wait.as_millis().div_ceil(1000).max(1);
-            return Err(ApiError::TooManyRequests {
-                message: format!(
+            return Err(ApiError::too_soon(
+                ErrorCode::RetryTooSoon,
+                format!(
                     "this delivery was retried less than {}s ago; it may be retried again in \
                      {secs} seconds",
                     MANUAL_RETRY_INTERVAL.as_secs()
                 ),
-                retry_after: wait,
-            });
+                wait,
+            ));
         }
         Redeliver::InFlight => {
-            return Err(ApiError::Conflict(
-                "this delivery is being sent right now; look at its attempts again shortly".into(),
+            return Err(ApiError::new(
+                ErrorCode::DeliveryInFlight,
+                "this delivery is being sent right now; look at its attempts again shortly",
             ))
         }
         Redeliver::NotFound => return Err(not_found()),
@@ -556,11 +594,18 @@ async fn serve_file(
     name: String,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let refused = || ApiError::Forbidden("this link is invalid or has expired".into());
-    let files = state
-        .local_files
-        .as_ref()
-        .ok_or_else(|| ApiError::NotFound("result files are not served by this node".into()))?;
+    let refused = || {
+        ApiError::new(
+            ErrorCode::LinkInvalid,
+            "this link is invalid or has expired",
+        )
+    };
+    let files = state.local_files.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::FileNotFound,
+            "result files are not served by this node",
+        )
+    })?;
     let (mut expires, mut sig) = (None, None);
     for (k, v) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match &*k {
@@ -592,8 +637,9 @@ async fn serve_file(
                     (Body::from(content), len)
                 }
                 None => {
-                    return Err(ApiError::NotFound(
-                        "this result file no longer exists".into(),
+                    return Err(ApiError::new(
+                        ErrorCode::FileNotFound,
+                        "this result file no longer exists",
                     ))
                 }
             }
@@ -621,7 +667,7 @@ mod tests {
 
     fn err(body: &str) -> String {
         match parse_submission(body.as_bytes(), false) {
-            Err(ApiError::BadRequest(m)) => m,
+            Err(ApiError::Refused { code, message, .. }) if code.status() == 400 => message,
             _ => panic!("expected a 400 for {body}"),
         }
     }
@@ -642,7 +688,11 @@ mod tests {
     #[test]
     fn invalid_utf8_is_refused_before_parsing() {
         let m = match parse_submission(b"{\"input\": {\"p\": \"\xff\"}}", false) {
-            Err(ApiError::BadRequest(m)) => m,
+            Err(ApiError::Refused {
+                code: ErrorCode::InvalidInput,
+                message,
+                ..
+            }) => message,
             _ => panic!(),
         };
         assert!(m.contains("UTF-8"), "{m}");

@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::store::{ApiKeyRecord, KeyKind, Store, StoreError, Tenant};
+use taskgate_proto::ErrorCode;
 
 /// Tenant that the `TASKGATE_API_KEY` key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -183,8 +184,8 @@ impl Authenticator {
         let record = self.authenticate_any(headers).await?;
         match record.kind {
             KeyKind::Client => Ok(record.tenant),
-            KeyKind::Worker => Err(ApiError::Unauthorized(
-                "this is a worker token: it can only claim and report work under /api/v1/worker/; use a client API key here".into(),
+            KeyKind::Worker => Err(ApiError::new(ErrorCode::WrongKeyKind,
+                "this is a worker token: it can only claim and report work under /api/v1/worker/; use a client API key here",
             )),
         }
     }
@@ -194,16 +195,17 @@ impl Authenticator {
         let record = self.authenticate_any(headers).await?;
         match record.kind {
             KeyKind::Worker => Ok(record),
-            KeyKind::Client => Err(ApiError::Unauthorized(
-                "this endpoint takes a worker token (create one with `taskgate keys create --worker --name NAME`), not a client API key".into(),
+            KeyKind::Client => Err(ApiError::new(ErrorCode::WrongKeyKind,
+                "this endpoint takes a worker token (create one with `taskgate keys create --worker --name NAME`), not a client API key",
             )),
         }
     }
 
     async fn authenticate_any(&self, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {
         let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::Unauthorized(
-                "missing API key: send the header \"Authorization: Bearer YOUR_API_KEY\"".into(),
+            ApiError::new(
+                ErrorCode::MissingApiKey,
+                "missing API key: send the header \"Authorization: Bearer YOUR_API_KEY\"",
             )
         })?;
         let key = value
@@ -215,8 +217,9 @@ impl Authenticator {
             })
             .filter(|k| !k.is_empty())
             .ok_or_else(|| {
-                ApiError::Unauthorized(
-                    "malformed Authorization header: expected \"Bearer YOUR_API_KEY\"".into(),
+                ApiError::new(
+                    ErrorCode::InvalidApiKey,
+                    "malformed Authorization header: expected \"Bearer YOUR_API_KEY\"",
                 )
             })?;
         let hash = hash_key(key);
@@ -243,11 +246,11 @@ impl Authenticator {
                 }
                 Ok(r)
             }
-            Some(r) if r.revoked_at.is_some() => Err(ApiError::Unauthorized(
-                "this API key has been revoked; create a new one with `taskgate keys create`"
-                    .into(),
+            Some(r) if r.revoked_at.is_some() => Err(ApiError::new(
+                ErrorCode::KeyRevoked,
+                "this API key has been revoked; create a new one with `taskgate keys create`",
             )),
-            _ => Err(ApiError::Unauthorized("invalid API key".into())),
+            _ => Err(ApiError::new(ErrorCode::InvalidApiKey, "invalid API key")),
         }
     }
 }

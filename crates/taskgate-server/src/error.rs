@@ -4,31 +4,17 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use taskgate_proto::Envelope;
+use taskgate_proto::{Envelope, ErrorCode, ErrorData};
 
+/// A refused request: its machine-readable code (which fixes the HTTP status), a message for
+/// people, and for 429s when to ask again.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    MethodNotAllowed(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    Unavailable(String),
-    /// Asked again too soon; `Retry-After` tells the client when it may.
     #[error("{message}")]
-    TooManyRequests {
+    Refused {
+        code: ErrorCode,
         message: String,
-        retry_after: std::time::Duration,
+        retry_after: Option<std::time::Duration>,
     },
     /// Our fault. The cause is logged in full; the client only learns that it was ours.
     #[error("internal error")]
@@ -36,23 +22,36 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError::Refused {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A 429 that says when to ask again (`Retry-After`).
+    pub fn too_soon(code: ErrorCode, message: String, retry_after: std::time::Duration) -> Self {
+        ApiError::Refused {
+            code,
+            message,
+            retry_after: Some(retry_after),
+        }
+    }
+
     pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         ApiError::Internal(Box::new(e))
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Refused { code, .. } => *code,
+            ApiError::Internal(_) => ErrorCode::InternalError,
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
@@ -61,8 +60,9 @@ impl From<crate::store::StoreError> for ApiError {
         match e {
             crate::store::StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %error_chain(&*cause), "database unavailable");
-                ApiError::Unavailable(
-                    "the database is unavailable, retry shortly (a submit answered so may have been stored: use the same request again only if a duplicate task is acceptable)".into(),
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the database is unavailable, retry shortly (a submit answered so may have been stored: use the same request again only if a duplicate task is acceptable)",
                 )
             }
             other => ApiError::internal(other),
@@ -70,12 +70,14 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-/// Renders an error as its envelope; used by handlers and by the panic catcher.
-pub fn envelope_response(status: StatusCode, message: String) -> Response {
-    let body = Envelope::<()> {
+/// Renders an error as its envelope, the code in `data`; used by handlers and by the panic
+/// catcher.
+pub fn envelope_response(code: ErrorCode, message: String) -> Response {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = Envelope {
         code: status.as_u16(),
         message,
-        data: None,
+        data: Some(ErrorData::new(code)),
     };
     (status, Json(body)).into_response()
 }
@@ -90,13 +92,17 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response = envelope_response(status, message);
+        let mut response = envelope_response(self.code(), message);
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+        if let ApiError::Refused {
+            retry_after: Some(retry_after),
+            ..
+        } = &self
+        {
             // Whole seconds, rounded up, so a client that waits exactly this long is not early.
             let secs = retry_after.as_millis().div_ceil(1000).max(1);
             response

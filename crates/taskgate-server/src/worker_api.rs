@@ -28,6 +28,7 @@ use crate::dispatch::{ModelRuntime, Settled};
 use crate::domain::{attempt_tag, fail_code, now_ms, Task};
 use crate::error::ApiError;
 use crate::store::Claim;
+use taskgate_proto::ErrorCode;
 
 /// The answer to a report: success, nothing to return.
 fn done() -> Json<Envelope<()>> {
@@ -42,14 +43,22 @@ fn done() -> Json<Envelope<()>> {
 pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body =
-        body.map_err(|r| ApiError::BadRequest(format!("cannot read the request body: {r}")))?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid: {e}")))
+    let body = body.map_err(|r| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("cannot read the request body: {r}"),
+        )
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("the request body is not valid: {e}"),
+        )
+    })
 }
 
 fn lease_lost(task_id: &str) -> ApiError {
-    ApiError::Conflict(format!(
+    ApiError::new(ErrorCode::LeaseLost, format!(
         "task {task_id:?} is no longer yours (its lease expired and it was handed on, or it is already final); stop working on it"
     ))
 }
@@ -62,11 +71,12 @@ async fn claimed(
     token: &str,
     progress: Option<f64>,
 ) -> Result<(Claim, Arc<ModelRuntime>), ApiError> {
-    let task = state
-        .store
-        .get_task(task_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("task {task_id:?} not found")))?;
+    let task = state.store.get_task(task_id).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::TaskNotFound,
+            format!("task {task_id:?} not found"),
+        )
+    })?;
     let model = state
         .dispatcher
         .model(&task.model)
@@ -135,18 +145,21 @@ pub async fn claim(
     let worker = state.auth.authenticate_worker(&headers).await?;
     let req: WorkerClaimRequest = parse_json(body)?;
     if req.models.is_empty() {
-        return Err(ApiError::BadRequest(
-            "models must name at least one model".into(),
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            "models must name at least one model",
         ));
     }
     let mut models = Vec::with_capacity(req.models.len());
     for name in &req.models {
-        let m = state
-            .dispatcher
-            .model(name)
-            .ok_or_else(|| ApiError::NotFound(format!("model {name:?} not found")))?;
+        let m = state.dispatcher.model(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("model {name:?} not found"),
+            )
+        })?;
         if m.backend.runs_locally() {
-            return Err(ApiError::BadRequest(format!(
+            return Err(ApiError::new(ErrorCode::ModelNotForWorkers, format!(
                 "model {name:?} is not served by pull workers; set backend = \"worker\" in its [models.{name}] table"
             )));
         }
@@ -199,9 +212,10 @@ pub async fn heartbeat(
     let hb: WorkerHeartbeat = parse_json(body)?;
     if let Some(p) = hb.progress {
         if !(0.0..=1.0).contains(&p) {
-            return Err(ApiError::BadRequest(format!(
-                "progress must be from 0 to 1, got {p}"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("progress must be from 0 to 1, got {p}"),
+            ));
         }
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
@@ -253,8 +267,12 @@ pub async fn upload(
     body: Body,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     state.auth.authenticate_worker(&headers).await?;
-    let token = crate::api::query_param(&uri, "leaseToken")
-        .ok_or_else(|| ApiError::BadRequest("the leaseToken query parameter is required".into()))?;
+    let token = crate::api::query_param(&uri, "leaseToken").ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            "the leaseToken query parameter is required",
+        )
+    })?;
     let (claim, _) = claimed(&state, &task_id, &token, None).await?;
     let name = sanitize_name(&name);
     let temp = TempUpload::new(
@@ -271,13 +289,18 @@ pub async fn upload(
     let renew_every = state.dispatcher.lease() / 3;
     let mut renewed = tokio::time::Instant::now();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(ErrorCode::InvalidInput, format!("upload interrupted: {e}"))
+        })?;
         written += chunk.len() as u64;
         if written > state.max_upload_bytes {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "outputs are limited to {} bytes each",
-                state.max_upload_bytes
-            )));
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "outputs are limited to {} bytes each",
+                    state.max_upload_bytes
+                ),
+            ));
         }
         file.write_all(&chunk).await.map_err(ApiError::internal)?;
         if renewed.elapsed() >= renew_every {
@@ -355,7 +378,7 @@ pub async fn complete(
                 .await
                 .map_err(ApiError::internal)?;
             if !present {
-                return Err(ApiError::BadRequest(format!(
+                return Err(ApiError::new(ErrorCode::OutputNotUploaded, format!(
                     "output {n:?} was never uploaded by this attempt; upload it with PUT /api/v1/worker/tasks/{task_id}/outputs/NAME before completing"
                 )));
             }
@@ -417,8 +440,9 @@ async fn settle(
             Err(lease_lost(&claim.task.id))
         }
         // The worker must not believe it is done: it retries while it holds the lease.
-        Settled::NotWritten(_) => Err(ApiError::Unavailable(
-            "the outcome could not be recorded; nothing was changed, report it again while the lease holds".into(),
+        Settled::NotWritten(_) => Err(ApiError::new(
+            ErrorCode::OutcomeNotRecorded,
+            "the outcome could not be recorded; nothing was changed, report it again while the lease holds",
         )),
     }
 }

@@ -28,6 +28,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use clap::{Args, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
+use taskgate_client::proto::ErrorCode;
 use taskgate_client::webhook::{self, Secret, SignedHeaders};
 use taskgate_client::{Client, Error, SubmitOptions, TaskState, TaskStatus, WaitOptions};
 
@@ -322,6 +323,7 @@ fn explain(conn: &Connection, action: Action<'_>, err: Error) -> Failure {
         message,
         task: None,
     };
+    let error_code = err.error_code();
     match err {
         Error::Transport { reason, .. } => fail(
             EXIT_TRANSPORT,
@@ -356,19 +358,33 @@ fn explain(conn: &Connection, action: Action<'_>, err: Error) -> Failure {
                     "auth",
                     format!("{} refused the request (403): {server_says}", conn.url),
                 ),
-                (404, Action::Submit { model }) => fail(
-                    EXIT_USAGE,
-                    "unknown_model",
-                    format!("unknown model {model:?} at {}: {server_says}", conn.url),
-                ),
-                (404, Action::Task { model, task_id }) => fail(
+                // A taskgate server says which thing was not found; APIXO does not, and then a
+                // 404 is read by what was asked.
+                (_, Action::Submit { model } | Action::Task { model, .. })
+                    if error_code == Some(ErrorCode::ModelNotFound)
+                        || (error_code.is_none()
+                            && status == 404
+                            && matches!(action, Action::Submit { .. })) =>
+                {
+                    fail(
+                        EXIT_USAGE,
+                        "unknown_model",
+                        format!("unknown model {model:?} at {}: {server_says}", conn.url),
+                    )
+                }
+                (_, Action::Task { model, task_id })
+                    if error_code == Some(ErrorCode::TaskNotFound)
+                        || (error_code.is_none() && status == 404) =>
+                {
+                    fail(
                     EXIT_USAGE,
                     "not_found",
                     format!(
                         "no task {task_id} for model {model:?} at {} (the model must be the one used at submit): {server_says}",
                         conn.url
                     ),
-                ),
+                    )
+                }
                 (429, _) => fail(
                     EXIT_TRANSPORT,
                     "rate_limited",

@@ -22,7 +22,8 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use taskgate_proto::{
-    Envelope, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
+    Envelope, ErrorCode, ErrorData, WorkerClaimRequest, WorkerComplete, WorkerFail,
+    WorkerHeartbeat, WorkerTask,
 };
 use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
 use taskgate_server::domain::fail_code;
@@ -106,7 +107,8 @@ impl WorkerApi {
         path: &str,
     ) -> Result<Option<T>, CallError> {
         let status = resp.status();
-        let envelope: Envelope<T> = match resp.json().await {
+        // Read as JSON first: an error's `data` is `{"errorCode": …}`, not a `T`.
+        let envelope: Envelope<serde_json::Value> = match resp.json().await {
             Ok(e) => e,
             Err(e) => {
                 return Err(CallError::Other(anyhow::anyhow!(
@@ -114,9 +116,23 @@ impl WorkerApi {
                 )))
             }
         };
+        let error_code = envelope
+            .data
+            .as_ref()
+            .and_then(|d| serde_json::from_value::<ErrorData>(d.clone()).ok())
+            .and_then(|d| d.code());
         match status {
-            s if s.is_success() => Ok(envelope.data),
-            StatusCode::CONFLICT => Err(CallError::LeaseLost),
+            s if s.is_success() => match envelope.data {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(data) => serde_json::from_value(data).map(Some).map_err(|e| {
+                    CallError::Other(anyhow::anyhow!(
+                        "{path}: the server answered {status} with data this worker does not understand: {e}"
+                    ))
+                }),
+            },
+            _ if error_code == Some(ErrorCode::LeaseLost) => Err(CallError::LeaseLost),
+            // A server from before error codes said "lease lost" with a bare 409.
+            StatusCode::CONFLICT if error_code.is_none() => Err(CallError::LeaseLost),
             StatusCode::UNAUTHORIZED => Err(CallError::Refused(envelope.message)),
             s if s.is_client_error() => Err(CallError::Rejected(format!(
                 "{path}: {s}: {}",

@@ -67,7 +67,10 @@ async fn a_400_is_returned_at_once_with_the_envelopes_code_message_and_detail() 
             code,
             message,
             detail,
+            error_code,
         } => {
+            // An APIXO-style answer carries no taskgate error code.
+            assert_eq!(error_code, None);
             assert_eq!((status, code), (400, 400));
             assert_eq!(message, "Invalid request");
             assert_eq!(

@@ -380,3 +380,72 @@ async fn a_wrong_method_is_a_405_envelope_naming_the_right_one() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_refusal_names_its_reason_in_data_error_code() {
+    let app = TestApp::start().await;
+    let base = &app.api.base;
+    let http = &app.api.http;
+    let send =
+        |req: reqwest::RequestBuilder| async move { envelope(req.send().await.unwrap()).await };
+    let key = |req: reqwest::RequestBuilder| req.bearer_auth(API_KEY);
+
+    let cases: Vec<(&str, (StatusCode, serde_json::Value))> = vec![
+        (
+            "endpoint_not_found",
+            send(http.get(format!("{base}/api/v2/nothing"))).await,
+        ),
+        (
+            "method_not_allowed",
+            send(http.delete(format!("{base}/api/v1/generateTask/echo"))).await,
+        ),
+        (
+            "missing_api_key",
+            send(http.post(format!("{base}/api/v1/generateTask/echo"))).await,
+        ),
+        (
+            "invalid_api_key",
+            send(
+                http.post(format!("{base}/api/v1/generateTask/echo"))
+                    .bearer_auth("nope"),
+            )
+            .await,
+        ),
+        (
+            "model_not_found",
+            app.api.submit("nope", json!({ "input": {} })).await,
+        ),
+        ("task_not_found", app.api.status("echo", "task_nope").await),
+        (
+            "invalid_input",
+            send(key(http.get(format!("{base}/api/v1/statusTask/echo")))).await,
+        ),
+        (
+            "invalid_input",
+            app.api.submit("echo", json!({ "input": "x" })).await,
+        ),
+        (
+            "callback_url_refused",
+            app.api
+                .submit(
+                    "echo",
+                    json!({ "input": {}, "callback_url": "http://127.0.0.1/h" }),
+                )
+                .await,
+        ),
+        (
+            "delivery_not_found",
+            send(key(http.post(format!(
+                "{base}/api/v1/webhookDeliveries/whk_nope/retry"
+            ))))
+            .await,
+        ),
+        (
+            "link_invalid",
+            send(http.get(format!("{base}/files/task_x/t/a.png?expires=1&sig=x"))).await,
+        ),
+    ];
+    for (want, (status, body)) in cases {
+        assert_eq!(error_code(&body), want, "{status} {body}");
+    }
+}

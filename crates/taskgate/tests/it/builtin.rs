@@ -7,19 +7,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// Width and height from a PNG's IHDR chunk, checking the signature and chunk type.
-fn png_size(bytes: &[u8]) -> (u32, u32) {
-    assert!(
-        bytes.len() > 24,
-        "too short for a PNG: {} bytes",
-        bytes.len()
-    );
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG signature");
-    assert_eq!(&bytes[12..16], b"IHDR", "first chunk is not IHDR");
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    (be(&bytes[16..20]), be(&bytes[20..24]))
-}
-
 async fn demo_image(api: &Api, input: Value) -> (String, Vec<u8>) {
     let data = api.run_to_end("demo-image", input).await;
     assert_eq!(data["state"], "success", "{data}");

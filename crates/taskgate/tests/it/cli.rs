@@ -64,17 +64,8 @@ impl std::fmt::Display for Run {
 /// The `taskgate` binary with no `TASKGATE_*` variable inherited, and stdin, stdout and stderr
 /// not terminals.
 fn cli_command(args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("TASKGATE_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = taskgate_command(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -109,19 +100,6 @@ async fn cli(app: &TestApp, args: &[&str]) -> Run {
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-/// Width and height from a PNG's IHDR chunk, checking the signature and chunk type.
-fn png_size(bytes: &[u8]) -> (u32, u32) {
-    assert!(
-        bytes.len() > 24,
-        "too short for a PNG: {} bytes",
-        bytes.len()
-    );
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG signature");
-    assert_eq!(&bytes[12..16], b"IHDR", "first chunk is not IHDR");
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    (be(&bytes[16..20]), be(&bytes[20..24]))
 }
 
 /// The parsed content of the single result file of a successful task's `data`.
@@ -489,6 +467,21 @@ async fn status_of_an_unknown_task_exits_2_with_the_servers_message() {
     let err = &machine.json()["error"];
     assert_eq!(err["kind"], "not_found", "{machine}");
     assert_eq!(err["exitCode"], 2, "{machine}");
+}
+
+#[tokio::test]
+async fn status_on_an_unknown_model_says_the_model_is_unknown_not_the_task() {
+    // The server's errorCode tells the two 404s apart; the CLI no longer guesses from the
+    // command that it was the task.
+    let app = TestApp::start().await;
+    let machine = cli(&app, &["status", "nosuchmodel", "task_x", "--json"]).await;
+    machine.assert_exit(2);
+    let err = &machine.json()["error"];
+    assert_eq!(err["kind"], "unknown_model", "{machine}");
+    assert!(
+        err["message"].as_str().unwrap().contains("nosuchmodel"),
+        "{machine}"
+    );
 }
 
 #[tokio::test]

@@ -54,15 +54,6 @@ fn url_parts(url: &str) -> (String, String, String) {
     (parts[0].into(), parts[1].into(), parts[2].into())
 }
 
-/// Width and height from a PNG's IHDR chunk, checking the signature and chunk type.
-fn png_size(bytes: &[u8]) -> (u32, u32) {
-    assert!(bytes.len() > 24, "too short for a PNG: {}", bytes.len());
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG signature");
-    assert_eq!(&bytes[12..16], b"IHDR", "first chunk is not IHDR");
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    (be(&bytes[16..20]), be(&bytes[20..24]))
-}
-
 /// Runs `input` on `model` to a success; returns the task id and its one result URL.
 async fn one_result(api: &Api, model: &str, input: Value) -> (String, String) {
     let id = api.submit_ok(model, input).await;

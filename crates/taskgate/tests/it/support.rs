@@ -124,7 +124,21 @@ pub async fn envelope(resp: reqwest::Response) -> (StatusCode, Value) {
         "{body}"
     );
     assert!(body["message"].is_string(), "{body}");
+    if !status.is_success() {
+        // Every refusal names its reason, and the reason's status is the one answered.
+        let code = body["data"]["errorCode"]
+            .as_str()
+            .unwrap_or_else(|| panic!("an error without data.errorCode: {status} {body}"));
+        let known = taskgate_proto::ErrorCode::parse(code)
+            .unwrap_or_else(|| panic!("an unknown errorCode {code:?}: {body}"));
+        assert_eq!(known.status(), status.as_u16(), "{body}");
+    }
     (status, body)
+}
+
+/// The `data.errorCode` of an error envelope.
+pub fn error_code(body: &Value) -> &str {
+    body["data"]["errorCode"].as_str().unwrap_or("")
 }
 
 /// The result URLs of a successful task's `data`.
@@ -136,6 +150,20 @@ pub fn result_urls(data: &Value) -> Vec<String> {
         .iter()
         .map(|u| u.as_str().unwrap().to_owned())
         .collect()
+}
+
+/// The in-process server's log goes to the test harness's captured output (`RUST_LOG`, default
+/// `info`): shown for a test that fails, hidden for one that passes.
+fn show_server_logs_on_failure() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A server running in this process.
@@ -186,6 +214,7 @@ impl TestApp {
         tweak: impl FnOnce(&mut Config),
         hooks: taskgate_server::Hooks,
     ) -> TestApp {
+        show_server_logs_on_failure();
         let mut config = Config::new(dir.path());
         config.bootstrap_api_key = Some(API_KEY.to_owned());
         config.retry_backoff = vec![Duration::from_millis(50)];
@@ -363,8 +392,8 @@ pub fn assert_fields(data: &Value, expected: &[&str]) {
     }
 }
 
-/// Asserts an error envelope: the status, `data` present and null, a message containing every
-/// one of `needles` (case-insensitive). Returns the message.
+/// Asserts an error envelope: the status, `data` holding an error code of that status, a message
+/// containing every one of `needles` (case-insensitive). Returns the message.
 pub fn assert_error(
     status: StatusCode,
     body: &Value,
@@ -376,7 +405,9 @@ pub fn assert_error(
         body.as_object().unwrap().contains_key("data"),
         "no data field: {body}"
     );
-    assert!(body["data"].is_null(), "{body}");
+    let code = taskgate_proto::ErrorCode::parse(error_code(body))
+        .unwrap_or_else(|| panic!("no known data.errorCode: {body}"));
+    assert_eq!(code.status(), want.as_u16(), "{body}");
     let message = body["message"].as_str().unwrap().to_owned();
     assert_ne!(message, "success", "{body}");
     for needle in needles {
@@ -429,16 +460,36 @@ pub fn process_is_gone(pid: i32) -> bool {
     }
 }
 
+/// The real `taskgate` binary with `args`, inheriting no `TASKGATE_*` variable from whoever runs
+/// the tests (a developer's `TASKGATE_DATABASE_URL` or key must not change what a test sees),
+/// stdin empty, killed if the test drops it.
+pub fn taskgate_command(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TASKGATE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Width and height from a PNG's IHDR chunk, checking the signature and chunk type.
+pub fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert!(
+        bytes.len() > 24,
+        "too short for a PNG: {} bytes",
+        bytes.len()
+    );
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG signature");
+    assert_eq!(&bytes[12..16], b"IHDR", "first chunk is not IHDR");
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
 /// Runs the real `taskgate` binary with `args` and returns its output.
 pub async fn taskgate(args: &[&str]) -> std::process::Output {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
-        .args(args)
-        .env_remove("TASKGATE_API_KEY")
-        .env_remove("TASKGATE_DATA_DIR")
-        .env_remove("TASKGATE_CONFIG")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+    let out = taskgate_command(args).output();
     tokio::time::timeout(Duration::from_secs(30), out)
         .await
         .expect("taskgate did not exit within 30s")
@@ -500,9 +551,8 @@ impl ServerProcess {
             .append(true)
             .open(data_dir.join("server.log"))
             .unwrap();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
-        cmd.arg("serve")
-            .arg("--listen")
+        let mut cmd = taskgate_command(&["serve"]);
+        cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)

@@ -391,7 +391,7 @@ async fn a_failed_delivery_can_be_replayed_by_its_tenant_only() {
     let delivery_id = d["id"].as_str().unwrap().to_owned();
 
     // Another tenant sees neither the list nor the delivery.
-    let other_key = create_key(&app.data_dir, "someone-else");
+    let other_key = create_key(&app.data_dir, "someone-else", None).await.key;
     let other = app.api.with_key(&other_key);
     let resp = other
         .http
@@ -429,29 +429,6 @@ async fn a_failed_delivery_can_be_replayed_by_its_tenant_only() {
     assert_eq!(header(&got[3], "webhook-id"), delivery_id);
     let d = wait_delivery(&app.api, &id, |d| d["state"] == "succeeded").await;
     assert_eq!(d["attempts"], 4);
-}
-
-/// Creates a key in its own tenant with the real binary; returns the key.
-fn create_key(data_dir: &std::path::Path, name: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
-        .args(["keys", "create", "--name", name, "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    stdout
-        .lines()
-        .last()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test]

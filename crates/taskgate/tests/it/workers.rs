@@ -15,18 +15,16 @@ use crate::support::*;
 
 /// Starts `taskgate worker` running `sh -c SCRIPT` per task.
 fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
-        .args([
-            "worker", "--server", base, "--token", token, "--model", "remote", "--", "sh", "-c",
-            script,
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        // Quiet: the worker's log would read like failures in a passing run.
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    taskgate_command(&[
+        "worker", "--server", base, "--token", token, "--model", "remote", "--", "sh", "-c", script,
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    // Quiet: the worker's log would read like failures in a passing run.
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap()
 }
 
 #[tokio::test]
@@ -188,20 +186,18 @@ async fn wait_for_file_exists(path: &Path) {
 #[tokio::test]
 async fn a_worker_given_a_refused_token_exits_with_a_clear_error_instead_of_retrying() {
     let app = TestApp::start_with_models(WORKER_MODEL).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
-        .args([
-            "worker",
-            "--server",
-            &app.api.base,
-            "--token",
-            API_KEY,
-            "--model",
-            "remote",
-            "--",
-            "true",
-        ])
-        .kill_on_drop(true)
-        .output();
+    let mut cmd = taskgate_command(&[
+        "worker",
+        "--server",
+        &app.api.base,
+        "--token",
+        API_KEY,
+        "--model",
+        "remote",
+        "--",
+        "true",
+    ]);
+    let out = cmd.output();
     let out = tokio::time::timeout(Duration::from_secs(20), out)
         .await
         .expect("the worker kept retrying a refused token")
