@@ -55,7 +55,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/generateTask/{model}", post(generate_task))
         .route("/api/v1/statusTask/{model}", get(status_task))
@@ -80,7 +80,6 @@ pub fn router(state: AppState) -> Router {
         .route("/files/{task_id}/{name}", get(get_untagged_file))
         .route("/files/{task_id}/{tag}/{name}", get(get_file))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(
@@ -93,7 +92,12 @@ pub fn router(state: AppState) -> Router {
             },
         ))
         // One Arc for the whole state: axum clones the state for every request.
-        .with_state(Arc::new(state))
+        .with_state(Arc::new(state));
+    // Around the whole router, not each route: axum sets `Allow` on a 405 after the route's own
+    // layers have run.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(explain_method_not_allowed))
 }
 
 async fn healthz() -> Json<Envelope<Value>> {
@@ -107,10 +111,34 @@ async fn not_found(uri: Uri) -> ApiError {
     ))
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed,
-        "this method is not allowed on this path (generateTask takes POST, statusTask and files take GET)",
+/// A 405 as the envelope, naming the methods the path takes. axum answers a known path with
+/// the wrong method itself and sets `Allow` after any fallback or route layer runs, so the
+/// envelope is made here, around the router, where that header can be read.
+async fn explain_method_not_allowed(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // Clones are cheap here (the URI shares its bytes): this runs for every request.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let response = next.run(req).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let takes = allow
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!("; it takes {v}"))
+        .unwrap_or_default();
+    let mut refused = ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {}{takes}", uri.path()),
     )
+    .into_response();
+    if let Some(allow) = allow {
+        refused.headers_mut().insert(header::ALLOW, allow);
+    }
+    refused
 }
 
 fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {

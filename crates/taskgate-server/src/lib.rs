@@ -121,10 +121,15 @@ fn forward_store_events(
 /// Wraps the store the server opens (tests install a [`store::faults::FaultyStore`]).
 pub type StoreWrapper = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
 
-/// Ways for tests to reach inside a running server; the default changes nothing.
+/// Ways for tests (and the binary) to reach inside a running server; the default changes
+/// nothing.
 #[derive(Default, Clone)]
 pub struct Hooks {
     pub wrap_store: Option<StoreWrapper>,
+    /// Called once the server is ready to answer (store open, data dir locked, bootstrap key
+    /// stored), with the address it listens on: the binary prints its "listening" line here,
+    /// so the line never appears for a server that then fails to start.
+    pub on_ready: Option<Arc<dyn Fn(std::net::SocketAddr) + Send + Sync>>,
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops accepting, gives
@@ -156,17 +161,18 @@ pub async fn run_with(
             path: config.data_dir.clone(),
             source,
         })?;
-    let mut store = open_store(&data_dir, config.database_url.as_deref()).await?;
-    if let Some(wrap) = &hooks.wrap_store {
-        store = wrap(store);
-    }
     // Two servers on one SQLite file would each take the other's running tasks for orphans;
-    // PostgreSQL nodes share safely through leases.
-    let _lock = if store.exclusive() {
+    // PostgreSQL nodes share safely through leases. Taken before the store is opened, so a
+    // second server neither migrates nor reads the file it is about to be refused.
+    let _lock = if config.database_url.is_none() {
         Some(lock_data_dir(&data_dir)?)
     } else {
         None
     };
+    let mut store = open_store(&data_dir, config.database_url.as_deref()).await?;
+    if let Some(wrap) = &hooks.wrap_store {
+        store = wrap(store);
+    }
 
     if let Some(key) = &config.bootstrap_api_key {
         auth::register_bootstrap_key(store.as_ref(), key).await?;
@@ -276,6 +282,9 @@ pub async fn run_with(
     };
     info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
     let draining = dispatcher.clone();
+    if let Some(ready) = hooks.on_ready {
+        ready(local_addr);
+    }
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -163,8 +163,13 @@ enum KeysCommand {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: in a file or a pipe the escape codes are noise.
+    // NO_COLOR (https://no-color.org) turns it off there too.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -299,10 +304,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    // Scripts and tests read the bound address from this line (useful with port 0).
-    println!("taskgate listening on http://{addr}");
-    taskgate_server::run(config, listener, shutdown_signal()).await?;
+    let hooks = taskgate_server::Hooks {
+        // Scripts and tests read the bound address from this line (useful with port 0); it is
+        // printed only once the server can answer.
+        on_ready: Some(std::sync::Arc::new(|addr| {
+            println!("taskgate listening on http://{addr}")
+        })),
+        ..Default::default()
+    };
+    taskgate_server::run_with(config, listener, shutdown_signal(), hooks).await?;
     Ok(())
 }
 

@@ -364,20 +364,32 @@ async fn an_unknown_path_is_a_404_envelope_pointing_at_the_api() {
 async fn a_wrong_method_is_a_405_envelope_naming_the_right_one() {
     let app = TestApp::start().await;
 
-    for (method, path) in [
-        (Method::GET, "/api/v1/generateTask/echo"),
-        (Method::POST, "/api/v1/statusTask/echo?taskId=task_x"),
-        (Method::DELETE, "/api/v1/statusTask/echo?taskId=task_x"),
-        (Method::PUT, "/api/v1/generateTask/echo"),
+    for (method, path, takes) in [
+        (Method::GET, "/api/v1/generateTask/echo", "POST"),
+        (Method::POST, "/api/v1/statusTask/echo?taskId=task_x", "GET"),
+        (
+            Method::DELETE,
+            "/api/v1/statusTask/echo?taskId=task_x",
+            "GET",
+        ),
+        (Method::PUT, "/api/v1/generateTask/echo", "POST"),
+        (Method::GET, "/api/v1/webhookSecret/rotate", "POST"),
+        (Method::DELETE, "/healthz", "GET"),
+        (Method::GET, "/api/v1/worker/claim", "POST"),
     ] {
         let resp = app.api.request(method.clone(), path).send().await.unwrap();
+        let allow = resp.headers().get("allow").cloned();
         let (status, body) = envelope(resp).await;
-        assert_error(
+        // Said of this path (not of generateTask on every path), with what it does take.
+        let route = path.split('?').next().unwrap();
+        let msg = assert_error(
             status,
             &body,
             StatusCode::METHOD_NOT_ALLOWED,
-            &["POST", "GET"],
+            &[method.as_str(), route, takes],
         );
+        assert!(!msg.contains("generateTask takes"), "{msg}");
+        assert!(allow.unwrap().to_str().unwrap().contains(takes));
     }
 }
 

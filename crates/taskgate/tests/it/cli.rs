@@ -1232,3 +1232,47 @@ async fn webhook_listen_without_a_secret_and_with_a_refused_key_exits_4_like_eve
     run.assert_exit(4);
     assert!(run.error_line().contains("invalid API key"), "{run}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// what a new user met running the binary
+
+#[tokio::test]
+async fn serve_logs_to_a_file_without_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(dir.path(), None).await;
+    // One refused request, so there is more than the start-up line.
+    let _ = server.api.status("echo", "task_nope").await;
+    let log_path = server.log.clone();
+    server.terminate().await;
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(log.contains("taskgate serving"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log written to a file:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_exits_1_without_claiming_to_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ServerProcess::spawn(dir.path(), None).await;
+    let data = dir.path().to_str().unwrap();
+    let run = cli_env(
+        &[("TASKGATE_API_KEY", API_KEY)],
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+    )
+    .await;
+    run.assert_exit(1);
+    assert!(
+        !run.stdout.contains("listening"),
+        "a refused server said it listens:\n{run}"
+    );
+    assert!(
+        run.stderr.to_lowercase().contains("data"),
+        "no word about the data dir:\n{run}"
+    );
+    // The first is untouched.
+    let (status, _) = first.api.status("echo", "task_nope").await;
+    assert_eq!(status, 404);
+    first.terminate().await;
+}

@@ -275,6 +275,7 @@ pub fn faulty_hooks(
                 plan.clone(),
             ))
         })),
+        ..Default::default()
     }
 }
 
