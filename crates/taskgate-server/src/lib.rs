@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::Config;
 
@@ -176,6 +176,16 @@ pub async fn run_with(
 
     if let Some(key) = &config.bootstrap_api_key {
         auth::register_bootstrap_key(store.as_ref(), key).await?;
+    }
+    let client_keys = store
+        .list_keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.kind == store::KeyKind::Client && k.revoked_at.is_none())
+        .count();
+    if client_keys == 0 {
+        // Otherwise a first run looks healthy and every request gets 401.
+        warn!("no API key exists, so every request will be refused with 401: set TASKGATE_API_KEY (16+ characters) for `taskgate serve`, or create one with `taskgate keys create --name NAME --data-dir <this data dir>`");
     }
 
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;

@@ -316,16 +316,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the server's store for a `keys` command, saying on stderr which one it is: a key made
+/// in a store the running server does not use is a key that never works. Only `create` may
+/// start a new SQLite store; `list` and `revoke` on a directory without one are refused.
 async fn open_store(
     args: &DataDirArg,
+    create: bool,
 ) -> anyhow::Result<std::sync::Arc<dyn taskgate_server::store::Store>> {
     let where_ = match &args.database_url {
-        Some(url) => taskgate_server::config::redact_url(url),
-        None => args.data_dir.display().to_string(),
+        Some(url) => format!("PostgreSQL at {}", taskgate_server::config::redact_url(url)),
+        None => {
+            let file = taskgate_server::database_path(&args.data_dir);
+            let exists = file.exists();
+            if !exists && !create {
+                bail!(
+                    "no taskgate store in {} (no {}): pass the server's --data-dir (or \
+                     TASKGATE_DATA_DIR), or --database-url for a PostgreSQL server",
+                    args.data_dir.display(),
+                    file.display()
+                );
+            }
+            let new = if exists { "" } else { ", new" };
+            format!("SQLite at {}{new}", file.display())
+        }
     };
+    eprintln!("Using the store: {where_}");
     taskgate_server::open_store(&args.data_dir, args.database_url.as_deref())
         .await
-        .with_context(|| format!("cannot open the store in {where_}"))
+        .with_context(|| format!("cannot open the store ({where_})"))
 }
 
 fn format_time(ms: i64) -> String {
@@ -346,7 +364,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             } else {
                 taskgate_server::store::KeyKind::Client
             };
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, true).await?;
             let (record, key) =
                 taskgate_server::auth::create_key(store.as_ref(), kind, &name, tenant.as_deref())
                     .await?;
@@ -364,7 +382,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             println!("API key: {key}");
         }
         KeysCommand::List { data_dir } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, false).await?;
             let keys = store.list_keys().await?;
             store.close().await;
             if keys.is_empty() {
@@ -391,7 +409,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id, data_dir } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, false).await?;
             let done = store
                 .revoke_key(&id, taskgate_server::domain::now_ms())
                 .await?;

@@ -1276,3 +1276,31 @@ async fn a_second_server_on_the_same_data_dir_exits_1_without_claiming_to_listen
     assert_eq!(status, 404);
     first.terminate().await;
 }
+
+#[tokio::test]
+async fn serve_without_any_key_warns_that_every_request_will_get_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("serve.err");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let data = dir.path().join("data");
+    let mut child = taskgate_command(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("no listening line within 30 s")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(ready.starts_with("taskgate listening on "), "{ready}");
+    // The warning is logged before the listening line is printed.
+    child.kill().await.unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("no API key exists") && log.contains("TASKGATE_API_KEY"),
+        "{log}"
+    );
+}

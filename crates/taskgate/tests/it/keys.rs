@@ -165,3 +165,37 @@ async fn a_revoked_key_stops_working_on_a_running_server_and_others_keep_working
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test]
+async fn keys_list_and_revoke_refuse_a_directory_without_a_store_and_create_says_which_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("not-the-data-dir");
+    std::fs::create_dir_all(&empty).unwrap();
+    let d = empty.to_str().unwrap();
+    for args in [
+        vec!["keys", "list", "--data-dir", d],
+        vec!["keys", "revoke", "key_x", "--data-dir", d],
+    ] {
+        let out = taskgate(&args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no taskgate store") && stderr.contains(d),
+            "{args:?}: {stderr}"
+        );
+        // Nothing was created where the key would have been lost.
+        assert!(
+            !empty.join("taskgate.db").exists(),
+            "{args:?} created a store"
+        );
+    }
+    let created = create_key(&empty, "first", None).await;
+    assert!(created.key.len() >= 16);
+    let out = taskgate(&["keys", "list", "--data-dir", d]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Using the store: SQLite at") && stderr.contains(d),
+        "{stderr}"
+    );
+}
