@@ -178,7 +178,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 /// Flags and environment (already merged by clap) over the file over the defaults.
-fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
+/// `api_key` is the global `--api-key` / `TASKGATE_API_KEY`, which `serve` registers.
+fn layered_config(args: &ServeArgs, api_key: Option<&str>) -> anyhow::Result<Config> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -268,12 +269,12 @@ fn layered_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(a) = args.allow_private_callbacks.or(w.allow_private_callbacks) {
         wh.allow_private = a;
     }
-    config.bootstrap_api_key = std::env::var("TASKGATE_API_KEY")
-        .ok()
-        .filter(|k| !k.trim().is_empty());
+    // The same key the client commands send: `serve --api-key` (shown in its help) used to be
+    // ignored, only the variable counted.
+    config.bootstrap_api_key = api_key.map(str::to_owned).filter(|k| !k.trim().is_empty());
     if let Some(key) = &config.bootstrap_api_key {
         if key.len() < 16 {
-            bail!("TASKGATE_API_KEY is too short to be safe: use at least 16 characters (or create keys with `taskgate keys create`)");
+            bail!("the API key (--api-key / TASKGATE_API_KEY) is too short to be safe: use at least 16 characters (or create keys with `taskgate keys create`)");
         }
     }
     config.validate()?;
@@ -298,9 +299,9 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
     init_tracing(args.log_format);
-    let config = layered_config(&args)?;
+    let config = layered_config(&args, api_key.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -443,7 +444,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
+            Command::Serve(args) => serve(*args, cli.connection.api_key.clone()).await,
             Command::Keys(cmd) => keys(cmd).await,
             Command::Worker(args) => {
                 init_tracing(LogFormat::Text);
@@ -467,6 +468,48 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Every flag and variable of `serve` is in docs/configuration.md: a setting added to the
+    /// command without its row there fails here.
+    #[test]
+    fn every_serve_setting_is_documented() {
+        use clap::CommandFactory;
+        let docs = include_str!("../../../docs/configuration.md");
+        let mut cli = Cli::command();
+        cli.build();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let (mut missing, mut checked) = (Vec::new(), 0);
+        for arg in serve.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            // Globals of the client commands that `serve` does not read.
+            if arg.is_global_set() && !matches!(arg.get_id().as_str(), "api_key") {
+                continue;
+            }
+            checked += 1;
+            if let Some(long) = arg.get_long() {
+                if !docs.contains(&format!("`--{long}")) {
+                    missing.push(format!("--{long}"));
+                }
+            }
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy();
+                if !docs.contains(&format!("`{env}`")) {
+                    missing.push(env.into_owned());
+                }
+            }
+        }
+        assert!(checked >= 20, "only {checked} settings of serve seen");
+        assert!(
+            missing.is_empty(),
+            "not in docs/configuration.md: {missing:?}"
+        );
+    }
+
+    fn layered_config_for(args: &ServeArgs) -> anyhow::Result<Config> {
+        layered_config(args, None)
+    }
+
     fn serve_args(argv: &[&str]) -> ServeArgs {
         let mut full = vec!["taskgate", "serve"];
         full.extend_from_slice(argv);
@@ -487,7 +530,7 @@ mod tests {
         )
         .unwrap();
         let path = file.to_str().unwrap();
-        let c = layered_config(&serve_args(&["--config", path])).unwrap();
+        let c = layered_config_for(&serve_args(&["--config", path])).unwrap();
         assert_eq!(c.max_upload_bytes, 1000);
         assert_eq!(
             c.retry_backoff,
@@ -503,7 +546,7 @@ mod tests {
             (10, 2, 3)
         );
         assert_eq!(c.webhooks.breaker_cooldown, Duration::from_secs(60));
-        let c = layered_config(&serve_args(&[
+        let c = layered_config_for(&serve_args(&[
             "--config",
             path,
             "--max-upload-bytes",

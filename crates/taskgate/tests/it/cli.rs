@@ -1277,14 +1277,18 @@ async fn a_second_server_on_the_same_data_dir_exits_1_without_claiming_to_listen
     first.terminate().await;
 }
 
-#[tokio::test]
-async fn serve_without_any_key_warns_that_every_request_will_get_401() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("serve.err");
+/// `taskgate serve` on a fresh data dir with exactly `extra` (no inherited variable); returns
+/// the child, its base URL once it prints the listening line, and its log file.
+async fn serve_raw(
+    dir: &Path,
+    extra: &[&str],
+) -> (tokio::process::Child, String, std::path::PathBuf) {
+    let log_path = dir.join("serve.err");
     let log = std::fs::File::create(&log_path).unwrap();
-    let data = dir.path().join("data");
+    let data = dir.join("data");
     let mut child = taskgate_command(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -1295,7 +1299,17 @@ async fn serve_without_any_key_warns_that_every_request_will_get_401() {
         .expect("no listening line within 30 s")
         .unwrap()
         .unwrap_or_default();
-    assert!(ready.starts_with("taskgate listening on "), "{ready}");
+    let base = ready
+        .strip_prefix("taskgate listening on ")
+        .unwrap_or_else(|| panic!("not the listening line: {ready}"))
+        .to_owned();
+    (child, base, log_path)
+}
+
+#[tokio::test]
+async fn serve_without_any_key_warns_that_every_request_will_get_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _, log_path) = serve_raw(dir.path(), &[]).await;
     // The warning is logged before the listening line is printed.
     child.kill().await.unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
@@ -1303,4 +1317,18 @@ async fn serve_without_any_key_warns_that_every_request_will_get_401() {
         log.contains("no API key exists") && log.contains("TASKGATE_API_KEY"),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn serve_api_key_flag_registers_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "flag-key-0123456789abcdef";
+    let (mut child, base, log_path) = serve_raw(dir.path(), &["--api-key", key]).await;
+    let api = Api::new(base).with_key(key);
+    let (status, body) = api.status("echo", "task_nope").await;
+    child.kill().await.unwrap();
+    // Known key, unknown task: 404, not 401.
+    assert_eq!(status, 404, "{body}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("no API key exists"), "{log}");
 }
