@@ -700,6 +700,14 @@ struct ListenState {
 
 async fn listen(conn: &Connection, port: u16, secret: Option<String>) -> Result<(), Failure> {
     let raw: Vec<String> = match secret {
+        // The server's secrets always carry the prefix; without it a mistyped value (any word
+        // that happens to be base64) would be taken as a key and every delivery "forged".
+        Some(s) if !s.trim().starts_with(webhook::SECRET_PREFIX) => {
+            return Err(Failure::usage(format!(
+                "--secret must be a webhook secret starting with {}, as GET /api/v1/webhookSecret returns it (or leave --secret out to read it from the server)",
+                webhook::SECRET_PREFIX
+            )))
+        }
         Some(s) => vec![s],
         None => {
             let client = connect(conn)?;

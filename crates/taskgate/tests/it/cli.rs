@@ -1332,3 +1332,18 @@ async fn serve_api_key_flag_registers_the_key() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!log.contains("no API key exists"), "{log}");
 }
+
+#[tokio::test]
+async fn webhook_listen_refuses_a_secret_without_the_whsec_prefix() {
+    // "abcd" is valid base64: without the check it was taken as a key.
+    let run = cli_env(
+        &[],
+        &[
+            "webhook", "listen", "--port", "0", "--secret", "abcd", "--json",
+        ],
+    )
+    .await;
+    run.assert_exit(2);
+    let err = &run.json()["error"];
+    assert!(err["message"].as_str().unwrap().contains("whsec_"), "{run}");
+}
