@@ -23,7 +23,8 @@ pub struct DownloadProgress {
 
 impl Client {
     /// Downloads `result_url` into the directory `dir` (created if missing) and returns the path
-    /// written. The file name is the last segment of the URL's path.
+    /// written. The file name is the last segment of the URL's path; a file of that name already
+    /// in `dir` is kept, and the new one is saved as `name-1.ext` (then `-2`, …).
     ///
     /// The API key is sent only when the URL is on the API's own origin (taskgate serving its
     /// artifacts), never to a third-party CDN.
@@ -77,7 +78,6 @@ impl Client {
                 path: dir.to_owned(),
                 source,
             })?;
-        let dest = dir.join(&name);
         let part = dir.join(format!(".{name}.part"));
 
         let mut resp = self.open_download(&url).await?;
@@ -109,19 +109,14 @@ impl Client {
                 source,
             })?;
             drop(file);
-            tokio::fs::rename(&part, &dest)
-                .await
-                .map_err(|source| Error::Io {
-                    path: dest.clone(),
-                    source,
-                })
+            place_without_clobbering(&part, dir, &name).await
         }
         .await;
         if result.is_err() {
             // Best effort: a leftover .part file is harmless, and the original error matters more.
             let _ = tokio::fs::remove_file(&part).await;
         }
-        result.map(|()| dest)
+        result
     }
 
     /// Sends the GET, retrying transient failures before any byte of the body is read.
@@ -221,4 +216,45 @@ mod tests {
         assert_eq!(name("https://h/"), "download");
         assert_eq!(name("https://h/.hidden"), "hidden");
     }
+}
+
+/// Gives the finished `part` its name in `dir`, keeping any file already there: `fox.png`, else
+/// `fox-1.png`, `fox-2.png`, … (two tasks' results, or two runs into one directory, often share a
+/// name). A hard link claims the name atomically, so two downloads cannot take the same one.
+async fn place_without_clobbering(part: &Path, dir: &Path, name: &str) -> Result<PathBuf, Error> {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    };
+    for n in 0u32..10_000 {
+        let candidate = if n == 0 {
+            name.to_owned()
+        } else {
+            format!("{stem}-{n}{ext}")
+        };
+        let dest = dir.join(candidate);
+        match tokio::fs::hard_link(part, &dest).await {
+            Ok(()) => {
+                let _ = tokio::fs::remove_file(part).await;
+                return Ok(dest);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // A filesystem without hard links: check, then rename (a race with another writer
+            // of the same name is then possible, but nothing earlier is overwritten knowingly).
+            Err(_) if !tokio::fs::try_exists(&dest).await.unwrap_or(true) => {
+                return tokio::fs::rename(part, &dest)
+                    .await
+                    .map(|()| dest.clone())
+                    .map_err(|source| Error::Io { path: dest, source });
+            }
+            Err(source) => return Err(Error::Io { path: dest, source }),
+        }
+    }
+    Err(Error::Io {
+        path: dir.join(name),
+        source: std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "10,000 files of this name are already in the directory",
+        ),
+    })
 }

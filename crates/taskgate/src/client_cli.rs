@@ -596,7 +596,9 @@ async fn download_with_progress(
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        let name = url.rsplit('/').next().unwrap_or(url).to_owned();
+        // The file's name, not the signed query string after it.
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        let name = path.rsplit('/').next().unwrap_or(path).to_owned();
         let bar = pb.clone();
         let result = client
             .download_with_progress(url, dir, move |p| {

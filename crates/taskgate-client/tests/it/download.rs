@@ -95,3 +95,29 @@ async fn the_api_key_goes_to_the_apis_own_origin_and_never_to_another_host() {
     );
     assert_eq!(cdn.requests()[0].authorization, None);
 }
+
+#[tokio::test]
+async fn a_second_download_of_the_same_name_keeps_the_first_file() {
+    let server = FakeServer::start().await;
+    server.on_files([
+        Reply::bytes(200, b"first".to_vec()),
+        Reply::bytes(200, b"second".to_vec()),
+        Reply::bytes(200, b"third".to_vec()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("{}/files/task_1/fox.png?sig=abc", server.base);
+    let client = server.client();
+
+    let a = client.download(&url, dir.path()).await.unwrap();
+    let b = client.download(&url, dir.path()).await.unwrap();
+    let c = client.download(&url, dir.path()).await.unwrap();
+
+    assert_eq!(a, dir.path().join("fox.png"));
+    assert_eq!(b, dir.path().join("fox-1.png"));
+    assert_eq!(c, dir.path().join("fox-2.png"));
+    assert_eq!(std::fs::read(&a).unwrap(), b"first");
+    assert_eq!(std::fs::read(&b).unwrap(), b"second");
+    assert_eq!(std::fs::read(&c).unwrap(), b"third");
+    // No .part file is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
