@@ -554,7 +554,8 @@ async fn wait_with_progress(
         async move {
             loop {
                 if let Ok(l) = line.lock() {
-                    let state = l.state.map(TaskState::as_str).unwrap_or("submitted");
+                    // Before the first poll the task is what every submit makes: pending.
+                    let state = l.state.map(TaskState::as_str).unwrap_or("pending");
                     let next = l
                         .next_at
                         .map(|at| at.saturating_duration_since(Instant::now()).as_secs_f64())

@@ -123,7 +123,7 @@ fn parse_delays(s: &str) -> Result<Delays, String> {
 
 #[derive(Args)]
 struct DataDirArg {
-    /// The server's data directory [default: ./data].
+    /// The server's data directory.
     #[arg(long, env = "TASKGATE_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
     /// The server's PostgreSQL URL, when it runs on PostgreSQL.
@@ -154,6 +154,7 @@ enum KeysCommand {
     },
     /// Revoke a key by its id (key_...).
     Revoke {
+        /// The key's id as `keys list` shows it (key_… or wkr_…), not the key itself.
         id: String,
         #[command(flatten)]
         data_dir: DataDirArg,

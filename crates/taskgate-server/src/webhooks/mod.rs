@@ -439,13 +439,26 @@ impl Deliverer {
         let ok = next == DeliveryNext::Succeeded;
         match next {
             DeliveryNext::Succeeded => {
-                info!(status = ?attempt.status_code, latency_ms = attempt.latency_ms, "callback delivered")
+                info!(
+                    status = attempt.status_code,
+                    latency_ms = attempt.latency_ms,
+                    "callback delivered"
+                )
             }
             DeliveryNext::RetryAt(at) => {
-                warn!(status = ?attempt.status_code, error = ?attempt.error, retry_in_ms = at - now_ms(), "callback attempt failed; will retry")
+                warn!(
+                    status = attempt.status_code,
+                    error = attempt.error.as_deref(),
+                    retry_in_ms = at - now_ms(),
+                    "callback attempt failed; will retry"
+                )
             }
             _ => {
-                warn!(status = ?attempt.status_code, error = ?attempt.error, "callback delivery failed for good")
+                warn!(
+                    status = attempt.status_code,
+                    error = attempt.error.as_deref(),
+                    "callback delivery failed for good"
+                )
             }
         }
         match self

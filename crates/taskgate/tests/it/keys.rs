@@ -199,3 +199,13 @@ async fn keys_list_and_revoke_refuse_a_directory_without_a_store_and_create_says
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn keys_help_shows_each_default_once_and_describes_the_revoke_argument() {
+    let list = taskgate(&["keys", "list", "--help"]).await;
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(text.matches("[default: ./data]").count(), 1, "{text}");
+    let revoke = taskgate(&["keys", "revoke", "--help"]).await;
+    let text = String::from_utf8_lossy(&revoke.stdout);
+    assert!(text.contains("as `keys list` shows it"), "{text}");
+}
