@@ -98,6 +98,40 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .fallback_service(routes)
         .layer(axum::middleware::from_fn(explain_method_not_allowed))
+        .layer(axum::middleware::from_fn(access_log))
+}
+
+/// One line per request: refusals and failures (4xx, 5xx) at info, so an operator sees why a
+/// client is turned away; successes at debug, because a line per submit or poll at info costs
+/// the hot paths more than the request itself (docs/BENCHMARKS.md).
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status >= 400 {
+        let task_id = task_id_of(&uri);
+        tracing::info!(%method, path = uri.path(), status, latency_ms, task_id, "request refused");
+    } else {
+        tracing::debug!(%method, path = uri.path(), status, latency_ms, "request");
+    }
+    response
+}
+
+/// The task a request names, in its query (`taskId=`) or its path (`/files/task_…/…`).
+fn task_id_of(uri: &Uri) -> Option<String> {
+    let in_query = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "taskId")
+            .map(|(_, v)| v.into_owned())
+    });
+    in_query.or_else(|| {
+        uri.path()
+            .split('/')
+            .find(|seg| seg.starts_with("task_"))
+            .map(str::to_owned)
+    })
 }
 
 async fn healthz() -> Json<Envelope<Value>> {

@@ -1347,3 +1347,31 @@ async fn webhook_listen_refuses_a_secret_without_the_whsec_prefix() {
     let err = &run.json()["error"];
     assert!(err["message"].as_str().unwrap().contains("whsec_"), "{run}");
 }
+
+#[tokio::test]
+async fn a_refused_request_leaves_a_log_line_with_its_status_and_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(dir.path(), None).await;
+    let _ = server.api.status("echo", "task_nope").await;
+    let _ = server
+        .api
+        .with_key("wrong-key")
+        .status("echo", "task_x")
+        .await;
+    let log_path = server.log.clone();
+    server.terminate().await;
+    let log = std::fs::read_to_string(log_path).unwrap();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("status=404") && l.contains("task_id=\"task_nope\"")),
+        "{log}"
+    );
+    assert!(refused.iter().any(|l| l.contains("status=401")), "{log}");
+    // Displayed, not debug-printed.
+    assert!(!log.contains("Some("), "{log}");
+}
