@@ -78,16 +78,9 @@ impl Client {
                 path: dir.to_owned(),
                 source,
             })?;
-        let part = dir.join(format!(".{name}.part"));
-
         let mut resp = self.open_download(&url).await?;
         let total = resp.content_length();
-        let mut file = tokio::fs::File::create(&part)
-            .await
-            .map_err(|source| Error::Io {
-                path: part.clone(),
-                source,
-            })?;
+        let (part, mut file) = new_part_file(dir, &name).await?;
         let mut downloaded = 0u64;
         let result = async {
             loop {
@@ -218,6 +211,24 @@ mod tests {
     }
 }
 
+/// A hidden file of this download's own (`.fox.png.<random>.part`, created new): two downloads
+/// of one name into one directory must never write into the same file.
+async fn new_part_file(dir: &Path, name: &str) -> Result<(PathBuf, tokio::fs::File), Error> {
+    loop {
+        let part = dir.join(format!(".{name}.{:016x}.part", rand::random::<u64>()));
+        match tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .await
+        {
+            Ok(file) => return Ok((part, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(Error::Io { path: part, source }),
+        }
+    }
+}
+
 /// Gives the finished `part` its name in `dir`, keeping any file already there: `fox.png`, else
 /// `fox-1.png`, `fox-2.png`, … (two tasks' results, or two runs into one directory, often share a
 /// name). A hard link claims the name atomically, so two downloads cannot take the same one.
@@ -235,6 +246,8 @@ async fn place_without_clobbering(part: &Path, dir: &Path, name: &str) -> Result
         let dest = dir.join(candidate);
         match tokio::fs::hard_link(part, &dest).await {
             Ok(()) => {
+                // A part file left behind (removal refused) is this download's own, never
+                // reopened, so it cannot touch the result.
                 let _ = tokio::fs::remove_file(part).await;
                 return Ok(dest);
             }

@@ -12,6 +12,7 @@ macro_rules! error_codes {
         /// Why a request was refused. New codes may appear in later versions: a client should
         /// treat a code it does not know by its HTTP status.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
         pub enum ErrorCode {
             $(#[doc = $meaning] $variant,)+
         }

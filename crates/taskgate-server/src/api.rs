@@ -55,7 +55,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    let routes = Router::new()
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/generateTask/{model}", post(generate_task))
         .route("/api/v1/statusTask/{model}", get(status_task))
@@ -80,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/files/{task_id}/{name}", get(get_untagged_file))
         .route("/files/{task_id}/{tag}/{name}", get(get_file))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(
@@ -92,46 +93,7 @@ pub fn router(state: AppState) -> Router {
             },
         ))
         // One Arc for the whole state: axum clones the state for every request.
-        .with_state(Arc::new(state));
-    // Around the whole router, not each route: axum sets `Allow` on a 405 after the route's own
-    // layers have run.
-    Router::new()
-        .fallback_service(routes)
-        .layer(axum::middleware::from_fn(explain_method_not_allowed))
-        .layer(axum::middleware::from_fn(access_log))
-}
-
-/// One line per request: refusals and failures (4xx, 5xx) at info, so an operator sees why a
-/// client is turned away; successes at debug, because a line per submit or poll at info costs
-/// the hot paths more than the request itself (docs/BENCHMARKS.md).
-async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let started = std::time::Instant::now();
-    let (method, uri) = (req.method().clone(), req.uri().clone());
-    let response = next.run(req).await;
-    let status = response.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if status >= 400 {
-        let task_id = task_id_of(&uri);
-        tracing::info!(%method, path = uri.path(), status, latency_ms, task_id, "request refused");
-    } else {
-        tracing::debug!(%method, path = uri.path(), status, latency_ms, "request");
-    }
-    response
-}
-
-/// The task a request names, in its query (`taskId=`) or its path (`/files/task_…/…`).
-fn task_id_of(uri: &Uri) -> Option<String> {
-    let in_query = uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "taskId")
-            .map(|(_, v)| v.into_owned())
-    });
-    in_query.or_else(|| {
-        uri.path()
-            .split('/')
-            .find(|seg| seg.starts_with("task_"))
-            .map(str::to_owned)
-    })
+        .with_state(Arc::new(state))
 }
 
 async fn healthz() -> Json<Envelope<Value>> {
@@ -145,34 +107,16 @@ async fn not_found(uri: Uri) -> ApiError {
     ))
 }
 
-/// A 405 as the envelope, naming the methods the path takes. axum answers a known path with
-/// the wrong method itself and sets `Allow` after any fallback or route layer runs, so the
-/// envelope is made here, around the router, where that header can be read.
-async fn explain_method_not_allowed(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    // Clones are cheap here (the URI shares its bytes): this runs for every request.
-    let (method, uri) = (req.method().clone(), req.uri().clone());
-    let response = next.run(req).await;
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
-        return response;
-    }
-    let allow = response.headers().get(header::ALLOW).cloned();
-    let takes = allow
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(|v| format!("; it takes {v}"))
-        .unwrap_or_default();
-    let mut refused = ApiError::new(
+/// A 405 said of the path asked (the fallback serves every route; axum adds `Allow`, which
+/// names the methods the path takes).
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::new(
         ErrorCode::MethodNotAllowed,
-        format!("{method} is not allowed on {}{takes}", uri.path()),
+        format!(
+            "{method} is not allowed on {}; the Allow header lists the methods it takes",
+            uri.path()
+        ),
     )
-    .into_response();
-    if let Some(allow) = allow {
-        refused.headers_mut().insert(header::ALLOW, allow);
-    }
-    refused
 }
 
 fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {

@@ -666,11 +666,35 @@ fn validate_s3(s3: &S3Config, result_url_ttl: Duration) -> Result<(), ConfigErro
 }
 
 /// A database URL without its password, for logs and messages.
+///
+/// ```
+/// use taskgate_server::config::redact_url;
+/// let shown = redact_url("postgres://u:hunter2@db/tg?sslmode=require&password=hunter3");
+/// assert!(!shown.contains("hunter"), "{shown}");
+/// assert!(shown.contains("sslmode=require"), "{shown}");
+/// ```
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("REDACTED"));
+            }
+            // sqlx also takes the password from the query (`?password=`, `sslpassword=`).
+            if u.query().is_some() {
+                let kept: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let secret = k.eq_ignore_ascii_case("password")
+                            || k.eq_ignore_ascii_case("sslpassword");
+                        let v = if secret {
+                            "REDACTED".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(kept);
             }
             u.to_string()
         }

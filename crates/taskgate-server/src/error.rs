@@ -90,7 +90,14 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %error_chain(cause.as_ref()), "request failed on our side");
                 "internal error on the server; it has been logged, try again later".to_owned()
             }
-            other => other.to_string(),
+            other => {
+                // One line per refusal, so an operator sees why a client is turned away. Only
+                // refusals: a line per successful submit or poll would cost the hot paths more
+                // than the request (docs/BENCHMARKS.md).
+                let message = other.to_string();
+                tracing::info!(status = status.as_u16(), error_code = %self.code(), message = %message, "request refused");
+                message
+            }
         };
         let mut response = envelope_response(self.code(), message);
         if status == StatusCode::UNAUTHORIZED {

@@ -44,10 +44,12 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|r| {
-        ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("cannot read the request body: {r}"),
-        )
+        let code = if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::PayloadTooLarge
+        } else {
+            ErrorCode::InvalidInput
+        };
+        ApiError::new(code, format!("cannot read the request body: {r}"))
     })?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

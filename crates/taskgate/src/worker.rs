@@ -22,8 +22,8 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use taskgate_proto::{
-    Envelope, ErrorCode, ErrorData, WorkerClaimRequest, WorkerComplete, WorkerFail,
-    WorkerHeartbeat, WorkerTask,
+    Envelope, ErrorCode, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat,
+    WorkerTask,
 };
 use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
 use taskgate_server::domain::fail_code;
@@ -116,11 +116,17 @@ impl WorkerApi {
                 )))
             }
         };
-        let error_code = envelope
-            .data
-            .as_ref()
-            .and_then(|d| serde_json::from_value::<ErrorData>(d.clone()).ok())
-            .and_then(|d| d.code());
+        // Only an error's data is an ErrorData; a claim's is the task (not copied to look).
+        let error_code = if status.is_success() {
+            None
+        } else {
+            envelope
+                .data
+                .as_ref()
+                .and_then(|d| d.get("errorCode"))
+                .and_then(serde_json::Value::as_str)
+                .and_then(ErrorCode::parse)
+        };
         match status {
             s if s.is_success() => match envelope.data {
                 None | Some(serde_json::Value::Null) => Ok(None),

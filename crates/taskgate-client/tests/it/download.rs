@@ -121,3 +121,30 @@ async fn a_second_download_of_the_same_name_keeps_the_first_file() {
     // No .part file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
 }
+
+#[tokio::test]
+async fn two_downloads_of_one_name_at_once_keep_both_files_whole() {
+    let server = FakeServer::start().await;
+    let a: Vec<u8> = vec![b'a'; 400_000];
+    let b: Vec<u8> = vec![b'b'; 400_000];
+    server.on_files([Reply::bytes(200, a.clone()), Reply::bytes(200, b.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("{}/files/task_1/out.bin", server.base);
+    let client = server.client();
+
+    let (x, y) = tokio::join!(
+        client.download(&url, dir.path()),
+        client.download(&url, dir.path())
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+
+    assert_ne!(x, y);
+    let mut got = vec![std::fs::read(&x).unwrap(), std::fs::read(&y).unwrap()];
+    got.sort();
+    assert_eq!(got, vec![a, b], "each file is one whole answer");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "no part file left"
+    );
+}
