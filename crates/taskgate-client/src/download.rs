@@ -182,35 +182,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn name(u: &str) -> String {
-        file_name_from_url(&Url::parse(u).unwrap())
-    }
-
-    #[test]
-    fn the_file_name_is_the_last_path_segment() {
-        assert_eq!(name("https://cdn.apixo.ai/output/abc.png"), "abc.png");
-        assert_eq!(
-            name("https://cdn.apixo.ai/output/abc.png?sig=1#x"),
-            "abc.png"
-        );
-        assert_eq!(name("https://cdn.apixo.ai/output/dir/"), "dir");
-        assert_eq!(name("https://cdn.apixo.ai/my%20file.mp4"), "my file.mp4");
-    }
-
-    #[test]
-    fn a_url_cannot_name_a_file_outside_the_directory() {
-        assert_eq!(name("https://h/a/%2e%2e"), "download");
-        assert_eq!(name("https://h/a/..%2f..%2fetc%2fpasswd"), "_.._etc_passwd");
-        assert_eq!(name("https://h/"), "download");
-        assert_eq!(name("https://h/.hidden"), "hidden");
-    }
-}
-
 /// A hidden file of this download's own (`.fox.png.<random>.part`, created new): two downloads
 /// of one name into one directory must never write into the same file.
 async fn new_part_file(dir: &Path, name: &str) -> Result<(PathBuf, tokio::fs::File), Error> {
@@ -270,4 +241,33 @@ async fn place_without_clobbering(part: &Path, dir: &Path, name: &str) -> Result
             "10,000 files of this name are already in the directory",
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn name(u: &str) -> String {
+        file_name_from_url(&Url::parse(u).unwrap())
+    }
+
+    #[test]
+    fn the_file_name_is_the_last_path_segment() {
+        assert_eq!(name("https://cdn.apixo.ai/output/abc.png"), "abc.png");
+        assert_eq!(
+            name("https://cdn.apixo.ai/output/abc.png?sig=1#x"),
+            "abc.png"
+        );
+        assert_eq!(name("https://cdn.apixo.ai/output/dir/"), "dir");
+        assert_eq!(name("https://cdn.apixo.ai/my%20file.mp4"), "my file.mp4");
+    }
+
+    #[test]
+    fn a_url_cannot_name_a_file_outside_the_directory() {
+        assert_eq!(name("https://h/a/%2e%2e"), "download");
+        assert_eq!(name("https://h/a/..%2f..%2fetc%2fpasswd"), "_.._etc_passwd");
+        assert_eq!(name("https://h/"), "download");
+        assert_eq!(name("https://h/.hidden"), "hidden");
+    }
 }
