@@ -449,7 +449,7 @@ fn main() -> ExitCode {
             Command::Keys(cmd) => keys(cmd).await,
             Command::Worker(args) => {
                 init_tracing(LogFormat::Text);
-                worker::run(args).await
+                worker::run(args, cli.connection.url.clone()).await
             }
             Command::Client(c) => return Ok(client_cli::run(cli.connection, c).await),
         }

@@ -33,9 +33,10 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// The taskgate server's base URL.
-    #[arg(long, env = "TASKGATE_URL")]
-    server: String,
+    /// The taskgate server's base URL [default: the global --url / TASKGATE_URL]. One setting
+    /// with the client commands: both used to be bound to TASKGATE_URL separately.
+    #[arg(long)]
+    server: Option<String>,
     /// A worker token (`taskgate keys create --worker --name NAME`).
     #[arg(long, env = "TASKGATE_WORKER_TOKEN", hide_env_values = true)]
     token: String,
@@ -181,12 +182,14 @@ impl WorkerApi {
     }
 }
 
-pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+/// `url` is the global `--url` (`TASKGATE_URL`), used when `--server` is not given.
+pub async fn run(args: WorkerArgs, global_url: String) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let base = args.server.trim_end_matches('/').to_owned();
-    url::Url::parse(&base).with_context(|| format!("--server {base:?} is not a URL"))?;
+    let server = args.server.clone().unwrap_or(global_url);
+    let base = server.trim_end_matches('/').to_owned();
+    url::Url::parse(&base).with_context(|| format!("--server / --url {base:?} is not a URL"))?;
     let api = WorkerApi {
         base,
         token: args.token.clone(),

@@ -604,3 +604,31 @@ async fn a_task_whose_stored_input_no_longer_parses_fails_at_its_first_claim() {
         "{data}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_without_server_takes_the_url_from_taskgate_url_like_the_client_commands() {
+    let app = TestApp::start_with_models(WORKER_MODEL).await;
+    let token = worker_token(&app.data_dir, None).await;
+    let _worker = taskgate_command(&[
+        "worker",
+        "--token",
+        &token,
+        "--model",
+        "remote",
+        "--",
+        "sh",
+        "-c",
+        "echo ok > \"$TASKGATE_OUTPUT_DIR/out.txt\"",
+    ])
+    .env("TASKGATE_URL", &app.api.base)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let id = app.api.submit_ok("remote", json!({})).await;
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(data["state"], "success", "{data}");
+}
