@@ -283,6 +283,10 @@ pub fn removed_message(model: &str) -> String {
 pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' time(s) \
      (its worker stopped or was killed) and has no attempts left'";
 
+/// The columns a new task's row is written with, in this order, by both stores' group commits.
+pub const NEW_TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, \
+     max_attempts, run_after, create_time";
+
 /// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
 /// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
 /// same statement through rusqlite, in `store/sqlite/writer.rs`.)
@@ -301,10 +305,7 @@ where
         .map(|t| serde_json::to_string(&t.input).map(|input| (t, input)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let mut qb = sqlx::QueryBuilder::new(
-        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
-         run_after, create_time) ",
-    );
+    let mut qb = sqlx::QueryBuilder::new(format!("INSERT INTO tasks ({NEW_TASK_COLUMNS}) "));
     qb.push_values(rows, |mut b, (t, input)| {
         b.push_bind(t.id.as_str())
             .push_bind(t.tenant_id.as_str())

@@ -114,7 +114,10 @@ pub(super) fn claim_sql() -> String {
 
 impl SqliteStore {
     /// A claim made by the writer thread: at `now`, or (`None`) parked until something of
-    /// `model` is due, at the time it is made.
+    /// `model` is due, at the time it is made. When `withdraw` is cancelled it answers at once:
+    /// with nothing if the request was not sent, else with what the writer had already answered
+    /// (a claim it makes later finds the answer closed and hands its tasks back).
+    #[allow(clippy::too_many_arguments)]
     async fn claim_in_writer(
         &self,
         model: &str,
@@ -123,8 +126,9 @@ impl SqliteStore {
         max_running: usize,
         limit: usize,
         runner: Runner,
+        withdraw: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<Vec<Claim>, StoreError> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let req = ClaimRequest {
             model: model.to_owned(),
             now,
@@ -134,11 +138,27 @@ impl SqliteStore {
             runner,
             reply,
         };
-        self.writes
-            .send(Write::Claim(req))
-            .await
-            .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        let withdrawn = || async move {
+            match withdraw {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            sent = self.writes.send(Write::Claim(req)) => sent.map_err(|_| writer_gone())?,
+            // Not sent: nothing can have been taken.
+            _ = withdrawn() => return Ok(Vec::new()),
+        }
+        tokio::select! {
+            answered = &mut answer => answered.map_err(|_| writer_gone())?,
+            _ = withdrawn() => {
+                answer.close();
+                match answer.try_recv() {
+                    Ok(answered) => answered,
+                    Err(_) => Ok(Vec::new()),
+                }
+            }
+        }
     }
 }
 
@@ -310,7 +330,7 @@ impl Store for SqliteStore {
         limit: usize,
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError> {
-        self.claim_in_writer(model, Some(now), lease, max_running, limit, runner)
+        self.claim_in_writer(model, Some(now), lease, max_running, limit, runner, None)
             .await
     }
 
@@ -326,33 +346,16 @@ impl Store for SqliteStore {
         limit: usize,
         withdraw: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<Claim>, StoreError> {
-        let (reply, mut answer) = oneshot::channel();
-        let req = ClaimRequest {
-            model: model.to_owned(),
-            now: None,
-            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+        self.claim_in_writer(
+            model,
+            None,
+            lease,
             max_running,
             limit,
-            runner: Runner::Local,
-            reply,
-        };
-        tokio::select! {
-            sent = self.writes.send(Write::Claim(req)) => sent.map_err(|_| writer_gone())?,
-            // Not sent: nothing can have been taken.
-            _ = withdraw.cancelled() => return Ok(Vec::new()),
-        }
-        tokio::select! {
-            answered = &mut answer => answered.map_err(|_| writer_gone())?,
-            _ = withdraw.cancelled() => {
-                // From here the writer's answer cannot land (a claim made after this is handed
-                // back); one that landed before is taken and run by the caller, not lost.
-                answer.close();
-                match answer.try_recv() {
-                    Ok(answered) => answered,
-                    Err(_) => Ok(Vec::new()),
-                }
-            }
-        }
+            Runner::Local,
+            Some(withdraw),
+        )
+        .await
     }
 
     async fn poke(&self, model: &str) {

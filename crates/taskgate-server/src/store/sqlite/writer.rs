@@ -21,7 +21,7 @@ use rusqlite::types::ToSql;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::super::rows::{claims_from_rows, outcome_columns, TaskRow};
+use super::super::rows::{claims_from_rows, outcome_columns, TaskRow, NEW_TASK_COLUMNS};
 use super::super::{Blob, Claim, FinishRequest, NewTask, Outcome, Runner, StoreError};
 use super::claim_sql;
 use crate::domain::{new_id, now_ms, Transition};
@@ -336,6 +336,24 @@ fn values(rows: usize, columns: usize) -> String {
     vec![one; rows].join(", ")
 }
 
+/// One multi-row `INSERT INTO {into} VALUES …`, rows of `columns` parameters each, the statement
+/// prepared once per row count.
+fn insert_rows(
+    tx: &Connection,
+    into: &str,
+    columns: usize,
+    params: &[&dyn ToSql],
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO {into} VALUES {}",
+        values(params.len() / columns, columns)
+    );
+    tx.prepare_cached(&sql)
+        .and_then(|mut s| s.execute(params))
+        .map_err(sqlite_error)?;
+    Ok(())
+}
+
 /// Submits as one multi-row INSERT, due at creation.
 fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError> {
     let inputs = batch
@@ -361,15 +379,7 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
             &t.create_time,
         ]);
     }
-    let sql = format!(
-        "INSERT INTO tasks (id, tenant_id, model, state, input, callback_url, max_attempts, \
-         run_after, create_time) VALUES {}",
-        values(batch.len(), 9)
-    );
-    tx.prepare_cached(&sql)
-        .and_then(|mut s| s.execute(params.as_slice()))
-        .map_err(sqlite_error)?;
-    Ok(())
+    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 9, &params)
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;
@@ -427,13 +437,7 @@ fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, Stor
         for (task, blob) in chunk {
             params.extend_from_slice(&[&blob.key as &dyn ToSql, task, &blob.content]);
         }
-        let sql = format!(
-            "INSERT INTO output_blobs (key, task_id, content) VALUES {}",
-            values(chunk.len(), 3)
-        );
-        tx.prepare_cached(&sql)
-            .and_then(|mut s| s.execute(params.as_slice()))
-            .map_err(sqlite_error)?;
+        insert_rows(tx, "output_blobs (key, task_id, content)", 3, &params)?;
     }
     // The outbox: a row only for tasks with a callback, whose tenant and URL the UPDATE gave.
     let deliveries: Vec<(&FinishRequest, &str, &str, String)> = batch
@@ -456,14 +460,12 @@ fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, Stor
                 &req.now,
             ]);
         }
-        let sql = format!(
-            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
-             next_attempt_at, created_at) VALUES {}",
-            values(deliveries.len(), 7)
-        );
-        tx.prepare_cached(&sql)
-            .and_then(|mut s| s.execute(params.as_slice()))
-            .map_err(sqlite_error)?;
+        insert_rows(
+            tx,
+            "webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, created_at)",
+            7,
+            &params,
+        )?;
     }
     Ok(batch
         .iter()
