@@ -1278,41 +1278,16 @@ async fn a_second_server_on_the_same_data_dir_exits_1_without_claiming_to_listen
     first.terminate().await;
 }
 
-/// `taskgate serve` on a fresh data dir with exactly `extra` (no inherited variable); returns
-/// the child, its base URL once it prints the listening line, and its log file.
-async fn serve_raw(
-    dir: &Path,
-    extra: &[&str],
-) -> (tokio::process::Child, String, std::path::PathBuf) {
-    let log_path = dir.join("serve.err");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let data = dir.join("data");
-    let mut child = taskgate_command(&["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("no listening line within 30 s")
-        .unwrap()
-        .unwrap_or_default();
-    let base = ready
-        .strip_prefix("taskgate listening on ")
-        .unwrap_or_else(|| panic!("not the listening line: {ready}"))
-        .to_owned();
-    (child, base, log_path)
-}
+/// No key from the environment: an empty `TASKGATE_API_KEY` counts as none.
+const NO_KEY: &[(&str, &str)] = &[("TASKGATE_API_KEY", "")];
 
 #[tokio::test]
 async fn serve_without_any_key_warns_that_every_request_will_get_401() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, _, log_path) = serve_raw(dir.path(), &[]).await;
+    let server = ServerProcess::spawn_full(dir.path(), None, &[], NO_KEY).await;
     // The warning is logged before the listening line is printed.
-    child.kill().await.unwrap();
+    let log_path = server.log.clone();
+    server.terminate().await;
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         log.contains("no API key exists") && log.contains("TASKGATE_API_KEY"),
@@ -1324,10 +1299,10 @@ async fn serve_without_any_key_warns_that_every_request_will_get_401() {
 async fn serve_api_key_flag_registers_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let key = "flag-key-0123456789abcdef";
-    let (mut child, base, log_path) = serve_raw(dir.path(), &["--api-key", key]).await;
-    let api = Api::new(base).with_key(key);
-    let (status, body) = api.status("echo", "task_nope").await;
-    child.kill().await.unwrap();
+    let server = ServerProcess::spawn_full(dir.path(), None, &["--api-key", key], NO_KEY).await;
+    let (status, body) = server.api.with_key(key).status("echo", "task_nope").await;
+    let log_path = server.log.clone();
+    server.terminate().await;
     // Known key, unknown task: 404, not 401.
     assert_eq!(status, 404, "{body}");
     let log = std::fs::read_to_string(&log_path).unwrap();

@@ -558,9 +558,10 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .envs(envs.iter().copied())
+            // The test key first, so that `envs` can replace it.
             .env("TASKGATE_API_KEY", API_KEY)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
