@@ -1,0 +1,171 @@
+//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait` and `webhook listen`.
+//!
+//! They are thin over `taskgate-client`, which owns polling, retries and downloads; this module
+//! owns only what a person or a script sees, split by job:
+//!
+//! - here: the flags (`Connection` and the subcommands) and [`run`];
+//! - `commands`: running `submit`, `status` and `wait`;
+//! - `output`: human text or one JSON document on stdout, progress on stderr;
+//! - `exit`: the exit codes and the one error line (or JSON error document) of every failure;
+//! - `listen`: the `webhook listen` receiver.
+
+mod commands;
+mod exit;
+mod listen;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+/// Where the server is and how to talk to it; shared by every client subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// Base URL of the taskgate server, or of any APIXO-compatible API (e.g. https://api.apixo.ai).
+    #[arg(
+        long,
+        env = "TASKGATE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+
+    /// API key, sent as `Authorization: Bearer <key>`.
+    #[arg(long, env = "TASKGATE_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+
+    /// Print machine-readable JSON on stdout instead of human text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The client subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Submit a task; prints its id, or with --wait its final status.
+    Submit {
+        /// Model id, e.g. `echo`, `demo-image`, `nano-banana`.
+        model: String,
+        /// Task input as a JSON object, or @file.json to read it from a file (@- for stdin).
+        #[arg(long, value_name = "JSON|@FILE")]
+        input: Option<String>,
+        /// Sets input.prompt (merged over --input).
+        #[arg(long, value_name = "TEXT")]
+        prompt: Option<String>,
+        /// Callback mode: the server POSTs the final status to this URL.
+        #[arg(long, value_name = "URL")]
+        callback: Option<String>,
+        /// Wait for the task to finish (first poll after 3 s, then x1.5 up to 30 s).
+        #[arg(long)]
+        wait: bool,
+        /// Download the results into this directory (implies --wait).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// How long --wait waits before giving up (exit code 3).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Show a task's status once.
+    Status {
+        /// The model the task was submitted to.
+        model: String,
+        /// The task id returned by submit.
+        task_id: String,
+    },
+    /// Wait for a task to finish, polling with backoff.
+    Wait {
+        /// The model the task was submitted to.
+        model: String,
+        /// The task id returned by submit.
+        task_id: String,
+        /// How long to wait before giving up (exit code 3).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Download the results into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Tools for developing webhook receivers.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+/// `taskgate webhook ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum WebhookCommand {
+    /// Receive callbacks on 127.0.0.1, verify their signatures and print them (Ctrl-C to stop).
+    ///
+    /// Answers 200 to a delivery with a valid signature and 401 otherwise. A taskgate server only
+    /// calls a loopback address when started with --allow-private-callbacks.
+    Listen {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+        /// Signing secret (whsec_...). Without it, the secret is read from the server with the
+        /// API key (GET /api/v1/webhookSecret).
+        #[arg(long, env = "TASKGATE_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+}
+
+/// Runs one client subcommand and returns the process exit code (see the module docs).
+pub async fn run(conn: Connection, cmd: ClientCommand) -> ExitCode {
+    match commands::execute(&conn, cmd).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            failure.report(conn.json);
+            ExitCode::from(failure.exit)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        cmd: ClientCommand,
+    }
+
+    #[test]
+    fn the_clap_definitions_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connection_flags_are_accepted_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "taskgate",
+            "submit",
+            "echo",
+            "--prompt",
+            "hi",
+            "--url",
+            "http://h:1",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.conn.url, "http://h:1");
+        assert!(cli.conn.json);
+        assert!(matches!(cli.cmd, ClientCommand::Submit { ref model, .. } if model == "echo"));
+    }
+
+    #[test]
+    fn wait_parses_a_human_timeout() {
+        let cli = Cli::try_parse_from(["taskgate", "wait", "echo", "task_1", "--timeout", "90s"])
+            .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            ClientCommand::Wait { timeout, .. } if timeout == Duration::from_secs(90)
+        ));
+    }
+}

@@ -1,0 +1,207 @@
+//! What a person or a script sees of a successful command: the status as human text or as one
+//! JSON document on stdout, and the live feedback on stderr while waiting and downloading.
+//!
+//! On a terminal, waiting draws one redrawn line (state, polls, a countdown to the next poll) and
+//! each download a byte progress bar. Anywhere else (CI, a pipe, a log file) it prints one plain
+//! line per state change and one `saved PATH (SIZE)` line per file, so logs stay readable.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use taskgate_client::{Client, Error, TaskState, TaskStatus, WaitOptions};
+
+use super::Connection;
+
+/// What the live progress line shows, updated by the wait callback and read by the ticker.
+#[derive(Default)]
+struct Line {
+    state: Option<TaskState>,
+    polls: u32,
+    next_at: Option<Instant>,
+}
+
+pub(super) async fn wait_with_progress(
+    client: &Client,
+    model: &str,
+    task_id: &str,
+    timeout: Duration,
+    poll_immediately: bool,
+) -> Result<TaskStatus, Error> {
+    let opts = WaitOptions::default()
+        .timeout(timeout)
+        .poll_immediately(poll_immediately);
+
+    if !std::io::stderr().is_terminal() {
+        // Not a terminal: one plain line per state change, nothing that redraws.
+        let last = Mutex::new(None::<TaskState>);
+        let opts = opts.on_progress(move |p| {
+            let Some(state) = p.state else { return };
+            if let Ok(mut last) = last.lock() {
+                if *last != Some(state) {
+                    *last = Some(state);
+                    eprintln!("{}: {state} after {}s", p.task_id, p.elapsed.as_secs());
+                }
+            }
+        });
+        return client.wait(model, task_id, opts).await;
+    }
+
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg}  [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    let line = Arc::new(Mutex::new(Line::default()));
+
+    // The callback fires only at polls; a ticker keeps the "next poll in" countdown moving.
+    let ticker = tokio::spawn({
+        let (pb, line, task_id) = (pb.clone(), line.clone(), task_id.to_owned());
+        async move {
+            loop {
+                if let Ok(l) = line.lock() {
+                    // Before the first poll the task is what every submit makes: pending.
+                    let state = l.state.map(TaskState::as_str).unwrap_or("pending");
+                    let next = l
+                        .next_at
+                        .map(|at| at.saturating_duration_since(Instant::now()).as_secs_f64())
+                        .map(|s| format!(" · next poll in {s:.0}s"))
+                        .unwrap_or_default();
+                    pb.set_message(format!("{task_id} {state} · {} polls{next}", l.polls));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+    let opts = opts.on_progress({
+        let line = line.clone();
+        move |p| {
+            if let Ok(mut l) = line.lock() {
+                l.state = p.state;
+                l.polls = p.polls;
+                l.next_at = p.next_poll.map(|d| Instant::now() + d);
+            }
+        }
+    });
+    let result = client.wait(model, task_id, opts).await;
+    ticker.abort();
+    pb.finish_and_clear();
+    result
+}
+
+pub(super) async fn download_with_progress(
+    client: &Client,
+    url: &str,
+    dir: &Path,
+    json_mode: bool,
+) -> Result<PathBuf, Error> {
+    let path = if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::hidden();
+        let mut shown = false;
+        let style = ProgressStyle::with_template(
+            "{spinner} {msg} {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        // The file's name, not the signed query string after it.
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        let name = path.rsplit('/').next().unwrap_or(path).to_owned();
+        let bar = pb.clone();
+        let result = client
+            .download_with_progress(url, dir, move |p| {
+                if !shown {
+                    shown = true;
+                    // Only now is the size known; without one the bar is a byte counter.
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    match p.total {
+                        Some(total) => {
+                            bar.set_length(total);
+                            bar.set_style(style.clone());
+                        }
+                        None => bar.set_style(
+                            ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}")
+                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        ),
+                    }
+                    bar.set_message(name.clone());
+                }
+                bar.set_position(p.downloaded);
+            })
+            .await;
+        pb.finish_and_clear();
+        result?
+    } else {
+        client.download(url, dir).await?
+    };
+    if !json_mode {
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        eprintln!("saved {} ({})", path.display(), HumanBytes(size));
+    }
+    Ok(path)
+}
+
+pub(super) fn show_status(conn: &Connection, status: &TaskStatus, files: &[PathBuf]) {
+    if conn.json {
+        let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
+        if !files.is_empty() {
+            v["files"] = json!(files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>());
+        }
+        println!("{v}");
+        return;
+    }
+    println!("task      {}", status.task_id);
+    println!("state     {}", status.state);
+    // 0 means the server did not say (APIXO leaves createTime out).
+    if status.create_time > 0 {
+        println!("created   {}", format_millis(status.create_time));
+    }
+    if let Some(done) = status.complete_time {
+        println!("finished  {}", format_millis(done));
+    }
+    if let Some(ms) = status.cost_time {
+        if ms < 1000 {
+            println!("took      {ms}ms");
+        } else {
+            println!("took      {:.1}s", ms as f64 / 1000.0);
+        }
+    }
+    match status.result() {
+        Some(Ok(r)) => {
+            for url in &r.result_urls {
+                println!("result    {url}");
+            }
+        }
+        Some(Err(e)) => println!("result    (unreadable resultJson: {e})"),
+        None => {}
+    }
+    if status.state == TaskState::Failed {
+        println!(
+            "failure   {}{}",
+            status
+                .fail_code
+                .as_deref()
+                .map(|c| format!("{c}: "))
+                .unwrap_or_default(),
+            status.fail_msg.as_deref().unwrap_or("no reason given")
+        );
+    }
+    for f in files {
+        println!("file      {}", f.display());
+    }
+}
+
+fn format_millis(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(ms) => {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        }
+        Err(_) => ms.to_string(),
+    }
+}
