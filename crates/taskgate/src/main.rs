@@ -2,6 +2,7 @@
 //! sets up tracing, binds, and hands over to the server library. Nothing else lives here.
 
 mod client_cli;
+mod keys_cli;
 mod worker;
 
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage API keys and worker tokens (works while the server runs).
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(keys_cli::KeysCommand),
     /// Run a pull worker: claim tasks of worker-backed models and run a program for each.
     Worker(worker::WorkerArgs),
     #[command(flatten)]
@@ -119,46 +120,6 @@ struct Delays(Vec<Duration>);
 
 fn parse_delays(s: &str) -> Result<Delays, String> {
     config::parse_duration_list(s).map(Delays)
-}
-
-#[derive(Args)]
-struct DataDirArg {
-    /// The server's data directory.
-    #[arg(long, env = "TASKGATE_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
-    /// The server's PostgreSQL URL, when it runs on PostgreSQL.
-    #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Create a key; it is printed once, on the last line.
-    Create {
-        /// What the key is for.
-        #[arg(long)]
-        name: String,
-        /// Join an existing tenant instead of starting a new one named after the key.
-        #[arg(long, conflicts_with = "worker")]
-        tenant: Option<String>,
-        /// Make a worker token (for `taskgate worker`), which claims work instead of submitting it.
-        #[arg(long)]
-        worker: bool,
-        #[command(flatten)]
-        data_dir: DataDirArg,
-    },
-    /// List keys (never the keys themselves).
-    List {
-        #[command(flatten)]
-        data_dir: DataDirArg,
-    },
-    /// Revoke a key by its id (key_...).
-    Revoke {
-        /// The key's id as `keys list` shows it (key_… or wkr_…), not the key itself.
-        id: String,
-        #[command(flatten)]
-        data_dir: DataDirArg,
-    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -318,113 +279,6 @@ async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the server's store for a `keys` command, saying on stderr which one it is: a key made
-/// in a store the running server does not use is a key that never works. Only `create` may
-/// start a new SQLite store; `list` and `revoke` on a directory without one are refused.
-async fn open_store(
-    args: &DataDirArg,
-    create: bool,
-) -> anyhow::Result<std::sync::Arc<dyn taskgate_server::store::Store>> {
-    let where_ = match &args.database_url {
-        Some(url) => format!("PostgreSQL at {}", taskgate_server::config::redact_url(url)),
-        None => {
-            let file = taskgate_server::database_path(&args.data_dir);
-            let exists = file.exists();
-            if !exists && !create {
-                bail!(
-                    "no taskgate store in {} (no {}): pass the server's --data-dir (or \
-                     TASKGATE_DATA_DIR), or --database-url for a PostgreSQL server",
-                    args.data_dir.display(),
-                    file.display()
-                );
-            }
-            let new = if exists { "" } else { ", new" };
-            format!("SQLite at {}{new}", file.display())
-        }
-    };
-    eprintln!("Using the store: {where_}");
-    taskgate_server::open_store(&args.data_dir, args.database_url.as_deref())
-        .await
-        .with_context(|| format!("cannot open the store ({where_})"))
-}
-
-fn format_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
-    match cmd {
-        KeysCommand::Create {
-            name,
-            tenant,
-            worker,
-            data_dir,
-        } => {
-            let kind = if worker {
-                taskgate_server::store::KeyKind::Worker
-            } else {
-                taskgate_server::store::KeyKind::Client
-            };
-            let store = open_store(&data_dir, true).await?;
-            let (record, key) =
-                taskgate_server::auth::create_key(store.as_ref(), kind, &name, tenant.as_deref())
-                    .await?;
-            store.close().await;
-            match kind {
-                taskgate_server::store::KeyKind::Client => println!(
-                    "Created key {} ({:?}) in tenant {:?}.",
-                    record.id, record.name, record.tenant.name
-                ),
-                taskgate_server::store::KeyKind::Worker => {
-                    println!("Created worker token {} ({:?}).", record.id, record.name)
-                }
-            }
-            println!("Store it now: it is shown only this once.");
-            println!("API key: {key}");
-        }
-        KeysCommand::List { data_dir } => {
-            let store = open_store(&data_dir, false).await?;
-            let keys = store.list_keys().await?;
-            store.close().await;
-            if keys.is_empty() {
-                println!("No keys yet: create one with `taskgate keys create --name NAME`.");
-            }
-            println!(
-                "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  STATUS",
-                "ID", "KIND", "NAME", "TENANT", "PREFIX", "CREATED"
-            );
-            for k in keys {
-                let status = match k.revoked_at {
-                    Some(t) => format!("revoked {}", format_time(t)),
-                    None => "active".to_owned(),
-                };
-                println!(
-                    "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  {status}",
-                    k.id,
-                    k.kind.as_str(),
-                    k.name,
-                    k.tenant.name,
-                    format!("{}…", k.prefix),
-                    format_time(k.created_at)
-                );
-            }
-        }
-        KeysCommand::Revoke { id, data_dir } => {
-            let store = open_store(&data_dir, false).await?;
-            let done = store
-                .revoke_key(&id, taskgate_server::domain::now_ms())
-                .await?;
-            store.close().await;
-            if !done {
-                bail!("no active key with id {id:?}; see `taskgate keys list`");
-            }
-            println!("Revoked key {id}; requests with it now get 401.");
-        }
-    }
-    Ok(())
-}
-
 /// mimalloc instead of the system allocator: a task's life allocates on one thread and frees on
 /// another (tokio workers, the store's connection threads), where glibc's malloc spent about a
 /// sixth of a drain's samples in its own locks and consolidation (docs/BENCHMARKS.md).
@@ -446,7 +300,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args, cli.connection.api_key.clone()).await,
-            Command::Keys(cmd) => keys(cmd).await,
+            Command::Keys(cmd) => return Ok(keys_cli::run(cmd).await),
             Command::Worker(args) => {
                 init_tracing(LogFormat::Text);
                 worker::run(args, cli.connection.url.clone()).await

@@ -12,6 +12,8 @@
 //! with `--json` stdout also carries one document, `{"error": {"kind", "message", "exitCode"}}`
 //! (plus `"task"` when the task failed). [`explain`] is the one place an SDK error, and the
 //! server's `ErrorCode` inside it, becomes a code and a `kind`.
+//!
+//! The same document is printed for a failed `keys` command ([`report_failure`]).
 
 use std::time::Duration;
 
@@ -47,17 +49,33 @@ impl Failure {
     pub(super) fn report(&self, json_mode: bool) {
         eprintln!("error: {}", self.message);
         if json_mode {
-            let mut err = json!({
-                "kind": self.kind,
-                "message": self.message,
-                "exitCode": self.exit,
-            });
-            if let Some(task) = &self.task {
-                err["task"] = serde_json::to_value(task).unwrap_or(Value::Null);
-            }
-            println!("{}", json!({ "error": err }));
+            self.print_document();
         }
     }
+
+    fn print_document(&self) {
+        let mut err = json!({
+            "kind": self.kind,
+            "message": self.message,
+            "exitCode": self.exit,
+        });
+        if let Some(task) = &self.task {
+            err["task"] = serde_json::to_value(task).unwrap_or(Value::Null);
+        }
+        println!("{}", json!({ "error": err }));
+    }
+}
+
+/// Reports a failure of a command outside this module (`keys`) the way the client commands
+/// report theirs: one line on stderr, and with `json_mode` the error document on stdout.
+pub fn report_failure(kind: &'static str, message: String, exit: u8, json_mode: bool) {
+    Failure {
+        exit,
+        kind,
+        message,
+        task: None,
+    }
+    .report(json_mode);
 }
 
 /// What the failing call was about, so an error can name the model or the task.

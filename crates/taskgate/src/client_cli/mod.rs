@@ -14,6 +14,8 @@ mod exit;
 mod listen;
 mod output;
 
+pub use exit::report_failure;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

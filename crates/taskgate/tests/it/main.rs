@@ -11,7 +11,6 @@ mod dispatch;
 mod faults;
 mod hot_paths;
 mod http_backend;
-mod keys;
 mod recovery;
 mod s3;
 mod signed_urls;

@@ -1,10 +1,12 @@
-//! `taskgate keys create/list/revoke` through the real binary, and the tenancy they set up.
+//! `taskgate keys create/list/revoke` through the real binary, as text and as JSON, and the
+//! tenancy they set up.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use super::cli_env;
 use crate::support::*;
 
 fn text(out: &std::process::Output) -> String {
@@ -208,4 +210,144 @@ async fn keys_help_shows_each_default_once_and_describes_the_revoke_argument() {
     let revoke = taskgate(&["keys", "revoke", "--help"]).await;
     let text = String::from_utf8_lossy(&revoke.stdout);
     assert!(text.contains("as `keys list` shows it"), "{text}");
+}
+
+#[tokio::test]
+async fn keys_commands_with_json_print_one_document_each_and_name_the_store_on_stderr() {
+    let app = TestApp::start().await;
+    let d = app.data_dir.to_str().unwrap();
+
+    let created = cli_env(
+        &[],
+        &["keys", "create", "--name", "ci", "--json", "--data-dir", d],
+    )
+    .await;
+    let token = cli_env(
+        &[],
+        &[
+            "keys",
+            "create",
+            "--worker",
+            "--name",
+            "gpu",
+            "--json",
+            "--data-dir",
+            d,
+        ],
+    )
+    .await;
+
+    created.assert_exit(0);
+    let key = created.json();
+    let fields = |v: &Value| {
+        let mut names: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        fields(&key),
+        ["apiKey", "id", "kind", "name", "tenant"],
+        "{created}"
+    );
+    assert_eq!(
+        (&key["kind"], &key["name"], &key["tenant"]),
+        (&json!("client"), &json!("ci"), &json!("ci")),
+        "{created}"
+    );
+    assert!(
+        created.stderr.contains("Using the store: SQLite at"),
+        "{created}"
+    );
+    let api_key = key["apiKey"].as_str().unwrap();
+    let data = app
+        .api
+        .with_key(api_key)
+        .run_to_end("echo", json!({}))
+        .await;
+    assert_eq!(data["state"], "success", "{data}");
+    token.assert_exit(0);
+    assert_eq!(token.json()["kind"], "worker", "{token}");
+    assert!(
+        token.json()["apiKey"].as_str().unwrap().starts_with("tgw_"),
+        "{token}"
+    );
+
+    let id = key["id"].as_str().unwrap();
+    let revoked = cli_env(&[], &["keys", "revoke", id, "--json", "--data-dir", d]).await;
+    let listed = cli_env(&[], &["keys", "list", "--json", "--data-dir", d]).await;
+
+    revoked.assert_exit(0);
+    assert_eq!(
+        revoked.json(),
+        json!({ "id": id, "revoked": true }),
+        "{revoked}"
+    );
+    listed.assert_exit(0);
+    assert!(
+        !listed.stdout.contains(api_key),
+        "the key leaked:\n{listed}"
+    );
+    let list = listed.json();
+    let entry = |id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in:\n{listed}"))
+            .clone()
+    };
+    let ci = entry(id);
+    assert_eq!(
+        fields(&ci),
+        [
+            "createdAt",
+            "id",
+            "kind",
+            "name",
+            "prefix",
+            "revokedAt",
+            "tenant"
+        ],
+        "{listed}"
+    );
+    assert!(
+        api_key.starts_with(ci["prefix"].as_str().unwrap()),
+        "{listed}"
+    );
+    assert!(
+        ci["createdAt"].is_i64() && ci["revokedAt"].is_i64(),
+        "{listed}"
+    );
+    let gpu = entry(token.json()["id"].as_str().unwrap());
+    assert!(gpu["revokedAt"].is_null(), "{listed}");
+}
+
+#[tokio::test]
+async fn a_failed_keys_command_under_json_prints_an_error_document_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    create_key(dir.path(), "taken", None).await;
+
+    let run = cli_env(
+        &[],
+        &[
+            "keys",
+            "revoke",
+            "key_nonexistent",
+            "--json",
+            "--data-dir",
+            d,
+        ],
+    )
+    .await;
+
+    run.assert_exit(1);
+    let err = &run.json()["error"];
+    assert_eq!(err["kind"], "keys", "{run}");
+    assert_eq!(err["exitCode"], 1, "{run}");
+    assert!(
+        err["message"].as_str().unwrap().contains("key_nonexistent"),
+        "{run}"
+    );
+    assert!(run.error_line().contains("key_nonexistent"), "{run}");
 }

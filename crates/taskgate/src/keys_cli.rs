@@ -1,0 +1,231 @@
+//! `taskgate keys create|list|revoke`: API keys and worker tokens, made and revoked in the
+//! server's store directly (SQLite in the data dir, or PostgreSQL), so they work while the server
+//! runs and need no key to begin with.
+//!
+//! Text for people by default; with `--json`, one document on stdout (a failure's document has
+//! the client commands' shape, kind `keys`). Which store was opened always goes to stderr, so it
+//! never mixes with what a script reads.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use taskgate_server::store::{ApiKeyRecord, KeyKind, Store};
+
+use crate::client_cli;
+
+#[derive(Args)]
+pub struct DataDirArg {
+    /// The server's data directory.
+    #[arg(long, env = "TASKGATE_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// The server's PostgreSQL URL, when it runs on PostgreSQL.
+    #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; it is printed once, on the last line.
+    Create {
+        /// What the key is for.
+        #[arg(long)]
+        name: String,
+        /// Join an existing tenant instead of starting a new one named after the key.
+        #[arg(long, conflicts_with = "worker")]
+        tenant: Option<String>,
+        /// Make a worker token (for `taskgate worker`), which claims work instead of submitting it.
+        #[arg(long)]
+        worker: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print {"id","kind","name","tenant","apiKey"} on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print a JSON array of the keys on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (key_...).
+    Revoke {
+        /// The key's id as `keys list` shows it (key_… or wkr_…), not the key itself.
+        id: String,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print {"id","revoked":true} on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl KeysCommand {
+    fn json(&self) -> bool {
+        match self {
+            KeysCommand::Create { json, .. }
+            | KeysCommand::List { json, .. }
+            | KeysCommand::Revoke { json, .. } => *json,
+        }
+    }
+}
+
+/// Runs one `keys` command; a failure exits 1.
+pub async fn run(cmd: KeysCommand) -> ExitCode {
+    let json = cmd.json();
+    match keys(cmd).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            client_cli::report_failure("keys", format!("{e:#}"), 1, json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Opens the server's store for a `keys` command, saying on stderr which one it is: a key made
+/// in a store the running server does not use is a key that never works. Only `create` may
+/// start a new SQLite store; `list` and `revoke` on a directory without one are refused.
+async fn open_store(args: &DataDirArg, create: bool) -> anyhow::Result<Arc<dyn Store>> {
+    let where_ = match &args.database_url {
+        Some(url) => format!("PostgreSQL at {}", taskgate_server::config::redact_url(url)),
+        None => {
+            let file = taskgate_server::database_path(&args.data_dir);
+            let exists = file.exists();
+            if !exists && !create {
+                bail!(
+                    "no taskgate store in {} (no {}): pass the server's --data-dir (or \
+                     TASKGATE_DATA_DIR), or --database-url for a PostgreSQL server",
+                    args.data_dir.display(),
+                    file.display()
+                );
+            }
+            let new = if exists { "" } else { ", new" };
+            format!("SQLite at {}{new}", file.display())
+        }
+    };
+    eprintln!("Using the store: {where_}");
+    taskgate_server::open_store(&args.data_dir, args.database_url.as_deref())
+        .await
+        .with_context(|| format!("cannot open the store ({where_})"))
+}
+
+fn format_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A key as `keys list --json` shows it. Times are milliseconds since the Unix epoch, like the
+/// API's `createTime`.
+fn key_json(k: &ApiKeyRecord) -> serde_json::Value {
+    json!({
+        "id": k.id,
+        "kind": k.kind.as_str(),
+        "name": k.name,
+        "tenant": k.tenant.name,
+        "prefix": k.prefix,
+        "createdAt": k.created_at,
+        "revokedAt": k.revoked_at,
+    })
+}
+
+async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            name,
+            tenant,
+            worker,
+            data_dir,
+            json,
+        } => {
+            let kind = if worker {
+                KeyKind::Worker
+            } else {
+                KeyKind::Client
+            };
+            let store = open_store(&data_dir, true).await?;
+            let (record, key) =
+                taskgate_server::auth::create_key(store.as_ref(), kind, &name, tenant.as_deref())
+                    .await?;
+            store.close().await;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "id": record.id,
+                        "kind": kind.as_str(),
+                        "name": record.name,
+                        "tenant": record.tenant.name,
+                        "apiKey": key,
+                    })
+                );
+                return Ok(());
+            }
+            match kind {
+                KeyKind::Client => println!(
+                    "Created key {} ({:?}) in tenant {:?}.",
+                    record.id, record.name, record.tenant.name
+                ),
+                KeyKind::Worker => {
+                    println!("Created worker token {} ({:?}).", record.id, record.name)
+                }
+            }
+            println!("Store it now: it is shown only this once.");
+            println!("API key: {key}");
+        }
+        KeysCommand::List { data_dir, json } => {
+            let store = open_store(&data_dir, false).await?;
+            let keys = store.list_keys().await?;
+            store.close().await;
+            if json {
+                let list: Vec<_> = keys.iter().map(key_json).collect();
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(());
+            }
+            if keys.is_empty() {
+                println!("No keys yet: create one with `taskgate keys create --name NAME`.");
+            }
+            println!(
+                "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  STATUS",
+                "ID", "KIND", "NAME", "TENANT", "PREFIX", "CREATED"
+            );
+            for k in keys {
+                let status = match k.revoked_at {
+                    Some(t) => format!("revoked {}", format_time(t)),
+                    None => "active".to_owned(),
+                };
+                println!(
+                    "{:<32}  {:<7}  {:<20}  {:<20}  {:<12}  {:<20}  {status}",
+                    k.id,
+                    k.kind.as_str(),
+                    k.name,
+                    k.tenant.name,
+                    format!("{}…", k.prefix),
+                    format_time(k.created_at)
+                );
+            }
+        }
+        KeysCommand::Revoke { id, data_dir, json } => {
+            let store = open_store(&data_dir, false).await?;
+            let done = store
+                .revoke_key(&id, taskgate_server::domain::now_ms())
+                .await?;
+            store.close().await;
+            if !done {
+                bail!("no active key with id {id:?}; see `taskgate keys list`");
+            }
+            if json {
+                println!("{}", json!({ "id": id, "revoked": true }));
+            } else {
+                println!("Revoked key {id}; requests with it now get 401.");
+            }
+        }
+    }
+    Ok(())
+}
