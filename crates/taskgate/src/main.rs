@@ -22,8 +22,6 @@ use taskgate_server::Config;
     about = "Self-hosted, APIXO-compatible server for asynchronous AI generation tasks"
 )]
 struct Cli {
-    #[command(flatten)]
-    connection: client_cli::Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,8 +29,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    // Boxed: it holds far more settings than the other commands (clippy::large_enum_variant).
-    Serve(Box<ServeArgs>),
+    Serve {
+        // Boxed: it holds far more settings than the other commands (clippy::large_enum_variant).
+        #[command(flatten)]
+        args: Box<ServeArgs>,
+        /// A key (at least 16 characters) to register in the tenant `default`, for local use and
+        /// tests; create real keys with `taskgate keys create`.
+        // The variable the client commands read too: one TASKGATE_API_KEY serves a local server
+        // and the commands that talk to it.
+        #[arg(long, env = "TASKGATE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
     /// Manage API keys and worker tokens (works while the server runs).
     #[command(subcommand)]
     Keys(keys_cli::KeysCommand),
@@ -286,7 +293,14 @@ async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Under --json a refused command line is a JSON document too.
+        Err(e) => {
+            let json = client_cli::json_requested(std::env::args_os());
+            return client_cli::report_parse_error(&e, json);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -299,13 +313,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(*args, cli.connection.api_key.clone()).await,
+            Command::Serve { args, api_key } => serve(*args, api_key).await,
             Command::Keys(cmd) => return Ok(keys_cli::run(cmd).await),
             Command::Worker(args) => {
                 init_tracing(LogFormat::Text);
-                worker::run(args, cli.connection.url.clone()).await
+                worker::run(args).await
             }
-            Command::Client(c) => return Ok(client_cli::run(cli.connection, c).await),
+            Command::Client(c) => return Ok(client_cli::run(c).await),
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -373,7 +387,7 @@ mod tests {
         let mut full = vec!["taskgate", "serve"];
         full.extend_from_slice(argv);
         match Cli::parse_from(full).command {
-            Command::Serve(args) => *args,
+            Command::Serve { args, .. } => *args,
             _ => unreachable!(),
         }
     }

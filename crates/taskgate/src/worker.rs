@@ -33,10 +33,14 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// The taskgate server's base URL [default: the global --url / TASKGATE_URL]. One setting
-    /// with the client commands: both used to be bound to TASKGATE_URL separately.
-    #[arg(long)]
-    server: Option<String>,
+    /// The taskgate server's base URL (`--url` works too, as for the client commands).
+    #[arg(
+        long,
+        alias = "url",
+        env = "TASKGATE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
     /// A worker token (`taskgate keys create --worker --name NAME`).
     #[arg(long, env = "TASKGATE_WORKER_TOKEN", hide_env_values = true)]
     token: String,
@@ -182,12 +186,11 @@ impl WorkerApi {
     }
 }
 
-/// `url` is the global `--url` (`TASKGATE_URL`), used when `--server` is not given.
-pub async fn run(args: WorkerArgs, global_url: String) -> anyhow::Result<()> {
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let server = args.server.clone().unwrap_or(global_url);
+    let server = args.server.clone();
     let base = server.trim_end_matches('/').to_owned();
     url::Url::parse(&base).with_context(|| format!("--server / --url {base:?} is not a URL"))?;
     let api = WorkerApi {

@@ -24,6 +24,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             wait,
             out,
             timeout,
+            conn: _,
         } => {
             let input = build_input(input.as_deref(), prompt)?;
             let client = connect(conn)?;
@@ -50,7 +51,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             }
             wait_and_show(conn, &client, &model, &task_id, timeout, out, false).await
         }
-        ClientCommand::Status { model, task_id } => {
+        ClientCommand::Status { model, task_id, .. } => {
             let client = connect(conn)?;
             let status = client.status(&model, &task_id).await.map_err(|e| {
                 explain(
@@ -78,12 +79,13 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             task_id,
             timeout,
             out,
+            conn: _,
         } => {
             let client = connect(conn)?;
             // The task may have finished long ago, so look once before the first interval.
             wait_and_show(conn, &client, &model, &task_id, timeout, out, true).await
         }
-        ClientCommand::Webhook(WebhookCommand::Listen { port, secret }) => {
+        ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {
             listen(conn, port, secret).await
         }
     }

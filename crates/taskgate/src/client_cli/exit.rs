@@ -13,8 +13,12 @@
 //! (plus `"task"` when the task failed). [`explain`] is the one place an SDK error, and the
 //! server's `ErrorCode` inside it, becomes a code and a `kind`.
 //!
-//! The same document is printed for a failed `keys` command ([`report_failure`]).
+//! The same document is printed for a command line that clap refuses ([`report_parse_error`]:
+//! kind `usage`, exit 2, clap's own message on stderr) and for a failed `keys` command
+//! ([`report_failure`]), so that `--json` means one document on stdout for every command.
 
+use std::ffi::OsString;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -64,6 +68,48 @@ impl Failure {
         }
         println!("{}", json!({ "error": err }));
     }
+}
+
+/// Whether the raw command line asks for `--json`. Read before parsing because clap refuses a
+/// bad command line before there is a parsed flag to look at; what follows `--` is a program's
+/// arguments (`taskgate worker -- …`), not ours.
+pub fn json_requested(args: impl IntoIterator<Item = OsString>) -> bool {
+    args.into_iter()
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Reports a command line clap refused, and returns the exit code: clap's message (with the usage)
+/// on stderr as always, and with `json_mode` the error document on stdout. `--help` and
+/// `--version` also arrive here, as clap errors that print to stdout and exit 0: they are not
+/// failures and get no document.
+pub fn report_parse_error(err: &clap::Error, json_mode: bool) -> ExitCode {
+    let _ = err.print();
+    let exit = u8::try_from(err.exit_code()).unwrap_or(EXIT_USAGE);
+    if json_mode && exit != 0 {
+        let message = match err.kind() {
+            // clap's text is the whole help here; its first line is no error message.
+            clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                "a subcommand is missing; the usage is on stderr".to_owned()
+            }
+            // The first paragraph: the error line and, for a missing argument, the names below it.
+            _ => err
+                .to_string()
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        Failure {
+            exit,
+            kind: "usage",
+            message,
+            task: None,
+        }
+        .print_document();
+    }
+    ExitCode::from(exit)
 }
 
 /// Reports a failure of a command outside this module (`keys`) the way the client commands
@@ -240,5 +286,30 @@ pub(super) fn failed_task(status: TaskStatus, json_mode: bool) -> Failure {
         message: format!("task {} failed: {reason}", status.task_id),
         // In JSON mode the status already went to stdout with the error object.
         task: json_mode.then(|| Box::new(status)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn json_is_requested_by_the_flag_anywhere_before_a_double_dash() {
+        assert!(json_requested(args(&[
+            "taskgate", "submit", "--json", "echo"
+        ])));
+        assert!(json_requested(args(&[
+            "taskgate", "keys", "list", "--json"
+        ])));
+        assert!(!json_requested(args(&["taskgate", "submit", "echo"])));
+        assert!(!json_requested(args(&[
+            "taskgate", "worker", "--", "prog", "--json"
+        ])));
+        assert!(!json_requested(args(&["taskgate", "submit", "--jsonx"])));
     }
 }

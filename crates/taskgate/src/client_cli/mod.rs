@@ -14,7 +14,7 @@ mod exit;
 mod listen;
 mod output;
 
-pub use exit::report_failure;
+pub use exit::{json_requested, report_failure, report_parse_error};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,24 +22,20 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-/// Where the server is and how to talk to it; shared by every client subcommand.
+/// Where the server is and how to talk to it. Flattened into each client subcommand rather than
+/// global, so that `serve`, `keys` and `worker` do not list flags they would ignore.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Base URL of the taskgate server, or of any APIXO-compatible API (e.g. https://api.apixo.ai).
-    #[arg(
-        long,
-        env = "TASKGATE_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "TASKGATE_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
 
     /// API key, sent as `Authorization: Bearer <key>`.
-    #[arg(long, env = "TASKGATE_API_KEY", hide_env_values = true, global = true)]
+    #[arg(long, env = "TASKGATE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// Print machine-readable JSON on stdout instead of human text.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -68,6 +64,8 @@ pub enum ClientCommand {
         /// How long --wait waits before giving up (exit code 3).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Show a task's status once.
     Status {
@@ -75,6 +73,8 @@ pub enum ClientCommand {
         model: String,
         /// The task id returned by submit.
         task_id: String,
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Wait for a task to finish, polling with backoff.
     Wait {
@@ -88,6 +88,8 @@ pub enum ClientCommand {
         /// Download the results into this directory.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Tools for developing webhook receivers.
     #[command(subcommand)]
@@ -109,11 +111,25 @@ pub enum WebhookCommand {
         /// API key (GET /api/v1/webhookSecret).
         #[arg(long, env = "TASKGATE_WEBHOOK_SECRET", hide_env_values = true)]
         secret: Option<String>,
+        #[command(flatten)]
+        conn: Connection,
     },
 }
 
-/// Runs one client subcommand and returns the process exit code (see the module docs).
-pub async fn run(conn: Connection, cmd: ClientCommand) -> ExitCode {
+impl ClientCommand {
+    fn connection(&self) -> &Connection {
+        match self {
+            ClientCommand::Submit { conn, .. }
+            | ClientCommand::Status { conn, .. }
+            | ClientCommand::Wait { conn, .. }
+            | ClientCommand::Webhook(WebhookCommand::Listen { conn, .. }) => conn,
+        }
+    }
+}
+
+/// Runs one client subcommand and returns the process exit code (the table is in `exit`).
+pub async fn run(cmd: ClientCommand) -> ExitCode {
+    let conn = cmd.connection().clone();
     match commands::execute(&conn, cmd).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -131,8 +147,6 @@ mod tests {
 
     #[derive(Debug, Parser)]
     struct Cli {
-        #[command(flatten)]
-        conn: Connection,
         #[command(subcommand)]
         cmd: ClientCommand,
     }
@@ -156,8 +170,8 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        assert_eq!(cli.conn.url, "http://h:1");
-        assert!(cli.conn.json);
+        assert_eq!(cli.cmd.connection().url, "http://h:1");
+        assert!(cli.cmd.connection().json);
         assert!(matches!(cli.cmd, ClientCommand::Submit { ref model, .. } if model == "echo"));
     }
 

@@ -15,14 +15,14 @@ async fn a_wrong_api_key_exits_4_saying_the_key_was_refused() {
     let run = cli_env(
         &[],
         &[
-            "--url",
-            &app.api.base,
-            "--api-key",
-            "tg_wrong_key_0123456789",
             "submit",
             "echo",
             "--prompt",
             "hi",
+            "--url",
+            &app.api.base,
+            "--api-key",
+            "tg_wrong_key_0123456789",
         ],
     )
     .await;
@@ -60,7 +60,7 @@ async fn a_url_nothing_listens_on_exits_4_saying_it_cannot_connect() {
 
     let run = cli_env(
         &[("TASKGATE_API_KEY", API_KEY)],
-        &["--url", &url, "submit", "echo", "--prompt", "hi", "--json"],
+        &["submit", "echo", "--prompt", "hi", "--url", &url, "--json"],
     )
     .await;
 
