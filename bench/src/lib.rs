@@ -117,7 +117,7 @@ impl Server {
         config.bootstrap_api_key = Some(API_KEY.to_owned());
         config.models = models;
         // A parked attempt (a long echo delay) must not hold the stop up for 30 s.
-        config.shutdown_grace = Duration::from_millis(200);
+        config.server.shutdown_grace = Duration::from_millis(200);
         Server::start(|listener, stopped| async move {
             let shutdown = async move {
                 let _ = stopped.await;

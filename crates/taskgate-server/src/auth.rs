@@ -8,15 +8,12 @@
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap};
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
 use crate::store::{ApiKeyRecord, KeyKind, Store, StoreError, Tenant};
-use taskgate_proto::ErrorCode;
 
 /// Tenant that the `TASKGATE_API_KEY` key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -179,49 +176,29 @@ impl Authenticator {
         tokio::spawn(watch_revocations(store, cache));
     }
 
-    /// A client key's tenant; worker tokens are refused here.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Tenant, ApiError> {
-        let record = self.authenticate_any(headers).await?;
+    /// A client key's tenant; worker tokens are refused.
+    pub async fn client_tenant(&self, key: &str) -> Result<Tenant, AuthError> {
+        let record = self.lookup(key).await?;
         match record.kind {
             KeyKind::Client => Ok(record.tenant),
-            KeyKind::Worker => Err(ApiError::new(ErrorCode::WrongKeyKind,
-                "this is a worker token: it can only claim and report work under /api/v1/worker/; use a client API key here",
-            )),
+            KeyKind::Worker => Err(AuthError::WrongKind {
+                expected: KeyKind::Client,
+            }),
         }
     }
 
-    /// A worker token's record; client keys are refused here.
-    pub async fn authenticate_worker(&self, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {
-        let record = self.authenticate_any(headers).await?;
+    /// A worker token's record; client keys are refused.
+    pub async fn worker(&self, key: &str) -> Result<ApiKeyRecord, AuthError> {
+        let record = self.lookup(key).await?;
         match record.kind {
             KeyKind::Worker => Ok(record),
-            KeyKind::Client => Err(ApiError::new(ErrorCode::WrongKeyKind,
-                "this endpoint takes a worker token (create one with `taskgate keys create --worker --name NAME`), not a client API key",
-            )),
+            KeyKind::Client => Err(AuthError::WrongKind {
+                expected: KeyKind::Worker,
+            }),
         }
     }
 
-    async fn authenticate_any(&self, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {
-        let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::MissingApiKey,
-                "missing API key: send the header \"Authorization: Bearer YOUR_API_KEY\"",
-            )
-        })?;
-        let key = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::InvalidApiKey,
-                    "malformed Authorization header: expected \"Bearer YOUR_API_KEY\"",
-                )
-            })?;
+    async fn lookup(&self, key: &str) -> Result<ApiKeyRecord, AuthError> {
         let hash = hash_key(key);
         // The cache is keyed by the full hash of a key already proven valid; the constant-time
         // comparison below guards the store's lookup by hash.
@@ -246,13 +223,24 @@ impl Authenticator {
                 }
                 Ok(r)
             }
-            Some(r) if r.revoked_at.is_some() => Err(ApiError::new(
-                ErrorCode::KeyRevoked,
-                "this API key has been revoked; create a new one with `taskgate keys create`",
-            )),
-            _ => Err(ApiError::new(ErrorCode::InvalidApiKey, "invalid API key")),
+            Some(r) if r.revoked_at.is_some() => Err(AuthError::Revoked),
+            _ => Err(AuthError::Invalid),
         }
     }
+}
+
+/// Why a key does not let a request in. The API turns each into its envelope (`error` module).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid API key")]
+    Invalid,
+    #[error("this API key has been revoked")]
+    Revoked,
+    /// A worker token where a client key belongs, or the other way round.
+    #[error("a {} key is needed here", expected.as_str())]
+    WrongKind { expected: KeyKind },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Empties `cache` whenever the store's revocation revision moves; ends with the cache.
@@ -293,7 +281,7 @@ async fn watch_revocations(store: Arc<dyn Store>, cache: Weak<KeyCache>) {
                 *generation += 1;
                 cache.keys.clear();
                 if !failing {
-                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot check for revoked keys; the key cache is emptied until the store answers");
+                    tracing::warn!(error = %crate::report::error_chain(&e), "cannot check for revoked keys; the key cache is emptied until the store answers");
                     failing = true;
                 }
             }

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use taskgate_proto::{Envelope, ErrorCode, ErrorData};
 
+use crate::report::error_chain;
+
 /// A refused request: its machine-readable code (which fixes the HTTP status), a message for
 /// people, and for 429s when to ask again.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,33 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        use crate::store::KeyKind;
+        match e {
+            AuthError::Invalid => ApiError::new(ErrorCode::InvalidApiKey, "invalid API key"),
+            AuthError::Revoked => ApiError::new(
+                ErrorCode::KeyRevoked,
+                "this API key has been revoked; create a new one with `taskgate keys create`",
+            ),
+            AuthError::WrongKind {
+                expected: KeyKind::Client,
+            } => ApiError::new(
+                ErrorCode::WrongKeyKind,
+                "this is a worker token: it can only claim and report work under /api/v1/worker/; use a client API key here",
+            ),
+            AuthError::WrongKind {
+                expected: KeyKind::Worker,
+            } => ApiError::new(
+                ErrorCode::WrongKeyKind,
+                "this endpoint takes a worker token (create one with `taskgate keys create --worker --name NAME`), not a client API key",
+            ),
+            AuthError::Store(e) => e.into(),
+        }
+    }
+}
+
 /// Renders an error as its envelope, the code in `data`; used by handlers and by the panic
 /// catcher.
 pub fn envelope_response(code: ErrorCode, message: String) -> Response {
@@ -118,16 +147,4 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// `outer: inner: innermost`, so a log line carries the whole cause chain.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -12,11 +12,13 @@ pub mod config;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
+pub mod report;
 pub mod retry;
+pub mod serve;
+pub mod state;
 pub mod store;
 pub mod views;
 pub mod webhooks;
-pub mod worker_api;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -133,7 +135,7 @@ pub struct Hooks {
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops accepting, gives
-/// running tasks `config.shutdown_grace`, and leaves the rest pending for the next start.
+/// running tasks `config.server.shutdown_grace`, and leaves the rest pending for the next start.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -152,24 +154,28 @@ pub async fn run_with(
     config.validate()?;
     // Absolute, so that paths handed to model programs (TASKGATE_OUTPUT_DIR) do not depend on
     // their working directory.
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-        path: config.data_dir.clone(),
+    std::fs::create_dir_all(&config.server.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.server.data_dir.clone(),
         source,
     })?;
     let data_dir =
-        std::fs::canonicalize(&config.data_dir).map_err(|source| ServerError::DataDir {
-            path: config.data_dir.clone(),
+        std::fs::canonicalize(&config.server.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.server.data_dir.clone(),
             source,
         })?;
     // Two servers on one SQLite file would each take the other's running tasks for orphans;
     // PostgreSQL nodes share safely through leases. Taken before the store is opened, so a
     // second server neither migrates nor reads the file it is about to be refused.
-    let _lock = if config.database_url.is_none() {
+    let _lock = if config.server.database_url.is_none() {
         Some(lock_data_dir(&data_dir)?)
     } else {
         None
     };
-    let mut store = open_store(&data_dir, config.database_url.as_deref()).await?;
+    let mut store = open_store(
+        &data_dir,
+        config.server.database_url.as_ref().map(|u| u.as_str()),
+    )
+    .await?;
     if let Some(wrap) = &hooks.wrap_store {
         store = wrap(store);
     }
@@ -189,7 +195,7 @@ pub async fn run_with(
     }
 
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
-    let public_url = config.public_url.clone().unwrap_or_else(|| {
+    let public_url = config.server.public_url.clone().unwrap_or_else(|| {
         if local_addr.ip().is_unspecified() {
             // 0.0.0.0 is not an address a client can fetch from.
             let reachable = std::net::SocketAddr::new(
@@ -247,7 +253,7 @@ pub async fn run_with(
 
     let links = ResultLinks {
         store: artifacts.clone(),
-        ttl_secs: config.result_url_ttl.as_secs() as i64,
+        ttl_secs: config.server.result_url_ttl.as_secs() as i64,
     };
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = webhooks::Deliverer::new(
@@ -265,8 +271,12 @@ pub async fn run_with(
         artifacts,
         models,
         work_dir.path.clone(),
-        RetryPolicy::new(config.retry_backoff.clone(), 0.0, AfterLast::RepeatLast),
-        config.lease,
+        RetryPolicy::new(
+            config.server.retry_backoff.0.clone(),
+            0.0,
+            AfterLast::RepeatLast,
+        ),
+        config.server.lease,
         dispatch::Shared {
             webhook_wake,
             views: views.clone(),
@@ -277,7 +287,7 @@ pub async fn run_with(
 
     let authenticator = auth::Authenticator::new(store.clone());
     authenticator.watch_revocations();
-    let state = api::AppState {
+    let state = state::AppState {
         store: store.clone(),
         auth: authenticator,
         views: views.clone(),
@@ -285,8 +295,8 @@ pub async fn run_with(
         dispatcher: dispatcher.clone(),
         links,
         local_files,
-        max_body_bytes: config.max_body_bytes,
-        max_upload_bytes: config.max_upload_bytes,
+        max_body_bytes: config.server.max_body_bytes,
+        max_upload_bytes: config.server.max_upload_bytes,
         webhooks: config.webhooks.clone(),
         deliverer: deliverer.clone(),
     };
@@ -295,24 +305,30 @@ pub async fn run_with(
     if let Some(ready) = hooks.on_ready {
         ready(local_addr);
     }
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            draining.stop_claiming();
-        })
-        .await;
+    let limits = serve::Limits {
+        header_timeout: config.server.header_timeout,
+        max_connections: config.server.max_connections,
+        drain: config.server.shutdown_grace,
+    };
+    serve::serve(listener, api::router(state), limits, async move {
+        shutdown.await;
+        info!("shutting down: no longer accepting connections; finishing requests in flight");
+        draining.stop_claiming();
+    })
+    .await;
     info!("no longer accepting requests; draining running tasks");
     // One grace period for both: deliveries cut short are sent again at the next start.
     let draining_since = std::time::Instant::now();
-    dispatcher.shutdown(config.shutdown_grace).await;
+    dispatcher.shutdown(config.server.shutdown_grace).await;
     deliverer
         .shutdown(
             config
+                .server
                 .shutdown_grace
                 .saturating_sub(draining_since.elapsed()),
         )
         .await;
     store.close().await;
     info!("stopped");
-    served.map_err(ServerError::Serve)
+    Ok(())
 }

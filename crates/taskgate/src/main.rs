@@ -5,12 +5,10 @@ mod client_cli;
 mod keys_cli;
 mod worker;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use taskgate_server::config::{self, FileConfig};
 use taskgate_server::Config;
@@ -57,76 +55,34 @@ enum LogFormat {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML config file with [server] settings and [models.NAME] tables.
+    /// TOML config file with [server], [webhooks] and [storage] settings and [models.NAME]
+    /// tables.
     #[arg(long, env = "TASKGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "TASKGATE_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Directory for the database and result files [default: ./data].
-    #[arg(long, env = "TASKGATE_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// PostgreSQL URL (postgres://…) for a cluster of nodes; without it, SQLite in the data dir.
-    #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-    /// Base of result URLs, as clients reach this server [default: the listen address].
-    #[arg(long, env = "TASKGATE_PUBLIC_URL")]
-    public_url: Option<String>,
-    /// Largest accepted request body in bytes [default: 10 MiB].
-    #[arg(long, env = "TASKGATE_MAX_BODY_BYTES")]
-    max_body_bytes: Option<usize>,
-    /// Largest output file a pull worker may upload, in bytes [default: 4 GiB].
-    #[arg(long, env = "TASKGATE_MAX_UPLOAD_BYTES")]
-    max_upload_bytes: Option<u64>,
-    /// Delays between attempts after a retryable backend error, e.g. 1s,5s,30s (the last
-    /// repeats) [default: 1s,5s,30s].
-    #[arg(long, env = "TASKGATE_RETRY_BACKOFF", value_parser = parse_delays)]
-    retry_backoff: Option<Delays>,
-    /// How long result URLs stay valid after the task completes [default: 24h].
-    #[arg(long, env = "TASKGATE_RESULT_URL_TTL", value_parser = humantime::parse_duration)]
-    result_url_ttl: Option<Duration>,
-    /// How long running tasks may finish after SIGTERM before they are left pending [default: 30s].
-    #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
-    shutdown_grace: Option<Duration>,
-    /// Delays between callback retries, e.g. 30s,2m,10m [default: about a day, 8 retries].
-    #[arg(long, env = "TASKGATE_WEBHOOK_RETRY_DELAYS", value_parser = parse_delays)]
-    webhook_retry_delays: Option<Delays>,
-    /// How long a callback receiver may take to answer [default: 30s].
-    #[arg(long, env = "TASKGATE_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration)]
-    webhook_timeout: Option<Duration>,
-    /// How long the previous webhook secret keeps signing after a rotation [default: 24h].
-    #[arg(long, env = "TASKGATE_WEBHOOK_SECRET_OVERLAP", value_parser = humantime::parse_duration)]
-    webhook_secret_overlap: Option<Duration>,
-    /// Let callback URLs reach loopback and private addresses (local development only).
-    #[arg(long, env = "TASKGATE_ALLOW_PRIVATE_CALLBACKS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
-    allow_private_callbacks: Option<bool>,
-    /// Keep result files in this S3 bucket (URLs become presigned S3 links) instead of the data
-    /// dir. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the usual AWS chain).
-    #[arg(long, env = "TASKGATE_S3_BUCKET")]
-    s3_bucket: Option<String>,
-    /// Endpoint of an S3-compatible server, e.g. http://127.0.0.1:9000 [default: AWS].
-    #[arg(long, env = "TASKGATE_S3_ENDPOINT")]
-    s3_endpoint: Option<String>,
-    /// Region of the bucket [default: us-east-1].
-    #[arg(long, env = "TASKGATE_S3_REGION")]
-    s3_region: Option<String>,
-    /// Prefix for every object key, e.g. results/prod.
-    #[arg(long, env = "TASKGATE_S3_PREFIX")]
-    s3_prefix: Option<String>,
-    /// How long a claimed task stays with a node or worker without renewal [default: 30s].
-    #[arg(long, env = "TASKGATE_LEASE", value_parser = humantime::parse_duration)]
-    lease: Option<Duration>,
+    /// Every setting of the settings tables, as flags and `TASKGATE_*` variables
+    /// (`taskgate_server::config::settings`).
+    #[command(flatten)]
+    settings: config::Layers,
     /// Log format on stderr.
     #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 }
 
-/// A list of durations, kept as one value for clap.
-#[derive(Clone)]
-struct Delays(Vec<Duration>);
-
-fn parse_delays(s: &str) -> Result<Delays, String> {
-    config::parse_duration_list(s).map(Delays)
+/// `serve --help` with each setting's default, read from the one module that holds them: the
+/// settings' flags cannot carry clap defaults, which would hide the file below them.
+fn with_setting_defaults(cli: clap::Command) -> clap::Command {
+    let texts = config::Layers::default_texts();
+    cli.mut_subcommand("serve", |serve| {
+        serve.mut_args(
+            |arg| match texts.iter().find(|(id, _)| arg.get_id().as_str() == *id) {
+                Some((_, text)) => {
+                    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    arg.help(format!("{help} [default: {text}]"))
+                }
+                None => arg,
+            },
+        )
+    })
 }
 
 fn init_tracing(format: LogFormat) {
@@ -146,108 +102,14 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Flags and environment (already merged by clap) over the file over the defaults.
-/// `api_key` is the global `--api-key` / `TASKGATE_API_KEY`, which `serve` registers.
+/// Flags and environment (already merged by clap) over the file over the defaults, in the
+/// server library's one merge. `api_key` is the key `serve` registers at start.
 fn layered_config(args: &ServeArgs, api_key: Option<&str>) -> anyhow::Result<Config> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let s = file.server;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or(s.data_dir)
-        .unwrap_or_else(|| PathBuf::from("./data"));
-    let mut config = Config::new(data_dir);
-    config.database_url = args.database_url.clone().or(s.database_url);
-    config.listen = args.listen.or(s.listen).unwrap_or(config.listen);
-    config.public_url = args.public_url.clone().or(s.public_url);
-    config.max_body_bytes = args
-        .max_body_bytes
-        .or(s.max_body_bytes)
-        .unwrap_or(config::DEFAULT_MAX_BODY_BYTES);
-    config.result_url_ttl = args
-        .result_url_ttl
-        .or(s.result_url_ttl)
-        .unwrap_or(config::DEFAULT_RESULT_URL_TTL);
-    config.shutdown_grace = args
-        .shutdown_grace
-        .or(s.shutdown_grace)
-        .unwrap_or(config::DEFAULT_SHUTDOWN_GRACE);
-    if let Some(models) = file.models {
-        config.models = models;
-    }
-    let st = file.storage;
-    let s3_endpoint = args.s3_endpoint.clone().or(st.s3_endpoint);
-    let s3_region = args.s3_region.clone().or(st.s3_region);
-    let s3_prefix = args.s3_prefix.clone().or(st.s3_prefix);
-    match args.s3_bucket.clone().or(st.s3_bucket) {
-        Some(bucket) => {
-            config.artifacts = config::ArtifactsConfig::S3(config::S3Config {
-                bucket,
-                endpoint: s3_endpoint,
-                region: s3_region.unwrap_or_else(|| config::DEFAULT_S3_REGION.to_owned()),
-                prefix: s3_prefix,
-                credentials: None,
-            });
-        }
-        // Without a bucket the local directory is used, which would silently ignore these.
-        None if s3_endpoint.is_some() || s3_region.is_some() || s3_prefix.is_some() => {
-            bail!("invalid setting s3_bucket: s3_endpoint, s3_region and s3_prefix only apply to S3 storage; set --s3-bucket (TASKGATE_S3_BUCKET) too, or remove them");
-        }
-        None => {}
-    }
-    if let Some(b) = args.max_upload_bytes.or(s.max_upload_bytes) {
-        config.max_upload_bytes = b;
-    }
-    if let Some(d) = args.retry_backoff.clone().map(|d| d.0).or(s.retry_backoff) {
-        config.retry_backoff = d;
-    }
-    if let Some(lease) = args.lease.or(s.lease) {
-        config.lease = lease;
-    }
-    let w = file.webhooks;
-    let wh = &mut config.webhooks;
-    if let Some(n) = w.max_in_flight {
-        wh.max_in_flight = n;
-    }
-    if let Some(n) = w.max_per_host {
-        wh.max_per_host = n;
-    }
-    if let Some(n) = w.breaker_threshold {
-        wh.breaker_threshold = n;
-    }
-    if let Some(d) = w.breaker_cooldown {
-        wh.breaker_cooldown = d;
-    }
-    if let Some(d) = args
-        .webhook_retry_delays
-        .clone()
-        .map(|d| d.0)
-        .or(w.retry_delays)
-    {
-        wh.retry_delays = d;
-    }
-    if let Some(t) = args.webhook_timeout.or(w.timeout) {
-        wh.timeout = t;
-    }
-    if let Some(o) = args.webhook_secret_overlap.or(w.secret_overlap) {
-        wh.secret_overlap = o;
-    }
-    if let Some(a) = args.allow_private_callbacks.or(w.allow_private_callbacks) {
-        wh.allow_private = a;
-    }
-    // The same key the client commands send: `serve --api-key` (shown in its help) used to be
-    // ignored, only the variable counted.
-    config.bootstrap_api_key = api_key.map(str::to_owned).filter(|k| !k.trim().is_empty());
-    if let Some(key) = &config.bootstrap_api_key {
-        if key.len() < 16 {
-            bail!("the API key (--api-key / TASKGATE_API_KEY) is too short to be safe: use at least 16 characters (or create keys with `taskgate keys create`)");
-        }
-    }
-    config.validate()?;
-    Ok(config)
+    Ok(config::layered(args.settings.clone(), file, api_key)?)
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -271,9 +133,9 @@ pub(crate) async fn shutdown_signal() {
 async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     let config = layered_config(&args, api_key.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let hooks = taskgate_server::Hooks {
         // Scripts and tests read the bound address from this line (useful with port 0); it is
         // printed only once the server can answer.
@@ -292,8 +154,16 @@ async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The command line, parsed against the command `serve --help` describes with its defaults.
+fn parse_cli() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = with_setting_defaults(Cli::command());
+    let matches = command.try_get_matches_from_mut(std::env::args_os())?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
         // Under --json a refused command line is a JSON document too.
         Err(e) => {
@@ -336,9 +206,10 @@ fn main() -> ExitCode {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
 
-    /// Every flag and variable of `serve` is in docs/configuration.md: a setting added to the
-    /// command without its row there fails here.
+    /// Every flag, variable and file key of `serve` is in docs/configuration.md, each flag's row
+    /// states the default the server uses: a setting added without its row fails here.
     #[test]
     fn every_serve_setting_is_documented() {
         use clap::CommandFactory;
@@ -346,23 +217,30 @@ mod tests {
         let mut cli = Cli::command();
         cli.build();
         let serve = cli.find_subcommand("serve").unwrap();
+        let defaults = config::Layers::default_texts();
         let (mut missing, mut checked) = (Vec::new(), 0);
         for arg in serve.get_arguments() {
             if matches!(arg.get_id().as_str(), "help" | "version") {
                 continue;
             }
-            // Globals of the client commands that `serve` does not read.
-            if arg.is_global_set() && !matches!(arg.get_id().as_str(), "api_key") {
-                continue;
-            }
             checked += 1;
             if let Some(long) = arg.get_long() {
                 // `--log` must not pass because `--log-format` is documented.
-                let documented = [" ", "`", "[", "="]
-                    .iter()
-                    .any(|end| docs.contains(&format!("`--{long}{end}")));
-                if !documented {
-                    missing.push(format!("--{long}"));
+                let row = docs.lines().filter(|l| l.starts_with('|')).find(|line| {
+                    [" ", "`", "[", "="]
+                        .iter()
+                        .any(|end| line.contains(&format!("`--{long}{end}")))
+                });
+                match row {
+                    None => missing.push(format!("--{long}")),
+                    Some(row) => {
+                        let default = defaults.iter().find(|(id, _)| arg.get_id() == *id);
+                        if let Some((_, text)) = default {
+                            if !row.contains(text.as_str()) {
+                                missing.push(format!("--{long}'s default {text}"));
+                            }
+                        }
+                    }
                 }
             }
             if let Some(env) = arg.get_env() {
@@ -372,7 +250,20 @@ mod tests {
                 }
             }
         }
-        assert!(checked >= 20, "only {checked} settings of serve seen");
+        let server_keys = config::ServerLayer::KEYS
+            .iter()
+            .map(|k| format!("`[server] {k}`"));
+        let other_keys = config::WebhookLayer::KEYS
+            .iter()
+            .chain(config::StorageLayer::KEYS)
+            .map(|k| format!("| `{k}` |"));
+        for key in server_keys.chain(other_keys) {
+            checked += 1;
+            if !docs.contains(&key) {
+                missing.push(key);
+            }
+        }
+        assert!(checked >= 40, "only {checked} settings of serve seen");
         assert!(
             missing.is_empty(),
             "not in docs/configuration.md: {missing:?}"
@@ -404,12 +295,12 @@ mod tests {
         .unwrap();
         let path = file.to_str().unwrap();
         let c = layered_config_for(&serve_args(&["--config", path])).unwrap();
-        assert_eq!(c.max_upload_bytes, 1000);
+        assert_eq!(c.server.max_upload_bytes, 1000);
         assert_eq!(
-            c.retry_backoff,
+            c.server.retry_backoff.0,
             vec![Duration::from_secs(2), Duration::from_secs(10)]
         );
-        assert_eq!(c.lease, Duration::from_secs(10));
+        assert_eq!(c.server.lease, Duration::from_secs(10));
         assert_eq!(
             (
                 c.webhooks.max_in_flight,
@@ -430,8 +321,8 @@ mod tests {
             "3s",
         ]))
         .unwrap();
-        assert_eq!(c.max_upload_bytes, 5);
-        assert_eq!(c.retry_backoff, vec![Duration::from_secs(1)]);
-        assert_eq!(c.lease, Duration::from_secs(3));
+        assert_eq!(c.server.max_upload_bytes, 5);
+        assert_eq!(c.server.retry_backoff.0, vec![Duration::from_secs(1)]);
+        assert_eq!(c.server.lease, Duration::from_secs(3));
     }
 }

@@ -146,7 +146,7 @@ impl S3Artifacts {
             Err(e) => {
                 // An unfinished multipart upload keeps its parts (and their cost) until aborted.
                 if let Err(abort) = writer.abort().await {
-                    tracing::warn!(%key, error = %crate::error::error_chain(&abort),
+                    tracing::warn!(%key, error = %crate::report::error_chain(&abort),
                         "cannot abort a failed multipart upload; a bucket lifecycle rule will have to clean it up");
                 }
                 Err(e)

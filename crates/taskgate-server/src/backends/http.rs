@@ -53,7 +53,7 @@ fn transport_error(what: &str, e: &reqwest::Error, timeout: Duration) -> Backend
     let message = if e.is_timeout() {
         format!("{what} timed out after {}", human(timeout))
     } else {
-        format!("{what} failed: {}", crate::error::error_chain(e))
+        format!("{what} failed: {}", crate::report::error_chain(e))
     };
     BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
 }

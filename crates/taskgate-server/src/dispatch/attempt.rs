@@ -25,7 +25,7 @@ use super::{Dispatcher, ModelRuntime};
 use crate::artifacts::{output_names, staged_key};
 use crate::backends::{BackendError, Job, Produced};
 use crate::domain::{attempt_tag, fail_code, now_ms};
-use crate::error::error_chain;
+use crate::report::error_chain;
 use crate::store::{Blob, Claim};
 
 /// When the attempt's lease ends, as far as this process knows: moved on by every renewal.

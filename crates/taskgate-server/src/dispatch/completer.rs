@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use super::Dispatcher;
 use crate::backends::BackendError;
 use crate::domain::{clean_text, now_ms, MAX_FAIL_CODE, MAX_FAIL_MSG};
-use crate::error::error_chain;
+use crate::report::error_chain;
 use crate::store::{Blob, Claim, Outcome, StoreError};
 
 /// First pause between two tries of a failed write; doubles up to [`MAX_WRITE_PAUSE`].

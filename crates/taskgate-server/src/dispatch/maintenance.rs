@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::Dispatcher;
 use crate::domain::now_ms;
-use crate::error::error_chain;
+use crate::report::error_chain;
 use crate::store::{Store, StoreError};
 
 /// The start-up pass, before anything is claimed.

@@ -43,9 +43,6 @@ use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::views::TaskViews;
 
-/// How long a claim lasts without renewal, by default; renewed every third of it.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
 pub struct ModelRuntime {
     pub name: String,
     pub config: ModelConfig,

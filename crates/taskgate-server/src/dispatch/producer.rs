@@ -8,7 +8,7 @@ use tracing::{error, info_span, Instrument};
 
 use super::{Dispatcher, ModelRuntime};
 use crate::domain::now_ms;
-use crate::error::error_chain;
+use crate::report::error_chain;
 use crate::store::{Claim, Runner, StoreError};
 
 /// Most tasks one claim takes.

@@ -28,9 +28,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::artifacts::ResultLinks;
-use crate::config::WebhookConfig;
+use crate::config::WebhookSettings;
 use crate::domain::now_ms;
-use crate::error::error_chain;
+use crate::report::error_chain;
 use crate::retry::{AfterLast, RetryPolicy};
 use crate::store::{
     DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, Store, StoreError, WebhookSecrets,
@@ -148,7 +148,7 @@ impl HostTable {
 pub struct Deliverer {
     store: Arc<dyn Store>,
     links: ResultLinks,
-    config: WebhookConfig,
+    config: WebhookSettings,
     client: reqwest::Client,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
@@ -175,15 +175,15 @@ pub fn signing_secrets(s: &WebhookSecrets, now: i64) -> Vec<webhook::Secret> {
 
 /// Retries follow the configured delays, ±10 % so that retries to one host spread out, and stop
 /// after the last.
-fn retry_policy(config: &WebhookConfig) -> RetryPolicy {
-    RetryPolicy::new(config.retry_delays.clone(), 0.1, AfterLast::GiveUp)
+fn retry_policy(config: &WebhookSettings) -> RetryPolicy {
+    RetryPolicy::new(config.retry_delays.0.clone(), 0.1, AfterLast::GiveUp)
 }
 
 impl Deliverer {
     pub fn new(
         store: Arc<dyn Store>,
         links: ResultLinks,
-        config: WebhookConfig,
+        config: WebhookSettings,
         wake: Arc<Notify>,
     ) -> Result<Arc<Self>, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
@@ -191,7 +191,7 @@ impl Deliverer {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .timeout(config.timeout);
-        if !config.allow_private {
+        if !config.allow_private_callbacks {
             builder = builder.dns_resolver(Arc::new(ssrf::GuardedResolver));
         }
         Ok(Arc::new(Deliverer {
@@ -486,7 +486,7 @@ impl Deliverer {
         let d = &claim.delivery;
         let url = url::Url::parse(&d.url)
             .map_err(|e| SendError::Permanent(format!("callback_url is not a URL: {e}")))?;
-        ssrf::check_url(&url, self.config.allow_private)
+        ssrf::check_url(&url, self.config.allow_private_callbacks)
             .map_err(|e| SendError::Permanent(format!("callback_url {e}")))?;
         let store_err = |e: StoreError| SendError::Transient {
             message: format!(
@@ -591,9 +591,9 @@ mod tests {
 
     #[test]
     fn delivery_retries_follow_the_configured_delays_with_jitter_then_stop() {
-        let config = WebhookConfig {
-            retry_delays: vec![Duration::from_secs(10)],
-            ..WebhookConfig::default()
+        let config = WebhookSettings {
+            retry_delays: crate::config::Delays(vec![Duration::from_secs(10)]),
+            ..crate::config::defaults::webhooks()
         };
         let p = retry_policy(&config);
         let d = p.delay(1).unwrap_or_default();

@@ -303,7 +303,7 @@ async fn a_revoked_key_is_401_saying_it_was_revoked() {
 
 #[tokio::test]
 async fn a_body_over_the_limit_is_413_naming_the_limit() {
-    let app = TestApp::start_with(|c| c.max_body_bytes = 1024).await;
+    let app = TestApp::start_with(|c| c.server.max_body_bytes = 1024).await;
     let big = json!({ "input": { "prompt": "x".repeat(4096) } });
     let small = json!({ "input": { "prompt": "x".repeat(500) } });
 

@@ -222,7 +222,7 @@ async fn check_invariants(api: &Api, tasks: &[(&str, &str, Want<'_>)]) {
 async fn a_stale_attempts_outputs_and_report_are_refused_and_the_result_is_the_new_attempts() {
     let app = TestApp::start_with(|c| {
         c.models = models(WORKER_MODEL);
-        c.lease = Duration::from_secs(1);
+        c.server.lease = Duration::from_secs(1);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;
@@ -440,7 +440,7 @@ async fn a_restart_leaves_a_workers_acknowledged_claim_with_it_and_the_worker_fi
 async fn an_upload_that_takes_longer_than_the_lease_keeps_the_claim() {
     let app = TestApp::start_with(|c| {
         c.models = models(WORKER_MODEL);
-        c.lease = Duration::from_secs(1);
+        c.server.lease = Duration::from_secs(1);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;
@@ -540,7 +540,7 @@ async fn a_final_write_that_committed_but_reported_an_error_keeps_its_outputs() 
 async fn a_worker_is_told_503_when_its_outcome_could_not_be_written_and_finishes_once_later() {
     let (app, plan) = TestApp::start_with_faults(|c| {
         c.models = models(WORKER_MODEL);
-        c.lease = Duration::from_secs(1);
+        c.server.lease = Duration::from_secs(1);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;
@@ -642,7 +642,7 @@ async fn a_failure_message_with_nul_and_escapes_is_stored_clean_on_postgresql() 
     let url = db.url.clone();
     let app = TestApp::start_with(|c| {
         c.models = models(WORKER_MODEL);
-        c.database_url = Some(url.clone());
+        c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url.clone()));
     })
     .await;
     let token = worker_token(&app.data_dir, Some(&url)).await;
@@ -720,7 +720,7 @@ async fn removing_a_model_fails_its_waiting_tasks_and_still_sends_their_callback
     );
     let app = TestApp::start_with(|c| {
         c.models = models(&with_gone);
-        c.webhooks.allow_private = true;
+        c.webhooks.allow_private_callbacks = true;
     })
     .await;
     let (status, body) = app
@@ -739,7 +739,7 @@ async fn removing_a_model_fails_its_waiting_tasks_and_still_sends_their_callback
 
     let app = TestApp::start_in(dir, |c| {
         c.models = models("[models.echo]\nbackend = \"builtin\"\nbuiltin = \"echo\"\n");
-        c.webhooks.allow_private = true;
+        c.webhooks.allow_private_callbacks = true;
     })
     .await;
     let (status, s) = app.api.status("gone", &id).await;
@@ -761,7 +761,7 @@ async fn a_claim_the_worker_never_acknowledged_goes_back_without_using_up_an_att
     let app = TestApp::start_with(|c| {
         c.models =
             models("[models.once]\nbackend = \"worker\"\ntimeout = \"30s\"\nmax_attempts = 1\n");
-        c.lease = Duration::from_secs(1);
+        c.server.lease = Duration::from_secs(1);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;

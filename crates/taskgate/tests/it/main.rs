@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod command;
 mod config;
+mod connections;
 mod dispatch;
 mod faults;
 mod hot_paths;

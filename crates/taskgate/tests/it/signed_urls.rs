@@ -137,7 +137,7 @@ async fn a_link_missing_its_signature_or_expiry_is_refused() {
 
 #[tokio::test]
 async fn an_expired_link_is_refused() {
-    let app = TestApp::start_with(|c| c.result_url_ttl = Duration::from_secs(1)).await;
+    let app = TestApp::start_with(|c| c.server.result_url_ttl = Duration::from_secs(1)).await;
     let (link, url) = finished_link(&app).await;
     assert_eq!(reqwest::get(&url).await.unwrap().status(), StatusCode::OK);
 

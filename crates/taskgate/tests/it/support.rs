@@ -217,8 +217,9 @@ impl TestApp {
         show_server_logs_on_failure();
         let mut config = Config::new(dir.path());
         config.bootstrap_api_key = Some(API_KEY.to_owned());
-        config.retry_backoff = vec![Duration::from_millis(50)];
-        config.shutdown_grace = Duration::from_secs(5);
+        config.server.retry_backoff =
+            taskgate_server::config::Delays(vec![Duration::from_millis(50)]);
+        config.server.shutdown_grace = Duration::from_secs(5);
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

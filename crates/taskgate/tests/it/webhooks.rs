@@ -181,8 +181,9 @@ fn skipped(why: &str) -> Option<bool> {
 
 async fn start_app(tweak: impl FnOnce(&mut taskgate_server::Config)) -> TestApp {
     TestApp::start_with(|c| {
-        c.webhooks.allow_private = true;
-        c.webhooks.retry_delays = vec![Duration::from_millis(20); 3];
+        c.webhooks.allow_private_callbacks = true;
+        c.webhooks.retry_delays =
+            taskgate_server::config::Delays(vec![Duration::from_millis(20); 3]);
         tweak(c)
     })
     .await
@@ -371,7 +372,11 @@ async fn a_410_gone_stops_retrying_at_once() {
 #[tokio::test]
 async fn after_the_last_retry_the_delivery_fails_and_the_task_stays_pollable() {
     let mut rx = Receiver::start(vec![Reply::Status(500); 10]).await;
-    let app = start_app(|c| c.webhooks.retry_delays = vec![Duration::from_millis(10); 2]).await;
+    let app = start_app(|c| {
+        c.webhooks.retry_delays =
+            taskgate_server::config::Delays(vec![Duration::from_millis(10); 2])
+    })
+    .await;
     let id = submit_callback(&app.api, &rx.url, json!({})).await;
     let d = wait_delivery(&app.api, &id, |d| d["state"] == "failed").await;
     assert_eq!(d["attempts"], 3, "one attempt and two retries: {d}");
@@ -385,7 +390,11 @@ async fn after_the_last_retry_the_delivery_fails_and_the_task_stays_pollable() {
 #[tokio::test]
 async fn a_failed_delivery_can_be_replayed_by_its_tenant_only() {
     let mut rx = Receiver::start(vec![Reply::Status(500); 3]).await;
-    let app = start_app(|c| c.webhooks.retry_delays = vec![Duration::from_millis(10); 2]).await;
+    let app = start_app(|c| {
+        c.webhooks.retry_delays =
+            taskgate_server::config::Delays(vec![Duration::from_millis(10); 2])
+    })
+    .await;
     let id = submit_callback(&app.api, &rx.url, json!({})).await;
     let d = wait_delivery(&app.api, &id, |d| d["state"] == "failed").await;
     let delivery_id = d["id"].as_str().unwrap().to_owned();
@@ -561,8 +570,10 @@ async fn a_name_resolving_to_loopback_is_refused_at_delivery() {
     let rx = Receiver::start(vec![]).await;
     let port = rx.url.rsplit(':').next().unwrap().to_owned();
     let url = format!("http://{alias}:{port}");
-    let app =
-        TestApp::start_with(|c| c.webhooks.retry_delays = vec![Duration::from_millis(10)]).await;
+    let app = TestApp::start_with(|c| {
+        c.webhooks.retry_delays = taskgate_server::config::Delays(vec![Duration::from_millis(10)])
+    })
+    .await;
     let id = submit_callback(&app.api, &url, json!({})).await;
     let d = wait_delivery(&app.api, &id, |d| d["state"] == "failed").await;
     assert!(
@@ -795,7 +806,7 @@ async fn a_manual_retry_within_ten_seconds_of_the_last_gets_429_even_after_a_res
     // The last retry time is in the store, so another node (here: the next start) knows it.
     let dir = app.dir();
     app.stop().await.unwrap();
-    let app = TestApp::start_in(dir, |c| c.webhooks.allow_private = true).await;
+    let app = TestApp::start_in(dir, |c| c.webhooks.allow_private_callbacks = true).await;
     let (status, body, _) = post_retry(&app.api, &delivery_id).await;
     assert_eq!(status, Status::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(*rx.count.borrow(), 2, "the refused retries sent nothing");

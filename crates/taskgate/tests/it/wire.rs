@@ -250,7 +250,8 @@ async fn result_urls_are_absolute_on_the_bound_address_by_default() {
 #[tokio::test]
 async fn result_urls_are_built_from_the_public_url_when_one_is_set() {
     let app =
-        TestApp::start_with(|c| c.public_url = Some("https://tasks.example.com/".into())).await;
+        TestApp::start_with(|c| c.server.public_url = Some("https://tasks.example.com/".into()))
+            .await;
 
     let data = app.api.run_to_end("echo", json!({})).await;
 

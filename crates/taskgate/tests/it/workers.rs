@@ -128,7 +128,7 @@ async fn a_worker_killed_mid_task_loses_only_its_lease_and_another_worker_finish
             .unwrap()
             .models
             .unwrap();
-        c.lease = Duration::from_millis(900);
+        c.server.lease = Duration::from_millis(900);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;

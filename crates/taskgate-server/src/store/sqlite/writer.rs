@@ -325,7 +325,7 @@ fn give_back(conn: &Connection, claims: &[Claim]) {
         let r = conn.execute(&sql, rusqlite::params![c.task.id, c.token]);
         if let Err(e) = r {
             // Its lease will end and the sweep hands it on.
-            tracing::warn!(task_id = %c.task.id, error = %crate::error::error_chain(&e), "cannot hand back an unclaimed task");
+            tracing::warn!(task_id = %c.task.id, error = %crate::report::error_chain(&e), "cannot hand back an unclaimed task");
         }
     }
 }

@@ -373,7 +373,7 @@ async fn webhook_listen_refuses_a_secret_without_the_whsec_prefix() {
 
 #[tokio::test]
 async fn a_callback_from_the_server_reaches_webhook_listen_and_is_printed() {
-    let app = TestApp::start_with(|c| c.webhooks.allow_private = true).await;
+    let app = TestApp::start_with(|c| c.webhooks.allow_private_callbacks = true).await;
     let resp = app
         .api
         .request(reqwest::Method::GET, "/api/v1/webhookSecret")

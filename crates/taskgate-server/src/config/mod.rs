@@ -1,11 +1,20 @@
-//! Server settings and the per-model table, as read from the TOML file.
+//! Server settings and the per-model tables.
 //!
-//! Precedence (flags > environment > file > defaults) is applied by the binary, which owns the
-//! flags; this module defines the file format, the defaults and the validation that stops a bad
-//! start with a message saying what to change.
+//! `settings` declares each settings table once (the file's table, the flags and variables, and
+//! the resolved values come from that one declaration) and layers them: flags > environment >
+//! file > defaults, in `settings::layered`. `defaults` holds every default. This module holds
+//! the file format, the model tables, and the validation that stops a bad start with a message
+//! saying what to change. It depends on nothing else in the crate.
+
+pub mod defaults;
+pub mod settings;
+
+pub use settings::{
+    layered, DatabaseUrl, Delays, Layers, ServerLayer, ServerSettings, StorageLayer,
+    StorageSettings, WebhookLayer, WebhookSettings,
+};
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -33,76 +42,19 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigErro
     }
 }
 
-/// The whole file: an optional `[server]` table and one `[models.NAME]` table per model.
+/// The whole file: optional `[server]`, `[webhooks]` and `[storage]` tables and one
+/// `[models.NAME]` table per model.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
-    pub server: FileServerSettings,
+    pub server: ServerLayer,
     #[serde(default)]
-    pub webhooks: FileWebhookSettings,
+    pub webhooks: WebhookLayer,
     #[serde(default)]
-    pub storage: FileStorageSettings,
+    pub storage: StorageLayer,
     /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
     pub models: Option<BTreeMap<String, ModelConfig>>,
-}
-
-/// `[server]`: every key may also come from a flag or a `TASKGATE_*` variable, which win.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileServerSettings {
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub database_url: Option<String>,
-    pub public_url: Option<String>,
-    pub max_body_bytes: Option<usize>,
-    pub max_upload_bytes: Option<u64>,
-    #[serde(default, deserialize_with = "duration_list")]
-    pub retry_backoff: Option<Vec<Duration>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub lease: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub result_url_ttl: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub shutdown_grace: Option<Duration>,
-}
-
-/// `[webhooks]`: flags and `TASKGATE_*` variables win.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileWebhookSettings {
-    #[serde(default, with = "humantime_serde::option")]
-    pub timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub secret_overlap: Option<Duration>,
-    #[serde(default, deserialize_with = "duration_list")]
-    pub retry_delays: Option<Vec<Duration>>,
-    pub allow_private_callbacks: Option<bool>,
-    pub max_in_flight: Option<usize>,
-    pub max_per_host: Option<usize>,
-    pub breaker_threshold: Option<u32>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub breaker_cooldown: Option<Duration>,
-}
-
-/// `[storage]`: where result files live. Flags and `TASKGATE_*` variables win. S3 credentials
-/// are deliberately not settable here: they come from the standard AWS environment.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileStorageSettings {
-    pub s3_bucket: Option<String>,
-    pub s3_endpoint: Option<String>,
-    pub s3_region: Option<String>,
-    pub s3_prefix: Option<String>,
-}
-
-fn duration_list<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<Duration>>, D::Error> {
-    let items: Option<Vec<String>> = Option::deserialize(d)?;
-    items
-        .map(|v| parse_duration_list(&v.join(",")).map_err(serde::de::Error::custom))
-        .transpose()
 }
 
 impl FileConfig {
@@ -180,13 +132,13 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
 }
 
 fn default_concurrency() -> usize {
-    4
+    defaults::MODEL_CONCURRENCY
 }
 fn default_timeout() -> Duration {
-    Duration::from_secs(600)
+    defaults::MODEL_TIMEOUT
 }
 fn default_max_attempts() -> u32 {
-    3
+    defaults::MODEL_MAX_ATTEMPTS
 }
 
 /// The kind of backend and its own settings, tagged by `backend = "..."`.
@@ -259,28 +211,14 @@ pub fn default_models() -> BTreeMap<String, ModelConfig> {
 /// Everything `run` needs, after layering and validation.
 #[derive(Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    /// `postgres://…` selects the PostgreSQL store (many nodes); `None`, SQLite in `data_dir`.
-    pub database_url: Option<String>,
-    /// Base of result URLs; `None` means "the address actually bound".
-    pub public_url: Option<String>,
-    pub max_body_bytes: usize,
-    /// Largest output file a pull worker may upload.
-    pub max_upload_bytes: u64,
-    /// How long a claimed task stays with its node or worker without a renewal; after that it is
-    /// handed on. Renewals come every third of it.
-    pub lease: Duration,
-    pub result_url_ttl: Duration,
-    pub shutdown_grace: Duration,
-    /// A key registered at start (from `TASKGATE_API_KEY`), for local use and tests.
+    pub server: ServerSettings,
+    pub webhooks: WebhookSettings,
+    /// Where result files are kept and who serves them (from the `[storage]` table).
+    pub artifacts: ArtifactsConfig,
+    /// A key registered at start (`serve --api-key` / `TASKGATE_API_KEY`), for local use and
+    /// tests.
     pub bootstrap_api_key: Option<String>,
     pub models: BTreeMap<String, ModelConfig>,
-    /// Delays between attempts after a retryable backend error; the last one repeats.
-    pub retry_backoff: Vec<Duration>,
-    pub webhooks: WebhookConfig,
-    /// Where result files are kept and who serves them.
-    pub artifacts: ArtifactsConfig,
 }
 
 /// Where result files live.
@@ -309,8 +247,6 @@ pub struct S3Config {
     pub credentials: Option<S3Credentials>,
 }
 
-pub const DEFAULT_S3_REGION: &str = "us-east-1";
-
 /// S3's limit on the life of a presigned URL (SigV4 `X-Amz-Expires`).
 pub const S3_MAX_URL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -319,7 +255,7 @@ impl S3Config {
         S3Config {
             bucket: bucket.into(),
             endpoint: None,
-            region: DEFAULT_S3_REGION.to_owned(),
+            region: defaults::S3_REGION.to_owned(),
             prefix: None,
             credentials: None,
         }
@@ -339,50 +275,6 @@ impl std::fmt::Debug for S3Credentials {
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<redacted>")
             .finish()
-    }
-}
-
-/// Callback delivery settings.
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    /// Delay before each retry; after the last, the delivery is marked failed.
-    pub retry_delays: Vec<Duration>,
-    /// A receiver must answer within this.
-    pub timeout: Duration,
-    /// Lets callbacks reach loopback and private addresses (local development, tests).
-    pub allow_private: bool,
-    /// How long the previous secret keeps signing after a rotation.
-    pub secret_overlap: Duration,
-    /// Deliveries in flight at once, over all receivers.
-    pub max_in_flight: usize,
-    /// Deliveries in flight at once to one host.
-    pub max_per_host: usize,
-    /// Consecutive failures of a host that open its circuit.
-    pub breaker_threshold: u32,
-    /// How long an open circuit holds deliveries to its host back.
-    pub breaker_cooldown: Duration,
-}
-
-/// About a day: 30s, 2m, 10m, 30m, 1h, 3h, 6h, 12h (23h 42m 30s in all).
-pub fn default_webhook_retry_delays() -> Vec<Duration> {
-    [30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600]
-        .into_iter()
-        .map(Duration::from_secs)
-        .collect()
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        WebhookConfig {
-            retry_delays: default_webhook_retry_delays(),
-            timeout: Duration::from_secs(30),
-            allow_private: false,
-            secret_overlap: Duration::from_secs(24 * 3600),
-            max_in_flight: 64,
-            max_per_host: 8,
-            breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(30),
-        }
     }
 }
 
@@ -408,61 +300,39 @@ pub fn parse_duration_list(s: &str) -> Result<Vec<Duration>, String> {
 }
 
 impl std::fmt::Debug for Config {
+    // `server.database_url` redacts itself; the bootstrap key is shown only as present.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &self.database_url.as_deref().map(redact_url),
-            )
-            .field("public_url", &self.public_url)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("result_url_ttl", &self.result_url_ttl)
-            .field("shutdown_grace", &self.shutdown_grace)
+            .field("server", &self.server)
+            .field("webhooks", &self.webhooks)
+            .field("artifacts", &self.artifacts)
             .field(
                 "bootstrap_api_key",
                 &self.bootstrap_api_key.as_ref().map(|_| "<redacted>"),
             )
             .field("models", &self.models.keys().collect::<Vec<_>>())
-            .field("artifacts", &self.artifacts)
             .finish()
     }
 }
-
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
-pub const DEFAULT_RESULT_URL_TTL: Duration = Duration::from_secs(24 * 3600);
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl Config {
     /// Defaults for everything, with the builtin models: what tests and `serve` with no flags use.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data_dir: data_dir.into(),
-            database_url: None,
-            public_url: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_upload_bytes: 4 * 1024 * 1024 * 1024,
-            lease: crate::dispatch::DEFAULT_LEASE,
-            result_url_ttl: DEFAULT_RESULT_URL_TTL,
-            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            server: ServerSettings {
+                data_dir: data_dir.into(),
+                ..defaults::server()
+            },
+            webhooks: defaults::webhooks(),
+            artifacts: ArtifactsConfig::Local,
             bootstrap_api_key: None,
             models: default_models(),
-            retry_backoff: vec![
-                Duration::from_secs(1),
-                Duration::from_secs(5),
-                Duration::from_secs(30),
-            ],
-            webhooks: WebhookConfig::default(),
-            artifacts: ArtifactsConfig::Local,
         }
     }
 
     /// Checks everything a start depends on, so that a bad value stops the start, not a task.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(url) = &self.public_url {
+        if let Some(url) = &self.server.public_url {
             let parsed = url::Url::parse(url).map_err(|e| {
                 invalid(
                     "public_url",
@@ -475,7 +345,8 @@ impl Config {
                 return Err(invalid("public_url", "must start with http:// or https://"));
             }
         }
-        if let Some(db) = &self.database_url {
+        if let Some(db) = &self.server.database_url {
+            let db = db.as_str();
             if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
                 return Err(invalid(
                     "database_url",
@@ -486,10 +357,10 @@ impl Config {
                 ));
             }
         }
-        if self.max_upload_bytes == 0 {
+        if self.server.max_upload_bytes == 0 {
             return Err(invalid("max_upload_bytes", "must be greater than 0"));
         }
-        if self.retry_backoff.is_empty() {
+        if self.server.retry_backoff.0.is_empty() {
             return Err(invalid(
                 "retry_backoff",
                 "needs at least one delay, e.g. 1s,5s,30s",
@@ -498,16 +369,22 @@ impl Config {
         if self.webhooks.breaker_threshold == 0 {
             return Err(invalid("webhooks.breaker_threshold", "must be at least 1"));
         }
-        if self.max_body_bytes == 0 {
+        if self.server.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be greater than 0"));
         }
-        if self.lease < Duration::from_millis(300) {
+        if self.server.lease < Duration::from_millis(300) {
             return Err(invalid(
                 "lease",
                 "must be at least 300ms (renewals come every third of it)",
             ));
         }
-        if self.result_url_ttl.is_zero() {
+        if self.server.header_timeout.is_zero() {
+            return Err(invalid("header_timeout", "must be longer than 0s"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.server.result_url_ttl.is_zero() {
             return Err(invalid("result_url_ttl", "must be longer than 0s"));
         }
         if self.webhooks.timeout.is_zero() {
@@ -517,7 +394,7 @@ impl Config {
             return Err(invalid("webhooks", "concurrency limits must be at least 1"));
         }
         if let ArtifactsConfig::S3(s3) = &self.artifacts {
-            validate_s3(s3, self.result_url_ttl)?;
+            validate_s3(s3, self.server.result_url_ttl)?;
         }
         if self.models.is_empty() {
             return Err(invalid(
@@ -637,7 +514,10 @@ fn validate_s3(s3: &S3Config, result_url_ttl: Duration) -> Result<(), ConfigErro
     if s3.region.trim().is_empty() {
         return Err(invalid(
             "s3_region",
-            format!("must not be empty; example: --s3-region {DEFAULT_S3_REGION}"),
+            format!(
+                "must not be empty; example: --s3-region {}",
+                defaults::S3_REGION
+            ),
         ));
     }
     if let Some(prefix) = &s3.prefix {
@@ -774,7 +654,7 @@ mod tests {
             let mut s3 = S3Config::new("results");
             tweak(&mut s3);
             let mut c = Config::new("/tmp/x");
-            c.result_url_ttl = ttl;
+            c.server.result_url_ttl = ttl;
             c.artifacts = ArtifactsConfig::S3(s3);
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(setting), "{err}");

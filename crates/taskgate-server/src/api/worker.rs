@@ -11,8 +11,9 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Uri};
-use axum::Json;
+use axum::http::Uri;
+use axum::routing::{post, put};
+use axum::{Json, Router};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use taskgate_proto::{
@@ -21,14 +22,24 @@ use taskgate_proto::{
 use tokio::io::AsyncWriteExt;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::api::AppState;
+use super::extract::WorkerToken;
 use crate::artifacts::{sanitize_name, staged_key};
 use crate::backends::BackendError;
 use crate::dispatch::{ModelRuntime, Settled};
 use crate::domain::{attempt_tag, fail_code, now_ms, Task};
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::Claim;
 use taskgate_proto::ErrorCode;
+
+pub(super) fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/worker/claim", post(claim))
+        .route("/api/v1/worker/tasks/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/worker/tasks/{id}/outputs/{name}", put(upload))
+        .route("/api/v1/worker/tasks/{id}/complete", post(complete))
+        .route("/api/v1/worker/tasks/{id}/fail", post(fail))
+}
 
 /// The answer to a report: success, nothing to return.
 fn done() -> Json<Envelope<()>> {
@@ -139,12 +150,11 @@ fn worker_task(
     })
 }
 
-pub async fn claim(
+async fn claim(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    WorkerToken(worker): WorkerToken,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<WorkerTask>>, ApiError> {
-    let worker = state.auth.authenticate_worker(&headers).await?;
     let req: WorkerClaimRequest = parse_json(body)?;
     if req.models.is_empty() {
         return Err(ApiError::new(
@@ -204,13 +214,12 @@ pub async fn claim(
     }
 }
 
-pub async fn heartbeat(
+async fn heartbeat(
     State(state): State<Arc<AppState>>,
+    WorkerToken(worker): WorkerToken,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
-    let worker = state.auth.authenticate_worker(&headers).await?;
     let hb: WorkerHeartbeat = parse_json(body)?;
     if let Some(p) = hb.progress {
         if !(0.0..=1.0).contains(&p) {
@@ -261,15 +270,14 @@ pub async fn heartbeat(
 /// longer than the lease to upload still completes; the temporary file is the upload's own (two
 /// uploads of one attempt never touch each other's) and is removed on every path out, including
 /// a dropped connection. The staged output becomes the task's only through `complete`.
-pub async fn upload(
+async fn upload(
     State(state): State<Arc<AppState>>,
+    _worker: WorkerToken,
     Path((task_id, name)): Path<(String, String)>,
-    headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Result<Json<Envelope<()>>, ApiError> {
-    state.auth.authenticate_worker(&headers).await?;
-    let token = crate::api::query_param(&uri, "leaseToken").ok_or_else(|| {
+    let token = super::query_param(&uri, "leaseToken").ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidInput,
             "the leaseToken query parameter is required",
@@ -322,7 +330,7 @@ pub async fn upload(
     // Still ours after the upload? A stale attempt's staged file is taken back at once.
     if let Err(e) = renew(&state, &claim.task.id, &token, None).await {
         if let Err(d) = state.dispatcher.artifacts().delete(&key).await {
-            warn!(%key, error = %crate::error::error_chain(&d), "cannot delete a stale attempt's output");
+            warn!(%key, error = %crate::report::error_chain(&d), "cannot delete a stale attempt's output");
         }
         return Err(e);
     }
@@ -357,13 +365,12 @@ impl Drop for TempUpload {
     }
 }
 
-pub async fn complete(
+async fn complete(
     State(state): State<Arc<AppState>>,
+    _worker: WorkerToken,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
-    state.auth.authenticate_worker(&headers).await?;
     let req: WorkerComplete = parse_json(body)?;
     let (claim, model) = claimed(&state, &task_id, &req.lease_token, None).await?;
     let result = if req.outputs.is_empty() {
@@ -393,13 +400,12 @@ pub async fn complete(
     settle(&state, &model, &claim, result).await
 }
 
-pub async fn fail(
+async fn fail(
     State(state): State<Arc<AppState>>,
+    _worker: WorkerToken,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
-    state.auth.authenticate_worker(&headers).await?;
     let req: WorkerFail = parse_json(body)?;
     let (claim, model) = claimed(&state, &task_id, &req.lease_token, None).await?;
     let code = req

@@ -1,0 +1,111 @@
+//! Result files kept in the data directory, served behind HMAC-signed, expiring links. A node
+//! whose results go to S3 serves none (its URLs point at the bucket).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use taskgate_proto::ErrorCode;
+
+use crate::domain::now_ms;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(super) fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/files/{task_id}/{name}", get(get_untagged_file))
+        .route("/files/{task_id}/{tag}/{name}", get(get_file))
+}
+
+/// A file of a task finished before outputs were staged per attempt (`TASK_ID/NAME` keys).
+async fn get_untagged_file(
+    State(state): State<Arc<AppState>>,
+    Path((task_id, name)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    serve_file(state, format!("{task_id}/{name}"), name, uri).await
+}
+
+async fn get_file(
+    State(state): State<Arc<AppState>>,
+    Path((task_id, tag, name)): Path<(String, String, String)>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    serve_file(state, format!("{task_id}/{tag}/{name}"), name, uri).await
+}
+
+async fn serve_file(
+    state: Arc<AppState>,
+    key: String,
+    name: String,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let refused = || {
+        ApiError::new(
+            ErrorCode::LinkInvalid,
+            "this link is invalid or has expired",
+        )
+    };
+    let files = state.local_files.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::FileNotFound,
+            "result files are not served by this node",
+        )
+    })?;
+    let (mut expires, mut sig) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "expires" => expires = v.parse::<i64>().ok(),
+            "sig" => sig = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let (Some(expires), Some(sig)) = (expires, sig) else {
+        return Err(refused());
+    };
+    if !files.signer().verify(&key, expires, &sig) || expires < now_ms() / 1000 {
+        return Err(refused());
+    }
+    let path = files.path_of(&key).ok_or_else(refused)?;
+    // A file, or a small output kept in the database (see `artifacts::INLINE_MAX`).
+    let (body, len) = match tokio::fs::File::open(&path).await {
+        Ok(file) => {
+            let len = file.metadata().await.map_err(ApiError::internal)?.len();
+            (
+                Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+                len,
+            )
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match state.store.get_blob(&key).await? {
+                Some(content) => {
+                    let len = content.len() as u64;
+                    (Body::from(content), len)
+                }
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::FileNotFound,
+                        "this result file no longer exists",
+                    ))
+                }
+            }
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let content_type = mime_guess::from_path(&name).first_or_octet_stream();
+    let mut response = body.into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(content_type.as_ref()) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let max_age = (expires - now_ms() / 1000).max(0);
+    if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={max_age}")) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    Ok(response)
+}

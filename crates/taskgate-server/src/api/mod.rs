@@ -1,0 +1,88 @@
+//! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`),
+//! webhook secrets and deliveries (`webhooks`), result files (`files`), the pull workers' API
+//! (`worker`) and health. Models, keys and the dashboard get routers of their own the same way.
+//!
+//! Only this module and `error` know HTTP. Handlers take the caller as an extractor
+//! (`extract`), so a handler cannot forget to authenticate, and they reach the store only
+//! through its trait. No per-request middleware runs on the hot routes beyond what is layered
+//! here: a `from_fn` layer around the router cost status a third of its throughput
+//! (docs/BENCHMARKS.md, "Issue 10").
+
+mod extract;
+mod files;
+mod tasks;
+mod webhooks;
+mod worker;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::Uri;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::Value;
+use taskgate_proto::{Envelope, ErrorCode};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::{envelope_response, ApiError};
+use crate::state::AppState;
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(tasks::router())
+        .merge(webhooks::router())
+        .merge(files::router())
+        .merge(worker::router())
+        // After the merges: these apply to every route registered before them.
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                envelope_response(
+                    ErrorCode::InternalError,
+                    "internal error on the server; it has been logged, try again later".into(),
+                )
+            },
+        ))
+        // One Arc for the whole state: axum clones the state for every request.
+        .with_state(Arc::new(state))
+}
+
+async fn healthz() -> Json<Envelope<Value>> {
+    Json(Envelope::success(serde_json::json!({ "status": "ok" })))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(ErrorCode::EndpointNotFound, format!(
+        "no such endpoint: {}; the API is POST /api/v1/generateTask/{{model}} and GET /api/v1/statusTask/{{model}}?taskId=",
+        uri.path()
+    ))
+}
+
+/// A 405 said of the path asked (the fallback serves every route; axum adds `Allow`, which
+/// names the methods the path takes).
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{method} is not allowed on {}; the Allow header lists the methods it takes",
+            uri.path()
+        ),
+    )
+}
+
+pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+        .filter(|v| !v.is_empty())
+}
