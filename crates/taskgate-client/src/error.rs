@@ -113,6 +113,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// Reading a file to upload failed ([`WorkerClient::upload`](crate::WorkerClient::upload)).
+    #[error("cannot read {}: {source}", path.display())]
+    ReadFile {
+        /// The file being read.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {

@@ -40,7 +40,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
-use reqwest::{Method, StatusCode};
+use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 use url::Url;
 
@@ -48,11 +48,13 @@ mod download;
 mod error;
 mod retry;
 mod wait;
+mod worker;
 
 pub use download::DownloadProgress;
 pub use error::Error;
 pub use retry::RetryPolicy;
 pub use wait::{ProgressFn, WaitOptions, WaitProgress};
+pub use worker::{WorkerClient, WorkerClientBuilder};
 
 pub use taskgate_proto as proto;
 pub use taskgate_proto::webhook;
@@ -156,6 +158,14 @@ impl ClientBuilder {
 
     /// Validates the base URL and builds the client.
     pub fn build(self) -> Result<Client, Error> {
+        let read_timeout = self.timeout;
+        self.build_with(Some(read_timeout))
+    }
+
+    /// Builds the client; `read_timeout` bounds each read of a download's body. Without one a
+    /// request is bounded only by its own timeout, if any: reqwest counts the read timeout from
+    /// the start of the request, so a long upload would be cut off by it.
+    fn build_with(self, read_timeout: Option<Duration>) -> Result<Client, Error> {
         let base = normalize_base(&self.base_url)?;
         let auth = match &self.api_key {
             Some(key) => {
@@ -170,12 +180,15 @@ impl ClientBuilder {
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .user_agent(self.user_agent)
             .connect_timeout(self.connect_timeout)
-            .read_timeout(self.timeout)
             // Redirects could carry the Authorization header to another host.
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(t) = read_timeout {
+            http = http.read_timeout(t);
+        }
+        let http = http
             .build()
             .map_err(|e| Error::InvalidInput(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
@@ -303,7 +316,9 @@ impl Client {
     pub async fn status(&self, model: &str, task_id: &str) -> Result<TaskStatus, Error> {
         let mut url = self.endpoint(&["statusTask", model])?;
         url.query_pairs_mut().append_pair("taskId", task_id);
-        let data = self.call(Method::GET, url.clone(), None, true).await?;
+        let data = self
+            .call(Method::GET, url.clone(), None::<&()>, true)
+            .await?;
         let mut data = data.ok_or_else(|| Error::Protocol {
             url: url.to_string(),
             reason: "the envelope has no data".into(),
@@ -328,7 +343,9 @@ impl Client {
     /// ```
     pub async fn webhook_secret(&self) -> Result<taskgate_proto::WebhookSecretData, Error> {
         let url = self.endpoint(&["webhookSecret"])?;
-        let data = self.call(Method::GET, url.clone(), None, true).await?;
+        let data = self
+            .call(Method::GET, url.clone(), None::<&()>, true)
+            .await?;
         decode_data(&url, data)
     }
 
@@ -346,28 +363,53 @@ impl Client {
     }
 
     /// Sends one API request, retrying transient failures, and returns the envelope's `data`.
-    async fn call(
+    async fn call<B: serde::Serialize + ?Sized>(
         &self,
         method: Method,
         url: Url,
-        body: Option<&GenerateTaskRequest>,
+        body: Option<&B>,
         idempotent: bool,
     ) -> Result<Option<Value>, Error> {
-        let mut failures = 0u32;
-        loop {
-            let mut req = self
-                .http
-                .request(method.clone(), url.clone())
-                .timeout(self.timeout);
-            if let Some(auth) = &self.auth {
-                req = req.header(AUTHORIZATION, auth.clone());
-            }
+        self.send(&url, idempotent, || {
+            let mut req = self.request(method.clone(), url.clone(), Some(self.timeout));
             if let Some(body) = body {
                 req = req.json(body);
             }
-            let outcome = match req.send().await {
-                Ok(resp) => read_envelope(&url, resp, idempotent).await,
-                Err(e) => Err(transport_failure(&url, e, idempotent)),
+            std::future::ready(Ok(req))
+        })
+        .await
+    }
+
+    /// A request with the key, limited to `timeout` as a whole when one is given.
+    fn request(&self, method: Method, url: Url, timeout: Option<Duration>) -> RequestBuilder {
+        let mut req = self.http.request(method, url);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        req
+    }
+
+    /// The retry loop of every API call: sends the request `attempt` makes, reads the envelope,
+    /// and retries transient failures per the [`RetryPolicy`]. `attempt` is called once per try
+    /// because a streamed body cannot be sent twice.
+    async fn send<F, Fut>(
+        &self,
+        url: &Url,
+        idempotent: bool,
+        mut attempt: F,
+    ) -> Result<Option<Value>, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<RequestBuilder, Error>>,
+    {
+        let mut failures = 0u32;
+        loop {
+            let outcome = match attempt().await?.send().await {
+                Ok(resp) => read_envelope(url, resp, idempotent).await,
+                Err(e) => Err(transport_failure(url, e, idempotent)),
             };
             match outcome {
                 Ok(data) => return Ok(data),
