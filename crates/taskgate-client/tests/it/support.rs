@@ -1,6 +1,6 @@
 //! A scripted fake of an APIXO-compatible server on 127.0.0.1:0.
 //!
-//! Each route family (submit, status, files) has a queue of replies; a request takes the next
+//! Each route family (submit, status, worker, files) has a queue of replies; a request takes the next
 //! reply, and the last one repeats forever, so "503 then success" is `[503, ok]`. Every request is
 //! recorded so tests can count attempts and inspect headers without sleeping.
 
@@ -12,7 +12,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use serde_json::{json, Value};
-use taskgate_client::{Client, RetryPolicy};
+use taskgate_client::{Client, RetryPolicy, WorkerClient};
 
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -71,6 +71,7 @@ pub struct Recorded {
     pub path: String,
     pub query: Option<String>,
     pub authorization: Option<String>,
+    pub content_length: Option<u64>,
     pub body: Bytes,
 }
 
@@ -78,6 +79,7 @@ pub struct Recorded {
 struct Script {
     submit: VecDeque<Reply>,
     status: VecDeque<Reply>,
+    worker: VecDeque<Reply>,
     files: VecDeque<Reply>,
 }
 
@@ -119,6 +121,12 @@ impl FakeServer {
         self
     }
 
+    /// Replies to the pull-worker API (`/api/v1/worker/…`).
+    pub fn on_worker(&self, replies: impl IntoIterator<Item = Reply>) -> &Self {
+        self.script.lock().unwrap().worker.extend(replies);
+        self
+    }
+
     pub fn on_files(&self, replies: impl IntoIterator<Item = Reply>) -> &Self {
         self.script.lock().unwrap().files.extend(replies);
         self
@@ -132,6 +140,14 @@ impl FakeServer {
     pub fn client(&self) -> Client {
         Client::builder(&self.base)
             .api_key("tg_test_key")
+            .retry(fast_retry())
+            .build()
+            .unwrap()
+    }
+
+    /// A worker client with tiny retry delays.
+    pub fn worker(&self) -> WorkerClient {
+        WorkerClient::builder(&self.base, "tgw_test_token")
             .retry(fast_retry())
             .build()
             .unwrap()
@@ -164,6 +180,10 @@ fn handle(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        content_length: headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
         body,
     });
     let reply = {
@@ -172,6 +192,8 @@ fn handle(
             &mut s.submit
         } else if path.starts_with("/api/v1/statusTask/") {
             &mut s.status
+        } else if path.starts_with("/api/v1/worker/") {
+            &mut s.worker
         } else {
             &mut s.files
         };
