@@ -1,6 +1,8 @@
 //! `taskgate worker`: a pull worker. It claims tasks of `worker`-backed models from a taskgate
 //! server over HTTP (so a GPU box needs no inbound port), runs each with the command backend on
-//! this machine, uploads the outputs, and reports the outcome.
+//! this machine, uploads the outputs, and reports the outcome. It speaks the worker API through
+//! `taskgate_client::WorkerClient`; of the server it uses only the command backend and the
+//! helpers that name attempts and outputs as the server does.
 //!
 //! Concurrency model: `--concurrency` independent slots, each a loop of long-poll claim → run.
 //! A claim is acknowledged with a heartbeat at once (the server hands back a claim nobody
@@ -18,13 +20,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use reqwest::StatusCode;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use taskgate_proto::{
-    Envelope, ErrorCode, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat,
-    WorkerTask,
-};
+use taskgate_client::proto::{ErrorCode, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask};
+use taskgate_client::{Error, RetryPolicy, WorkerClient};
 use taskgate_server::backends::{Backend, BackendError, CommandBackend, Job};
 use taskgate_server::domain::fail_code;
 use tokio::time::Instant;
@@ -59,147 +56,60 @@ pub struct WorkerArgs {
     command: Vec<String>,
 }
 
-/// The worker API, as this process speaks it.
-#[derive(Clone)]
-struct WorkerApi {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-/// Why a call failed: the server said the task is no longer ours, refused our token, rejected
-/// the request itself (another 4xx: sending it again cannot help), or anything else (a 5xx or
-/// a transport error: worth retrying).
-enum CallError {
+/// How the worker takes a failed call.
+enum Failure {
+    /// The server says the task is no longer ours.
     LeaseLost,
-    Refused(String),
-    Rejected(String),
-    Other(anyhow::Error),
+    /// The server refused our token.
+    Refused,
+    /// A 429 or 5xx, a transport error, or an answer that could not be read: worth retrying.
+    Passing,
+    /// The request itself was refused (another 4xx): sending it again cannot help.
+    Rejected,
 }
 
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::LeaseLost => f.write_str("the task is no longer ours"),
-            CallError::Refused(m) => write!(f, "refused: {m}"),
-            CallError::Rejected(m) => write!(f, "rejected: {m}"),
-            CallError::Other(e) => write!(f, "{e:#}"),
-        }
+fn failure(e: &Error) -> Failure {
+    if e.error_code() == Some(ErrorCode::LeaseLost) {
+        Failure::LeaseLost
+    } else if matches!(e, Error::Api { status: 401, .. }) {
+        Failure::Refused
+    } else if e.is_transient() || matches!(e, Error::Protocol { .. }) {
+        Failure::Passing
+    } else {
+        Failure::Rejected
     }
 }
 
-impl WorkerApi {
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-        timeout: Duration,
-    ) -> Result<Option<T>, CallError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| CallError::Other(anyhow::Error::new(e).context(format!("POST {path}"))))?;
-        Self::decode(resp, path).await
-    }
-
-    async fn decode<T: DeserializeOwned>(
-        resp: reqwest::Response,
-        path: &str,
-    ) -> Result<Option<T>, CallError> {
-        let status = resp.status();
-        // Read as JSON first: an error's `data` is `{"errorCode": …}`, not a `T`.
-        let envelope: Envelope<serde_json::Value> = match resp.json().await {
-            Ok(e) => e,
-            Err(e) => {
-                return Err(CallError::Other(anyhow::anyhow!(
-                    "{path}: the server answered {status} with a body that is not the envelope: {e}"
-                )))
-            }
-        };
-        // Only an error's data is an ErrorData; a claim's is the task (not copied to look).
-        let error_code = if status.is_success() {
-            None
-        } else {
-            envelope
-                .data
-                .as_ref()
-                .and_then(|d| d.get("errorCode"))
-                .and_then(serde_json::Value::as_str)
-                .and_then(ErrorCode::parse)
-        };
-        match status {
-            s if s.is_success() => match envelope.data {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(data) => serde_json::from_value(data).map(Some).map_err(|e| {
-                    CallError::Other(anyhow::anyhow!(
-                        "{path}: the server answered {status} with data this worker does not understand: {e}"
-                    ))
-                }),
-            },
-            _ if error_code == Some(ErrorCode::LeaseLost) => Err(CallError::LeaseLost),
-            // A server from before error codes said "lease lost" with a bare 409.
-            StatusCode::CONFLICT if error_code.is_none() => Err(CallError::LeaseLost),
-            StatusCode::UNAUTHORIZED => Err(CallError::Refused(envelope.message)),
-            s if s.is_client_error() => Err(CallError::Rejected(format!(
-                "{path}: {s}: {}",
-                envelope.message
-            ))),
-            s => Err(CallError::Other(anyhow::anyhow!(
-                "{path}: {s}: {}",
-                envelope.message
-            ))),
-        }
-    }
-
-    async fn upload(&self, task: &WorkerTask, name: &str, path: &Path) -> Result<(), CallError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| CallError::Other(e.into()))?;
-        let len = file
-            .metadata()
-            .await
-            .map_err(|e| CallError::Other(e.into()))?
-            .len();
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        let url = format!(
-            "{}/api/v1/worker/tasks/{}/outputs/{name}",
-            self.base, task.task_id
-        );
-        let resp = self
-            .http
-            .put(url)
-            .query(&[("leaseToken", &task.lease_token)])
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| CallError::Other(e.into()))?;
-        Self::decode::<serde_json::Value>(resp, "upload")
-            .await
-            .map(|_| ())
-    }
+fn is_lease_lost(e: &Error) -> bool {
+    matches!(failure(e), Failure::LeaseLost)
 }
+
+fn is_passing(e: &Error) -> bool {
+    matches!(failure(e), Failure::Passing)
+}
+
+/// How long a claim waits for work, and the time limit of the whole claim call.
+const CLAIM_WAIT: Duration = Duration::from_secs(25);
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
+/// The time limit of a claim's acknowledgement; later heartbeats get the interval they are sent
+/// in.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The time limit of one `complete` or `fail` call.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
     let server = args.server.clone();
-    let base = server.trim_end_matches('/').to_owned();
-    url::Url::parse(&base).with_context(|| format!("--server / --url {base:?} is not a URL"))?;
-    let api = WorkerApi {
-        base,
-        token: args.token.clone(),
-        http: reqwest::Client::builder()
-            .user_agent(concat!("taskgate-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?,
-    };
+    // The loops below retry each call in their own way (a report for as long as the lease
+    // holds, a claim with a backoff up to 30 s), with a log line per retry.
+    let api = WorkerClient::builder(&server, args.token.clone())
+        .user_agent(concat!("taskgate-worker/", env!("CARGO_PKG_VERSION")))
+        .retry(RetryPolicy::none())
+        .timeout(REPORT_TIMEOUT)
+        .build()
+        .with_context(|| format!("cannot use --server / --url {server:?}"))?;
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let backend = Arc::new(CommandBackend::new(
         args.command.clone(),
@@ -215,7 +125,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
-    info!(server = %api.base, models = ?args.models, concurrency = args.concurrency, "worker started");
+    info!(server = %api.base_url(), models = ?args.models, concurrency = args.concurrency, "worker started");
     let mut slots = Vec::new();
     for slot in 0..args.concurrency {
         let (api, backend, stop) = (api.clone(), backend.clone(), stop.clone());
@@ -234,20 +144,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 /// Claims and runs tasks until stopped; returns an error only when retrying cannot help (the
 /// server refused the token or the model).
 async fn slot_loop(
-    api: WorkerApi,
+    api: WorkerClient,
     backend: Arc<CommandBackend>,
     models: Vec<String>,
     work_dir: PathBuf,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let claims = api.with_timeout(CLAIM_TIMEOUT - CLAIM_WAIT);
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
-        let req = WorkerClaimRequest {
-            models: models.clone(),
-            wait_ms: 25_000,
-        };
         let claimed = tokio::select! {
-            r = api.post::<_, WorkerTask>("/api/v1/worker/claim", &req, Duration::from_secs(60)) => r,
+            r = claims.claim(&models, CLAIM_WAIT) => r,
             _ = stop.cancelled() => return Ok(()),
         };
         match claimed {
@@ -259,36 +166,42 @@ async fn slot_loop(
                     .await;
             }
             Ok(None) => {}
-            Err(CallError::LeaseLost) => {}
-            Err(CallError::Refused(message)) => {
-                stop.cancel();
-                bail!("the server refused this worker's token: {message}");
-            }
-            Err(e @ (CallError::Other(_) | CallError::Rejected(_))) => {
-                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot claim work");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return Ok(()),
+            Err(e) => match failure(&e) {
+                Failure::LeaseLost => {}
+                Failure::Refused => {
+                    stop.cancel();
+                    let message = match &e {
+                        Error::Api { message, .. } => message.clone(),
+                        e => e.to_string(),
+                    };
+                    bail!("the server refused this worker's token: {message}");
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+                Failure::Passing | Failure::Rejected => {
+                    warn!(error = %e, retry_in = ?backoff, "cannot claim work");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
         }
     }
     Ok(())
 }
 
-async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
+async fn run_task(api: &WorkerClient, backend: &CommandBackend, work_dir: &Path, task: WorkerTask) {
     // The claim's lease was set before its answer arrived: it ends a lease from now at the latest.
     let mut renewed = Instant::now();
     // Acknowledge before anything else: until then the server may hand the claim back.
-    match heartbeat(api, &task, Duration::from_secs(10)).await {
+    match heartbeat(api, &task, ACK_TIMEOUT).await {
         Ok(()) => renewed = Instant::now(),
-        Err(CallError::LeaseLost) => {
+        Err(e) if is_lease_lost(&e) => {
             warn!("the claim was handed on before it could be acknowledged; dropping it");
             return;
         }
         // The heartbeat loop below acknowledges it a third of a lease from now.
-        Err(e) => warn!(error = %format!("{e:#}"), "cannot acknowledge the claim; will retry"),
+        Err(e) => warn!(error = %e, "cannot acknowledge the claim; will retry"),
     }
     info!("running");
     // Named after the claim (its tag), never after the attempt number: a claim handed back
@@ -310,7 +223,12 @@ async fn run_task(api: &WorkerApi, backend: &CommandBackend, work_dir: &Path, ta
 
 /// Runs the program, uploads its outputs and reports the outcome; the caller holds the lease
 /// meanwhile and drops this future when the lease is lost.
-async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, task: &WorkerTask) {
+async fn attempt(
+    api: &WorkerClient,
+    backend: &CommandBackend,
+    output_dir: &Path,
+    task: &WorkerTask,
+) {
     if let Err(e) = tokio::fs::create_dir(output_dir).await {
         report_failure(
             api,
@@ -347,26 +265,26 @@ async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, t
     }
     match upload_outputs(api, task, output_dir).await {
         Ok(names) => {
-            let body = WorkerComplete {
+            let done = Report::Complete(WorkerComplete {
                 lease_token: task.lease_token.clone(),
                 outputs: names,
-            };
-            match report(api, task, "complete", &body).await {
+            });
+            match report(api, task, &done).await {
                 Ok(()) => info!("completed"),
-                Err(CallError::LeaseLost) => warn!("finished, but the task had been handed on"),
+                Err(e) if is_lease_lost(&e) => warn!("finished, but the task had been handed on"),
                 Err(e) => {
-                    error!(error = %format!("{e:#}"), "cannot report completion; the task will run again when its lease expires")
+                    error!(error = %e, "cannot report completion; the task will run again when its lease expires")
                 }
             }
         }
-        Err(CallError::LeaseLost) => warn!("the task was handed on while uploading"),
+        Err(e) if is_lease_lost(&e) => warn!("the task was handed on while uploading"),
         Err(e) => {
             report_failure(
                 api,
                 task,
                 BackendError::retryable(
                     fail_code::INTERNAL_ERROR,
-                    format!("uploading outputs failed: {e:#}"),
+                    format!("uploading outputs failed: {e}"),
                 ),
             )
             .await
@@ -374,25 +292,25 @@ async fn attempt(api: &WorkerApi, backend: &CommandBackend, output_dir: &Path, t
     }
 }
 
-/// Sends a final report (`complete` or `fail`) until the server takes it. A 5xx or a transport
-/// error is retried with backoff, for as long as the caller holds the lease; any other answer
-/// is final.
-async fn report<B: Serialize>(
-    api: &WorkerApi,
-    task: &WorkerTask,
-    what: &str,
-    body: &B,
-) -> Result<(), CallError> {
-    let path = format!("/api/v1/worker/tasks/{}/{what}", task.task_id);
+/// A final report.
+enum Report {
+    Complete(WorkerComplete),
+    Fail(WorkerFail),
+}
+
+/// Sends a final report until the server takes it. A passing failure is retried with backoff,
+/// for as long as the caller holds the lease; any other answer is final.
+async fn report(api: &WorkerClient, task: &WorkerTask, report: &Report) -> Result<(), Error> {
     let mut backoff = REPORT_RETRY_FIRST;
     loop {
-        match api
-            .post::<_, serde_json::Value>(&path, body, Duration::from_secs(60))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(CallError::Other(e)) => {
-                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot report the outcome yet");
+        let sent = match report {
+            Report::Complete(done) => api.complete(&task.task_id, done).await,
+            Report::Fail(failed) => api.fail(&task.task_id, failed).await,
+        };
+        match sent {
+            Ok(()) => return Ok(()),
+            Err(e) if is_passing(&e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot report the outcome yet");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(REPORT_RETRY_MAX);
             }
@@ -405,26 +323,22 @@ async fn report<B: Serialize>(
 const REPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
 const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Renews the lease once.
-async fn heartbeat(api: &WorkerApi, task: &WorkerTask, timeout: Duration) -> Result<(), CallError> {
+/// Renews the lease once, within `timeout`.
+async fn heartbeat(api: &WorkerClient, task: &WorkerTask, timeout: Duration) -> Result<(), Error> {
     let hb = WorkerHeartbeat {
         lease_token: task.lease_token.clone(),
         progress: None,
         logs: Vec::new(),
     };
-    api.post::<_, serde_json::Value>(
-        &format!("/api/v1/worker/tasks/{}/heartbeat", task.task_id),
-        &hb,
-        timeout,
-    )
-    .await
-    .map(|_| ())
+    api.with_timeout(timeout)
+        .heartbeat(&task.task_id, &hb)
+        .await
 }
 
 /// Renews the lease every third of it; returns only once the lease is lost: the server says the
 /// task is gone, or no renewal got through for a whole lease since `renewed` (the last one that
 /// did), after which the server has surely let it expire.
-async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask, mut renewed: Instant) {
+async fn heartbeat_until_lost(api: &WorkerClient, task: &WorkerTask, mut renewed: Instant) {
     let lease = Duration::from_millis(task.lease_ms);
     let every = (lease / 3).max(Duration::from_millis(100));
     loop {
@@ -432,24 +346,28 @@ async fn heartbeat_until_lost(api: &WorkerApi, task: &WorkerTask, mut renewed: I
         match heartbeat(api, task, every).await {
             // Measured at the answer: the server renewed no later than that.
             Ok(()) => renewed = Instant::now(),
-            Err(CallError::LeaseLost) => return,
+            Err(e) if is_lease_lost(&e) => return,
             Err(e) if renewed.elapsed() >= lease => {
-                warn!(error = %format!("{e:#}"), "no heartbeat got through for a whole lease");
+                warn!(error = %e, "no heartbeat got through for a whole lease");
                 return;
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "heartbeat failed; will retry"),
+            Err(e) => warn!(error = %e, "heartbeat failed; will retry"),
         }
     }
 }
 
+/// Uploads the files the program left in `dir`; returns their names.
 async fn upload_outputs(
-    api: &WorkerApi,
+    api: &WorkerClient,
     task: &WorkerTask,
     dir: &Path,
-) -> Result<Vec<String>, CallError> {
+) -> Result<Vec<String>, Error> {
     let files = taskgate_server::dispatch::collect_files(dir)
         .await
-        .map_err(|e| CallError::Other(e.into()))?;
+        .map_err(|source| Error::ReadFile {
+            path: dir.to_owned(),
+            source,
+        })?;
     let mut names = Vec::with_capacity(files.len());
     for (name, path) in taskgate_server::artifacts::output_names(files) {
         // A passing failure (a 5xx, a dropped connection) is tried again rather than failing
@@ -457,10 +375,13 @@ async fn upload_outputs(
         let mut pause = Duration::from_millis(500);
         let mut tries = 1;
         loop {
-            match api.upload(task, &name, &path).await {
+            match api
+                .upload(&task.task_id, &task.lease_token, &name, &path)
+                .await
+            {
                 Ok(()) => break,
-                Err(CallError::Other(e)) if tries < 4 => {
-                    warn!(error = %format!("{e:#}"), %name, retry_in = ?pause, "upload failed; retrying");
+                Err(e) if is_passing(&e) && tries < 4 => {
+                    warn!(error = %e, %name, retry_in = ?pause, "upload failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                     tries += 1;
@@ -473,23 +394,23 @@ async fn upload_outputs(
     Ok(names)
 }
 
-async fn report_failure(api: &WorkerApi, task: &WorkerTask, e: BackendError) {
+async fn report_failure(api: &WorkerClient, task: &WorkerTask, e: BackendError) {
     let (code, message, retryable) = match e {
         BackendError::Retryable { code, message } => (code, message, true),
         BackendError::Fatal { code, message } => (code, message, false),
     };
     info!(%code, %message, retryable, "attempt failed");
-    let body = WorkerFail {
+    let failed = Report::Fail(WorkerFail {
         lease_token: task.lease_token.clone(),
         fail_code: Some(code),
         fail_msg: message,
         retryable,
-    };
-    match report(api, task, "fail", &body).await {
+    });
+    match report(api, task, &failed).await {
         Ok(()) => {}
-        Err(CallError::LeaseLost) => warn!("failed, but the task had been handed on"),
+        Err(e) if is_lease_lost(&e) => warn!("failed, but the task had been handed on"),
         Err(e) => {
-            error!(error = %format!("{e:#}"), "cannot report the failure; the task will run again when its lease expires")
+            error!(error = %e, "cannot report the failure; the task will run again when its lease expires")
         }
     }
 }
