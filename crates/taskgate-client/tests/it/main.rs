@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod download;
+mod end_to_end;
 mod real_server;
 mod retry;
 mod support;
