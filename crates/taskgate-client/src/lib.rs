@@ -183,6 +183,9 @@ impl ClientBuilder {
         let mut http = reqwest::Client::builder()
             .user_agent(self.user_agent)
             .connect_timeout(self.connect_timeout)
+            // Below the server's default header_timeout (30s), which closes idle keep-alive
+            // connections: reusing one the server is closing would fail a request.
+            .pool_idle_timeout(std::time::Duration::from_secs(20))
             // Redirects could carry the Authorization header to another host.
             .redirect(reqwest::redirect::Policy::none());
         if let Some(t) = read_timeout {

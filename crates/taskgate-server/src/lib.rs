@@ -310,24 +310,27 @@ pub async fn run_with(
         max_connections: config.server.max_connections,
         drain: config.server.shutdown_grace,
     };
+    // One grace period for the whole shutdown, counted from the signal: requests in flight,
+    // then running attempts, then deliveries get what the earlier ones left (a supervisor's
+    // kill deadline is usually the same length). Attempts cut short stay pending and deliveries
+    // are sent again at the next start.
+    let signalled = Arc::new(std::sync::OnceLock::new());
+    let signalled_at = signalled.clone();
     serve::serve(listener, api::router(state), limits, async move {
         shutdown.await;
+        let _ = signalled_at.set(std::time::Instant::now());
         info!("shutting down: no longer accepting connections; finishing requests in flight");
         draining.stop_claiming();
     })
     .await;
+    let since = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(std::time::Instant::now);
+    let left = || config.server.shutdown_grace.saturating_sub(since.elapsed());
     info!("no longer accepting requests; draining running tasks");
-    // One grace period for both: deliveries cut short are sent again at the next start.
-    let draining_since = std::time::Instant::now();
-    dispatcher.shutdown(config.server.shutdown_grace).await;
-    deliverer
-        .shutdown(
-            config
-                .server
-                .shutdown_grace
-                .saturating_sub(draining_since.elapsed()),
-        )
-        .await;
+    dispatcher.shutdown(left()).await;
+    deliverer.shutdown(left()).await;
     store.close().await;
     info!("stopped");
     Ok(())

@@ -72,7 +72,10 @@ pub async fn serve(
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
+                .header_read_timeout(limits.header_timeout)
+                // hyper's default (~400 KB per connection) times max_connections clients that
+                // never finish their headers would be gigabytes.
+                .max_buf_size(64 * 1024);
             let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
             tokio::select! {
                 result = conn.as_mut() => {

@@ -6,7 +6,7 @@
 //! (`extract`), so a handler cannot forget to authenticate, and they reach the store only
 //! through its trait. No per-request middleware runs on the hot routes beyond what is layered
 //! here: a `from_fn` layer around the router cost status a third of its throughput
-//! (docs/BENCHMARKS.md, "Issue 10").
+//! (docs/BENCHMARKS.md, "Issue 9").
 
 mod extract;
 mod files;

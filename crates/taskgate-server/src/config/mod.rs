@@ -381,8 +381,8 @@ impl Config {
         if self.server.header_timeout.is_zero() {
             return Err(invalid("header_timeout", "must be longer than 0s"));
         }
-        if self.server.max_connections == 0 {
-            return Err(invalid("max_connections", "must be at least 1"));
+        if self.server.max_connections == 0 || self.server.max_connections > 1_000_000 {
+            return Err(invalid("max_connections", "must be between 1 and 1000000"));
         }
         if self.server.result_url_ttl.is_zero() {
             return Err(invalid("result_url_ttl", "must be longer than 0s"));

@@ -8,7 +8,6 @@
 
 mod connection;
 mod keys;
-mod sdk;
 mod serve;
 mod status_wait;
 mod submit;
