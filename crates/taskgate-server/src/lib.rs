@@ -314,19 +314,12 @@ pub async fn run_with(
     // then running attempts, then deliveries get what the earlier ones left (a supervisor's
     // kill deadline is usually the same length). Attempts cut short stay pending and deliveries
     // are sent again at the next start.
-    let signalled = Arc::new(std::sync::OnceLock::new());
-    let signalled_at = signalled.clone();
-    serve::serve(listener, api::router(state), limits, async move {
+    let since = serve::serve(listener, api::router(state), limits, async move {
         shutdown.await;
-        let _ = signalled_at.set(std::time::Instant::now());
         info!("shutting down: no longer accepting connections; finishing requests in flight");
         draining.stop_claiming();
     })
     .await;
-    let since = signalled
-        .get()
-        .copied()
-        .unwrap_or_else(std::time::Instant::now);
     let left = || config.server.shutdown_grace.saturating_sub(since.elapsed());
     info!("no longer accepting requests; draining running tasks");
     dispatcher.shutdown(left()).await;

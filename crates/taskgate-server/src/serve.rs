@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper::server::conn::http1;
@@ -33,13 +33,14 @@ pub struct Limits {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets requests
-/// in flight finish for at most `limits.drain`, and closes what is left.
+/// in flight finish for at most `limits.drain`, and closes what is left. Returns when the
+/// shutdown began, so the phases after it share one deadline.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Instant {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Dropping the sender tells every connection to finish its request and close.
     let (closing_tx, closing_rx) = watch::channel(());
@@ -92,6 +93,7 @@ pub async fn serve(
             }
         });
     }
+    let stopping = Instant::now();
     drop(listener);
     drop(closing_tx);
     let drained = tokio::time::timeout(limits.drain, async {
@@ -105,6 +107,7 @@ pub async fn serve(
         );
         connections.shutdown().await;
     }
+    stopping
 }
 
 /// Errors of `accept` that concern one connection are ignored; others (out of file
