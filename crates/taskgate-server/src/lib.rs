@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod report;
 pub mod retry;
 pub mod serve;
@@ -109,7 +110,11 @@ fn forward_store_events(
             match event {
                 StoreEvent::TaskReady(model) => dispatcher.notify(&model),
                 StoreEvent::DeliveryReady => deliverer.wake(),
+                StoreEvent::TasksChanged(ids) => dispatcher
+                    .events()
+                    .changed_all(ids.iter().map(String::as_str)),
                 StoreEvent::Resync => {
+                    dispatcher.events().resync();
                     for m in dispatcher.models() {
                         dispatcher.notify(&m.name);
                     }
@@ -280,6 +285,7 @@ pub async fn run_with(
         dispatch::Shared {
             webhook_wake,
             views: views.clone(),
+            events: events::TaskEvents::default(),
         },
     );
     dispatcher.start();

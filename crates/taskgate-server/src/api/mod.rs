@@ -10,7 +10,9 @@
 
 mod extract;
 mod files;
+mod stream;
 mod tasks;
+mod wait;
 mod webhooks;
 mod worker;
 
@@ -33,6 +35,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(tasks::router())
+        .merge(stream::router())
         .merge(webhooks::router())
         .merge(files::router())
         .merge(worker::router())

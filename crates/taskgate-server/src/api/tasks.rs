@@ -9,15 +9,16 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
+use tokio::time::Instant;
 
 use super::extract::ClientTenant;
-use super::query_param;
+use super::{query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
 use crate::error::ApiError;
@@ -32,7 +33,10 @@ pub(super) fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/statusTask/{model}", get(status_task))
 }
 
-fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {
+pub(super) fn model_or_404<'a>(
+    state: &'a AppState,
+    model: &str,
+) -> Result<&'a Arc<ModelRuntime>, ApiError> {
     state.dispatcher.model(model).ok_or_else(|| {
         let known: Vec<&str> = state.dispatcher.models().map(|m| m.name.as_str()).collect();
         ApiError::new(
@@ -154,8 +158,9 @@ async fn generate_task(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
     Path(model): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Envelope<TaskCreated>>, ApiError> {
+) -> Result<Response, ApiError> {
     let runtime = model_or_404(&state, &model)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -188,6 +193,9 @@ async fn generate_task(
         create_time: now_ms(),
     };
     let task_id = task.id.clone();
+    // Before the insert, so that no change of the new task can come before the watch.
+    let wait =
+        wait::preference(&headers).map(|w| (w, state.dispatcher.events().subscribe(&task_id)));
     // Before the insert: once it commits the task may be claimed at once, and the claim's
     // `forget` must come after this.
     if state.live_views {
@@ -204,7 +212,21 @@ async fn generate_task(
     if !(state.store.parks_claims() && runtime.backend.runs_locally()) {
         state.dispatcher.notify(&runtime.name);
     }
-    Ok(Json(Envelope::success(TaskCreated { task_id })))
+    let Some((wait, watch)) = wait else {
+        return Ok(Json(Envelope::success(TaskCreated { task_id })).into_response());
+    };
+    // Asked to wait: the answer is the task's status (which carries its taskId) once it is
+    // final or the wait is over.
+    let deadline = Instant::now() + wait;
+    match wait::until_final(&state, &task_id, watch, deadline).await? {
+        Some(task) => Ok((
+            [wait::applied(wait)],
+            json_bytes(render_status(&state, task).await?),
+        )
+            .into_response()),
+        // Only a retention sweep could remove it this soon; the id is still the answer.
+        None => Ok(Json(Envelope::success(TaskCreated { task_id })).into_response()),
+    }
 }
 
 async fn status_task(
@@ -212,25 +234,26 @@ async fn status_task(
     ClientTenant(tenant): ClientTenant,
     Path(model): Path<String>,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // A model removed from the configuration has no runtime, but its tasks (failed with
     // MODEL_REMOVED) still answer; an unknown model with no such task is a 404 naming the model.
     let runtime = model_or_404(&state, &model);
-    let Some(task_id) = query_param(&uri, "taskId") else {
-        runtime?;
-        return Err(ApiError::new(
-            ErrorCode::InvalidInput,
-            format!(
-                "the taskId query parameter is required: /api/v1/statusTask/{model}?taskId=TASK_ID"
-            ),
-        ));
-    };
-    let not_found = || {
-        ApiError::new(
-            ErrorCode::TaskNotFound,
-            format!("task {task_id:?} not found for model {model:?}"),
-        )
-    };
+    let task_id = required_task_id(&state, &uri, "statusTask", &model)?;
+    let not_found = || task_not_found(&task_id, &model);
+    if let Some(wait) = wait::preference(&headers) {
+        // The watch before the first read: a change between the two still wakes the wait.
+        let watch = state.dispatcher.events().subscribe(&task_id);
+        let deadline = Instant::now() + wait;
+        let task = wait::until_final(&state, &task_id, watch, deadline)
+            .await?
+            .filter(|t| t.tenant_id == tenant.id && t.model == model);
+        let Some(task) = task else {
+            return Err(runtime.err().unwrap_or_else(not_found));
+        };
+        let body = render_status(&state, task).await?;
+        return Ok(([wait::applied(wait)], json_bytes(body)).into_response());
+    }
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
     if let Some(view) = state.views.get(&task_id) {
         if view.tenant_id != tenant.id || view.model != model {
@@ -245,6 +268,38 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
+    Ok(json_bytes(render_status(&state, task).await?))
+}
+
+/// The `taskId` query parameter of a route about one task (`/api/v1/{route}/{model}?taskId=`);
+/// without it, the unknown model's 404 or a 400 showing the form.
+pub(super) fn required_task_id(
+    state: &AppState,
+    uri: &Uri,
+    route: &str,
+    model: &str,
+) -> Result<String, ApiError> {
+    if let Some(id) = query_param(uri, "taskId") {
+        return Ok(id);
+    }
+    model_or_404(state, model)?;
+    Err(ApiError::new(
+        ErrorCode::InvalidInput,
+        format!("the taskId query parameter is required: /api/v1/{route}/{model}?taskId=TASK_ID"),
+    ))
+}
+
+/// What a task of another tenant or model answers, like one that does not exist.
+pub(super) fn task_not_found(task_id: &str, model: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::TaskNotFound,
+        format!("task {task_id:?} not found for model {model:?}"),
+    )
+}
+
+/// The statusTask answer of `task` (its owner checked by the caller), kept in the node's views
+/// where it can no longer change.
+async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<Bytes, ApiError> {
     let status = state
         .links
         .status_of(&task)
@@ -268,7 +323,7 @@ async fn status_task(
             },
         );
     }
-    Ok(json_bytes(body))
+    Ok(body)
 }
 
 /// The statusTask answer of a task just submitted, as a store read would render it.

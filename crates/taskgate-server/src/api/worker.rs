@@ -120,6 +120,9 @@ async fn renew(
         .renew_lease(task_id, token, now_ms(), state.dispatcher.lease(), progress)
         .await?
     {
+        if progress.is_some() {
+            state.dispatcher.events().changed(task_id);
+        }
         Ok(())
     } else {
         Err(lease_lost(task_id))

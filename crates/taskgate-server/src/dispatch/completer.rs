@@ -72,6 +72,9 @@ impl Dispatcher {
             Err(BackendError::Fatal { code, message }) => Write::Final(failure(&code, &message)),
         };
         let settled = self.write(claim, &write, lease_until).await;
+        if matches!(settled, Settled::Written) {
+            self.events.changed(&task.id);
+        }
         match (&settled, &write) {
             (Settled::Written, Write::Final(outcome)) => {
                 if task.callback_url.is_some() {

@@ -68,6 +68,7 @@ pub(super) async fn sweep_leases(dispatcher: Arc<Dispatcher>) {
                 // the store answers): drop whatever view a lost claim answer left behind.
                 for id in r.requeued.iter().chain(&r.failed).chain(&r.unacknowledged) {
                     dispatcher.views.forget(id);
+                    dispatcher.events.changed(id);
                 }
                 warn!(
                     requeued = r.requeued.len(),

@@ -39,6 +39,7 @@ use tracing::{info_span, warn, Instrument};
 use crate::artifacts::ArtifactStore;
 use crate::backends::Backend;
 use crate::config::ModelConfig;
+use crate::events::TaskEvents;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::views::TaskViews;
@@ -82,6 +83,8 @@ pub struct Dispatcher {
     tracker: TaskTracker,
     /// Cached status views: a claimed task's pending view is forgotten here.
     views: TaskViews,
+    /// Requests waiting on tasks: nudged after every change the dispatcher writes.
+    events: TaskEvents,
 }
 
 /// What the dispatcher shares with the rest of the node.
@@ -90,6 +93,8 @@ pub struct Shared {
     pub webhook_wake: Arc<Notify>,
     /// The API's cached status views.
     pub views: TaskViews,
+    /// Requests waiting on tasks (`Prefer: wait`, streams).
+    pub events: TaskEvents,
 }
 
 impl Dispatcher {
@@ -105,6 +110,7 @@ impl Dispatcher {
         let Shared {
             webhook_wake,
             views,
+            events,
         } = shared;
         Arc::new(Dispatcher {
             store,
@@ -119,6 +125,7 @@ impl Dispatcher {
             interrupt: CancellationToken::new(),
             tracker: TaskTracker::new(),
             views,
+            events,
         })
     }
 
@@ -160,9 +167,21 @@ impl Dispatcher {
         &self.store
     }
 
+    /// Who waits on which task; writers outside the dispatcher (the worker API's progress) nudge
+    /// it too.
+    pub fn events(&self) -> &TaskEvents {
+        &self.events
+    }
+
     /// Whether shutdown has begun: nothing more is claimed.
     pub fn stopping(&self) -> bool {
         self.stop.is_cancelled()
+    }
+
+    /// Resolves when shutdown begins: requests that wait on tasks answer then, so they do not
+    /// hold up the drain.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await
     }
 
     /// Starts one loop per local model and the maintenance sweeps.

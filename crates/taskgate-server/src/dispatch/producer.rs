@@ -49,6 +49,7 @@ impl Dispatcher {
                     .pop();
                 if let Some(c) = claimed {
                     self.views.forget(&c.task.id);
+                    self.events.changed(&c.task.id);
                     return Ok(Some((m.clone(), c)));
                 }
                 if let Some(due) = self.store.next_due(&m.name).await? {
@@ -170,6 +171,7 @@ impl Dispatcher {
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         // Out of `pending`: its cached pending view is no longer true.
                         self.views.forget(&claim.task.id);
+                        self.events.changed(&claim.task.id);
                         let this = self.clone();
                         let model = model.clone();
                         let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);

@@ -58,6 +58,8 @@ pub enum StoreEvent {
     TaskReady(String),
     /// A webhook delivery may be due.
     DeliveryReady,
+    /// These tasks' state or progress changed (on any node): requests waiting on them look again.
+    TasksChanged(Vec<String>),
     /// Notifications may have been missed (the listener reconnected): recheck everything.
     Resync,
 }

@@ -412,6 +412,10 @@ impl PostgresStore {
 fn parse_event(payload: &str) -> Option<StoreEvent> {
     match payload.split_once(':') {
         Some(("task", model)) => Some(StoreEvent::TaskReady(model.to_owned())),
+        // Sent by the `tasks_changed` trigger (migration 0007).
+        Some(("changed", ids)) => Some(StoreEvent::TasksChanged(
+            ids.split(',').map(str::to_owned).collect(),
+        )),
         _ if payload == "delivery" => Some(StoreEvent::DeliveryReady),
         _ => None,
     }
@@ -1100,6 +1104,13 @@ mod tests {
             Some(StoreEvent::TaskReady("echo".into()))
         );
         assert_eq!(parse_event("delivery"), Some(StoreEvent::DeliveryReady));
+        assert_eq!(
+            parse_event("changed:task_a,task_b"),
+            Some(StoreEvent::TasksChanged(vec![
+                "task_a".into(),
+                "task_b".into()
+            ]))
+        );
         assert_eq!(parse_event("other"), None);
     }
 }

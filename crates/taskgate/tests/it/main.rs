@@ -17,6 +17,7 @@ mod s3;
 mod signed_urls;
 mod smoke;
 mod support;
+mod wait_stream;
 mod webhooks;
 mod wire;
 mod workers;
