@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod report;
+pub mod retention;
 pub mod retry;
 pub mod serve;
 pub mod state;
@@ -291,6 +292,21 @@ pub async fn run_with(
     dispatcher.start();
     forward_store_events(store.clone(), dispatcher.clone(), deliverer.clone());
 
+    let retention = retention::Retention {
+        files: config.server.file_retention,
+        records: config.server.record_retention,
+    };
+    let sweeping = tokio_util::sync::CancellationToken::new();
+    let sweeper = tokio::spawn(
+        retention::Sweeper {
+            store: store.clone(),
+            artifacts: dispatcher.artifacts().clone(),
+            views: views.clone(),
+            retention,
+        }
+        .run(sweeping.clone()),
+    );
+
     let authenticator = auth::Authenticator::new(store.clone());
     authenticator.watch_revocations();
     let state = state::AppState {
@@ -298,6 +314,7 @@ pub async fn run_with(
         auth: authenticator,
         views: views.clone(),
         live_views: store.exclusive(),
+        retention,
         dispatcher: dispatcher.clone(),
         links,
         local_files,
@@ -328,6 +345,8 @@ pub async fn run_with(
     .await;
     let left = || config.server.shutdown_grace.saturating_sub(since.elapsed());
     info!("no longer accepting requests; draining running tasks");
+    sweeping.cancel();
+    let _ = sweeper.await;
     dispatcher.shutdown(left()).await;
     deliverer.shutdown(left()).await;
     store.close().await;

@@ -7,6 +7,7 @@ use crate::artifacts::{LocalArtifacts, ResultLinks};
 use crate::auth::Authenticator;
 use crate::config::WebhookSettings;
 use crate::dispatch::Dispatcher;
+use crate::retention::Retention;
 use crate::store::Store;
 use crate::views::TaskViews;
 use crate::webhooks::Deliverer;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub deliverer: Arc<Deliverer>,
     /// Tasks' statusTask answers, ready to send (`views` module).
     pub views: TaskViews,
+    /// How long finished tasks are kept (the cached views of deleted tasks are not served).
+    pub retention: Retention,
     /// Whether just-submitted tasks' pending views are kept: only where this process is the
     /// store's only writer.
     pub live_views: bool,

@@ -28,6 +28,9 @@ pub struct CachedView {
     pub model: String,
     /// The whole envelope, `{"code":200,…,"data":{…}}`.
     pub body: Bytes,
+    /// When retention deletes the task (Unix ms): from then on the view is not served, so a
+    /// node that did not run the deletion does not keep answering for a task that is gone.
+    pub gone_after: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -58,7 +61,15 @@ impl Default for TaskViews {
 
 impl TaskViews {
     pub fn get(&self, task_id: &str) -> Option<Arc<CachedView>> {
-        self.cache.get(task_id)
+        let view = self.cache.get(task_id)?;
+        if view
+            .gone_after
+            .is_some_and(|at| crate::domain::now_ms() >= at)
+        {
+            self.cache.remove(task_id);
+            return None;
+        }
+        Some(view)
     }
 
     /// Keeps the view of a task that is final, or of one about to be inserted `pending` (see

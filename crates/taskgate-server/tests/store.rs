@@ -971,3 +971,69 @@ conformance! {
         assert_eq!(s.keys_revision().await.unwrap(), last);
     }
 }
+
+/// Runs `id` (of model `m`) to success at `now` with `outcome`.
+async fn run_to_success(s: &dyn Store, id: &str, outcome: &Outcome, now: i64) {
+    let c = s.claim("m", now, LEASE, 100).await.unwrap().unwrap();
+    assert_eq!(c.task.id, id);
+    assert!(s.finish(id, &c.token, outcome, now).await.unwrap());
+}
+
+conformance! {
+    retention_walks_finished_tasks_oldest_first_from_a_position(s) {
+        for (i, id) in ["task_a", "task_b", "task_c", "task_d"].iter().enumerate() {
+            s.insert_task(new_task(id, "m", 1)).await.unwrap();
+            let ok = success_with(vec![], &[]);
+            // task_b and task_c complete in the same millisecond: ties go by id.
+            let at = [10, 20, 20, 30][i];
+            run_to_success(s.as_ref(), id, &ok, at).await;
+        }
+        s.insert_task(new_task("task_pending", "m", 1)).await.unwrap();
+        let ids = |v: Vec<taskgate_server::store::Finished>| v.into_iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.finished_tasks(None, 25, 10).await.unwrap()), ["task_a", "task_b", "task_c"]);
+        assert_eq!(ids(s.finished_tasks(None, 100, 2).await.unwrap()), ["task_a", "task_b"]);
+        assert_eq!(
+            ids(s.finished_tasks(Some((20, "task_b".into())), 100, 10).await.unwrap()),
+            ["task_c", "task_d"],
+            "the position is exclusive and ties go by id"
+        );
+        assert!(s.finished_tasks(None, 10, 10).await.unwrap().is_empty(), "before is exclusive");
+    }
+
+    retention_deletes_only_final_tasks_that_owe_no_callback(s) {
+        let outcome = success_with(vec![blob("task_a/t/r.json", b"{}")], &["task_a/t/big.png"]);
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        run_to_success(s.as_ref(), "task_a", &outcome, 10).await;
+        s.insert_task(callback_task("task_cb")).await.unwrap();
+        run_to_success(s.as_ref(), "task_cb", &success_with(vec![], &[]), 11).await;
+        s.insert_task(new_task("task_live", "m", 1)).await.unwrap();
+
+        let finished = s.finished_tasks(None, 100, 10).await.unwrap();
+        let a = finished.iter().find(|f| f.id == "task_a").unwrap();
+        assert_eq!(a.outputs, ["task_a/t/r.json", "task_a/t/big.png"]);
+        assert_eq!(s.delete_blobs(&a.outputs).await.unwrap(), 1, "one output is a blob, one a file");
+        assert_eq!(s.get_blob("task_a/t/r.json").await.unwrap(), None);
+
+        let all: Vec<String> = ["task_a", "task_cb", "task_live"].map(String::from).into();
+        let deleted = s.delete_tasks(&all).await.unwrap();
+        assert_eq!(deleted, ["task_a"], "a pending callback and a live task keep their records");
+        assert!(s.get_task("task_a").await.unwrap().is_none());
+        assert!(s.get_task("task_live").await.unwrap().is_some());
+
+        // Once its callback is settled, the callback task goes, with its delivery and attempts.
+        let d = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap().pop().unwrap();
+        let attempt = DeliveryAttempt { attempted_at: 21, status_code: Some(200), latency_ms: 3, error: None };
+        assert!(s.finish_delivery_attempt(&d.delivery.id, &d.token, Some(&attempt), DeliveryNext::Succeeded, 21).await.unwrap());
+        assert_eq!(s.delete_tasks(&all).await.unwrap(), ["task_cb"]);
+        assert!(s.deliveries_for_task("task_cb").await.unwrap().is_empty());
+        assert!(s.get_delivery(&d.delivery.id).await.unwrap().is_none());
+        assert!(s.delete_tasks(&all).await.unwrap().is_empty(), "deleting again is not an error");
+    }
+
+    a_mark_setting_only_moves_forward(s) {
+        assert_eq!(s.advance_setting("mark", b"0005").await.unwrap(), b"0005");
+        assert_eq!(s.advance_setting("mark", b"0003").await.unwrap(), b"0005", "never back");
+        assert_eq!(s.advance_setting("mark", b"0009").await.unwrap(), b"0009");
+        assert_eq!(s.setting_or_init("mark", b"").await.unwrap(), b"0009");
+    }
+}

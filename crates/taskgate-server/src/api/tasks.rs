@@ -317,6 +317,7 @@ async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<By
         state.views.insert(
             task.id,
             CachedView {
+                gone_after: state.retention.gone_after(task.complete_time),
                 tenant_id: task.tenant_id,
                 model: task.model,
                 body: body.clone(),
@@ -348,6 +349,7 @@ fn pending_view(task: &NewTask) -> Option<CachedView> {
     .status(|_| String::new());
     let body = serde_json::to_vec(&Envelope::success(view)).ok()?;
     Some(CachedView {
+        gone_after: None,
         tenant_id: task.tenant_id.clone(),
         model: task.model.clone(),
         body: Bytes::from(body),

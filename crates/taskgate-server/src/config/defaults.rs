@@ -21,6 +21,9 @@ pub fn server() -> ServerSettings {
         header_timeout: Duration::from_secs(30),
         // Below the usual 65,536 open files, so that the limit, not the kernel, says no.
         max_connections: 10_000,
+        // As long as result URLs stay valid: after that nobody can fetch them anyway.
+        file_retention: Duration::from_secs(24 * 3600),
+        record_retention: Duration::from_secs(30 * 24 * 3600),
         database_url: None,
         public_url: None,
     }

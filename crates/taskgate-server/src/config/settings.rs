@@ -133,6 +133,16 @@ settings_table! {
         /// Connections open at once; more wait until one closes.
         #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
         max_connections: usize,
+        /// How long a finished task's result files are kept after it completes (0 keeps them
+        /// until the record goes).
+        #[arg(long, env = "TASKGATE_FILE_RETENTION", value_parser = humantime::parse_duration)]
+        #[serde(default, with = "humantime_serde::option")]
+        file_retention: Duration,
+        /// How long a finished task's record is kept after it completes; then statusTask
+        /// answers 404 (0 keeps records forever).
+        #[arg(long, env = "TASKGATE_RECORD_RETENTION", value_parser = humantime::parse_duration)]
+        #[serde(default, with = "humantime_serde::option")]
+        record_retention: Duration,
     }
     optional {
         /// PostgreSQL URL (postgres://…) for a cluster of nodes; without it, SQLite in the data

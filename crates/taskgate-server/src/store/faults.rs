@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, KeyKind,
-    NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store, StoreError, StoreEvent,
-    Tenant, WebhookSecrets,
+    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, Finished,
+    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store, StoreError,
+    StoreEvent, Tenant, WebhookSecrets,
 };
 use crate::domain::Task;
 
@@ -400,6 +400,35 @@ impl Store for FaultyStore {
         let after = self.plan.enter("clock_ms").await?;
         let result = self.inner.clock_ms().await;
         self.plan.leave("clock_ms", after, result)
+    }
+
+    async fn finished_tasks(
+        &self,
+        after: Option<(i64, String)>,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Finished>, StoreError> {
+        let entered = self.plan.enter("finished_tasks").await?;
+        let result = self.inner.finished_tasks(after, before, limit).await;
+        self.plan.leave("finished_tasks", entered, result)
+    }
+
+    async fn delete_blobs(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let entered = self.plan.enter("delete_blobs").await?;
+        let result = self.inner.delete_blobs(keys).await;
+        self.plan.leave("delete_blobs", entered, result)
+    }
+
+    async fn delete_tasks(&self, task_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let entered = self.plan.enter("delete_tasks").await?;
+        let result = self.inner.delete_tasks(task_ids).await;
+        self.plan.leave("delete_tasks", entered, result)
+    }
+
+    async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let entered = self.plan.enter("advance_setting").await?;
+        let result = self.inner.advance_setting(name, value).await;
+        self.plan.leave("advance_setting", entered, result)
     }
 
     fn exclusive(&self) -> bool {

@@ -331,6 +331,15 @@ impl HostRoom {
     }
 }
 
+/// A finished task as retention sees it: when it completed and what it left in the artifact
+/// store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub id: String,
+    pub complete_time: i64,
+    pub outputs: Vec<String>,
+}
+
 /// Answer to a secret rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {
@@ -566,6 +575,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Puts deliveries whose lease ended before `now` back to pending; returns how many.
     async fn recover_expired_deliveries(&self, now: i64) -> Result<u64, StoreError>;
+
+    // Retention.
+
+    /// Finished tasks that completed before `before`, oldest first (by completion time, then
+    /// id), after the position `after` (exclusive), at most `limit`.
+    async fn finished_tasks(
+        &self,
+        after: Option<(i64, String)>,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Finished>, StoreError>;
+
+    /// Deletes the outputs kept in the database (blobs) under these artifact keys (keys of
+    /// files are simply absent); answers how many went.
+    async fn delete_blobs(&self, keys: &[String]) -> Result<u64, StoreError>;
+
+    /// Deletes the records of these tasks — the task, its callback deliveries and their
+    /// attempts — except any that is not final or still owes a callback (a delivery pending or
+    /// in flight); answers the ids deleted. Blobs are deleted by key first
+    /// ([`Store::delete_blobs`]), as the task's outputs name them.
+    async fn delete_tasks(&self, task_ids: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// Stores `value` under the setting `name` unless the stored value is greater or equal
+    /// (bytewise), atomically; answers the value stored afterwards. A mark that only moves
+    /// forward, whichever node writes last.
+    async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
 
     /// Whether this process is the store's only user (SQLite under the data-dir lock): then every
     /// lease found at start belongs to a dead process, whatever its expiry says.

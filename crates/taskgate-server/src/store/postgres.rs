@@ -22,13 +22,14 @@ use super::rows::{
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
     TASK_COLUMNS,
 };
+use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{insert_tasks, removed_message, EXHAUSTED_SQL};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
     HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError,
     StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{Runner, MAX_UNACKED_REFUNDS};
+use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
@@ -1039,6 +1040,68 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    async fn finished_tasks(
+        &self,
+        after: Option<(i64, String)>,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Finished>, StoreError> {
+        let sql = finished_tasks_sql(after.is_some(), |n| format!("${n}"));
+        let mut q = sqlx::query_as::<_, FinishedRow>(&sql)
+            .bind(before)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        // Bound only when the statement names it: PostgreSQL must type every parameter sent.
+        if let Some((at, id)) = after {
+            q = q.bind(at).bind(id);
+        }
+        finished_from_rows(q.fetch_all(&self.pool).await?)
+    }
+
+    async fn delete_blobs(&self, keys: &[String]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let r = sqlx::query("DELETE FROM output_blobs WHERE key = ANY($1)")
+            .bind(keys)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn delete_tasks(&self, task_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let [attempts, deliveries, tasks] = delete_tasks_sql("SELECT unnest($1::text[])");
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&attempts)
+            .bind(task_ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&deliveries)
+            .bind(task_ids)
+            .execute(&mut *tx)
+            .await?;
+        let deleted: Vec<String> = sqlx::query_scalar(&tasks)
+            .bind(task_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = GREATEST(settings.value, excluded.value) \
+             RETURNING value",
+        )
+        .bind(name)
+        .bind(value)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     fn exclusive(&self) -> bool {

@@ -319,3 +319,64 @@ where
     });
     Ok(qb)
 }
+
+/// A row of a retention walk: `SELECT id, complete_time, outputs`.
+pub type FinishedRow = (String, i64, Option<String>);
+
+pub fn finished_from_rows(rows: Vec<FinishedRow>) -> Result<Vec<super::Finished>, StoreError> {
+    rows.into_iter()
+        .map(|(id, complete_time, outputs)| {
+            let outputs = match outputs {
+                Some(s) => serde_json::from_str(&s)
+                    .map_err(|e| StoreError::Invalid(format!("task outputs: {e}")))?,
+                None => Vec::new(),
+            };
+            Ok(super::Finished {
+                id,
+                complete_time,
+                outputs,
+            })
+        })
+        .collect()
+}
+
+/// The retention walk's statement: finished tasks before `before`, after a position, oldest
+/// first. Placeholders are written by `p(n)` so one text serves both dialects: 1 is `before`,
+/// 2 the limit, 3 and 4 the position (bound only when `after`).
+pub fn finished_tasks_sql(after: bool, p: impl Fn(u32) -> String) -> String {
+    let position = if after {
+        format!(
+            "AND (complete_time > {a} OR (complete_time = {a} AND id > {b}))",
+            a = p(3),
+            b = p(4)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT id, complete_time, outputs FROM tasks \
+         WHERE complete_time IS NOT NULL AND complete_time < {before} {position} \
+         ORDER BY complete_time, id LIMIT {limit}",
+        before = p(1),
+        limit = p(2)
+    )
+}
+
+/// Deletes a task's records where it is final and owes no callback (`{ids}` is a subquery
+/// yielding the ids, in the dialect's form): the deliveries' attempts, the deliveries, then the
+/// task. Blobs go by key, before (their keys are the task's outputs).
+pub fn delete_tasks_sql(ids: &str) -> [String; 3] {
+    let deletable = format!(
+        "SELECT t.id FROM tasks t WHERE t.id IN ({ids}) AND t.complete_time IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.task_id = t.id \
+                         AND d.state IN ('pending', 'delivering'))"
+    );
+    [
+        format!(
+            "DELETE FROM webhook_attempts WHERE delivery_id IN \
+             (SELECT id FROM webhook_deliveries WHERE task_id IN ({deletable}))"
+        ),
+        format!("DELETE FROM webhook_deliveries WHERE task_id IN ({deletable})"),
+        format!("DELETE FROM tasks WHERE id IN ({deletable}) RETURNING id"),
+    ]
+}

@@ -13,6 +13,7 @@ mod faults;
 mod hot_paths;
 mod http_backend;
 mod recovery;
+mod retention;
 mod s3;
 mod signed_urls;
 mod smoke;

@@ -23,13 +23,14 @@ use super::rows::{
     attempt_error, delivery_next_columns, AttemptRow, DeliveryRow, KeyRow, SecretsRow, TaskRow,
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
+use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{removed_message, EXHAUSTED_SQL};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
     HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
     WebhookSecrets,
 };
-use super::{Runner, MAX_UNACKED_REFUNDS};
+use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod writer;
@@ -860,6 +861,75 @@ impl Store for SqliteStore {
         .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    async fn finished_tasks(
+        &self,
+        after: Option<(i64, String)>,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Finished>, StoreError> {
+        let sql = finished_tasks_sql(after.is_some(), |n| format!("?{n}"));
+        let mut q = sqlx::query_as::<_, FinishedRow>(&sql)
+            .bind(before)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        if let Some((at, id)) = after {
+            q = q.bind(at).bind(id);
+        }
+        finished_from_rows(q.fetch_all(&self.reader).await?)
+    }
+
+    async fn delete_blobs(&self, keys: &[String]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let keys = serde_json::to_string(keys).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let r =
+            sqlx::query("DELETE FROM output_blobs WHERE key IN (SELECT value FROM json_each(?))")
+                .bind(keys)
+                .execute(&mut *self.write_conn().await?)
+                .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn delete_tasks(&self, task_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids =
+            serde_json::to_string(task_ids).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let [attempts, deliveries, tasks] = delete_tasks_sql("SELECT value FROM json_each(?1)");
+        let (_lock, mut tx) = self.begin_write().await?;
+        sqlx::query(&attempts).bind(&ids).execute(&mut *tx).await?;
+        sqlx::query(&deliveries)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let deleted: Vec<String> = sqlx::query_scalar(&tasks)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut conn = self.write_conn().await?;
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value \
+             WHERE settings.value < excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&mut *conn)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await?,
+        )
     }
 
     fn exclusive(&self) -> bool {
