@@ -53,6 +53,8 @@ fn seed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Vec<String> {
                 callback_url: None,
                 max_attempts: 3,
                 create_time: now_ms(),
+                priority: 0,
+                expires_at: None,
             })
             .collect();
         let mut ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();

@@ -22,6 +22,8 @@ fn new_task(tenant_id: &str, input: &Map<String, Value>) -> NewTask {
         callback_url: None,
         max_attempts: 3,
         create_time: now_ms(),
+        priority: 0,
+        expires_at: None,
     }
 }
 

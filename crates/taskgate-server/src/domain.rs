@@ -41,6 +41,8 @@ pub mod fail_code {
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
     /// The server started without the task's model in its configuration.
     pub const MODEL_REMOVED: &str = "MODEL_REMOVED";
+    /// The task was not started before its deadline (`ttl_seconds`).
+    pub const EXPIRED: &str = "EXPIRED";
 }
 
 /// The transitions the state machine allows: the one table every store write is derived from.
@@ -48,8 +50,7 @@ pub mod fail_code {
 /// Each store write names its transition and takes its `WHERE` guard ([`Transition::guard`])
 /// and its new state ([`Transition::to`]) from here, so the SQLite and PostgreSQL statements
 /// cannot disagree with the table; the conformance suite walks every transition and every
-/// forbidden one on both stores. The next phase adds `Cancel` (pending|processing → failed)
-/// and `Expire` (pending → failed) as rows of this table.
+/// forbidden one on both stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     /// pending → processing: a runner claimed the task.
@@ -62,21 +63,24 @@ pub enum Transition {
     Fail,
     /// pending | processing → failed with `MODEL_REMOVED`: the server no longer offers the model.
     Remove,
+    /// pending → failed with `EXPIRED`: not started before its deadline.
+    Expire,
 }
 
 impl Transition {
-    pub const ALL: [Transition; 5] = [
+    pub const ALL: [Transition; 6] = [
         Transition::Claim,
         Transition::Requeue,
         Transition::Succeed,
         Transition::Fail,
         Transition::Remove,
+        Transition::Expire,
     ];
 
     /// The states the transition may start from.
     pub fn from_states(self) -> &'static [TaskState] {
         match self {
-            Transition::Claim => &[TaskState::Pending],
+            Transition::Claim | Transition::Expire => &[TaskState::Pending],
             Transition::Requeue | Transition::Succeed | Transition::Fail => {
                 &[TaskState::Processing]
             }
@@ -89,7 +93,7 @@ impl Transition {
             Transition::Claim => TaskState::Processing,
             Transition::Requeue => TaskState::Pending,
             Transition::Succeed => TaskState::Success,
-            Transition::Fail | Transition::Remove => TaskState::Failed,
+            Transition::Fail | Transition::Remove | Transition::Expire => TaskState::Failed,
         }
     }
 

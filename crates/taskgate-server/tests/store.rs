@@ -91,6 +91,8 @@ fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         callback_url: None,
         max_attempts: 2,
         create_time: now,
+        priority: 0,
+        expires_at: None,
     }
 }
 
@@ -513,7 +515,12 @@ async fn concurrency_holds_across_nodes_sharing_postgres() {
 /// Puts `task_a` of model `m` into `state` through the store's own writes; returns the claim
 /// token when the task was claimed on the way.
 async fn task_in(s: &dyn Store, state: TaskState) -> Option<String> {
-    s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+    // With a deadline after every claim of the walk, so that Expire can be tried from any state.
+    let task = NewTask {
+        expires_at: Some(100),
+        ..new_task("task_a", "m", 1)
+    };
+    s.insert_task(task).await.unwrap();
     if state == TaskState::Pending {
         return None;
     }
@@ -564,6 +571,7 @@ async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
             .await
             .unwrap(),
         Transition::Remove => !s.fail_removed_models(&[], 30).await.unwrap().is_empty(),
+        Transition::Expire => !s.expire_pending(1_000, 10).await.unwrap().is_empty(),
     }
 }
 
@@ -1035,5 +1043,39 @@ conformance! {
         assert_eq!(s.advance_setting("mark", b"0003").await.unwrap(), b"0005", "never back");
         assert_eq!(s.advance_setting("mark", b"0009").await.unwrap(), b"0009");
         assert_eq!(s.setting_or_init("mark", b"").await.unwrap(), b"0009");
+    }
+}
+
+conformance! {
+    claims_take_higher_priorities_first_then_the_oldest(s) {
+        for (id, priority) in [("task_a", 0), ("task_b", 5), ("task_c", -1), ("task_d", 5)] {
+            s.insert_task(NewTask { priority, ..new_task(id, "m", 1) }).await.unwrap();
+        }
+        // One at a time: a batch's rows come back in no particular order.
+        let mut order = Vec::new();
+        while let Some(c) = s.claim("m", 10, LEASE, 10).await.unwrap() {
+            order.push(c.task.id);
+        }
+        assert_eq!(order, ["task_b", "task_d", "task_a", "task_c"]);
+    }
+
+    a_task_past_its_deadline_is_never_started_and_fails_expired(s) {
+        s.insert_task(NewTask { expires_at: Some(50), ..callback_task("task_late") }).await.unwrap();
+        s.insert_task(NewTask { expires_at: Some(500), ..new_task("task_soon", "m", 1) }).await.unwrap();
+        s.insert_task(new_task("task_never", "m", 1)).await.unwrap();
+        // At 60 the first is past its deadline: claims pass over it.
+        let mut claimed: Vec<String> = s.claim_batch("m", 60, LEASE, 10, 10, Runner::Local).await.unwrap()
+            .into_iter().map(|c| c.task.id).collect();
+        claimed.sort();
+        assert_eq!(claimed, ["task_never", "task_soon"]);
+        assert_eq!(s.expire_pending(60, 10).await.unwrap(), ["task_late"]);
+        let t = s.get_task("task_late").await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.fail_code.as_deref(), Some(fail_code::EXPIRED));
+        assert_eq!(t.complete_time, Some(60));
+        assert_eq!(s.deliveries_for_task("task_late").await.unwrap().len(), 1, "its callback is owed");
+        // Started tasks are never expired, whatever their deadline.
+        assert!(s.expire_pending(10_000, 10).await.unwrap().is_empty());
+        assert_eq!(s.get_task("task_soon").await.unwrap().unwrap().state, TaskState::Processing);
     }
 }

@@ -5,6 +5,7 @@
 //! extractor, before the body is read), model (404), body size (413), body content (400).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -64,6 +65,56 @@ fn json_type_name(v: &Value) -> &'static str {
 struct Submission {
     callback_url: Option<String>,
     input: Map<String, Value>,
+    priority: i32,
+    ttl: Option<Duration>,
+}
+
+/// Bounds of `priority`: wide enough for any scheme, narrow enough to stay an `i32` everywhere.
+const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1_000_000..=1_000_000;
+/// Longest `ttl_seconds`: 30 days, past which a deadline means nothing.
+const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+
+/// `priority` (optional integer, higher runs first) and `ttl_seconds` (optional positive
+/// integer: the task fails with EXPIRED if not started by then).
+fn parse_scheduling(body: &Map<String, Value>) -> Result<(i32, Option<Duration>), ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => match n.as_i64().filter(|p| PRIORITY_RANGE.contains(p)) {
+            Some(p) => i32::try_from(p).unwrap_or_default(),
+            None => {
+                return Err(bad(format!(
+                    "priority must be an integer from {} to {}, got {n}",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end()
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(bad(format!(
+                "priority must be an integer, got {}",
+                json_type_name(other)
+            )))
+        }
+    };
+    let ttl = match body.get("ttl_seconds") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64().filter(|t| (1..=MAX_TTL_SECONDS).contains(t)) {
+            Some(t) => Some(Duration::from_secs(t)),
+            None => {
+                return Err(bad(format!(
+                    "ttl_seconds must be an integer from 1 to {MAX_TTL_SECONDS} (30 days), got {n}"
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(bad(format!(
+                "ttl_seconds must be an integer, got {}",
+                json_type_name(other)
+            )))
+        }
+    };
+    Ok((priority, ttl))
 }
 
 fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
@@ -132,9 +183,12 @@ fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, Api
             )))
         }
     };
+    let (priority, ttl) = parse_scheduling(&body)?;
     Ok(Submission {
         callback_url,
         input,
+        priority,
+        ttl,
     })
 }
 
@@ -183,6 +237,7 @@ async fn generate_task(
         .backend
         .validate(&submission.input)
         .map_err(|m| ApiError::new(ErrorCode::InvalidInput, m))?;
+    let create_time = now_ms();
     let task = NewTask {
         id: new_task_id(),
         tenant_id: tenant.id,
@@ -190,7 +245,11 @@ async fn generate_task(
         input: submission.input,
         callback_url: submission.callback_url,
         max_attempts: runtime.config.max_attempts,
-        create_time: now_ms(),
+        create_time,
+        priority: submission.priority,
+        expires_at: submission
+            .ttl
+            .map(|ttl| create_time + ttl.as_millis() as i64),
     };
     let task_id = task.id.clone();
     // Before the insert, so that no change of the new task can come before the watch.

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{error, info, warn};
 
@@ -53,6 +54,50 @@ pub async fn recover_at_start(store: &dyn Store, models: &[String]) -> Result<()
         );
     }
     Ok(())
+}
+
+/// How often pending tasks past their deadline are failed: a deadline is kept to within this.
+const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+const EXPIRY_BATCH: usize = 500;
+
+/// Fails pending tasks whose deadline (`ttl_seconds`) passed before they started, with
+/// `EXPIRED`. Claims already skip them, so this only makes the failure visible and owes their
+/// callbacks; one indexed statement per round, and nothing when no task has a deadline.
+pub(super) async fn expire_tasks(dispatcher: Arc<Dispatcher>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_PERIOD) => {}
+            _ = dispatcher.stop.cancelled() => return,
+        }
+        loop {
+            match dispatcher
+                .store
+                .expire_pending(now_ms(), EXPIRY_BATCH)
+                .await
+            {
+                Ok(ids) => {
+                    for id in &ids {
+                        dispatcher.views.forget(id);
+                        dispatcher.events.changed(id);
+                    }
+                    if !ids.is_empty() {
+                        info!(
+                            tasks = ids.len(),
+                            "failed tasks not started before their deadline (EXPIRED)"
+                        );
+                        dispatcher.webhook_wake.notify_one();
+                    }
+                    if ids.len() < EXPIRY_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    error!(error = %error_chain(&e), "expiring tasks past their deadline failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Hands on tasks and deliveries whose holder stopped renewing (a node or worker that died).

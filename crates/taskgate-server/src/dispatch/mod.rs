@@ -196,6 +196,9 @@ impl Dispatcher {
         let this = self.clone();
         self.tracker
             .spawn(async move { maintenance::sweep_leases(this).await });
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { maintenance::expire_tasks(this).await });
     }
 
     /// Stops claiming (local loops and pull workers' long-polls answer at once); called as soon

@@ -402,6 +402,12 @@ impl Store for FaultyStore {
         self.plan.leave("clock_ms", after, result)
     }
 
+    async fn expire_pending(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let entered = self.plan.enter("expire_pending").await?;
+        let result = self.inner.expire_pending(now, limit).await;
+        self.plan.leave("expire_pending", entered, result)
+    }
+
     async fn finished_tasks(
         &self,
         after: Option<(i64, String)>,

@@ -74,6 +74,10 @@ pub struct NewTask {
     pub callback_url: Option<String>,
     pub max_attempts: u32,
     pub create_time: i64,
+    /// Higher runs first among a model's due tasks.
+    pub priority: i32,
+    /// Not started by then (Unix ms), the task fails with `EXPIRED`.
+    pub expires_at: Option<i64>,
 }
 
 /// A claimed task and the token that proves the claim.
@@ -475,6 +479,10 @@ pub trait Store: Send + Sync + 'static {
     /// the process that died (runner `local`), whatever its lease says. Pull workers' claims
     /// keep their leases.
     async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError>;
+
+    /// Fails up to `limit` pending tasks whose deadline (`expires_at`) is before `now` with
+    /// `EXPIRED` (callbacks owed as for any final state); returns their ids.
+    async fn expire_pending(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
 
     /// Fails every unfinished task of a model not in `known` with `MODEL_REMOVED` (callbacks
     /// owed as for any final state); returns their ids. Stores shared by nodes fail only

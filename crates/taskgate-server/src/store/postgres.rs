@@ -23,7 +23,7 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
-use super::rows::{insert_tasks, removed_message, EXHAUSTED_SQL};
+use super::rows::{insert_tasks, not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
     HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError,
@@ -492,11 +492,13 @@ impl Store for PostgresStore {
              start_time = {DB_NOW_MS}, \
              runner = $6, claim_acked = $7 \
              WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND {guard} \
-                          AND run_after <= $3 ORDER BY priority DESC, id LIMIT $5 \
+                          AND run_after <= $3 AND {live} \
+                          ORDER BY priority DESC, id LIMIT $5 \
                           FOR UPDATE SKIP LOCKED) \
              RETURNING {TASK_COLUMNS}",
             set = Transition::Claim.set_state(),
             guard = Transition::Claim.guard(),
+            live = not_expired("$3"),
         ))
         .bind(&prefix)
         .bind(lease.as_millis() as i64)
@@ -609,6 +611,30 @@ impl Store for PostgresStore {
     /// Only `pending` tasks: on a shared store a task `processing` on another node (one that
     /// still offers the model, during a rolling deploy) is left to its runner, and comes back
     /// here as pending if its lease expires.
+    async fn expire_pending(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = $3 \
+             WHERE id IN (SELECT id FROM tasks WHERE {} AND expires_at IS NOT NULL \
+                          AND expires_at <= $1 ORDER BY expires_at LIMIT $4 \
+                          FOR UPDATE SKIP LOCKED) \
+             RETURNING id",
+            Transition::Expire.set_state(),
+            Transition::Expire.guard()
+        ))
+        .bind(now)
+        .bind(fail_code::EXPIRED)
+        .bind(EXPIRED_MESSAGE)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            enqueue_callback(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     async fn fail_removed_models(
         &self,
         known: &[String],

@@ -285,7 +285,7 @@ pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' ti
 
 /// The columns a new task's row is written with, in this order, by both stores' group commits.
 pub const NEW_TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, \
-     max_attempts, run_after, create_time";
+     max_attempts, run_after, create_time, priority, expires_at";
 
 /// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
 /// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
@@ -299,6 +299,7 @@ where
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let rows = tasks
         .into_iter()
@@ -315,7 +316,9 @@ where
             .push_bind(t.callback_url.as_deref())
             .push_bind(i64::from(t.max_attempts))
             .push_bind(t.create_time)
-            .push_bind(t.create_time);
+            .push_bind(t.create_time)
+            .push_bind(i64::from(t.priority))
+            .push_bind(t.expires_at);
     });
     Ok(qb)
 }
@@ -380,3 +383,13 @@ pub fn delete_tasks_sql(ids: &str) -> [String; 3] {
         format!("DELETE FROM tasks WHERE id IN ({deletable}) RETURNING id"),
     ]
 }
+
+/// The claim's guard against deadlines: a pending task past its `expires_at` is not started
+/// (the expiry sweep fails it). `now` is the placeholder of the claim's time.
+pub fn not_expired(now: &str) -> String {
+    format!("(expires_at IS NULL OR expires_at > {now})")
+}
+
+/// Why a task expired, for its failMsg.
+pub const EXPIRED_MESSAGE: &str =
+    "the task was not started before its deadline (ttl_seconds) and was not run";

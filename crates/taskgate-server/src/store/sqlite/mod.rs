@@ -24,7 +24,7 @@ use super::rows::{
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
-use super::rows::{removed_message, EXHAUSTED_SQL};
+use super::rows::{not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
 use super::{
     ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
     HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
@@ -104,12 +104,13 @@ pub(super) fn claim_sql() -> String {
          lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
          claim_acked = ?8 \
          WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
-                      AND run_after <= ?3 ORDER BY priority DESC, id \
+                      AND run_after <= ?3 AND {live} ORDER BY priority DESC, id \
                       LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
                                                 WHERE model = ?4 AND state = 'processing')))) \
          RETURNING {TASK_COLUMNS}",
         set = Transition::Claim.set_state(),
         guard = Transition::Claim.guard(),
+        live = not_expired("?3"),
     )
 }
 
@@ -441,6 +442,29 @@ impl Store for SqliteStore {
         // ?1 is bound but unused: the condition is who ran the attempt, not its lease.
         self.recover("(runner = 'local' OR runner IS NULL) AND ?1 = ?1", now)
             .await
+    }
+
+    async fn expire_pending(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let (_lock, mut tx) = self.begin_write().await?;
+        let ids: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET {}, complete_time = ?1, fail_code = ?2, fail_msg = ?3 \
+             WHERE id IN (SELECT id FROM tasks WHERE {} AND expires_at IS NOT NULL \
+                          AND expires_at <= ?1 ORDER BY expires_at LIMIT ?4) \
+             RETURNING id",
+            Transition::Expire.set_state(),
+            Transition::Expire.guard()
+        ))
+        .bind(now)
+        .bind(fail_code::EXPIRED)
+        .bind(EXPIRED_MESSAGE)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            enqueue_callback(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
     async fn fail_removed_models(

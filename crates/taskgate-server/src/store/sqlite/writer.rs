@@ -365,8 +365,11 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
         .iter()
         .map(|(t, _)| i64::from(t.max_attempts))
         .collect();
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 9);
-    for (((t, _), input), max_attempts) in batch.iter().zip(&inputs).zip(&attempts) {
+    let priorities: Vec<i64> = batch.iter().map(|(t, _)| i64::from(t.priority)).collect();
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 11);
+    for ((((t, _), input), max_attempts), priority) in
+        batch.iter().zip(&inputs).zip(&attempts).zip(&priorities)
+    {
         params.extend_from_slice(&[
             &t.id as &dyn ToSql,
             &t.tenant_id,
@@ -377,9 +380,11 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
             max_attempts,
             &t.create_time,
             &t.create_time,
+            priority,
+            &t.expires_at,
         ]);
     }
-    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 9, &params)
+    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 11, &params)
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;
