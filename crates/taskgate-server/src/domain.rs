@@ -2,8 +2,10 @@
 //!
 //! A task moves `pending → processing → success | failed`. `processing → pending` is the one way
 //! back: a retryable error, a lost worker or a shutdown hands the task on, and the attempt token
-//! it held stops being valid. Final states have no way out, which is what makes "one final state
-//! per task" an invariant the store can enforce with a `WHERE state = 'processing'` guard.
+//! it held stops being valid. A client may cancel a task that is not final yet (`pending |
+//! processing → failed` with `CANCELLED`), which also kills the running attempt's token. Final
+//! states have no way out, which is what makes "one final state per task" an invariant the store
+//! can enforce with a `WHERE state = …` guard taken from the table.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,6 +43,8 @@ pub mod fail_code {
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
     /// The server started without the task's model in its configuration.
     pub const MODEL_REMOVED: &str = "MODEL_REMOVED";
+    /// The task's owner cancelled it (`cancelTask`) before it finished.
+    pub const CANCELLED: &str = "CANCELLED";
 }
 
 /// The transitions the state machine allows: the one table every store write is derived from.
@@ -48,8 +52,7 @@ pub mod fail_code {
 /// Each store write names its transition and takes its `WHERE` guard ([`Transition::guard`])
 /// and its new state ([`Transition::to`]) from here, so the SQLite and PostgreSQL statements
 /// cannot disagree with the table; the conformance suite walks every transition and every
-/// forbidden one on both stores. The next phase adds `Cancel` (pending|processing → failed)
-/// and `Expire` (pending → failed) as rows of this table.
+/// forbidden one on both stores. `Expire` (pending → failed) will be the next row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     /// pending → processing: a runner claimed the task.
@@ -62,15 +65,19 @@ pub enum Transition {
     Fail,
     /// pending | processing → failed with `MODEL_REMOVED`: the server no longer offers the model.
     Remove,
+    /// pending | processing → failed with `CANCELLED`: the task's owner cancelled it. The write
+    /// clears the lease token, so a running attempt can no longer finish, requeue or renew.
+    Cancel,
 }
 
 impl Transition {
-    pub const ALL: [Transition; 5] = [
+    pub const ALL: [Transition; 6] = [
         Transition::Claim,
         Transition::Requeue,
         Transition::Succeed,
         Transition::Fail,
         Transition::Remove,
+        Transition::Cancel,
     ];
 
     /// The states the transition may start from.
@@ -80,7 +87,7 @@ impl Transition {
             Transition::Requeue | Transition::Succeed | Transition::Fail => {
                 &[TaskState::Processing]
             }
-            Transition::Remove => &[TaskState::Pending, TaskState::Processing],
+            Transition::Remove | Transition::Cancel => &[TaskState::Pending, TaskState::Processing],
         }
     }
 
@@ -89,7 +96,7 @@ impl Transition {
             Transition::Claim => TaskState::Processing,
             Transition::Requeue => TaskState::Pending,
             Transition::Succeed => TaskState::Success,
-            Transition::Fail | Transition::Remove => TaskState::Failed,
+            Transition::Fail | Transition::Remove | Transition::Cancel => TaskState::Failed,
         }
     }
 
@@ -248,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_task_can_be_claimed_or_removed_only() {
+    fn a_pending_task_can_be_claimed_removed_or_cancelled_only() {
         assert!(Transition::allowed(
             TaskState::Pending,
             TaskState::Processing
@@ -273,6 +280,11 @@ mod tests {
             "state IN ('pending', 'processing')"
         );
         assert_eq!(Transition::Succeed.set_state(), "state = 'success'");
+        assert_eq!(
+            Transition::Cancel.guard(),
+            "state IN ('pending', 'processing')"
+        );
+        assert_eq!(Transition::Cancel.set_state(), "state = 'failed'");
     }
 
     #[test]
