@@ -1,4 +1,5 @@
-//! APIXO's two endpoints: submit (`generateTask`) and read (`statusTask`).
+//! APIXO's two endpoints, submit (`generateTask`) and read (`statusTask`), and taskgate's
+//! `cancelTask`, which APIXO does not have.
 //!
 //! Handlers parse and check input themselves (rather than through axum's typed extractors) so
 //! that every bad request gets a precise message in the envelope. Order of checks: key (401, the
@@ -19,10 +20,10 @@ use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
 use super::extract::ClientTenant;
 use super::query_param;
 use crate::dispatch::ModelRuntime;
-use crate::domain::{new_task_id, now_ms};
+use crate::domain::{new_task_id, now_ms, Task};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::NewTask;
+use crate::store::{CancelOutcome, NewTask, Runner};
 use crate::views::CachedView;
 use crate::webhooks::ssrf;
 
@@ -30,6 +31,7 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/generateTask/{model}", post(generate_task))
         .route("/api/v1/statusTask/{model}", get(status_task))
+        .route("/api/v1/cancelTask/{model}", post(cancel_task))
 }
 
 fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {
@@ -245,6 +247,12 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
+    Ok(json_bytes(view_of(&state, task).await?))
+}
+
+/// The task's statusTask answer, serialised; kept in the node's views when it is final and its
+/// URLs are stable.
+async fn view_of(state: &AppState, task: Task) -> Result<Bytes, ApiError> {
     let status = state
         .links
         .status_of(&task)
@@ -268,7 +276,75 @@ async fn status_task(
             },
         );
     }
-    Ok(json_bytes(body))
+    Ok(body)
+}
+
+/// `POST /api/v1/cancelTask/{model}?taskId=`: a pending or processing task fails with
+/// `CANCELLED`; the answer is its status, as statusTask would give it. Who may see a task and
+/// the 404s are statusTask's.
+///
+/// The final state is written first, in one guarded store write that also kills the claim's
+/// token and owes the callback; only then is the running attempt stopped (here, or on the node
+/// that runs it through the store's notice; a pull worker at its next heartbeat). So a cancel
+/// holds even when the node running the attempt is dead, and no attempt can write after it.
+async fn cancel_task(
+    State(state): State<Arc<AppState>>,
+    ClientTenant(tenant): ClientTenant,
+    Path(model): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    // As in statusTask: a removed model's tasks still answer (they are final, so 409).
+    let runtime = model_or_404(&state, &model);
+    let Some(task_id) = query_param(&uri, "taskId") else {
+        runtime?;
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!(
+                "the taskId query parameter is required: /api/v1/cancelTask/{model}?taskId=TASK_ID"
+            ),
+        ));
+    };
+    let outcome = state
+        .store
+        .cancel_task(&task_id, &tenant.id, &model, now_ms())
+        .await?;
+    let (task, from, runner) = match outcome {
+        CancelOutcome::Cancelled { task, from, runner } => (task, from, runner),
+        CancelOutcome::AlreadyFinal(task) => {
+            return Err(ApiError::new(
+                ErrorCode::TaskAlreadyFinal,
+                format!(
+                    "task {task_id:?} is already {}, so it cannot be cancelled; only a pending or processing task can",
+                    task.state
+                ),
+            ))
+        }
+        CancelOutcome::NotFound => {
+            return Err(runtime.err().unwrap_or_else(|| {
+                ApiError::new(
+                    ErrorCode::TaskNotFound,
+                    format!("task {task_id:?} not found for model {model:?}"),
+                )
+            }))
+        }
+    };
+    // A just-submitted task's cached `pending` view is no longer true (the failed one is put
+    // in below).
+    state.views.forget(&task.id);
+    tracing::info!(task_id = %task.id, model = %task.model, %from, "cancelled");
+    if from == taskgate_proto::TaskState::Processing {
+        // A pull worker is told at its next heartbeat (the token it holds is dead); another
+        // node's attempt is stopped by the store's notice to it.
+        if runner != Some(Runner::Worker) {
+            state.dispatcher.cancel_running(&task.id);
+        }
+        // A slot of the model is free: a worker's long-poll may claim now.
+        state.dispatcher.notify(&task.model);
+    }
+    if task.callback_url.is_some() {
+        state.deliverer.wake();
+    }
+    Ok(json_bytes(view_of(&state, task).await?))
 }
 
 /// The statusTask answer of a task just submitted, as a store read would render it.
