@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod builtin;
+mod cancel;
 mod cli;
 mod cluster;
 mod command;

@@ -80,6 +80,19 @@ impl Api {
         envelope(resp).await
     }
 
+    /// POST cancelTask; returns the status and the parsed envelope.
+    pub async fn cancel(&self, model: &str, task_id: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/cancelTask/{model}", self.base))
+            .query(&[("taskId", task_id)])
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        envelope(resp).await
+    }
+
     /// Polls (every 20 ms) until the task is final or `timeout` passes; returns `data`.
     pub async fn wait_final(&self, model: &str, task_id: &str, timeout: Duration) -> Value {
         self.wait_for(model, task_id, timeout, |d| {
