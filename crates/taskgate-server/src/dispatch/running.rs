@@ -58,21 +58,22 @@ impl Inner {
     }
 }
 
-/// Removes an attempt from the registry when dropped, on every way out of the attempt.
+/// Removes an attempt from the registry when dropped, on every way out of the attempt. Borrows
+/// the claim's id and token rather than copying them: this is paid by every task.
 pub(super) struct Registration<'a> {
     running: &'a Running,
-    task_id: String,
-    token: String,
+    task_id: &'a str,
+    token: &'a str,
     pub(super) cancelled: CancellationToken,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut inner = self.running.lock();
-        if let Some(list) = inner.attempts.get_mut(&self.task_id) {
-            list.retain(|(t, _)| t != &self.token);
+        if let Some(list) = inner.attempts.get_mut(self.task_id) {
+            list.retain(|(t, _)| t != self.token);
             if list.is_empty() {
-                inner.attempts.remove(&self.task_id);
+                inner.attempts.remove(self.task_id);
             }
         }
     }
@@ -85,7 +86,12 @@ impl Running {
 
     /// Registers the attempt of `task_id` holding `token`; its token fires on a cancel (at once
     /// when the task was cancelled within `keep` and before it registered).
-    pub(super) fn register(&self, task_id: &str, token: &str, keep: Duration) -> Registration<'_> {
+    pub(super) fn register<'a>(
+        &'a self,
+        task_id: &'a str,
+        token: &'a str,
+        keep: Duration,
+    ) -> Registration<'a> {
         let cancelled = CancellationToken::new();
         let mut inner = self.lock();
         if !inner.recent.is_empty() {
@@ -101,8 +107,8 @@ impl Running {
             .push((token.to_owned(), cancelled.clone()));
         Registration {
             running: self,
-            task_id: task_id.to_owned(),
-            token: token.to_owned(),
+            task_id,
+            token,
             cancelled,
         }
     }
