@@ -12,7 +12,8 @@
 //! * [`Error`] keeps the envelope's `code` and `message`, so callers can tell a refused key from
 //!   an unknown model from a failed task from a timeout;
 //! * [`Client::download`] streams a result URL to disk (result URLs expire after 24 h);
-//! * [`verify_webhook`] checks the Standard Webhooks signature taskgate puts on callbacks.
+//! * [`verify_webhook`] checks the Standard Webhooks signature taskgate puts on callbacks;
+//! * [`Client::cancel`] cancels a task that is not finished (a taskgate extension).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), taskgate_client::Error> {
@@ -322,16 +323,40 @@ impl Client {
         let data = self
             .call(Method::GET, url.clone(), None::<&()>, true)
             .await?;
-        let mut data = data.ok_or_else(|| Error::Protocol {
-            url: url.to_string(),
-            reason: "the envelope has no data".into(),
-        })?;
-        // APIXO's documented status examples leave out createTime, which taskgate always sends;
-        // tolerate its absence so the client works against APIXO itself.
-        if let Value::Object(map) = &mut data {
-            map.entry("createTime").or_insert(Value::from(0));
-        }
-        decode_data(&url, Some(data))
+        decode_status(&url, data)
+    }
+
+    /// Cancels a task that is not finished yet: `POST /api/v1/cancelTask/{model}?taskId=…`, a
+    /// taskgate extension that APIXO does not have. Returns the task's status after the cancel:
+    /// `failed` with failCode `CANCELLED`. A running task's work is stopped (a pull worker stops
+    /// at its next heartbeat), and a callback task's callback is sent as for any final state.
+    ///
+    /// A task that is already `success` or `failed` is left alone and answers 409:
+    /// [`Error::error_code`] is then [`ErrorCode::TaskAlreadyFinal`](proto::ErrorCode::TaskAlreadyFinal). An unknown
+    /// task, another tenant's, or one of another model answers 404 `task_not_found`, as
+    /// [`status`](Self::status) does.
+    ///
+    /// Transient failures are retried like a status read, even after the request was sent: a
+    /// cancel cannot happen twice. So a `task_already_final` may follow a first try whose answer
+    /// was lost; read the status to see how the task ended.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: taskgate_client::Client) -> Result<(), taskgate_client::Error> {
+    /// use taskgate_client::proto::ErrorCode;
+    /// match client.cancel("sdxl", "task_01J...").await {
+    ///     Ok(s) => println!("{} is now {} ({:?})", s.task_id, s.state, s.fail_code),
+    ///     Err(e) if e.error_code() == Some(ErrorCode::TaskAlreadyFinal) => println!("too late"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel(&self, model: &str, task_id: &str) -> Result<TaskStatus, Error> {
+        let mut url = self.endpoint(&["cancelTask", model])?;
+        url.query_pairs_mut().append_pair("taskId", task_id);
+        let data = self
+            .call(Method::POST, url.clone(), None::<&()>, true)
+            .await?;
+        decode_status(&url, data)
     }
 
     /// Reads the tenant's webhook signing secrets (`GET /api/v1/webhookSecret`, a taskgate
@@ -474,6 +499,20 @@ fn decode_data<T: serde::de::DeserializeOwned>(url: &Url, data: Option<Value>) -
         url: url.to_string(),
         reason: format!("unexpected data: {e}"),
     })
+}
+
+/// A task's status from an envelope's `data` (statusTask's, and cancelTask's, which is the same).
+fn decode_status(url: &Url, data: Option<Value>) -> Result<TaskStatus, Error> {
+    let mut data = data.ok_or_else(|| Error::Protocol {
+        url: url.to_string(),
+        reason: "the envelope has no data".into(),
+    })?;
+    // APIXO's documented status examples leave out createTime, which taskgate always sends;
+    // tolerate its absence so the client works against APIXO itself.
+    if let Value::Object(map) = &mut data {
+        map.entry("createTime").or_insert(Value::from(0));
+    }
+    decode_data(url, Some(data))
 }
 
 fn transport_failure(url: &Url, e: reqwest::Error, idempotent: bool) -> Failure {

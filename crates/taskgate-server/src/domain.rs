@@ -2,8 +2,10 @@
 //!
 //! A task moves `pending → processing → success | failed`. `processing → pending` is the one way
 //! back: a retryable error, a lost worker or a shutdown hands the task on, and the attempt token
-//! it held stops being valid. Final states have no way out, which is what makes "one final state
-//! per task" an invariant the store can enforce with a `WHERE state = 'processing'` guard.
+//! it held stops being valid. A client may cancel a task that is not final yet (`pending |
+//! processing → failed` with `CANCELLED`), which also kills the running attempt's token. Final
+//! states have no way out, which is what makes "one final state per task" an invariant the store
+//! can enforce with a `WHERE state = …` guard taken from the table.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,6 +45,8 @@ pub mod fail_code {
     pub const MODEL_REMOVED: &str = "MODEL_REMOVED";
     /// The task was not started before its deadline (`ttl_seconds`).
     pub const EXPIRED: &str = "EXPIRED";
+    /// The task's owner cancelled it (`cancelTask`) before it finished.
+    pub const CANCELLED: &str = "CANCELLED";
 }
 
 /// The transitions the state machine allows: the one table every store write is derived from.
@@ -65,16 +69,20 @@ pub enum Transition {
     Remove,
     /// pending → failed with `EXPIRED`: not started before its deadline.
     Expire,
+    /// pending | processing → failed with `CANCELLED`: the task's owner cancelled it. The write
+    /// clears the lease token, so a running attempt can no longer finish, requeue or renew.
+    Cancel,
 }
 
 impl Transition {
-    pub const ALL: [Transition; 6] = [
+    pub const ALL: [Transition; 7] = [
         Transition::Claim,
         Transition::Requeue,
         Transition::Succeed,
         Transition::Fail,
         Transition::Remove,
         Transition::Expire,
+        Transition::Cancel,
     ];
 
     /// The states the transition may start from.
@@ -84,7 +92,7 @@ impl Transition {
             Transition::Requeue | Transition::Succeed | Transition::Fail => {
                 &[TaskState::Processing]
             }
-            Transition::Remove => &[TaskState::Pending, TaskState::Processing],
+            Transition::Remove | Transition::Cancel => &[TaskState::Pending, TaskState::Processing],
         }
     }
 
@@ -93,7 +101,9 @@ impl Transition {
             Transition::Claim => TaskState::Processing,
             Transition::Requeue => TaskState::Pending,
             Transition::Succeed => TaskState::Success,
-            Transition::Fail | Transition::Remove | Transition::Expire => TaskState::Failed,
+            Transition::Fail | Transition::Remove | Transition::Expire | Transition::Cancel => {
+                TaskState::Failed
+            }
         }
     }
 
@@ -252,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_task_can_be_claimed_or_removed_only() {
+    fn a_pending_task_can_be_claimed_removed_or_cancelled_only() {
         assert!(Transition::allowed(
             TaskState::Pending,
             TaskState::Processing
@@ -277,6 +287,11 @@ mod tests {
             "state IN ('pending', 'processing')"
         );
         assert_eq!(Transition::Succeed.set_state(), "state = 'success'");
+        assert_eq!(
+            Transition::Cancel.guard(),
+            "state IN ('pending', 'processing')"
+        );
+        assert_eq!(Transition::Cancel.set_state(), "state = 'failed'");
     }
 
     #[test]

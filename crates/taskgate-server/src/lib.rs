@@ -98,7 +98,8 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
 
 const URL_SIGNING_KEY: &str = "artifact_url_signing_key";
 
-/// Wakes local loops on other nodes' events (PostgreSQL NOTIFY); a no-op for SQLite.
+/// Acts on other nodes' events (PostgreSQL NOTIFY): wakes local loops and the deliverer, and
+/// stops the local attempt of a task cancelled elsewhere. A no-op for SQLite.
 fn forward_store_events(
     store: Arc<dyn Store>,
     dispatcher: Arc<Dispatcher>,
@@ -114,6 +115,12 @@ fn forward_store_events(
                 StoreEvent::TasksChanged(ids) => dispatcher
                     .events()
                     .changed_all(ids.iter().map(String::as_str)),
+                // The cancel's final state is written already; this only stops the work. A
+                // notice missed while the listener reconnected is made up for by the attempt's
+                // next lease renewal, which the dead token fails.
+                StoreEvent::TaskCancelled(task_id) => {
+                    dispatcher.cancel_running(&task_id);
+                }
                 StoreEvent::Resync => {
                     dispatcher.events().resync();
                     for m in dispatcher.models() {

@@ -13,8 +13,8 @@ use taskgate_server::domain::Transition;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    Blob, DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome, Redeliver, Rotation,
-    Runner, Store,
+    Blob, CancelOutcome, DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome,
+    Redeliver, Rotation, Runner, Store, StoreEvent,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -572,6 +572,10 @@ async fn attempt(s: &dyn Store, t: Transition, token: Option<&str>) -> bool {
             .unwrap(),
         Transition::Remove => !s.fail_removed_models(&[], 30).await.unwrap().is_empty(),
         Transition::Expire => !s.expire_pending(1_000, 10).await.unwrap().is_empty(),
+        Transition::Cancel => matches!(
+            s.cancel_task("task_a", "ten_1", "m", 30).await.unwrap(),
+            CancelOutcome::Cancelled { .. }
+        ),
     }
 }
 
@@ -1078,4 +1082,190 @@ conformance! {
         assert!(s.expire_pending(10_000, 10).await.unwrap().is_empty());
         assert_eq!(s.get_task("task_soon").await.unwrap().unwrap().state, TaskState::Processing);
     }
+}
+
+/// The cancel a test expects to have been written: `from` the state it left, `runner` who ran it.
+fn cancelled(outcome: CancelOutcome) -> (taskgate_server::domain::Task, TaskState, Option<Runner>) {
+    match outcome {
+        CancelOutcome::Cancelled { task, from, runner } => (task, from, runner),
+        other => panic!("expected a written cancel, got {other:?}"),
+    }
+}
+
+conformance! {
+    a_cancelled_pending_task_fails_with_cancelled_and_is_never_claimed(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let (task, from, runner) = cancelled(s.cancel_task("task_a", "ten_1", "m", 50).await.unwrap());
+        assert_eq!((from, runner), (TaskState::Pending, None));
+        assert_eq!(task.state, TaskState::Failed);
+        assert_eq!(task.fail_code.as_deref(), Some(fail_code::CANCELLED));
+        assert!(task.fail_msg.as_deref().unwrap().contains("cancelled"), "{task:?}");
+        assert_eq!(task.complete_time, Some(50));
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap(), task, "the answer is the stored row");
+        assert!(s.claim("m", 100, LEASE, 10).await.unwrap().is_none(), "a cancelled task was claimed");
+        assert_eq!(s.next_due("m").await.unwrap(), None);
+    }
+
+    a_cancel_kills_the_running_attempts_token(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        let (task, from, runner) = cancelled(s.cancel_task("task_a", "ten_1", "m", 20).await.unwrap());
+        assert_eq!((from, runner), (TaskState::Processing, Some(Runner::Local)));
+        assert_eq!(task.attempts, 1);
+        // The old holder can do nothing more with its token.
+        let ok = Outcome::Success { outputs: vec!["task_a/t/x.png".into()], blobs: vec![] };
+        assert!(!s.finish("task_a", &c.token, &ok, 30).await.unwrap(), "finish after cancel");
+        let fail = Outcome::Failure { code: "X".into(), message: "y".into() };
+        assert!(!s.finish("task_a", &c.token, &fail, 30).await.unwrap(), "fail after cancel");
+        assert!(!s.renew_lease("task_a", &c.token, 30, LEASE, Some(0.9)).await.unwrap(), "renewal after cancel");
+        assert!(!s.requeue("task_a", &c.token, 30, true).await.unwrap(), "requeue after cancel");
+        // Nor does a lease sweep, however late, hand it on.
+        assert!(s.recover_expired(i64::MAX).await.unwrap().is_empty());
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!((t.state, t.fail_code.as_deref(), t.outputs.len()), (TaskState::Failed, Some(fail_code::CANCELLED), 0));
+        // The slot is free again.
+        s.insert_task(new_task("task_b", "m", 40)).await.unwrap();
+        assert_eq!(s.claim("m", 50, LEASE, 1).await.unwrap().unwrap().task.id, "task_b");
+    }
+
+    a_cancel_of_a_pull_workers_task_names_the_worker_as_its_runner(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        let c = s.claim_batch("m", 10, LEASE, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        assert!(s.renew_lease("task_a", &c.token, 10, LEASE, None).await.unwrap());
+        let (_, from, runner) = cancelled(s.cancel_task("task_a", "ten_1", "m", 20).await.unwrap());
+        assert_eq!((from, runner), (TaskState::Processing, Some(Runner::Worker)));
+        assert!(!s.renew_lease("task_a", &c.token, 30, LEASE, None).await.unwrap(), "the worker's heartbeat is refused");
+    }
+
+    a_finished_task_is_left_alone_by_a_cancel(s) {
+        s.insert_task(callback_task("task_a")).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        let ok = Outcome::Success { outputs: vec!["task_a/t/x.png".into()], blobs: vec![] };
+        assert!(s.finish("task_a", &c.token, &ok, 20).await.unwrap());
+        let before = s.get_task("task_a").await.unwrap().unwrap();
+        match s.cancel_task("task_a", "ten_1", "m", 30).await.unwrap() {
+            CancelOutcome::AlreadyFinal(t) => assert_eq!(t, before),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap(), before);
+        assert_eq!(s.deliveries_for_task("task_a").await.unwrap().len(), 1, "no second callback");
+        // A cancelled task is final too: cancelling it again changes nothing.
+        s.insert_task(new_task("task_b", "m", 1)).await.unwrap();
+        let (first, ..) = cancelled(s.cancel_task("task_b", "ten_1", "m", 40).await.unwrap());
+        match s.cancel_task("task_b", "ten_1", "m", 50).await.unwrap() {
+            CancelOutcome::AlreadyFinal(t) => assert_eq!(t, first),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    a_cancel_finds_only_the_tenants_task_of_that_model(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        for (id, tenant, model) in [("task_nope", "ten_1", "m"), ("task_a", "ten_2", "m"), ("task_a", "ten_1", "other")] {
+            assert_eq!(s.cancel_task(id, tenant, model, 20).await.unwrap(), CancelOutcome::NotFound, "{id} {tenant} {model}");
+        }
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Pending);
+    }
+
+    a_cancelled_callback_task_owes_exactly_one_callback(s) {
+        s.insert_task(callback_task("task_pending")).await.unwrap();
+        s.insert_task(callback_task("task_running")).await.unwrap();
+        s.insert_task(new_task("task_quiet", "m", 1)).await.unwrap();
+        // Oldest first: the claim takes task_pending; cancel the other two while pending and
+        // the claimed one while running.
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, "task_pending");
+        for id in ["task_pending", "task_running", "task_quiet"] {
+            cancelled(s.cancel_task(id, "ten_1", "m", 20).await.unwrap());
+        }
+        for id in ["task_pending", "task_running"] {
+            let d = s.deliveries_for_task(id).await.unwrap();
+            assert_eq!(d.len(), 1, "{id}: {d:?}");
+            assert_eq!((d[0].0.state.as_str(), d[0].0.next_attempt_at), ("pending", 20), "{id}");
+        }
+        assert!(s.deliveries_for_task("task_quiet").await.unwrap().is_empty());
+        assert_eq!(s.next_delivery_due(&[]).await.unwrap(), Some(20));
+    }
+
+    a_parked_claim_does_not_take_a_task_cancelled_while_it_waited(s) {
+        use tokio_util::sync::CancellationToken;
+        if !s.parks_claims() {
+            return;
+        }
+        let now = taskgate_server::domain::now_ms();
+        let withdraw = CancellationToken::new();
+        let parked = {
+            let (s, withdraw) = (s.clone(), withdraw.clone());
+            tokio::spawn(async move { s.claim_parked("m", LEASE, 10, 5, &withdraw).await })
+        };
+        // Not due for a minute: the submit's round leaves the claim parked.
+        s.insert_task(new_task("task_a", "m", now + 60_000)).await.unwrap();
+        cancelled(s.cancel_task("task_a", "ten_1", "m", now).await.unwrap());
+        s.poke("m").await;
+        // Through the writer thread after the poke: its round has run by now.
+        s.insert_task(new_task("task_other", "other", now)).await.unwrap();
+        assert!(!parked.is_finished(), "the parked claim answered");
+        withdraw.cancel();
+        assert!(parked.await.unwrap().unwrap().is_empty());
+        assert_eq!(s.get_task("task_a").await.unwrap().unwrap().state, TaskState::Failed);
+    }
+}
+
+/// The next event a listener forwards, within 10 s.
+async fn next_event(events: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> StoreEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("no event within 10s")
+        .unwrap()
+}
+
+/// PostgreSQL only: a cancel of a running local attempt reaches every node's listener as
+/// `TaskCancelled`, so the node running it stops it at once; a pending task's cancel sends none
+/// (nothing runs anywhere).
+#[tokio::test]
+async fn a_cancel_of_a_running_task_is_announced_to_every_node() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        skip("a_cancel_of_a_running_task_is_announced_to_every_node (set TEST_DATABASE_URL)");
+        return;
+    };
+    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+    let a = Arc::new(PostgresStore::connect(&url, Some(&schema)).await.unwrap());
+    let b = Arc::new(PostgresStore::connect(&url, Some(&schema)).await.unwrap());
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let listener = {
+        let b = b.clone();
+        tokio::spawn(async move { b.listen(tx).await })
+    };
+    assert_eq!(
+        next_event(&mut events).await,
+        StoreEvent::Resync,
+        "listening"
+    );
+    // Notification channels are the database's, shared by every schema: other tests' cancels
+    // are heard too, so this test's tasks have names of their own.
+    let (running, waiting) = (
+        format!("task_{schema}_running"),
+        format!("task_{schema}_waiting"),
+    );
+    a.insert_task(new_task(&running, "m", 1)).await.unwrap();
+    a.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+    a.insert_task(new_task(&waiting, "m", 1)).await.unwrap();
+    // The pending one first: had it been announced, its notice would come before the other's.
+    cancelled(a.cancel_task(&waiting, "ten_1", "m", 20).await.unwrap());
+    cancelled(a.cancel_task(&running, "ten_1", "m", 20).await.unwrap());
+    loop {
+        match next_event(&mut events).await {
+            StoreEvent::TaskCancelled(id) if id == running => break,
+            StoreEvent::TaskCancelled(id) => {
+                assert_ne!(id, waiting, "a pending task's cancel was announced")
+            }
+            StoreEvent::TaskReady(_)
+            | StoreEvent::DeliveryReady
+            | StoreEvent::TasksChanged(_)
+            | StoreEvent::Resync => {}
+        }
+    }
+    a.close().await;
+    b.close().await;
+    listener.abort();
+    drop_schema(&schema).await;
 }

@@ -9,9 +9,9 @@
 //! acknowledged, as if it had never been received). From then on one heartbeat loop runs beside
 //! the whole attempt — program, uploads, and the complete/fail report, which is retried while
 //! the server cannot take it — so a long upload keeps its lease. The lease is lost when a
-//! heartbeat is answered 409 (the server handed the task to someone else) or when none got
-//! through for a whole lease (the server has let it expire): whatever stage is running is then
-//! dropped at once (which kills the program's processes). On SIGTERM or Ctrl-C the slots stop
+//! heartbeat is answered 409 (the server handed the task to someone else, or its owner cancelled
+//! it) or when none got through for a whole lease (the server has let it expire): whatever stage
+//! is running is then dropped at once (which kills the program's processes). On SIGTERM or Ctrl-C the slots stop
 //! claiming and finish what they run.
 
 use std::path::{Path, PathBuf};
@@ -214,8 +214,9 @@ async fn run_task(api: &WorkerClient, backend: &CommandBackend, work_dir: &Path,
     ));
     tokio::select! {
         () = attempt(api, backend, &output_dir, &task) => {}
-        () = heartbeat_until_lost(api, &task, renewed) => {
-            warn!("the lease on this task is lost; abandoning it");
+        why = heartbeat_until_lost(api, &task, renewed) => {
+            // Leaving the select dropped the attempt: its program's process tree is killed.
+            warn!(reason = %why, "the task is no longer ours (handed on or cancelled); stopped its program and dropped it");
         }
     }
     let _ = tokio::fs::remove_dir_all(&output_dir).await;
@@ -335,10 +336,15 @@ async fn heartbeat(api: &WorkerClient, task: &WorkerTask, timeout: Duration) -> 
         .await
 }
 
-/// Renews the lease every third of it; returns only once the lease is lost: the server says the
-/// task is gone, or no renewal got through for a whole lease since `renewed` (the last one that
-/// did), after which the server has surely let it expire.
-async fn heartbeat_until_lost(api: &WorkerClient, task: &WorkerTask, mut renewed: Instant) {
+/// Renews the lease every third of it; returns (why) only once the lease is lost: the server
+/// says the task is gone (handed on, or cancelled by its owner), or no renewal got through for a
+/// whole lease since `renewed` (the last one that did), after which the server has surely let it
+/// expire.
+async fn heartbeat_until_lost(
+    api: &WorkerClient,
+    task: &WorkerTask,
+    mut renewed: Instant,
+) -> String {
     let lease = Duration::from_millis(task.lease_ms);
     let every = (lease / 3).max(Duration::from_millis(100));
     loop {
@@ -346,10 +352,15 @@ async fn heartbeat_until_lost(api: &WorkerClient, task: &WorkerTask, mut renewed
         match heartbeat(api, task, every).await {
             // Measured at the answer: the server renewed no later than that.
             Ok(()) => renewed = Instant::now(),
-            Err(e) if is_lease_lost(&e) => return,
+            Err(e) if is_lease_lost(&e) => {
+                return match e {
+                    Error::Api { message, .. } => message,
+                    e => e.to_string(),
+                }
+            }
             Err(e) if renewed.elapsed() >= lease => {
                 warn!(error = %e, "no heartbeat got through for a whole lease");
-                return;
+                return "no heartbeat got through for a whole lease".to_owned();
             }
             Err(e) => warn!(error = %e, "heartbeat failed; will retry"),
         }

@@ -3,6 +3,7 @@
 //! is tested is the meaning the server gives to a call, such as a worker's lease.
 #![allow(clippy::unwrap_used)]
 
+mod cancel;
 mod download;
 mod end_to_end;
 mod real_server;

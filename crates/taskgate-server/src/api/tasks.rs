@@ -1,4 +1,5 @@
-//! APIXO's two endpoints: submit (`generateTask`) and read (`statusTask`).
+//! APIXO's two endpoints, submit (`generateTask`) and read (`statusTask`), and taskgate's
+//! `cancelTask`, which APIXO does not have.
 //!
 //! Handlers parse and check input themselves (rather than through axum's typed extractors) so
 //! that every bad request gets a precise message in the envelope. Order of checks: key (401, the
@@ -24,7 +25,7 @@ use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::NewTask;
+use crate::store::{CancelOutcome, NewTask, Runner};
 use crate::views::CachedView;
 use crate::webhooks::ssrf;
 
@@ -32,6 +33,7 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/generateTask/{model}", post(generate_task))
         .route("/api/v1/statusTask/{model}", get(status_task))
+        .route("/api/v1/cancelTask/{model}", post(cancel_task))
 }
 
 pub(super) fn model_or_404<'a>(
@@ -384,6 +386,63 @@ async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<By
         );
     }
     Ok(body)
+}
+
+/// `POST /api/v1/cancelTask/{model}?taskId=`: a pending or processing task fails with
+/// `CANCELLED`; the answer is its status, as statusTask would give it. Who may see a task and
+/// the 404s are statusTask's.
+///
+/// The final state is written first, in one guarded store write that also kills the claim's
+/// token and owes the callback; only then is the running attempt stopped (here, or on the node
+/// that runs it through the store's notice; a pull worker at its next heartbeat). So a cancel
+/// holds even when the node running the attempt is dead, and no attempt can write after it.
+async fn cancel_task(
+    State(state): State<Arc<AppState>>,
+    ClientTenant(tenant): ClientTenant,
+    Path(model): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    // As in statusTask: a removed model's tasks still answer (they are final, so 409).
+    let runtime = model_or_404(&state, &model);
+    let task_id = required_task_id(&state, &uri, "cancelTask", &model)?;
+    let outcome = state
+        .store
+        .cancel_task(&task_id, &tenant.id, &model, now_ms())
+        .await?;
+    let (task, from, runner) = match outcome {
+        CancelOutcome::Cancelled { task, from, runner } => (task, from, runner),
+        CancelOutcome::AlreadyFinal(task) => {
+            return Err(ApiError::new(
+                ErrorCode::TaskAlreadyFinal,
+                format!(
+                    "task {task_id:?} is already {}, so it cannot be cancelled; only a pending or processing task can",
+                    task.state
+                ),
+            ))
+        }
+        CancelOutcome::NotFound => {
+            return Err(runtime.err().unwrap_or_else(|| task_not_found(&task_id, &model)))
+        }
+    };
+    // A just-submitted task's cached `pending` view is no longer true (the failed one is put
+    // in below).
+    state.views.forget(&task.id);
+    // Waits and streams of the task, here (other nodes hear of it through the store).
+    state.dispatcher.events().changed(&task.id);
+    tracing::info!(task_id = %task.id, model = %task.model, %from, "cancelled");
+    if from == taskgate_proto::TaskState::Processing {
+        // A pull worker is told at its next heartbeat (the token it holds is dead); another
+        // node's attempt is stopped by the store's notice to it.
+        if runner != Some(Runner::Worker) {
+            state.dispatcher.cancel_running(&task.id);
+        }
+        // A slot of the model is free: a worker's long-poll may claim now.
+        state.dispatcher.notify(&task.model);
+    }
+    if task.callback_url.is_some() {
+        state.deliverer.wake();
+    }
+    Ok(json_bytes(render_status(&state, task).await?))
 }
 
 /// The statusTask answer of a task just submitted, as a store read would render it.

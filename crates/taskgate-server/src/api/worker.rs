@@ -2,7 +2,8 @@
 //! with heartbeats (reporting progress and log lines), upload outputs, then complete or fail.
 //!
 //! Every call after the claim carries the claim's lease token; a worker whose task was handed to
-//! another worker (its lease expired) gets 409 and must stop. Workers authenticate with worker
+//! another worker (its lease expired) or cancelled gets 409 `lease_lost` and must stop. (A cancel
+//! keeps that code, with a message that says so: every worker already stops on it.) Workers authenticate with worker
 //! tokens, which cannot use the client API (and client keys cannot use this one).
 
 use std::sync::Arc;
@@ -76,6 +77,23 @@ fn lease_lost(task_id: &str) -> ApiError {
     ))
 }
 
+/// Why a claim no longer holds, read from the task after a refused renewal: a cancelled task says
+/// so (the refusal is the worker's only notice of it). Only refusals pay for the read.
+async fn lost(state: &AppState, task_id: &str) -> ApiError {
+    match state.store.get_task(task_id).await {
+        Ok(Some(t))
+            if t.state == taskgate_proto::TaskState::Failed
+                && t.fail_code.as_deref() == Some(fail_code::CANCELLED) =>
+        {
+            ApiError::new(
+                ErrorCode::LeaseLost,
+                format!("task {task_id:?} was cancelled; stop working on it and drop its outputs"),
+            )
+        }
+        _ => lease_lost(task_id),
+    }
+}
+
 /// The task, if `token` still holds its claim; the check renews the lease (recording
 /// `progress` when given).
 async fn claimed(
@@ -125,7 +143,7 @@ async fn renew(
         }
         Ok(())
     } else {
-        Err(lease_lost(task_id))
+        Err(lost(state, task_id).await)
     }
 }
 
@@ -448,7 +466,7 @@ async fn settle(
         Settled::Written => Ok(done()),
         Settled::NotOurs => {
             warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
-            Err(lease_lost(&claim.task.id))
+            Err(lost(state, &claim.task.id).await)
         }
         // The worker must not believe it is done: it retries while it holds the lease.
         Settled::NotWritten(_) => Err(ApiError::new(

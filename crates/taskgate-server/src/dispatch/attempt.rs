@@ -9,8 +9,8 @@
 //! cannot be cancelled, a descendant that outlived its process tree) writes where nobody reads.
 //! Reuse matters: creating a directory per attempt costs an inode allocation, which on ext4 was
 //! the largest cost of a short task. Staged outputs become the task's outputs only through the
-//! completer's token-guarded write; an attempt that failed or lost its claim deletes what it
-//! staged.
+//! completer's token-guarded write; an attempt that failed, lost its claim or was cancelled
+//! deletes what it staged.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +47,15 @@ impl LeaseDeadline {
 
 impl Dispatcher {
     pub(super) async fn run_attempt(&self, model: &ModelRuntime, claim: Claim) {
+        // Registered before anything else, so that a cancel that committed right after the claim
+        // finds it (or was remembered for it).
+        let registration = self
+            .running
+            .register(&claim.task.id, &claim.token, self.lease);
+        if registration.cancelled.is_cancelled() {
+            info!("cancelled before it started");
+            return;
+        }
         let lease = LeaseDeadline::starting_now(self.lease);
         let tag = attempt_tag(&claim.token);
         let input = match claim.task.parse_input() {
@@ -92,8 +101,19 @@ impl Dispatcher {
         let result = tokio::select! {
             r = self.execute(model, &job, &tag, &staged, &returned) => r,
             lost = self.keep_lease(&claim, &lease) => {
-                // Another runner owns the task now; whatever we produced is not ours to publish.
+                // Another runner owns the task now, or it was cancelled (a cancel whose notice
+                // never reached this node): whatever we produced is not ours to publish.
+                // Returning drops the backend's future, which stops it.
                 warn!(lost, "claim lost while running; abandoning the attempt");
+                self.give_back(dir, false).await;
+                self.discard(&staged).await;
+                return;
+            }
+            _ = registration.cancelled.cancelled() => {
+                // The task's final state (failed, CANCELLED) is written and the claim's token is
+                // dead, so there is nothing to write. Leaving the select dropped the backend's
+                // future: a command's process tree is killed, an http request aborted.
+                info!("cancelled; the attempt was stopped");
                 self.give_back(dir, false).await;
                 self.discard(&staged).await;
                 return;
@@ -238,7 +258,7 @@ impl Dispatcher {
                     failures = 0;
                     lease.renewed_at(at, self.lease);
                 }
-                Ok(false) => return "taken over",
+                Ok(false) => return "no longer ours (handed on, or cancelled)",
                 Err(e) => {
                     failures += 1;
                     warn!(error = %error_chain(&e), "cannot renew lease");

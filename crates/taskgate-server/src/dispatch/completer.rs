@@ -28,7 +28,8 @@ const MAX_WRITE_PAUSE: Duration = Duration::from_secs(2);
 pub enum Settled {
     /// Written: the task is final (or back to pending for a retry).
     Written,
-    /// The claim was no longer ours (the task was handed on, or is final): nothing written.
+    /// The claim was no longer ours (the task was handed on, cancelled, or is final): nothing
+    /// written.
     NotOurs,
     /// The store kept failing until the lease ran out: nothing written; the lease's expiry will
     /// hand the task on.
@@ -84,7 +85,7 @@ impl Dispatcher {
             }
             (Settled::Written, Write::Requeue { .. }) => {}
             (Settled::NotOurs, _) => {
-                warn!("the task was handed on before this attempt finished; outcome dropped")
+                warn!("the task was handed on or cancelled before this attempt finished; outcome dropped")
             }
             (Settled::NotWritten(e), _) => {
                 error!(error = %error_chain(e), "cannot record the outcome before the lease ends; the task will be handed on when it expires")

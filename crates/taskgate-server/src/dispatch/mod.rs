@@ -12,6 +12,8 @@
 //! - [`maintenance`]: the one owner of recovery: the start-up pass (attempts of a dead process,
 //!   models no longer offered, scratch directories of nodes that are gone) and the periodic
 //!   lease sweeps of tasks and webhook deliveries.
+//! - [`running`]: the attempts running on this node, so that a cancelled task's attempt is
+//!   stopped at once ([`Dispatcher::cancel_running`]) once its final state is written.
 //!
 //! Concurrency model: each model's loop holds a semaphore of `concurrency` permits; each claimed
 //! task runs in its own tokio task, which owns its permit. Shutdown stops the loops, gives
@@ -22,6 +24,7 @@ mod attempt;
 mod completer;
 pub mod maintenance;
 mod producer;
+mod running;
 
 pub use attempt::collect_files;
 pub use completer::Settled;
@@ -85,6 +88,8 @@ pub struct Dispatcher {
     views: TaskViews,
     /// Requests waiting on tasks: nudged after every change the dispatcher writes.
     events: TaskEvents,
+    /// This node's running local attempts, for cancels.
+    running: running::Running,
 }
 
 /// What the dispatcher shares with the rest of the node.
@@ -126,6 +131,7 @@ impl Dispatcher {
             tracker: TaskTracker::new(),
             views,
             events,
+            running: running::Running::default(),
         })
     }
 
@@ -199,6 +205,15 @@ impl Dispatcher {
         let this = self.clone();
         self.tracker
             .spawn(async move { maintenance::expire_tasks(this).await });
+    }
+
+    /// Stops this node's attempts of a task whose cancel has been written (the store's write
+    /// comes first: it is what makes the cancel durable, even when the node running the attempt
+    /// is dead). The attempt drops its backend at once, writes nothing and takes back what it
+    /// staged. Returns how many attempts were stopped here; a cancel that finds none is
+    /// remembered for a lease, in case the attempt has not registered yet.
+    pub fn cancel_running(&self, task_id: &str) -> usize {
+        self.running.cancel(task_id, self.lease)
     }
 
     /// Stops claiming (local loops and pull workers' long-polls answer at once); called as soon

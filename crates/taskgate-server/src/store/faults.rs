@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, Finished,
-    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store, StoreError,
-    StoreEvent, Tenant, WebhookSecrets,
+    ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext,
+    Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
+    StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use crate::domain::Task;
 
@@ -217,6 +217,18 @@ impl Store for FaultyStore {
         self.inner
             .requeue(id, token, run_after, refund_attempt)
             .await
+    }
+
+    async fn cancel_task(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError> {
+        let after = self.plan.enter("cancel_task").await?;
+        let result = self.inner.cancel_task(id, tenant_id, model, now).await;
+        self.plan.leave("cancel_task", after, result)
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {

@@ -60,6 +60,9 @@ pub enum StoreEvent {
     DeliveryReady,
     /// These tasks' state or progress changed (on any node): requests waiting on them look again.
     TasksChanged(Vec<String>),
+    /// A processing task was cancelled (its final state is written): whichever node runs its
+    /// attempt stops it now rather than at its next lease renewal.
+    TaskCancelled(String),
     /// Notifications may have been missed (the listener reconnected): recheck everything.
     Resync,
 }
@@ -152,6 +155,39 @@ impl Runner {
             Runner::Worker => "worker",
         }
     }
+
+    /// The runner named by the `runner` column (`None`: not claimed, or claimed by a version that
+    /// did not record it).
+    pub fn parse(s: &str) -> Option<Runner> {
+        match s {
+            "local" => Some(Runner::Local),
+            "worker" => Some(Runner::Worker),
+            _ => None,
+        }
+    }
+}
+
+/// What [`Store::cancel_task`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Written: the task is `failed` with `CANCELLED` (`task` as it is now), its lease token
+    /// cleared and its callback owed. `from` is the state it left; when that was `processing`,
+    /// `runner` is who ran the attempt the write cut off (`None` for a claim recorded without
+    /// one), which must now stop it.
+    Cancelled {
+        task: Task,
+        from: taskgate_proto::TaskState,
+        runner: Option<Runner>,
+    },
+    /// The task was final already: nothing changed.
+    AlreadyFinal(Task),
+    /// No task with that id for this tenant and model.
+    NotFound,
+}
+
+/// failMsg of a cancelled task.
+pub(crate) fn cancelled_message(from: taskgate_proto::TaskState) -> String {
+    format!("the task was cancelled by its owner (cancelTask) while {from}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,6 +498,21 @@ pub trait Store: Send + Sync + 'static {
         run_after: i64,
         refund_attempt: bool,
     ) -> Result<bool, StoreError>;
+
+    /// Cancels a task of `tenant_id` and `model` that is not final (the `Cancel` transition:
+    /// pending | processing → failed with `CANCELLED`), in one guarded write that also clears
+    /// the lease token, so the running attempt's token is dead: any later finish, requeue or
+    /// renewal by its holder is refused. The outbox row of a callback task is written in the same
+    /// transaction. Stores shared by nodes also tell every node (`StoreEvent::TaskCancelled`) so
+    /// that the one running the attempt stops it at once. Another tenant's task, or one of
+    /// another model, is `NotFound`.
+    async fn cancel_task(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError>;
 
     /// Hands on every task whose lease ended before `now`: back to pending, or failed when it
     /// has used all its attempts; a claim never acknowledged goes back without counting. Stores

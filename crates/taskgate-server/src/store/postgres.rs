@@ -3,8 +3,8 @@
 //! Claims take `FOR UPDATE SKIP LOCKED`, so nodes never wait on each other's rows, under a
 //! per-model advisory transaction lock that makes "no more than `concurrency` running" hold
 //! across the cluster. Every write that makes work available sends a NOTIFY on one channel
-//! (`task:MODEL` or `delivery`); [`PostgresStore::listen`] forwards them so that nodes wake on
-//! events rather than by polling. Submits are group-committed as multi-row inserts. Commits are
+//! (`task:MODEL` or `delivery`), and a cancel of a running task sends `cancel:TASK_ID`;
+//! [`PostgresStore::listen`] forwards them so that nodes act on events rather than by polling. Submits are group-committed as multi-row inserts. Commits are
 //! durable: nothing here turns `synchronous_commit` off.
 
 use std::collections::BTreeSet;
@@ -25,9 +25,9 @@ use super::rows::{
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{insert_tasks, not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
-    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError,
-    StoreEvent, Tenant, WebhookSecrets,
+    cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
+    DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
+    Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
@@ -417,6 +417,7 @@ fn parse_event(payload: &str) -> Option<StoreEvent> {
         Some(("changed", ids)) => Some(StoreEvent::TasksChanged(
             ids.split(',').map(str::to_owned).collect(),
         )),
+        Some(("cancel", id)) => Some(StoreEvent::TaskCancelled(id.to_owned())),
         _ if payload == "delivery" => Some(StoreEvent::DeliveryReady),
         _ => None,
     }
@@ -586,6 +587,70 @@ impl Store for PostgresStore {
         notify(&mut tx, &format!("task:{model}")).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// `FOR UPDATE` (waiting, not skipping): a final state being written by another node's
+    /// batch right now is waited for and then found final, rather than cancelled over.
+    async fn cancel_task(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT runner, {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let runner: Option<String> = sqlx::Row::try_get(&row, "runner")?;
+        let task = Task::try_from(<TaskRow as sqlx::FromRow<_>>::from_row(&row)?)?;
+        if task.tenant_id != tenant_id || task.model != model {
+            return Ok(CancelOutcome::NotFound);
+        }
+        if !Transition::Cancel.from_states().contains(&task.state) {
+            return Ok(CancelOutcome::AlreadyFinal(task));
+        }
+        let from = task.state;
+        let written = sqlx::query_as::<_, TaskRow>(&format!(
+            "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = $3, \
+             lease_token = NULL, lease_expires_at = NULL WHERE id = $4 AND {} \
+             RETURNING {TASK_COLUMNS}",
+            Transition::Cancel.set_state(),
+            Transition::Cancel.guard()
+        ))
+        .bind(now)
+        .bind(fail_code::CANCELLED)
+        .bind(cancelled_message(from))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        enqueue_callback(&mut tx, id, now).await?;
+        let runner = (from == taskgate_proto::TaskState::Processing)
+            .then(|| runner.as_deref().and_then(Runner::parse))
+            .flatten();
+        if from == taskgate_proto::TaskState::Processing {
+            // The node running a local attempt stops it now (a pull worker learns at its next
+            // heartbeat); and a slot of the model is free, on whichever node takes it.
+            if runner != Some(Runner::Worker) {
+                notify(&mut tx, &format!("cancel:{id}")).await?;
+            }
+            notify(&mut tx, &format!("task:{model}")).await?;
+        }
+        // A failed commit may have landed all the same: its outcome is unknown.
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.into()))?;
+        Ok(CancelOutcome::Cancelled {
+            task: Task::try_from(written)?,
+            from,
+            runner,
+        })
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
@@ -1199,6 +1264,10 @@ mod tests {
                 "task_a".into(),
                 "task_b".into()
             ]))
+        );
+        assert_eq!(
+            parse_event("cancel:task_1"),
+            Some(StoreEvent::TaskCancelled("task_1".into()))
         );
         assert_eq!(parse_event("other"), None);
     }

@@ -1,6 +1,6 @@
-//! Running `submit`, `status` and `wait`: the input they send, the calls they make through
-//! `taskgate-client`, and which outcome counts as a failure (a `status` that finds the task
-//! failed exits 1 like `wait` does).
+//! Running `submit`, `status`, `wait` and `cancel`: the input they send, the calls they make
+//! through `taskgate-client`, and which outcome counts as a failure (a `status` that finds the
+//! task failed exits 1 like `wait` does; a `cancel` that leaves it failed, as asked, exits 0).
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -84,6 +84,22 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             let client = connect(conn)?;
             // The task may have finished long ago, so look once before the first interval.
             wait_and_show(conn, &client, &model, &task_id, timeout, out, true).await
+        }
+        ClientCommand::Cancel { model, task_id, .. } => {
+            let client = connect(conn)?;
+            let status = client.cancel(&model, &task_id).await.map_err(|e| {
+                explain(
+                    conn,
+                    Action::Task {
+                        model: &model,
+                        task_id: &task_id,
+                    },
+                    e,
+                )
+            })?;
+            // Failed with CANCELLED is what was asked for: a success, unlike `status` of it.
+            show_status(conn, &status, &[]);
+            Ok(())
         }
         ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {
             listen(conn, port, secret).await

@@ -4,7 +4,7 @@
 //! |------|---------|
 //! | 0 | success |
 //! | 1 | the task failed |
-//! | 2 | usage error: bad arguments, unknown model or task, request refused as invalid |
+//! | 2 | usage error: bad arguments, unknown model or task, request refused as invalid (a cancel of a finished task) |
 //! | 3 | timed out waiting |
 //! | 4 | transport or auth error (unreachable server, refused key, rate limit or server error that outlasted the retries, local I/O) |
 //!
@@ -206,6 +206,17 @@ pub(super) fn explain(conn: &Connection, action: Action<'_>, err: Error) -> Fail
                         "no task {task_id} for model {model:?} at {} (the model must be the one used at submit): {server_says}",
                         conn.url
                     ),
+                    )
+                }
+                (_, Action::Task { model, task_id })
+                    if error_code == Some(ErrorCode::TaskAlreadyFinal) =>
+                {
+                    fail(
+                        EXIT_USAGE,
+                        "already_final",
+                        format!(
+                            "task {task_id} has already finished, so it was not cancelled: {server_says}; see how it ended with: taskgate status {model} {task_id}"
+                        ),
                     )
                 }
                 (429, _) => fail(

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod builtin;
+mod cancel;
 mod cli;
 mod cluster;
 mod command;
@@ -15,6 +16,7 @@ mod http_backend;
 mod recovery;
 mod retention;
 mod s3;
+mod scheduling;
 mod signed_urls;
 mod smoke;
 mod support;

@@ -80,6 +80,19 @@ impl Api {
         envelope(resp).await
     }
 
+    /// POST cancelTask; returns the status and the parsed envelope.
+    pub async fn cancel(&self, model: &str, task_id: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/cancelTask/{model}", self.base))
+            .query(&[("taskId", task_id)])
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        envelope(resp).await
+    }
+
     /// Polls (every 20 ms) until the task is final or `timeout` passes; returns `data`.
     pub async fn wait_final(&self, model: &str, task_id: &str, timeout: Duration) -> Value {
         self.wait_for(model, task_id, timeout, |d| {
@@ -716,4 +729,28 @@ pub async fn fetch_ok(url: &str) -> (String, Vec<u8>) {
     assert_eq!(status, StatusCode::OK, "{url}");
     assert!(!ct.is_empty(), "{url} came without a content type");
     (ct, body)
+}
+
+/// A callback receiver on 127.0.0.1:0 that answers 200 and hands each body to the test.
+pub async fn callback_receiver() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<axum::body::Bytes>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    async fn hook(
+        axum::extract::State(tx): axum::extract::State<
+            tokio::sync::mpsc::UnboundedSender<axum::body::Bytes>,
+        >,
+        body: axum::body::Bytes,
+    ) -> &'static str {
+        let _ = tx.send(body);
+        "ok"
+    }
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, rx)
 }

@@ -26,9 +26,9 @@ use super::rows::{
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
 use super::{
-    ApiKeyRecord, Claim, Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, FinishRequest,
-    HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Store, StoreError, Tenant,
-    WebhookSecrets,
+    cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
+    DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
+    Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
 use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
@@ -432,6 +432,59 @@ impl Store for SqliteStore {
         .execute(&mut *self.write_conn().await?)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// On the sqlx write connection, not the writer thread: cancels are rare, and `BEGIN
+    /// IMMEDIATE` orders this transaction with the writer's rounds, so the read of the state and
+    /// the guarded write see the same row (a claim or final state cannot slip between them).
+    async fn cancel_task(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError> {
+        let (_lock, mut tx) = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "SELECT runner, {TASK_COLUMNS} FROM tasks WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let runner: Option<String> = sqlx::Row::try_get(&row, "runner")?;
+        let task = Task::try_from(<TaskRow as sqlx::FromRow<_>>::from_row(&row)?)?;
+        if task.tenant_id != tenant_id || task.model != model {
+            return Ok(CancelOutcome::NotFound);
+        }
+        if !Transition::Cancel.from_states().contains(&task.state) {
+            return Ok(CancelOutcome::AlreadyFinal(task));
+        }
+        let from = task.state;
+        let written = sqlx::query_as::<_, TaskRow>(&format!(
+            "UPDATE tasks SET {}, complete_time = ?, fail_code = ?, fail_msg = ?, \
+             lease_token = NULL, lease_expires_at = NULL WHERE id = ? AND {} \
+             RETURNING {TASK_COLUMNS}",
+            Transition::Cancel.set_state(),
+            Transition::Cancel.guard()
+        ))
+        .bind(now)
+        .bind(fail_code::CANCELLED)
+        .bind(cancelled_message(from))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        enqueue_callback(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled {
+            task: Task::try_from(written)?,
+            from,
+            runner: (from == taskgate_proto::TaskState::Processing)
+                .then(|| runner.as_deref().and_then(Runner::parse))
+                .flatten(),
+        })
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {

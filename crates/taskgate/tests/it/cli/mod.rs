@@ -1,11 +1,13 @@
 //! The `taskgate` binary's command line, run as a child process: the client commands (`submit`,
-//! `status`, `wait`, `webhook listen`) against a real server, `serve` and `keys` themselves, help
-//! and usage errors, and the SDK end to end: exit codes, stdout, stderr and files. One file per
-//! command; this one holds only what they share, running the binary and reading what it left.
+//! `status`, `wait`, `cancel`, `webhook listen`) against a real server, `serve` and `keys`
+//! themselves, help and usage errors, and the SDK end to end: exit codes, stdout, stderr and
+//! files. One file per command; this one holds only what they share, running the binary and
+//! reading what it left.
 //!
 //! Each CLI run starts from an environment with every `TASKGATE_*` variable removed, then sets
 //! only what the test means to give, so a developer's own settings cannot leak in.
 
+mod cancel;
 mod connection;
 mod keys;
 mod serve;

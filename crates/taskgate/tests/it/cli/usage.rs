@@ -19,6 +19,7 @@ async fn each_commands_help_lists_the_client_flags_only_where_they_apply() {
         &["submit"][..],
         &["status"],
         &["wait"],
+        &["cancel"],
         &["webhook", "listen"],
     ] {
         let help = help_of(cmd).await;
