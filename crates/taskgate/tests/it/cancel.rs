@@ -5,14 +5,10 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::routing::post;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use taskgate_client::proto::{ErrorCode, WorkerComplete, WorkerHeartbeat};
 use taskgate_client::WorkerClient;
-use tokio::sync::mpsc;
 
 use crate::support::*;
 
