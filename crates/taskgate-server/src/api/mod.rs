@@ -8,8 +8,11 @@
 //! here: a `from_fn` layer around the router cost status a third of its throughput
 //! (docs/BENCHMARKS.md, "Issue 9").
 
+mod batch;
 mod extract;
 mod files;
+mod idempotency;
+mod task_list;
 mod tasks;
 mod webhooks;
 mod worker;
@@ -33,6 +36,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(tasks::router())
+        .merge(task_list::router())
+        .merge(batch::router())
         .merge(webhooks::router())
         .merge(files::router())
         .merge(worker::router())

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
 
 use super::extract::ClientTenant;
+use super::idempotency::{self, IdempotencyHeader};
 use super::query_param;
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
@@ -32,7 +33,10 @@ pub(super) fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/statusTask/{model}", get(status_task))
 }
 
-fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRuntime>, ApiError> {
+pub(super) fn model_or_404<'a>(
+    state: &'a AppState,
+    model: &str,
+) -> Result<&'a Arc<ModelRuntime>, ApiError> {
     state.dispatcher.model(model).ok_or_else(|| {
         let known: Vec<&str> = state.dispatcher.models().map(|m| m.name.as_str()).collect();
         ApiError::new(
@@ -45,7 +49,7 @@ fn model_or_404<'a>(state: &'a AppState, model: &str) -> Result<&'a Arc<ModelRun
     })
 }
 
-fn json_type_name(v: &Value) -> &'static str {
+pub(super) fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -57,9 +61,9 @@ fn json_type_name(v: &Value) -> &'static str {
 }
 
 /// The checked parts of a generateTask body.
-struct Submission {
-    callback_url: Option<String>,
-    input: Map<String, Value>,
+pub(super) struct Submission {
+    pub(super) callback_url: Option<String>,
+    pub(super) input: Map<String, Value>,
 }
 
 fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
@@ -77,12 +81,22 @@ fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, Api
     }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(mut body) = value else {
+    let Value::Object(body) = value else {
         return Err(bad(format!(
             "the request body must be a JSON object, got {}",
             json_type_name(&value)
         )));
     };
+    submission_from_object(body, allow_private)
+}
+
+/// Checks one generateTask body, already parsed: the whole body of generateTask, or one item
+/// of a generateTasks batch.
+pub(super) fn submission_from_object(
+    mut body: Map<String, Value>,
+    allow_private: bool,
+) -> Result<Submission, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let request_type = match body.get("request_type") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s == "async" => Some(RequestType::Async),
@@ -150,14 +164,12 @@ fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError
     Ok(url.to_string())
 }
 
-async fn generate_task(
-    State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
-    Path(model): Path<String>,
+/// The request body within the server's limit (413 beyond it).
+pub(super) fn read_body(
+    state: &AppState,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Envelope<TaskCreated>>, ApiError> {
-    let runtime = model_or_404(&state, &model)?;
-    let body = body.map_err(|rejection| {
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -172,7 +184,19 @@ async fn generate_task(
                 format!("cannot read the request body: {rejection}"),
             )
         }
-    })?;
+    })
+}
+
+async fn generate_task(
+    State(state): State<Arc<AppState>>,
+    ClientTenant(tenant): ClientTenant,
+    Path(model): Path<String>,
+    idempotency: IdempotencyHeader,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Envelope<TaskCreated>>, ApiError> {
+    let runtime = model_or_404(&state, &model)?;
+    let body = read_body(&state, body)?;
+    let key = idempotency.key()?;
     let submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
     runtime
         .backend
@@ -187,6 +211,11 @@ async fn generate_task(
         max_attempts: runtime.config.max_attempts,
         create_time: now_ms(),
     };
+    if let Some(key) = key {
+        // The slower path: the key's row is read and written in the task's transaction.
+        let task_id = idempotency::submit_one(&state, runtime, key, &body, task).await?;
+        return Ok(Json(Envelope::success(TaskCreated { task_id })));
+    }
     let task_id = task.id.clone();
     // Before the insert: once it commits the task may be claimed at once, and the claim's
     // `forget` must come after this.
@@ -272,7 +301,7 @@ async fn status_task(
 }
 
 /// The statusTask answer of a task just submitted, as a store read would render it.
-fn pending_view(task: &NewTask) -> Option<CachedView> {
+pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
     let view = crate::domain::Task {
         id: task.id.clone(),
         tenant_id: task.tenant_id.clone(),
