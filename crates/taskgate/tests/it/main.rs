@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod batch;
 mod builtin;
 mod cli;
 mod cluster;
@@ -12,6 +13,8 @@ mod dispatch;
 mod faults;
 mod hot_paths;
 mod http_backend;
+mod idempotency;
+mod list;
 mod recovery;
 mod s3;
 mod signed_urls;
