@@ -1,4 +1,4 @@
-//! Running `submit`, `status` and `wait`: the input they send, the calls they make through
+//! Running `submit`, `status`, `wait` and `list`: the input they send, the calls they make through
 //! `taskgate-client`, and which outcome counts as a failure (a `status` that finds the task
 //! failed exits 1 like `wait` does).
 
@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use taskgate_client::{Client, Error, SubmitOptions, TaskState};
+use taskgate_client::{Client, Error, ListQuery, SubmitOptions, TaskState};
 
 use super::exit::{explain, failed_task, Action, Failure};
 use super::listen::listen;
-use super::output::{download_with_progress, show_status, wait_with_progress};
+use super::output::{download_with_progress, show_list, show_status, wait_with_progress};
 use super::{ClientCommand, Connection, WebhookCommand};
 
 pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
@@ -21,6 +21,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             input,
             prompt,
             callback,
+            idempotency_key,
             wait,
             out,
             timeout,
@@ -30,6 +31,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             let client = connect(conn)?;
             let opts = SubmitOptions {
                 callback_url: callback,
+                idempotency_key,
             };
             let task_id = client
                 .submit(&model, input, opts)
@@ -84,6 +86,29 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             let client = connect(conn)?;
             // The task may have finished long ago, so look once before the first interval.
             wait_and_show(conn, &client, &model, &task_id, timeout, out, true).await
+        }
+        ClientCommand::List {
+            model,
+            state,
+            limit,
+            cursor,
+            conn: _,
+        } => {
+            let client = connect(conn)?;
+            let query = ListQuery {
+                model,
+                // clap admits only the four names.
+                state: state.as_deref().and_then(TaskState::parse),
+                limit: Some(limit),
+                cursor,
+                ..ListQuery::default()
+            };
+            let page = client
+                .list_tasks(&query)
+                .await
+                .map_err(|e| explain(conn, Action::List, e))?;
+            show_list(conn, &page);
+            Ok(())
         }
         ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {
             listen(conn, port, secret).await
