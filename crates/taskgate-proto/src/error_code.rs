@@ -74,6 +74,7 @@ error_codes! {
     SecretRotationPending = "secret_rotation_pending", 409, "The previous webhook secret still signs deliveries; rotating again now would cut its overlap short.";
     DeliveryInFlight = "delivery_in_flight", 409, "The webhook delivery is being sent right now.";
     PayloadTooLarge = "payload_too_large", 413, "The request body, or an uploaded output, is over the server's limit.";
+    IdempotencyKeyReused = "idempotency_key_reused", 422, "The `Idempotency-Key` was used by this tenant in the last 24 h for a different request (another endpoint, model or body); nothing was created. Use a new key for a new request.";
     RetryTooSoon = "retry_too_soon", 429, "Asked again too soon; `Retry-After` says when it may be asked again.";
     InternalError = "internal_error", 500, "A fault on the server's side; it is logged there.";
     Unavailable = "unavailable", 503, "The database cannot be reached, or the server is stopping: retry shortly.";

@@ -160,6 +160,43 @@ impl ResultJson {
     }
 }
 
+/// Body of `POST /api/v1/generateTasks/{model}` (taskgate extension): up to
+/// [`MAX_BATCH_TASKS`] generateTask bodies, all created in one transaction or none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateTasksRequest {
+    pub tasks: Vec<GenerateTaskRequest>,
+}
+
+/// Most tasks one `generateTasks` request may carry.
+pub const MAX_BATCH_TASKS: usize = 1000;
+
+/// `data` of a successful batch submit: the new tasks' ids, in the order of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TasksCreated {
+    pub task_ids: Vec<String>,
+}
+
+/// One task of `GET /api/v1/tasks` (taskgate extension): its statusTask `data`, plus the model
+/// it was submitted to, since one page mixes models. The status is flattened, so an item reads
+/// like a statusTask answer with one more field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskListItem {
+    #[serde(flatten)]
+    pub status: TaskStatus,
+    pub model: String,
+}
+
+/// `data` of `GET /api/v1/tasks`: a page of the tenant's tasks, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskList {
+    pub tasks: Vec<TaskListItem>,
+    /// Pass as `cursor` to read the next (older) page; `null` on the last page. Sent as
+    /// `null` rather than left out so that "no more pages" is explicit.
+    pub next_cursor: Option<String>,
+}
+
 /// `data` of `GET /api/v1/webhookSecret` and of its rotation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -304,6 +341,33 @@ mod tests {
             result_urls: vec!["http://x/a.png".into()],
         };
         assert_eq!(r.to_json_string(), r#"{"resultUrls":["http://x/a.png"]}"#);
+    }
+
+    #[test]
+    fn a_list_item_is_the_status_with_the_model_and_the_cursor_is_null_at_the_end() {
+        let list = TaskList {
+            tasks: vec![TaskListItem {
+                status: TaskStatus {
+                    task_id: "task_1".into(),
+                    state: TaskState::Pending,
+                    create_time: 5,
+                    result_json: None,
+                    cost_time: None,
+                    complete_time: None,
+                    fail_code: None,
+                    fail_msg: None,
+                    progress: None,
+                },
+                model: "echo".into(),
+            }],
+            next_cursor: None,
+        };
+        let json = serde_json::to_string(&list).unwrap();
+        assert_eq!(
+            json,
+            r#"{"tasks":[{"taskId":"task_1","state":"pending","createTime":5,"model":"echo"}],"nextCursor":null}"#
+        );
+        assert_eq!(serde_json::from_str::<TaskList>(&json).unwrap(), list);
     }
 
     #[test]

@@ -32,6 +32,20 @@ pub fn new_task_id() -> String {
     new_id("task")
 }
 
+/// `n` task ids for one batch, increasing in the batch's order: ULIDs from one monotonic
+/// generator (within a millisecond it adds one to the random part), so the tasks are claimed
+/// and listed in the order they were sent, which independent ULIDs of one millisecond are not.
+pub fn new_task_ids(n: usize) -> Vec<String> {
+    let mut generator = ulid::Generator::new();
+    (0..n)
+        .map(|_| {
+            // Overflow needs 2^80 ids in one millisecond; a fresh ULID is still unique.
+            let id = generator.generate().unwrap_or_else(|_| ulid::Ulid::new());
+            format!("task_{}", id.to_string().to_ascii_lowercase())
+        })
+        .collect()
+}
+
 /// failCode values taskgate itself produces. Backends may report any other string.
 pub mod fail_code {
     pub const GENERATION_FAILED: &str = "GENERATION_FAILED";
@@ -319,6 +333,15 @@ mod tests {
         let b = new_task_id();
         assert!(a.starts_with("task_") && a.len() == 5 + 26);
         assert!(a < b);
+    }
+
+    #[test]
+    fn a_batchs_ids_increase_in_its_order() {
+        let ids = new_task_ids(1000);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert!(ids
+            .iter()
+            .all(|id| id.starts_with("task_") && id.len() == 5 + 26));
     }
 
     fn task(state: TaskState) -> Task {

@@ -13,8 +13,8 @@ use taskgate_server::domain::Transition;
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    Blob, CancelOutcome, DeliveryAttempt, DeliveryNext, HostRoom, KeyKind, NewTask, Outcome,
-    Redeliver, Rotation, Runner, Store, StoreEvent,
+    Blob, CancelOutcome, DeliveryAttempt, DeliveryNext, HostRoom, IdempotencyKey, KeyKind,
+    KeyedInsert, NewTask, Outcome, Redeliver, Rotation, Runner, Store, StoreEvent, TaskQuery,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -1268,4 +1268,171 @@ async fn a_cancel_of_a_running_task_is_announced_to_every_node() {
     b.close().await;
     listener.abort();
     drop_schema(&schema).await;
+}
+
+fn tenant_task(id: &str, tenant: &str, model: &str, now: i64) -> NewTask {
+    NewTask {
+        tenant_id: tenant.into(),
+        ..new_task(id, model, now)
+    }
+}
+
+/// The first page of `tenant`'s tasks matching `tweak`, ids only.
+async fn page(
+    s: &dyn Store,
+    tenant: &str,
+    limit: usize,
+    before_id: Option<String>,
+    tweak: impl FnOnce(&mut TaskQuery),
+) -> Vec<String> {
+    let mut q = TaskQuery {
+        tenant_id: tenant.into(),
+        model: None,
+        state: None,
+        created_after: None,
+        created_before: None,
+        before_id,
+        limit,
+    };
+    tweak(&mut q);
+    s.list_tasks(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect()
+}
+
+fn key(tenant: &str, key: &str, hash: &[u8], now: i64) -> IdempotencyKey {
+    IdempotencyKey {
+        tenant_id: tenant.into(),
+        key: key.into(),
+        request_hash: hash.to_vec(),
+        now,
+        expired_at_or_before: now - 1000,
+    }
+}
+
+conformance! {
+    a_tenants_tasks_are_listed_newest_first_a_page_at_a_time(s) {
+        // 45 tasks of one tenant, created 0..45, two models; two of another tenant.
+        let ids: Vec<String> = (0..45).map(|i| format!("task_{i:02}")).collect();
+        let tasks = ids.iter().enumerate().map(|(i, id)| {
+            tenant_task(id, "ten_a", if i % 3 == 0 { "img" } else { "m" }, i as i64)
+        });
+        s.insert_tasks(tasks.collect()).await.unwrap();
+        s.insert_tasks(vec![tenant_task("task_99", "ten_b", "m", 0), tenant_task("task_98", "ten_b", "img", 0)]).await.unwrap();
+
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let got = page(s.as_ref(), "ten_a", 20, cursor.clone(), |_| {}).await;
+            seen.extend(got.iter().cloned());
+            if got.len() < 20 { break; }
+            cursor = got.last().cloned();
+        }
+        let mut newest_first = ids.clone();
+        newest_first.reverse();
+        assert_eq!(seen, newest_first, "every task once, newest first");
+
+        assert_eq!(page(s.as_ref(), "ten_b", 100, None, |_| {}).await, ["task_99", "task_98"]);
+        assert!(page(s.as_ref(), "ten_c", 100, None, |_| {}).await.is_empty());
+
+        let img = page(s.as_ref(), "ten_a", 100, None, |q| q.model = Some("img".into())).await;
+        assert_eq!(img.len(), 15);
+        assert_eq!(img[0], "task_42");
+        assert!(page(s.as_ref(), "ten_a", 100, None, |q| q.model = Some("nope".into())).await.is_empty());
+
+        let window = page(s.as_ref(), "ten_a", 100, None, |q| {
+            q.created_after = Some(10);
+            q.created_before = Some(13);
+        }).await;
+        assert_eq!(window, ["task_12", "task_11"], "both bounds are exclusive");
+
+        // The oldest task of model m is claimed: the only one processing.
+        s.claim("m", 100, LEASE, 10).await.unwrap().unwrap();
+        let processing = page(s.as_ref(), "ten_a", 100, None, |q| q.state = Some(TaskState::Processing)).await;
+        assert_eq!(processing, ["task_01"]);
+        let listed = s.list_tasks(&TaskQuery {
+            tenant_id: "ten_a".into(), model: None, state: Some(TaskState::Processing),
+            created_after: None, created_before: None, before_id: None, limit: 1,
+        }).await.unwrap();
+        assert_eq!((listed[0].model.as_str(), listed[0].attempts), ("m", 1));
+        assert_eq!(page(s.as_ref(), "ten_a", 100, None, |q| q.state = Some(TaskState::Pending)).await.len(), 44);
+    }
+
+    a_batch_insert_is_all_or_nothing(s) {
+        s.insert_tasks(vec![new_task("task_a", "m", 1), new_task("task_b", "m", 1)]).await.unwrap();
+        let t = s.get_task("task_b").await.unwrap().unwrap();
+        assert_eq!((t.state, t.attempts), (TaskState::Pending, 0));
+        // task_a exists: the whole batch is refused, task_c and task_d with it.
+        let r = s.insert_tasks(vec![new_task("task_c", "m", 2), new_task("task_a", "m", 2), new_task("task_d", "m", 2)]).await;
+        assert!(r.is_err());
+        for id in ["task_c", "task_d"] {
+            assert!(s.get_task(id).await.unwrap().is_none(), "{id} was written");
+        }
+        // Batch tasks are claimable like any other.
+        assert_eq!(s.claim_batch("m", 10, LEASE, 10, 10, Runner::Local).await.unwrap().len(), 2);
+        // A large batch (more rows than one statement takes) lands whole.
+        let many: Vec<NewTask> = (0..1200).map(|i| new_task(&format!("task_x{i:04}"), "big", 1)).collect();
+        s.insert_tasks(many).await.unwrap();
+        assert_eq!(page(s.as_ref(), "ten_1", 2000, None, |q| q.model = Some("big".into())).await.len(), 1200);
+    }
+
+    an_idempotency_key_creates_once_then_answers_what_it_created(s) {
+        let first = s.insert_tasks_keyed(&key("ten_1", "k", b"h1", 10_000), vec![new_task("task_a", "m", 1), new_task("task_b", "m", 1)]).await.unwrap();
+        assert_eq!(first, KeyedInsert::Inserted);
+        assert!(s.get_task("task_b").await.unwrap().is_some());
+        // The same request again: the first one's ids, nothing new.
+        let again = s.insert_tasks_keyed(&key("ten_1", "k", b"h1", 10_500), vec![new_task("task_c", "m", 1)]).await.unwrap();
+        assert_eq!(again, KeyedInsert::Replayed(vec!["task_a".into(), "task_b".into()]));
+        assert!(s.get_task("task_c").await.unwrap().is_none());
+        // Another request with the key: refused, nothing new.
+        let other = s.insert_tasks_keyed(&key("ten_1", "k", b"h2", 10_500), vec![new_task("task_c", "m", 1)]).await.unwrap();
+        assert_eq!(other, KeyedInsert::Mismatch);
+        assert!(s.get_task("task_c").await.unwrap().is_none());
+        // Another tenant's key of the same name is its own.
+        let theirs = s.insert_tasks_keyed(&key("ten_2", "k", b"h1", 10_500), vec![tenant_task("task_d", "ten_2", "m", 1)]).await.unwrap();
+        assert_eq!(theirs, KeyedInsert::Inserted);
+        // Expired (created at 10 000, at or before 11 000 - 1000): replaced by the next request.
+        let later = s.insert_tasks_keyed(&key("ten_1", "k", b"h2", 11_000), vec![new_task("task_e", "m", 1)]).await.unwrap();
+        assert_eq!(later, KeyedInsert::Inserted);
+        let replay = s.insert_tasks_keyed(&key("ten_1", "k", b"h2", 11_001), vec![new_task("task_f", "m", 1)]).await.unwrap();
+        assert_eq!(replay, KeyedInsert::Replayed(vec!["task_e".into()]));
+    }
+
+    a_keyed_insert_that_fails_keeps_no_key(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        // task_a exists: the insert fails, and the key's row goes with it.
+        let r = s.insert_tasks_keyed(&key("ten_1", "k", b"h", 10_000), vec![new_task("task_a", "m", 1)]).await;
+        assert!(r.is_err());
+        let retry = s.insert_tasks_keyed(&key("ten_1", "k", b"h", 10_001), vec![new_task("task_b", "m", 1)]).await.unwrap();
+        assert_eq!(retry, KeyedInsert::Inserted);
+        assert!(s.get_task("task_b").await.unwrap().is_some());
+    }
+
+    racing_inserts_with_one_key_create_once(s) {
+        let runs: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let id = format!("task_r{i}");
+                    let r = s.insert_tasks_keyed(&key("ten_1", "race", b"h", 10_000), vec![new_task(&id, "m", 1)]).await.unwrap();
+                    (id, r)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut answers = Vec::new();
+        for run in runs {
+            match run.await.unwrap() {
+                (id, KeyedInsert::Inserted) => winners.push(id),
+                (_, KeyedInsert::Replayed(ids)) => answers.push(ids),
+                (_, KeyedInsert::Mismatch) => panic!("the same request was taken for another"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        assert!(answers.iter().all(|ids| *ids == winners), "{answers:?} vs {winners:?}");
+        assert_eq!(page(s.as_ref(), "ten_1", 100, None, |_| {}).await, winners);
+    }
 }

@@ -9,6 +9,7 @@ mod end_to_end;
 mod real_server;
 mod retry;
 mod support;
+mod tasks;
 mod wait;
 mod webhook;
 mod worker;

@@ -8,9 +8,12 @@
 //! here: a `from_fn` layer around the router cost status a third of its throughput
 //! (docs/BENCHMARKS.md, "Issue 9").
 
+mod batch;
 mod extract;
 mod files;
+mod idempotency;
 mod stream;
+mod task_list;
 mod tasks;
 mod wait;
 mod webhooks;
@@ -36,6 +39,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(tasks::router())
         .merge(stream::router())
+        .merge(task_list::router())
+        .merge(batch::router())
         .merge(webhooks::router())
         .merge(files::router())
         .merge(worker::router())

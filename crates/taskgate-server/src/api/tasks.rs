@@ -20,6 +20,7 @@ use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
 use tokio::time::Instant;
 
 use super::extract::ClientTenant;
+use super::idempotency::{self, IdempotencyHeader};
 use super::{query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
@@ -52,7 +53,7 @@ pub(super) fn model_or_404<'a>(
     })
 }
 
-fn json_type_name(v: &Value) -> &'static str {
+pub(super) fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -64,11 +65,11 @@ fn json_type_name(v: &Value) -> &'static str {
 }
 
 /// The checked parts of a generateTask body.
-struct Submission {
-    callback_url: Option<String>,
-    input: Map<String, Value>,
-    priority: i32,
-    ttl: Option<Duration>,
+pub(super) struct Submission {
+    pub(super) callback_url: Option<String>,
+    pub(super) input: Map<String, Value>,
+    pub(super) priority: i32,
+    pub(super) ttl: Option<Duration>,
 }
 
 /// Bounds of `priority`: wide enough for any scheme, narrow enough to stay an `i32` everywhere.
@@ -134,12 +135,22 @@ fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, Api
     }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(mut body) = value else {
+    let Value::Object(body) = value else {
         return Err(bad(format!(
             "the request body must be a JSON object, got {}",
             json_type_name(&value)
         )));
     };
+    submission_from_object(body, allow_private)
+}
+
+/// Checks one generateTask body, already parsed: the whole body of generateTask, or one item
+/// of a generateTasks batch.
+pub(super) fn submission_from_object(
+    mut body: Map<String, Value>,
+    allow_private: bool,
+) -> Result<Submission, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let request_type = match body.get("request_type") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s == "async" => Some(RequestType::Async),
@@ -210,15 +221,12 @@ fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError
     Ok(url.to_string())
 }
 
-async fn generate_task(
-    State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
-    Path(model): Path<String>,
-    headers: HeaderMap,
+/// The request body within the server's limit (413 beyond it).
+pub(super) fn read_body(
+    state: &AppState,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let runtime = model_or_404(&state, &model)?;
-    let body = body.map_err(|rejection| {
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -233,16 +241,62 @@ async fn generate_task(
                 format!("cannot read the request body: {rejection}"),
             )
         }
-    })?;
+    })
+}
+
+async fn generate_task(
+    State(state): State<Arc<AppState>>,
+    ClientTenant(tenant): ClientTenant,
+    Path(model): Path<String>,
+    idempotency: IdempotencyHeader,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let runtime = model_or_404(&state, &model)?;
+    let body = read_body(&state, body)?;
+    let key = idempotency.key()?;
     let submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
     runtime
         .backend
         .validate(&submission.input)
         .map_err(|m| ApiError::new(ErrorCode::InvalidInput, m))?;
-    let create_time = now_ms();
-    let task = NewTask {
-        id: new_task_id(),
-        tenant_id: tenant.id,
+    let task = new_task(runtime, tenant.id, submission, new_task_id(), now_ms());
+    let task_id = if let Some(key) = key {
+        // The slower path: the key's row is read and written in the task's transaction.
+        idempotency::submit_one(&state, runtime, key, &body, task).await?
+    } else {
+        submit_one(&state, runtime, task).await?
+    };
+    let Some(wait) = wait::preference(&headers) else {
+        return Ok(Json(Envelope::success(TaskCreated { task_id })).into_response());
+    };
+    // Asked to wait: the answer is the task's status (which carries its taskId) once it is
+    // final or the wait is over. The wait reads the task after subscribing, so a task that
+    // finished before this point is answered at once.
+    let watch = state.dispatcher.events().subscribe(&task_id);
+    let deadline = Instant::now() + wait;
+    match wait::until_final(&state, &task_id, watch, deadline).await? {
+        Some(task) => Ok((
+            [wait::applied(wait)],
+            json_bytes(render_status(&state, task).await?),
+        )
+            .into_response()),
+        // Only a retention sweep could remove it this soon; the id is still the answer.
+        None => Ok(Json(Envelope::success(TaskCreated { task_id })).into_response()),
+    }
+}
+
+/// The task a checked submission makes, created at `create_time`.
+pub(super) fn new_task(
+    runtime: &ModelRuntime,
+    tenant_id: String,
+    submission: Submission,
+    id: String,
+    create_time: i64,
+) -> NewTask {
+    NewTask {
+        id,
+        tenant_id,
         model: runtime.name.clone(),
         input: submission.input,
         callback_url: submission.callback_url,
@@ -251,12 +305,18 @@ async fn generate_task(
         priority: submission.priority,
         expires_at: submission
             .ttl
-            .map(|ttl| create_time + ttl.as_millis() as i64),
-    };
+            .map(|ttl| create_time.saturating_add(ttl.as_millis() as i64)),
+    }
+}
+
+/// The hot path of a submit: the group-committed insert, with the pending view cached first
+/// where this process is the store's only writer.
+async fn submit_one(
+    state: &AppState,
+    runtime: &ModelRuntime,
+    task: NewTask,
+) -> Result<String, ApiError> {
     let task_id = task.id.clone();
-    // Before the insert, so that no change of the new task can come before the watch.
-    let wait =
-        wait::preference(&headers).map(|w| (w, state.dispatcher.events().subscribe(&task_id)));
     // Before the insert: once it commits the task may be claimed at once, and the claim's
     // `forget` must come after this.
     if state.live_views {
@@ -273,21 +333,7 @@ async fn generate_task(
     if !(state.store.parks_claims() && runtime.backend.runs_locally()) {
         state.dispatcher.notify(&runtime.name);
     }
-    let Some((wait, watch)) = wait else {
-        return Ok(Json(Envelope::success(TaskCreated { task_id })).into_response());
-    };
-    // Asked to wait: the answer is the task's status (which carries its taskId) once it is
-    // final or the wait is over.
-    let deadline = Instant::now() + wait;
-    match wait::until_final(&state, &task_id, watch, deadline).await? {
-        Some(task) => Ok((
-            [wait::applied(wait)],
-            json_bytes(render_status(&state, task).await?),
-        )
-            .into_response()),
-        // Only a retention sweep could remove it this soon; the id is still the answer.
-        None => Ok(Json(Envelope::success(TaskCreated { task_id })).into_response()),
-    }
+    Ok(task_id)
 }
 
 async fn status_task(
@@ -446,7 +492,7 @@ async fn cancel_task(
 }
 
 /// The statusTask answer of a task just submitted, as a store read would render it.
-fn pending_view(task: &NewTask) -> Option<CachedView> {
+pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
     let view = crate::domain::Task {
         id: task.id.clone(),
         tenant_id: task.tenant_id.clone(),

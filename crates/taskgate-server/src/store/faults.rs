@@ -17,6 +17,7 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
+use super::{IdempotencyKey, KeyedInsert, TaskQuery};
 use crate::domain::Task;
 
 /// What an injected fault does.
@@ -157,6 +158,28 @@ impl Store for FaultyStore {
         let after = self.plan.enter("get_task").await?;
         let result = self.inner.get_task(id).await;
         self.plan.leave("get_task", after, result)
+    }
+
+    async fn insert_tasks(&self, tasks: Vec<NewTask>) -> Result<(), StoreError> {
+        let after = self.plan.enter("insert_tasks").await?;
+        let result = self.inner.insert_tasks(tasks).await;
+        self.plan.leave("insert_tasks", after, result)
+    }
+
+    async fn insert_tasks_keyed(
+        &self,
+        key: &IdempotencyKey,
+        tasks: Vec<NewTask>,
+    ) -> Result<KeyedInsert, StoreError> {
+        let after = self.plan.enter("insert_tasks_keyed").await?;
+        let result = self.inner.insert_tasks_keyed(key, tasks).await;
+        self.plan.leave("insert_tasks_keyed", after, result)
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+        let after = self.plan.enter("list_tasks").await?;
+        let result = self.inner.list_tasks(query).await;
+        self.plan.leave("list_tasks", after, result)
     }
 
     async fn claim_batch(

@@ -5,10 +5,13 @@
 //! every write that ends or hands on a claim is guarded by that token, so a stale holder cannot
 //! overwrite the work of the node the task was handed to.
 
+mod batch;
 pub mod faults;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+
+pub use batch::{IdempotencyKey, KeyedInsert, TaskQuery};
 
 use std::time::Duration;
 
@@ -395,6 +398,23 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_task(&self, task: NewTask) -> Result<(), StoreError>;
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// Durably inserts pending tasks in one transaction: all of them or, on error, none. Not
+    /// through the single submits' group commit (the batch is its own group).
+    async fn insert_tasks(&self, tasks: Vec<NewTask>) -> Result<(), StoreError>;
+
+    /// Like [`Store::insert_tasks`] under an idempotency key, in one transaction with the key's
+    /// row: a live key of the tenant answers the ids it created (same request) or a mismatch
+    /// (another request) and inserts nothing; concurrent calls with one key insert once, and
+    /// the others answer the winner's ids.
+    async fn insert_tasks_keyed(
+        &self,
+        key: &IdempotencyKey,
+        tasks: Vec<NewTask>,
+    ) -> Result<KeyedInsert, StoreError>;
+
+    /// A page of one tenant's tasks, newest first (a read: never a write connection).
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError>;
 
     /// The bytes of an output kept in the database, by its artifact key.
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;

@@ -29,8 +29,10 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
+use super::{Finished, IdempotencyKey, KeyedInsert, Runner, TaskQuery, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
+
+mod batch;
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
 /// disagree still agree on when a lease ends.
@@ -450,6 +452,22 @@ impl Store for PostgresStore {
             .await?
             .map(Task::try_from)
             .transpose()
+    }
+
+    async fn insert_tasks(&self, tasks: Vec<NewTask>) -> Result<(), StoreError> {
+        self.insert_batch(&tasks).await
+    }
+
+    async fn insert_tasks_keyed(
+        &self,
+        key: &IdempotencyKey,
+        tasks: Vec<NewTask>,
+    ) -> Result<KeyedInsert, StoreError> {
+        self.insert_keyed(key, &tasks).await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+        self.list(query).await
     }
 
     async fn claim_batch(

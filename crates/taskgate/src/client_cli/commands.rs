@@ -1,4 +1,4 @@
-//! Running `submit`, `status`, `wait` and `cancel`: the input they send, the calls they make
+//! Running `submit`, `status`, `wait`, `cancel` and `list`: the input they send, the calls they make
 //! through `taskgate-client`, and which outcome counts as a failure (a `status` that finds the
 //! task failed exits 1 like `wait` does; a `cancel` that leaves it failed, as asked, exits 0).
 
@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use taskgate_client::{Client, Error, SubmitOptions, TaskState};
+use taskgate_client::{Client, Error, ListQuery, SubmitOptions, TaskState};
 
 use super::exit::{explain, failed_task, Action, Failure};
 use super::listen::listen;
-use super::output::{download_with_progress, show_status, wait_with_progress};
+use super::output::{download_with_progress, show_list, show_status, wait_with_progress};
 use super::{ClientCommand, Connection, WebhookCommand};
 
 pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
@@ -21,6 +21,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             input,
             prompt,
             callback,
+            idempotency_key,
             wait,
             out,
             timeout,
@@ -30,6 +31,7 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             let client = connect(conn)?;
             let opts = SubmitOptions {
                 callback_url: callback,
+                idempotency_key,
             };
             let task_id = client
                 .submit(&model, input, opts)
@@ -99,6 +101,29 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             })?;
             // Failed with CANCELLED is what was asked for: a success, unlike `status` of it.
             show_status(conn, &status, &[]);
+            Ok(())
+        }
+        ClientCommand::List {
+            model,
+            state,
+            limit,
+            cursor,
+            conn: _,
+        } => {
+            let client = connect(conn)?;
+            let query = ListQuery {
+                model,
+                // clap admits only the four names.
+                state: state.as_deref().and_then(TaskState::parse),
+                limit: Some(limit),
+                cursor,
+                ..ListQuery::default()
+            };
+            let page = client
+                .list_tasks(&query)
+                .await
+                .map_err(|e| explain(conn, Action::List, e))?;
+            show_list(conn, &page);
             Ok(())
         }
         ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {

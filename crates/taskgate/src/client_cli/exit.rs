@@ -134,6 +134,8 @@ pub(super) enum Action<'a> {
         task_id: &'a str,
     },
     Download,
+    /// Listing the tenant's tasks.
+    List,
     /// Reading the tenant's webhook secret for `webhook listen`.
     WebhookSecret,
 }
@@ -219,6 +221,15 @@ pub(super) fn explain(conn: &Connection, action: Action<'_>, err: Error) -> Fail
                         ),
                     )
                 }
+                // APIXO (or a taskgate before the listing) has no such endpoint.
+                (404, Action::List) => fail(
+                    EXIT_USAGE,
+                    "unsupported",
+                    format!(
+                        "{} has no task listing (GET /api/v1/tasks is a taskgate extension): {server_says}",
+                        conn.url
+                    ),
+                ),
                 (429, _) => fail(
                     EXIT_TRANSPORT,
                     "rate_limited",

@@ -1,11 +1,11 @@
-//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait`, `cancel` and
+//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait`, `cancel`, `list` and
 //! `webhook listen`.
 //!
 //! They are thin over `taskgate-client`, which owns polling, retries and downloads; this module
 //! owns only what a person or a script sees, split by job:
 //!
 //! - here: the flags (`Connection` and the subcommands) and [`run`];
-//! - `commands`: running `submit`, `status`, `wait` and `cancel`;
+//! - `commands`: running `submit`, `status`, `wait`, `cancel` and `list`;
 //! - `output`: human text or one JSON document on stdout, progress on stderr;
 //! - `exit`: the exit codes and the one error line (or JSON error document) of every failure;
 //! - `listen`: the `webhook listen` receiver.
@@ -56,6 +56,10 @@ pub enum ClientCommand {
         /// Callback mode: the server POSTs the final status to this URL.
         #[arg(long, value_name = "URL")]
         callback: Option<String>,
+        /// Sent as Idempotency-Key: the same key and input within 24 h answer the task the
+        /// first submit created instead of creating another (taskgate servers).
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         /// Wait for the task to finish (first poll after 3 s, then x1.5 up to 30 s).
         #[arg(long)]
         wait: bool,
@@ -104,6 +108,23 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// List your tasks, newest first (taskgate servers; GET /api/v1/tasks).
+    List {
+        /// Only tasks of this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only tasks in this state.
+        #[arg(long, value_parser = ["pending", "processing", "success", "failed"])]
+        state: Option<String>,
+        /// Tasks to show, 1 to 100.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+        limit: u32,
+        /// Continue after a previous page: the cursor it printed.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Tools for developing webhook receivers.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -136,6 +157,7 @@ impl ClientCommand {
             | ClientCommand::Status { conn, .. }
             | ClientCommand::Wait { conn, .. }
             | ClientCommand::Cancel { conn, .. }
+            | ClientCommand::List { conn, .. }
             | ClientCommand::Webhook(WebhookCommand::Listen { conn, .. }) => conn,
         }
     }
@@ -187,6 +209,24 @@ mod tests {
         assert_eq!(cli.cmd.connection().url, "http://h:1");
         assert!(cli.cmd.connection().json);
         assert!(matches!(cli.cmd, ClientCommand::Submit { ref model, .. } if model == "echo"));
+    }
+
+    #[test]
+    fn list_takes_its_filters_and_refuses_a_limit_out_of_range() {
+        let cli = Cli::try_parse_from([
+            "taskgate", "list", "--model", "echo", "--state", "failed", "--limit", "5",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            ClientCommand::List { ref model, ref state, limit: 5, .. }
+                if model.as_deref() == Some("echo") && state.as_deref() == Some("failed")
+        ));
+        for bad in [["--limit", "101"], ["--limit", "0"], ["--state", "done"]] {
+            let mut args = vec!["taskgate", "list"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

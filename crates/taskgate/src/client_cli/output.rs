@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use taskgate_client::{Client, Error, TaskState, TaskStatus, WaitOptions};
+use taskgate_client::{Client, Error, TaskList, TaskState, TaskStatus, WaitOptions};
 
 use super::Connection;
 
@@ -194,6 +194,42 @@ pub(super) fn show_status(conn: &Connection, status: &TaskStatus, files: &[PathB
     }
     for f in files {
         println!("file      {}", f.display());
+    }
+}
+
+/// A page of tasks: with `--json` the listing's `data` as the server sends it (one document);
+/// else one line per task under a header, and on stderr how to read the next page.
+pub(super) fn show_list(conn: &Connection, page: &TaskList) {
+    if conn.json {
+        println!("{}", serde_json::to_value(page).unwrap_or(Value::Null));
+        return;
+    }
+    if page.tasks.is_empty() {
+        eprintln!("no tasks");
+    } else {
+        let model_width = page
+            .tasks
+            .iter()
+            .map(|t| t.model.len())
+            .max()
+            .unwrap_or(0)
+            .max("MODEL".len());
+        println!(
+            "{:<31}  {:<model_width$}  {:<10}  CREATED",
+            "TASK", "MODEL", "STATE"
+        );
+        for t in &page.tasks {
+            println!(
+                "{:<31}  {:<model_width$}  {:<10}  {}",
+                t.status.task_id,
+                t.model,
+                t.status.state.as_str(),
+                format_millis(t.status.create_time)
+            );
+        }
+    }
+    if let Some(cursor) = &page.next_cursor {
+        eprintln!("more tasks: add --cursor {cursor}");
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod batch;
 mod builtin;
 mod cancel;
 mod cli;
@@ -13,6 +14,8 @@ mod dispatch;
 mod faults;
 mod hot_paths;
 mod http_backend;
+mod idempotency;
+mod list;
 mod recovery;
 mod retention;
 mod s3;

@@ -754,3 +754,73 @@ pub async fn callback_receiver() -> (
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, rx)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Listing, batch and keyed submits (taskgate extensions).
+
+impl Api {
+    /// GET /api/v1/tasks with these query parameters.
+    pub async fn list(&self, query: &[(&str, &str)]) -> (StatusCode, Value) {
+        let resp = self
+            .request(reqwest::Method::GET, "/api/v1/tasks")
+            .query(query)
+            .send()
+            .await
+            .unwrap();
+        envelope(resp).await
+    }
+
+    /// Every task id the listing gives with `query` (plus `limit=100`), page after page,
+    /// newest first.
+    pub async fn list_all_ids(&self, query: &[(&str, &str)]) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut q: Vec<(&str, &str)> = query.to_vec();
+            q.push(("limit", "100"));
+            if let Some(c) = &cursor {
+                q.push(("cursor", c));
+            }
+            let (status, body) = self.list(&q).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            for t in body["data"]["tasks"].as_array().unwrap() {
+                ids.push(t["taskId"].as_str().unwrap().to_owned());
+            }
+            match body["data"]["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return ids,
+            }
+        }
+    }
+
+    /// POST /api/v1/generateTasks/{model} with a JSON body.
+    pub async fn submit_batch(&self, model: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/v1/generateTasks/{model}"),
+            )
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        envelope(resp).await
+    }
+
+    /// POST generateTask with an `Idempotency-Key`.
+    pub async fn submit_keyed(&self, model: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/v1/generateTask/{model}"),
+            )
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        envelope(resp).await
+    }
+}

@@ -30,9 +30,10 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::{Finished, Runner, MAX_UNACKED_REFUNDS};
+use super::{Finished, IdempotencyKey, KeyedInsert, Runner, TaskQuery, MAX_UNACKED_REFUNDS};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
+mod batch;
 mod writer;
 
 use writer::{ClaimRequest, Write};
@@ -319,6 +320,22 @@ impl Store for SqliteStore {
             .await?
             .map(Task::try_from)
             .transpose()
+    }
+
+    async fn insert_tasks(&self, tasks: Vec<NewTask>) -> Result<(), StoreError> {
+        self.insert_batch(&tasks).await
+    }
+
+    async fn insert_tasks_keyed(
+        &self,
+        key: &IdempotencyKey,
+        tasks: Vec<NewTask>,
+    ) -> Result<KeyedInsert, StoreError> {
+        self.insert_keyed(key, &tasks).await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+        self.list(query).await
     }
 
     /// One writer connection serialises claims, so the running count in the statement stays

@@ -360,3 +360,38 @@ async fn output_that_is_not_a_terminal_is_plain_lines_without_escapes_or_redraws
     let success_lines = err.iter().filter(|l| l.contains(": success")).count();
     assert_eq!(success_lines, 1, "{run}");
 }
+
+#[tokio::test]
+async fn submit_with_an_idempotency_key_twice_prints_one_task_id() {
+    let app = TestApp::start().await;
+    let args = [
+        "submit",
+        "echo",
+        "--prompt",
+        "once",
+        "--idempotency-key",
+        "cli-1",
+    ];
+
+    let first = cli(&app, &args).await;
+    let second = cli(&app, &args).await;
+    let other = cli(
+        &app,
+        &[
+            "submit",
+            "echo",
+            "--prompt",
+            "twice",
+            "--idempotency-key",
+            "cli-1",
+        ],
+    )
+    .await;
+
+    first.assert_exit(0);
+    second.assert_exit(0);
+    assert_eq!(first.stdout, second.stdout);
+    assert_eq!(app.api.list_all_ids(&[]).await, [first.stdout.trim()]);
+    other.assert_exit(2);
+    assert!(other.error_line().contains("cli-1"), "{other}");
+}
