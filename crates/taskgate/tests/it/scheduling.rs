@@ -22,7 +22,13 @@ async fn one_slot_app(log: &Path, gate: &Path) -> TestApp {
         "[models.slot]\nbackend = \"command\"\ncommand = [\"sh\", \"-c\", {}]\nconcurrency = 1\n",
         toml_str(script)
     );
-    TestApp::start_with_models(&models).await
+    let file = taskgate_server::config::FileConfig::parse(&models).unwrap();
+    TestApp::start_with(move |c| {
+        c.models = file.models.unwrap();
+        // The callback receiver listens on loopback.
+        c.webhooks.allow_private_callbacks = true;
+    })
+    .await
 }
 
 async fn submit_with(api: &Api, body: Value) -> String {
