@@ -1,4 +1,5 @@
-//! Retention: finished tasks' result files go `file_retention` after completion (their URLs
+//! Retention: expired idempotency keys go a day after their request; finished tasks' result
+//! files go `file_retention` after completion (their URLs
 //! have expired by then, with the defaults), and their records `record_retention` after it;
 //! then statusTask answers 404 for them.
 //!
@@ -13,8 +14,9 @@
 //! it, so a sweep does not revisit the tasks already stripped. A task whose completion time
 //! lands behind the mark (a final write that committed late) keeps its files until its record
 //! goes, which deletes them again. Records: each sweep walks from the oldest finished task; a
-//! record that still owes a callback (a delivery pending or in flight) is kept until it is
-//! settled, whatever its age.
+//! record that still owes a callback (a delivery pending or in flight) is kept, with its files,
+//! until it is settled, whatever its age. A file that cannot be deleted is logged and left, so
+//! it does not stop the sweep.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,8 @@ use crate::views::TaskViews;
 /// Tasks handled per batch: one read and one short write each.
 pub const BATCH: usize = 200;
 const FILES_MARK: &str = "retention_files_mark";
+/// How long an `Idempotency-Key` holds (the API refuses to reuse one within it).
+pub const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// The longest pause between sweeps.
 const MAX_PERIOD: Duration = Duration::from_secs(60);
 
@@ -69,20 +73,9 @@ pub struct Sweeper {
     pub retention: Retention,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SweepError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Artifacts(#[from] crate::artifacts::ArtifactError),
-}
-
 impl Sweeper {
     /// Sweeps every period until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        if self.retention.files.is_zero() && self.retention.records.is_zero() {
-            return;
-        }
         let period = self.retention.period();
         loop {
             if let Err(e) = self.sweep_once(&stop).await {
@@ -95,26 +88,40 @@ impl Sweeper {
         }
     }
 
-    /// One sweep: files due, then records due.
-    async fn sweep_once(&self, stop: &CancellationToken) -> Result<(), SweepError> {
+    /// One sweep: files due, then records due, each walk on its own (one that keeps failing
+    /// must not hold up the other).
+    async fn sweep_once(&self, stop: &CancellationToken) -> Result<(), StoreError> {
         let now = now_ms();
-        // Files go no later than their record.
-        let files_after = [self.retention.files, self.retention.records]
-            .into_iter()
-            .filter(|d| !d.is_zero())
-            .min();
-        if let Some(after) = files_after {
-            self.sweep_files(now - after.as_millis() as i64, stop)
-                .await?;
+        // Idempotency keys expire after a day whatever the retention of tasks.
+        let mut result = self
+            .sweep_keys(now - KEY_LIFETIME.as_millis() as i64, stop)
+            .await;
+        // A zero file retention keeps files until their record goes, which deletes them.
+        if !self.retention.files.is_zero() {
+            result = self
+                .sweep_files(now - self.retention.files.as_millis() as i64, stop)
+                .await;
         }
         if !self.retention.records.is_zero() {
-            self.sweep_records(now - self.retention.records.as_millis() as i64, stop)
-                .await?;
+            let records = self
+                .sweep_records(now - self.retention.records.as_millis() as i64, stop)
+                .await;
+            result = result.and(records);
+        }
+        result
+    }
+
+    async fn sweep_keys(&self, before: i64, stop: &CancellationToken) -> Result<(), StoreError> {
+        while !stop.is_cancelled() {
+            let n = self.store.delete_expired_keys(before, BATCH).await?;
+            if n < BATCH as u64 {
+                break;
+            }
         }
         Ok(())
     }
 
-    async fn sweep_files(&self, before: i64, stop: &CancellationToken) -> Result<(), SweepError> {
+    async fn sweep_files(&self, before: i64, stop: &CancellationToken) -> Result<(), StoreError> {
         let mut mark = parse_mark(&self.store.setting_or_init(FILES_MARK, b"").await?);
         while !stop.is_cancelled() {
             let batch = self
@@ -137,21 +144,28 @@ impl Sweeper {
         Ok(())
     }
 
-    async fn sweep_records(&self, before: i64, stop: &CancellationToken) -> Result<(), SweepError> {
+    async fn sweep_records(&self, before: i64, stop: &CancellationToken) -> Result<(), StoreError> {
         let mut after = None;
         while !stop.is_cancelled() {
             let batch = self.store.finished_tasks(after, before, BATCH).await?;
             let Some(last) = batch.last() else { break };
             after = Some((last.complete_time, last.id.clone()));
-            // Files first: a record must never go while files it names remain.
-            self.delete_outputs(&batch).await?;
             let ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
             let deleted = self.store.delete_tasks(&ids).await?;
             for id in &deleted {
                 self.views.forget(id);
             }
+            // Then the outputs of the records that went (those kept, owing a callback, keep
+            // theirs). A crash in between leaves files no task names, which are never served,
+            // like the staged files of attempts that did not win. Usually the files walk took
+            // them long before.
+            let gone: Vec<Finished> = batch
+                .into_iter()
+                .filter(|t| deleted.contains(&t.id))
+                .collect();
+            self.delete_outputs(&gone).await?;
             debug!(tasks = deleted.len(), "retention: task records deleted");
-            if batch.len() < BATCH {
+            if ids.len() < BATCH {
                 break;
             }
         }
@@ -159,10 +173,14 @@ impl Sweeper {
     }
 
     /// Deletes the batch's outputs: files from the artifact store, blobs from the database.
-    async fn delete_outputs(&self, batch: &[Finished]) -> Result<(), SweepError> {
+    async fn delete_outputs(&self, batch: &[Finished]) -> Result<(), StoreError> {
         let keys: Vec<String> = batch.iter().flat_map(|t| t.outputs.clone()).collect();
         for key in &keys {
-            self.artifacts.delete(key).await?;
+            // One file that cannot go (a permission, a key the store refuses) must not stop
+            // every later deletion: it is logged and left.
+            if let Err(e) = self.artifacts.delete(key).await {
+                warn!(%key, error = %error_chain(&e), "retention: cannot delete a result file; leaving it");
+            }
         }
         self.store.delete_blobs(&keys).await?;
         Ok(())

@@ -1068,8 +1068,8 @@ conformance! {
         s.insert_task(NewTask { expires_at: Some(500), ..new_task("task_soon", "m", 1) }).await.unwrap();
         s.insert_task(new_task("task_never", "m", 1)).await.unwrap();
         // At 60 the first is past its deadline: claims pass over it.
-        let mut claimed: Vec<String> = s.claim_batch("m", 60, LEASE, 10, 10, Runner::Local).await.unwrap()
-            .into_iter().map(|c| c.task.id).collect();
+        let claims = s.claim_batch("m", 60, LEASE, 10, 10, Runner::Local).await.unwrap();
+        let mut claimed: Vec<String> = claims.iter().map(|c| c.task.id.clone()).collect();
         claimed.sort();
         assert_eq!(claimed, ["task_never", "task_soon"]);
         assert_eq!(s.expire_pending(60, 10).await.unwrap(), ["task_late"]);
@@ -1078,9 +1078,15 @@ conformance! {
         assert_eq!(t.fail_code.as_deref(), Some(fail_code::EXPIRED));
         assert_eq!(t.complete_time, Some(60));
         assert_eq!(s.deliveries_for_task("task_late").await.unwrap().len(), 1, "its callback is owed");
-        // Started tasks are never expired, whatever their deadline.
+        // Started tasks are never expired, whatever their deadline: not while running, nor once
+        // back to pending for a retry after the deadline has passed.
         assert!(s.expire_pending(10_000, 10).await.unwrap().is_empty());
         assert_eq!(s.get_task("task_soon").await.unwrap().unwrap().state, TaskState::Processing);
+        let soon = claims.iter().find(|c| c.task.id == "task_soon").unwrap();
+        assert!(s.requeue("task_soon", &soon.token, 600, false).await.unwrap());
+        assert!(s.expire_pending(10_000, 10).await.unwrap().is_empty(), "a retry is not expired");
+        let again = s.claim("m", 10_000, LEASE, 10).await.unwrap().expect("the retry runs");
+        assert_eq!((again.task.id.as_str(), again.task.attempts), ("task_soon", 2));
     }
 }
 
@@ -1292,12 +1298,15 @@ async fn page(
         created_after: None,
         created_before: None,
         before_id,
+        after_id: None,
         limit,
+        max_examined: 5000,
     };
     tweak(&mut q);
     s.list_tasks(&q)
         .await
         .unwrap()
+        .tasks
         .into_iter()
         .map(|t| t.id)
         .collect()
@@ -1355,8 +1364,9 @@ conformance! {
         assert_eq!(processing, ["task_01"]);
         let listed = s.list_tasks(&TaskQuery {
             tenant_id: "ten_a".into(), model: None, state: Some(TaskState::Processing),
-            created_after: None, created_before: None, before_id: None, limit: 1,
-        }).await.unwrap();
+            created_after: None, created_before: None, before_id: None, after_id: None, limit: 1,
+            max_examined: 5000,
+        }).await.unwrap().tasks;
         assert_eq!((listed[0].model.as_str(), listed[0].attempts), ("m", 1));
         assert_eq!(page(s.as_ref(), "ten_a", 100, None, |q| q.state = Some(TaskState::Pending)).await.len(), 44);
     }
@@ -1434,5 +1444,63 @@ conformance! {
         assert_eq!(winners.len(), 1, "{winners:?}");
         assert!(answers.iter().all(|ids| *ids == winners), "{answers:?} vs {winners:?}");
         assert_eq!(page(s.as_ref(), "ten_1", 100, None, |_| {}).await, winners);
+    }
+}
+
+conformance! {
+    a_state_filtered_page_reads_a_bounded_walk_and_says_where_it_stopped(s) {
+        // The oldest task is the only pending one; 24 finished ones sit above it.
+        for i in 0..25 {
+            s.insert_task(new_task(&format!("task_{i:02}"), "m", 1)).await.unwrap();
+        }
+        for _ in 0..24 {
+            let c = s.claim_batch("m", 10, LEASE, 100, 1, Runner::Local).await.unwrap().pop().unwrap();
+            assert!(s.finish(&c.task.id, &c.token, &Outcome::Failure { code: "X".into(), message: "y".into() }, 20).await.unwrap());
+        }
+        // Claims took task_00..task_23; task_24 (the newest) is the pending one. Walk from the top
+        // for a state that only the *oldest* rows have: failed, with a walk of 10.
+        let mut q = TaskQuery {
+            tenant_id: "ten_1".into(), model: None, state: Some(TaskState::Failed),
+            created_after: None, created_before: None, before_id: None, after_id: None,
+            limit: 100, max_examined: 10,
+        };
+        let first = s.list_tasks(&q).await.unwrap();
+        assert_eq!(first.tasks.len(), 9, "task_24 is pending; the next 9 of the 10 read are failed");
+        assert_eq!(first.examined_to.as_deref(), Some("task_15"), "the walk stopped at the 10th");
+        // Following it reads the rest, a bounded walk at a time, and ends.
+        let mut seen = first.tasks.len();
+        q.before_id = first.examined_to;
+        loop {
+            let page = s.list_tasks(&q).await.unwrap();
+            seen += page.tasks.len();
+            match page.examined_to {
+                Some(to) => q.before_id = Some(to),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 24);
+        // Without a state filter nothing is bounded.
+        q.state = None;
+        q.before_id = None;
+        let all = s.list_tasks(&q).await.unwrap();
+        assert_eq!((all.tasks.len(), all.examined_to), (25, None));
+    }
+}
+
+conformance! {
+    expired_idempotency_keys_are_deleted_oldest_first_and_live_ones_kept(s) {
+        for (i, at) in [100, 200, 300].into_iter().enumerate() {
+            let k = key("ten_1", &format!("k{i}"), b"h", at);
+            let task = new_task(&format!("task_k{i}"), "m", at);
+            assert_eq!(s.insert_tasks_keyed(&k, vec![task]).await.unwrap(), KeyedInsert::Inserted);
+        }
+        assert_eq!(s.delete_expired_keys(250, 1).await.unwrap(), 1, "one at a time, oldest first");
+        assert_eq!(s.delete_expired_keys(250, 10).await.unwrap(), 1);
+        assert_eq!(s.delete_expired_keys(250, 10).await.unwrap(), 0, "the live key stays");
+        // The live key still replays; a deleted one creates anew.
+        let live = key("ten_1", "k2", b"h", 310);
+        assert!(matches!(s.insert_tasks_keyed(&live, vec![new_task("task_x", "m", 310)]).await.unwrap(), KeyedInsert::Replayed(_)));
+        let gone = key("ten_1", "k0", b"h", 310);
+        assert_eq!(s.insert_tasks_keyed(&gone, vec![new_task("task_y", "m", 310)]).await.unwrap(), KeyedInsert::Inserted);
     }
 }

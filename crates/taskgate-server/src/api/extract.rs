@@ -19,6 +19,29 @@ use crate::store::{ApiKeyRecord, Tenant};
 /// The tenant of the client key the request carries; worker tokens are refused.
 pub struct ClientTenant(pub Tenant);
 
+/// [`ClientTenant`], keeping the key itself for a response that outlives the request's first
+/// moment (a stream checks it again, so a revoked key stops it as it stops every request).
+pub struct ClientKey {
+    pub tenant: Tenant,
+    pub key: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for ClientKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = bearer_key(&parts.headers)?;
+        let tenant = state.auth.client_tenant(key).await?;
+        Ok(ClientKey {
+            tenant,
+            key: key.to_owned(),
+        })
+    }
+}
+
 /// The worker token the request carries; client keys are refused.
 pub struct WorkerToken(pub ApiKeyRecord);
 

@@ -29,7 +29,7 @@ pub(super) const HEADER: &str = "idempotency-key";
 /// Longest key accepted, in bytes.
 pub(super) const MAX_KEY_BYTES: usize = 255;
 /// How long a key answers with what it created; after that it is replaced by the next use.
-pub(super) const KEY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+pub(super) const KEY_TTL_MS: i64 = crate::retention::KEY_LIFETIME.as_millis() as i64;
 
 /// The endpoints a key may be used on, as they enter the request's hash: a key first used for
 /// one task and then for a batch (or the other way) is a different request.

@@ -23,7 +23,7 @@ use futures::Stream;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::extract::ClientTenant;
+use super::extract::ClientKey;
 use super::tasks::{model_or_404, required_task_id, task_not_found};
 use crate::domain::Task;
 use crate::error::ApiError;
@@ -39,7 +39,7 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 
 async fn stream_task(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    ClientKey { tenant, key }: ClientKey,
     Path(model): Path<String>,
     uri: Uri,
     headers: HeaderMap,
@@ -64,6 +64,7 @@ async fn stream_task(
         .map(str::to_owned);
     let cursor = Cursor {
         state,
+        key,
         watch,
         next: Some(task),
         last_sent,
@@ -79,6 +80,9 @@ async fn stream_task(
 /// has.
 struct Cursor {
     state: Arc<AppState>,
+    /// Checked again at every wake-up and every [`HEARTBEAT`]: a key revoked while its stream is
+    /// open ends the stream, within about the time a revocation takes to reach every node.
+    key: String,
     watch: TaskWatch,
     next: Option<Task>,
     last_sent: Option<String>,
@@ -94,11 +98,18 @@ impl Cursor {
             let task = match self.next.take() {
                 Some(t) => t,
                 None => {
-                    tokio::select! {
-                        _ = self.watch.changed() => {}
+                    let changed = tokio::select! {
+                        _ = self.watch.changed() => true,
+                        _ = tokio::time::sleep(HEARTBEAT) => false,
                         // The server is stopping: end the stream so the drain is not held up;
                         // the client resumes on another node (or this one, restarted).
                         _ = self.state.dispatcher.stopped() => return None,
+                    };
+                    if self.state.auth.client_tenant(&self.key).await.is_err() {
+                        return None;
+                    }
+                    if !changed {
+                        continue;
                     }
                     match self.state.store.get_task(self.watch.task_id()).await {
                         Ok(Some(t)) => t,

@@ -260,6 +260,7 @@ async fn generate_task(
         .backend
         .validate(&submission.input)
         .map_err(|m| ApiError::new(ErrorCode::InvalidInput, m))?;
+    let tenant_id = tenant.id.clone();
     let task = new_task(runtime, tenant.id, submission, new_task_id(), now_ms());
     let task_id = if let Some(key) = key {
         // The slower path: the key's row is read and written in the task's transaction.
@@ -275,7 +276,11 @@ async fn generate_task(
     // finished before this point is answered at once.
     let watch = state.dispatcher.events().subscribe(&task_id);
     let deadline = Instant::now() + wait;
-    match wait::until_final(&state, &task_id, watch, deadline).await? {
+    match wait::until_final(&state, &task_id, watch, deadline, |t| {
+        t.tenant_id == tenant_id
+    })
+    .await?
+    {
         Some(task) => Ok((
             [wait::applied(wait)],
             json_bytes(render_status(&state, task).await?),
@@ -352,9 +357,10 @@ async fn status_task(
         // The watch before the first read: a change between the two still wakes the wait.
         let watch = state.dispatcher.events().subscribe(&task_id);
         let deadline = Instant::now() + wait;
-        let task = wait::until_final(&state, &task_id, watch, deadline)
-            .await?
-            .filter(|t| t.tenant_id == tenant.id && t.model == model);
+        let task = wait::until_final(&state, &task_id, watch, deadline, |t| {
+            t.tenant_id == tenant.id && t.model == model
+        })
+        .await?;
         let Some(task) = task else {
             return Err(runtime.err().unwrap_or_else(not_found));
         };
@@ -378,6 +384,9 @@ async fn status_task(
     Ok(json_bytes(render_status(&state, task).await?))
 }
 
+/// Longest `taskId` looked up; ours are 31 bytes.
+const MAX_TASK_ID_BYTES: usize = 128;
+
 /// The `taskId` query parameter of a route about one task (`/api/v1/{route}/{model}?taskId=`);
 /// without it, the unknown model's 404 or a 400 showing the form.
 pub(super) fn required_task_id(
@@ -387,6 +396,17 @@ pub(super) fn required_task_id(
     model: &str,
 ) -> Result<String, ApiError> {
     if let Some(id) = query_param(uri, "taskId") {
+        // No task has such an id; PostgreSQL would refuse the NUL (a 500), and a megabyte of id
+        // need not reach the store or come back in the message.
+        if id.contains('\0') || id.len() > MAX_TASK_ID_BYTES {
+            model_or_404(state, model)?;
+            return Err(ApiError::new(
+                ErrorCode::TaskNotFound,
+                format!(
+                    "task not found for model {model:?}: a task id is at most {MAX_TASK_ID_BYTES} bytes with no NUL"
+                ),
+            ));
+        }
         return Ok(id);
     }
     model_or_404(state, model)?;

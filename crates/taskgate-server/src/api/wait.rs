@@ -49,16 +49,19 @@ pub fn applied(wait: Duration) -> (HeaderName, HeaderValue) {
 }
 
 /// Reads `task_id` until it is final, `deadline` passes, or the server begins shutting down;
-/// answers the last read (`None`: the task does not exist). `watch` must have been taken before
-/// the caller's last look at the task, so that no change slips between the two.
+/// answers the last read (`None`: the task does not exist for the caller, which `visible`
+/// decides on every read — a wait on another tenant's task must answer its 404 at once, not
+/// when the task ends, or its timing would tell that the task exists). `watch` must have been
+/// taken before the caller's last look at the task, so that no change slips between the two.
 pub async fn until_final(
     state: &AppState,
     task_id: &str,
     mut watch: TaskWatch,
     deadline: Instant,
+    visible: impl Fn(&Task) -> bool,
 ) -> Result<Option<Task>, ApiError> {
     loop {
-        let Some(task) = state.store.get_task(task_id).await? else {
+        let Some(task) = state.store.get_task(task_id).await?.filter(&visible) else {
             return Ok(None);
         };
         if task.state.is_final() || Instant::now() >= deadline {

@@ -58,7 +58,8 @@ pub async fn recover_at_start(store: &dyn Store, models: &[String]) -> Result<()
 
 /// How often pending tasks past their deadline are failed: a deadline is kept to within this.
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
-const EXPIRY_BATCH: usize = 500;
+/// Small, so one round holds SQLite's write lock for a few milliseconds at most.
+const EXPIRY_BATCH: usize = 200;
 
 /// Fails pending tasks whose deadline (`ttl_seconds`) passed before they started, with
 /// `EXPIRED`. Claims already skip them, so this only makes the failure visible and owes their

@@ -22,7 +22,23 @@ pub struct TaskQuery {
     pub created_before: Option<i64>,
     /// Only tasks whose id sorts below this one: the page after the one that ended there.
     pub before_id: Option<String>,
+    /// Only tasks whose id sorts above this one (a bound derived from `created_after`, so the
+    /// walk stops there instead of reading the tenant's whole history).
+    pub after_id: Option<String>,
     pub limit: usize,
+    /// With a `state`, which is checked row by row, the walk reads at most this many of the
+    /// tenant's tasks; a page that ran out of them says where it stopped
+    /// ([`TaskPage::examined_to`]).
+    pub max_examined: usize,
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPage {
+    pub tasks: Vec<crate::domain::Task>,
+    /// Set when the walk reached `max_examined` before filling the page: the lowest id it
+    /// examined. The next page starts below it (there may be matches further down).
+    pub examined_to: Option<String>,
 }
 
 /// An `Idempotency-Key` as the store keeps it: one row per tenant and key, written in the
@@ -60,7 +76,7 @@ pub const LIST_COLUMNS: &str = "id, tenant_id, model, state, '' AS input, callba
 /// The listing's statement, in either dialect (the builder writes `?` or `$n`). It walks the
 /// index `(tenant_id, id)`, or `(tenant_id, model, id)` with a model, backwards from the
 /// cursor; the other filters are checked on the rows it walks.
-pub fn list_query<'a, DB>(q: &'a TaskQuery) -> sqlx::QueryBuilder<'a, DB>
+pub fn list_query<'a, DB>(q: &'a TaskQuery, floor: Option<&'a str>) -> sqlx::QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -85,9 +101,46 @@ where
     if let Some(id) = &q.before_id {
         qb.push(" AND id < ").push_bind(id.as_str());
     }
+    if let Some(id) = &q.after_id {
+        qb.push(" AND id > ").push_bind(id.as_str());
+    }
+    if let Some(floor) = floor {
+        qb.push(" AND id >= ").push_bind(floor);
+    }
     qb.push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::try_from(q.limit).unwrap_or(i64::MAX));
     qb
+}
+
+/// The lowest id of the first `max_examined` tasks the listing's walk reads (tenant, model,
+/// cursor and id bounds, newest first), if there are that many: an index-only walk that
+/// bounds the page query's row-by-row `state` check.
+pub fn floor_query<'a, DB>(q: &'a TaskQuery) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut qb = sqlx::QueryBuilder::new("SELECT id FROM tasks WHERE tenant_id = ");
+    qb.push_bind(q.tenant_id.as_str());
+    if let Some(model) = &q.model {
+        qb.push(" AND model = ").push_bind(model.as_str());
+    }
+    if let Some(id) = &q.before_id {
+        qb.push(" AND id < ").push_bind(id.as_str());
+    }
+    if let Some(id) = &q.after_id {
+        qb.push(" AND id > ").push_bind(id.as_str());
+    }
+    qb.push(" ORDER BY id DESC LIMIT 1 OFFSET ")
+        .push_bind(i64::try_from(q.max_examined.saturating_sub(1)).unwrap_or(i64::MAX));
+    qb
+}
+
+/// Whether a listing needs its walk bounded: only the `state` filter is checked row by row
+/// (model and ids are index ranges).
+pub fn needs_floor(q: &TaskQuery) -> bool {
+    q.state.is_some()
 }
 
 /// The ids a key row holds (a JSON array).

@@ -17,7 +17,7 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{IdempotencyKey, KeyedInsert, TaskQuery};
+use super::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
 use crate::domain::Task;
 
 /// What an injected fault does.
@@ -176,7 +176,7 @@ impl Store for FaultyStore {
         self.plan.leave("insert_tasks_keyed", after, result)
     }
 
-    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         let after = self.plan.enter("list_tasks").await?;
         let result = self.inner.list_tasks(query).await;
         self.plan.leave("list_tasks", after, result)
@@ -464,6 +464,12 @@ impl Store for FaultyStore {
         let entered = self.plan.enter("delete_tasks").await?;
         let result = self.inner.delete_tasks(task_ids).await;
         self.plan.leave("delete_tasks", entered, result)
+    }
+
+    async fn delete_expired_keys(&self, before: i64, limit: usize) -> Result<u64, StoreError> {
+        let entered = self.plan.enter("delete_expired_keys").await?;
+        let result = self.inner.delete_expired_keys(before, limit).await;
+        self.plan.leave("delete_expired_keys", entered, result)
     }
 
     async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {

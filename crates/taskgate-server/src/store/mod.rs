@@ -11,7 +11,7 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
-pub use batch::{IdempotencyKey, KeyedInsert, TaskQuery};
+pub use batch::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
 
 use std::time::Duration;
 
@@ -414,7 +414,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<KeyedInsert, StoreError>;
 
     /// A page of one tenant's tasks, newest first (a read: never a write connection).
-    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError>;
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError>;
 
     /// The bytes of an output kept in the database, by its artifact key.
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -675,6 +675,10 @@ pub trait Store: Send + Sync + 'static {
     /// in flight); answers the ids deleted. Blobs are deleted by key first
     /// ([`Store::delete_blobs`]), as the task's outputs name them.
     async fn delete_tasks(&self, task_ids: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes up to `limit` idempotency keys created before `before` (they have expired:
+    /// a request with one creates anew); answers how many went.
+    async fn delete_expired_keys(&self, before: i64, limit: usize) -> Result<u64, StoreError>;
 
     /// Stores `value` under the setting `name` unless the stored value is greater or equal
     /// (bytewise), atomically; answers the value stored afterwards. A mark that only moves

@@ -29,7 +29,9 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{Finished, IdempotencyKey, KeyedInsert, Runner, TaskQuery, MAX_UNACKED_REFUNDS};
+use super::{
+    Finished, IdempotencyKey, KeyedInsert, Runner, TaskPage, TaskQuery, MAX_UNACKED_REFUNDS,
+};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -466,7 +468,7 @@ impl Store for PostgresStore {
         self.insert_keyed(key, &tasks).await
     }
 
-    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         self.list(query).await
     }
 
@@ -508,6 +510,7 @@ impl Store for PostgresStore {
         let rows = sqlx::query_as::<_, TaskRow>(&format!(
             "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
              lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, \
+             expires_at = NULL, \
              start_time = {DB_NOW_MS}, \
              runner = $6, claim_acked = $7 \
              WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND {guard} \
@@ -1199,6 +1202,19 @@ impl Store for PostgresStore {
             .await?;
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn delete_expired_keys(&self, before: i64, limit: usize) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (tenant_id, key) IN \
+             (SELECT tenant_id, key FROM idempotency_keys WHERE created_at < $1 \
+              ORDER BY created_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {

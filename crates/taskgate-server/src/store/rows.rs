@@ -349,7 +349,9 @@ pub fn finished_from_rows(rows: Vec<FinishedRow>) -> Result<Vec<super::Finished>
 pub fn finished_tasks_sql(after: bool, p: impl Fn(u32) -> String) -> String {
     let position = if after {
         format!(
-            "AND (complete_time > {a} OR (complete_time = {a} AND id > {b}))",
+            // A row value, so that PostgreSQL (and SQLite) take it as the index range's lower
+            // bound; the equivalent OR is a filter on PostgreSQL, rescanning every earlier row.
+            "AND (complete_time, id) > ({a}, {b})",
             a = p(3),
             b = p(4)
         )
@@ -385,7 +387,9 @@ pub fn delete_tasks_sql(ids: &str) -> [String; 3] {
 }
 
 /// The claim's guard against deadlines: a pending task past its `expires_at` is not started
-/// (the expiry sweep fails it). `now` is the placeholder of the claim's time.
+/// (the expiry sweep fails it). `now` is the placeholder of the claim's time. The claim clears
+/// `expires_at`: the deadline is to *start*, so a task that started and went back to pending (a
+/// retry, a lost worker, a shutdown) is never expired.
 pub fn not_expired(now: &str) -> String {
     format!("(expires_at IS NULL OR expires_at > {now})")
 }

@@ -444,3 +444,84 @@ async fn a_stream_on_one_node_follows_a_task_run_through_another() {
     node_b.stop().await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_wait_on_another_tenants_running_task_answers_404_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, marks) = (dir.path().join("gate"), dir.path().to_owned());
+    let app = gated_app(&gate, &marks).await;
+    let id = app.api.submit_ok("slow", json!({})).await;
+    wait_for_file(&marks.join(format!("started-{id}-1")), LONG).await;
+    let other = create_key(&app.data_dir, "other", None).await;
+    // Answered while the task still runs: its timing tells the other tenant nothing.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        status_waiting(&app.api.with_key(&other.key), "slow", &id, "wait=60"),
+    )
+    .await
+    .expect("the 404 waited for the task");
+    let (status, body) = envelope(resp).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, &[&id]);
+    let (_, mine) = app.api.status("slow", &id).await;
+    assert_eq!(mine["data"]["state"], "processing");
+    std::fs::write(&gate, "").unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_ends_once_its_key_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, marks) = (dir.path().join("gate"), dir.path().to_owned());
+    let app = gated_app(&gate, &marks).await;
+    let key = create_key(&app.data_dir, "soon-revoked", None).await;
+    let api = app.api.with_key(&key.key);
+    let id = api.submit_ok("slow", json!({})).await;
+    let mut stream = SseReader::open(&api, "slow", &id, None).await;
+    stream.until(|d| d["state"] == "processing").await;
+    let out = taskgate(&[
+        "keys",
+        "revoke",
+        &key.id,
+        "--data-dir",
+        app.data_dir.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(LONG, "the revoked key to be refused", || async {
+        api.status("slow", &id).await.0 == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    // The task changes; the stream, woken, finds its key revoked and ends without telling.
+    std::fs::write(&gate, "").unwrap();
+    assert!(
+        stream.next().await.is_none(),
+        "a revoked key was sent the task's next state"
+    );
+}
+
+#[tokio::test]
+async fn ids_no_task_can_have_are_not_found_without_a_store_read() {
+    let app = TestApp::start().await;
+    let long = "x".repeat(200);
+    for id in ["task_\0abc", long.as_str()] {
+        for route in ["statusTask", "streamTask"] {
+            let resp = app
+                .api
+                .http
+                .get(format!("{}/api/v1/{route}/echo", app.api.base))
+                .query(&[("taskId", id)])
+                .bearer_auth(&app.api.key)
+                .send()
+                .await
+                .unwrap();
+            let (status, body) = envelope(resp).await;
+            assert_error(status, &body, StatusCode::NOT_FOUND, &["at most 128 bytes"]);
+            assert!(body.to_string().len() < 400, "the id came back: {body}");
+        }
+    }
+    let (status, body) = app.api.list(&[("model", "e\0cho")]).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, &["NUL"]);
+}

@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 use sqlx::{Postgres, Transaction};
 
 use super::super::batch::{
-    list_query, task_ids_from_json, task_ids_json, IdempotencyKey, KeyedInsert, TaskQuery,
-    INSERT_CHUNK,
+    floor_query, list_query, needs_floor, task_ids_from_json, task_ids_json, IdempotencyKey,
+    KeyedInsert, TaskPage, TaskQuery, INSERT_CHUNK,
 };
 use super::super::rows::{insert_tasks, TaskRow};
 use super::super::{NewTask, StoreError};
@@ -76,14 +76,24 @@ impl PostgresStore {
         Ok(KeyedInsert::Inserted)
     }
 
-    pub(super) async fn list(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
-        list_query::<Postgres>(query)
+    pub(super) async fn list(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let floor: Option<String> = if needs_floor(query) {
+            floor_query::<Postgres>(query)
+                .build_query_scalar()
+                .fetch_optional(&self.pool)
+                .await?
+        } else {
+            None
+        };
+        let tasks = list_query::<Postgres>(query, floor.as_deref())
             .build_query_as::<TaskRow>()
             .fetch_all(&self.pool)
             .await?
             .into_iter()
             .map(Task::try_from)
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let examined_to = floor.filter(|_| tasks.len() < query.limit);
+        Ok(TaskPage { tasks, examined_to })
     }
 }
 

@@ -13,8 +13,8 @@
 use sqlx::Sqlite;
 
 use super::super::batch::{
-    list_query, task_ids_from_json, task_ids_json, IdempotencyKey, KeyedInsert, TaskQuery,
-    INSERT_CHUNK,
+    floor_query, list_query, needs_floor, task_ids_from_json, task_ids_json, IdempotencyKey,
+    KeyedInsert, TaskPage, TaskQuery, INSERT_CHUNK,
 };
 use super::super::rows::{insert_tasks, TaskRow};
 use super::super::{NewTask, StoreError};
@@ -79,14 +79,24 @@ impl SqliteStore {
         Ok(KeyedInsert::Inserted)
     }
 
-    pub(super) async fn list(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
-        list_query::<Sqlite>(query)
+    pub(super) async fn list(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let floor: Option<String> = if needs_floor(query) {
+            floor_query::<Sqlite>(query)
+                .build_query_scalar()
+                .fetch_optional(&self.reader)
+                .await?
+        } else {
+            None
+        };
+        let tasks = list_query::<Sqlite>(query, floor.as_deref())
             .build_query_as::<TaskRow>()
             .fetch_all(&self.reader)
             .await?
             .into_iter()
             .map(Task::try_from)
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let examined_to = floor.filter(|_| tasks.len() < query.limit);
+        Ok(TaskPage { tasks, examined_to })
     }
 }
 
@@ -127,7 +137,9 @@ mod tests {
             created_after: Some(1),
             created_before: Some(2),
             before_id: Some("task_1".into()),
+            after_id: Some("task_0".into()),
             limit: 21,
+            max_examined: 5000,
         };
         let one_model = TaskQuery {
             model: Some("echo".into()),
@@ -137,23 +149,28 @@ mod tests {
             (all, "tasks_by_tenant "),
             (one_model, "tasks_by_tenant_model"),
         ] {
-            let sql = list_query::<Sqlite>(&q).sql().to_owned();
-            let plan: Vec<(i64, i64, i64, String)> =
-                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
-                    .fetch_all(&store.reader)
-                    .await
-                    .unwrap();
-            let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
-            assert!(
-                steps.iter().any(|s| s.contains(index)),
-                "{sql}\ndoes not use {index}: {steps:?}"
-            );
-            assert!(
-                !steps
-                    .iter()
-                    .any(|s| s.starts_with("SCAN tasks") || s.contains("TEMP B-TREE")),
-                "{sql}\nscans or sorts: {steps:?}"
-            );
+            // The page (bounded by the floor) and the floor's own walk.
+            for sql in [
+                list_query::<Sqlite>(&q, Some("task_0")).sql().to_owned(),
+                floor_query::<Sqlite>(&q).sql().to_owned(),
+            ] {
+                let plan: Vec<(i64, i64, i64, String)> =
+                    sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                        .fetch_all(&store.reader)
+                        .await
+                        .unwrap();
+                let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+                assert!(
+                    steps.iter().any(|s| s.contains(index)),
+                    "{sql}\ndoes not use {index}: {steps:?}"
+                );
+                assert!(
+                    !steps
+                        .iter()
+                        .any(|s| s.starts_with("SCAN tasks") || s.contains("TEMP B-TREE")),
+                    "{sql}\nscans or sorts: {steps:?}"
+                );
+            }
         }
     }
 }

@@ -30,7 +30,9 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::{Finished, IdempotencyKey, KeyedInsert, Runner, TaskQuery, MAX_UNACKED_REFUNDS};
+use super::{
+    Finished, IdempotencyKey, KeyedInsert, Runner, TaskPage, TaskQuery, MAX_UNACKED_REFUNDS,
+};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -103,6 +105,7 @@ pub(super) fn claim_sql() -> String {
     format!(
         "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
          lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
+         expires_at = NULL, \
          claim_acked = ?8 \
          WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
                       AND run_after <= ?3 AND {live} ORDER BY priority DESC, id \
@@ -334,7 +337,7 @@ impl Store for SqliteStore {
         self.insert_keyed(key, &tasks).await
     }
 
-    async fn list_tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StoreError> {
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         self.list(query).await
     }
 
@@ -1005,6 +1008,19 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn delete_expired_keys(&self, before: i64, limit: usize) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (tenant_id, key) IN \
+             (SELECT tenant_id, key FROM idempotency_keys WHERE created_at < ?1 \
+              ORDER BY created_at LIMIT ?2)",
+        )
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&mut *self.write_conn().await?)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
