@@ -18,7 +18,7 @@ use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
 use tokio::time::Instant;
 
 use super::extract::ClientTenant;
-use super::{query_param, wait};
+use super::{models, query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
 use crate::error::ApiError;
@@ -178,7 +178,8 @@ async fn generate_task(
             )
         }
     })?;
-    let submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
+    let mut submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
+    models::check_input(runtime, &mut submission.input)?;
     runtime
         .backend
         .validate(&submission.input)
