@@ -1,4 +1,4 @@
-//! Running `submit`, `status` and `wait`: the input they send, the calls they make through
+//! Running `submit`, `status`, `wait` and `models`: the input they send, the calls they make through
 //! `taskgate-client`, and which outcome counts as a failure (a `status` that finds the task
 //! failed exits 1 like `wait` does).
 
@@ -11,7 +11,7 @@ use taskgate_client::{Client, Error, SubmitOptions, TaskState};
 
 use super::exit::{explain, failed_task, Action, Failure};
 use super::listen::listen;
-use super::output::{download_with_progress, show_status, wait_with_progress};
+use super::output::{download_with_progress, show_models, show_status, wait_with_progress};
 use super::{ClientCommand, Connection, WebhookCommand};
 
 pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
@@ -84,6 +84,15 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
             let client = connect(conn)?;
             // The task may have finished long ago, so look once before the first interval.
             wait_and_show(conn, &client, &model, &task_id, timeout, out, true).await
+        }
+        ClientCommand::Models { .. } => {
+            let client = connect(conn)?;
+            let models = client
+                .models()
+                .await
+                .map_err(|e| explain(conn, Action::Models, e))?;
+            show_models(conn, &models);
+            Ok(())
         }
         ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {
             listen(conn, port, secret).await

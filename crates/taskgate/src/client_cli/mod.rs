@@ -1,10 +1,11 @@
-//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait` and `webhook listen`.
+//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait`, `models` and
+//! `webhook listen`.
 //!
 //! They are thin over `taskgate-client`, which owns polling, retries and downloads; this module
 //! owns only what a person or a script sees, split by job:
 //!
 //! - here: the flags (`Connection` and the subcommands) and [`run`];
-//! - `commands`: running `submit`, `status` and `wait`;
+//! - `commands`: running `submit`, `status`, `wait` and `models`;
 //! - `output`: human text or one JSON document on stdout, progress on stderr;
 //! - `exit`: the exit codes and the one error line (or JSON error document) of every failure;
 //! - `listen`: the `webhook listen` receiver.
@@ -91,6 +92,11 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// List the models this key may use, with their input schemas (a taskgate extension).
+    Models {
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Tools for developing webhook receivers.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -122,6 +128,7 @@ impl ClientCommand {
             ClientCommand::Submit { conn, .. }
             | ClientCommand::Status { conn, .. }
             | ClientCommand::Wait { conn, .. }
+            | ClientCommand::Models { conn }
             | ClientCommand::Webhook(WebhookCommand::Listen { conn, .. }) => conn,
         }
     }

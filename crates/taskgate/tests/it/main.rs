@@ -12,6 +12,7 @@ mod dispatch;
 mod faults;
 mod hot_paths;
 mod http_backend;
+mod models;
 mod recovery;
 mod s3;
 mod signed_urls;

@@ -1,6 +1,6 @@
 //! The `taskgate` binary's command line, run as a child process: the client commands (`submit`,
-//! `status`, `wait`, `webhook listen`) against a real server, `serve` and `keys` themselves, help
-//! and usage errors, and the SDK end to end: exit codes, stdout, stderr and files. One file per
+//! `status`, `wait`, `models`, `webhook listen`) against a real server, `serve` and `keys`
+//! themselves, help and usage errors, and the SDK end to end: exit codes, stdout, stderr and files. One file per
 //! command; this one holds only what they share, running the binary and reading what it left.
 //!
 //! Each CLI run starts from an environment with every `TASKGATE_*` variable removed, then sets
@@ -8,6 +8,7 @@
 
 mod connection;
 mod keys;
+mod models;
 mod serve;
 mod status_wait;
 mod submit;
