@@ -854,6 +854,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_its_schemas_compile() {
+        let text = include_str!("../../../../examples/taskgate.toml");
+        let models = FileConfig::parse(text).unwrap().models.unwrap();
+        let sd = &models["sd-webui"];
+        assert_eq!(sd.recommended_poll_interval(), Duration::from_secs(5));
+        let schema = InputSchema::load(sd.input_schema.as_ref().unwrap()).unwrap();
+        let refused = schema
+            .check(&serde_json::json!({"width": 100}))
+            .unwrap_err();
+        assert_eq!(refused.total, 2, "{refused}");
+    }
+
+    #[test]
     fn a_schema_path_is_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taskgate.toml");

@@ -157,7 +157,13 @@ impl InputSchema {
         let validator = jsonschema::options()
             .with_retriever(RefuseRemote)
             .build(&document)
-            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+            .map_err(|e| {
+                // A meta-schema violation says where in the schema it is; a bad $ref has no place.
+                SchemaError::Invalid(match e.instance_path().as_str() {
+                    "" => e.to_string(),
+                    at => format!("at {at}: {e}"),
+                })
+            })?;
         Ok(InputSchema {
             document,
             validator,
@@ -330,10 +336,13 @@ mod tests {
 
     #[test]
     fn an_invalid_schema_is_refused_with_the_problem_named() {
-        let err = InputSchema::compile(json!({"type": 12}))
+        let err = InputSchema::compile(json!({"properties": {"w": {"type": 12}}}))
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("not a valid JSON Schema"), "{err}");
+        assert!(
+            err.starts_with("not a valid JSON Schema: at /properties/w/type: 12 "),
+            "{err}"
+        );
         let err = InputSchema::compile(json!("x")).unwrap_err().to_string();
         assert!(err.contains("not a string"), "{err}");
     }
