@@ -71,12 +71,12 @@ async fn trivial_status() -> Json<Value> {
 /// A builtin `echo` model with `concurrency` slots.
 pub fn echo_model(concurrency: usize) -> ModelConfig {
     ModelConfig {
-        backend: BackendConfig::Builtin {
-            builtin: BuiltinKind::Echo,
-        },
         concurrency,
         timeout: Duration::from_secs(600),
         max_attempts: 3,
+        ..ModelConfig::new(BackendConfig::Builtin {
+            builtin: BuiltinKind::Echo,
+        })
     }
 }
 

@@ -61,7 +61,7 @@ pub use taskgate_proto as proto;
 pub use taskgate_proto::webhook;
 pub use taskgate_proto::webhook::{Secret, VerifyError};
 pub use taskgate_proto::{
-    GenerateTaskRequest, ResultJson, TaskList, TaskListItem, TaskState, TaskStatus,
+    GenerateTaskRequest, ModelInfo, ResultJson, TaskList, TaskListItem, TaskState, TaskStatus,
 };
 
 use error::{is_transient_status, transport_reason};
@@ -510,6 +510,26 @@ impl Client {
             .call(Method::GET, url.clone(), None::<&()>, true)
             .await?;
         decode_data(&url, data)
+    }
+
+    /// Lists the models this key may use (`GET /api/v1/models`, a taskgate extension that
+    /// APIXO does not have; it answers 404 there), sorted by name: each with its modes, the
+    /// poll interval the server recommends, and the JSON Schema its `input` must match, if any.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: taskgate_client::Client) -> Result<(), taskgate_client::Error> {
+    /// for m in client.models().await? {
+    ///     println!("{} (poll every {} ms)", m.model, m.poll_interval_ms);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn models(&self) -> Result<Vec<ModelInfo>, Error> {
+        let url = self.endpoint(&["models"])?;
+        let data = self
+            .call(Method::GET, url.clone(), None::<&()>, true)
+            .await?;
+        let list: taskgate_proto::ModelList = decode_data(&url, data)?;
+        Ok(list.models)
     }
 
     fn endpoint(&self, segments: &[&str]) -> Result<Url, Error> {

@@ -250,6 +250,30 @@ pub struct WebhookDeliveries {
     pub deliveries: Vec<WebhookDelivery>,
 }
 
+/// One model a key may use, as `GET /api/v1/models` lists it (a taskgate extension).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    /// The id used in `generateTask/{model}` and `statusTask/{model}`.
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// How tasks of this model can be followed: `async` (poll statusTask) and `callback` (the
+    /// server POSTs the final status), plus whatever the operator lists for the model.
+    pub modes: Vec<String>,
+    /// How long to wait before the first statusTask poll (and between the early ones).
+    pub poll_interval_ms: u64,
+    /// The JSON Schema a submit's `input` must match; absent when the model checks nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<serde_json::Value>,
+}
+
+/// `data` of `GET /api/v1/models`: sorted by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelInfo>,
+}
+
 /// Body of `POST /api/v1/worker/claim`: long-polls for a task of one of `models`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -368,6 +392,21 @@ mod tests {
             r#"{"tasks":[{"taskId":"task_1","state":"pending","createTime":5,"model":"echo"}],"nextCursor":null}"#
         );
         assert_eq!(serde_json::from_str::<TaskList>(&json).unwrap(), list);
+    }
+
+    #[test]
+    fn a_model_without_schema_or_description_leaves_them_out() {
+        let m = ModelInfo {
+            model: "echo".into(),
+            description: None,
+            modes: vec!["async".into()],
+            poll_interval_ms: 1000,
+            input_schema: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"model":"echo","modes":["async"],"pollIntervalMs":1000}"#
+        );
     }
 
     #[test]

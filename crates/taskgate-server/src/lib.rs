@@ -165,6 +165,7 @@ pub async fn run_with(
     hooks: Hooks,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    let mut input_schemas = backends::input_schemas(&config.models)?;
     // Absolute, so that paths handed to model programs (TASKGATE_OUTPUT_DIR) do not depend on
     // their working directory.
     std::fs::create_dir_all(&config.server.data_dir).map_err(|source| ServerError::DataDir {
@@ -256,7 +257,10 @@ pub async fn run_with(
             let backend = backends::build(cfg, &http);
             (
                 name.clone(),
-                Arc::new(ModelRuntime::new(name.clone(), cfg.clone(), backend)),
+                Arc::new(
+                    ModelRuntime::new(name.clone(), cfg.clone(), backend)
+                        .with_input_schema(input_schemas.remove(name)),
+                ),
             )
         })
         .collect();

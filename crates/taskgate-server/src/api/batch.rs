@@ -18,6 +18,7 @@ use taskgate_proto::{Envelope, ErrorCode, TasksCreated, MAX_BATCH_TASKS};
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader, GENERATE_TASKS};
+use super::models;
 use super::tasks::{json_type_name, model_or_404, new_task, read_body, submission_from_object};
 use crate::domain::{new_task_ids, now_ms};
 use crate::error::ApiError;
@@ -42,8 +43,9 @@ async fn generate_tasks(
     let ids = new_task_ids(items.len());
     let mut tasks = Vec::with_capacity(items.len());
     for (i, (item, id)) in items.into_iter().zip(ids).enumerate() {
-        let submission = submission_from_object(item, state.webhooks.allow_private_callbacks)
+        let mut submission = submission_from_object(item, state.webhooks.allow_private_callbacks)
             .map_err(|e| at_item(i, e))?;
+        models::check_input(runtime, &mut submission.input).map_err(|e| at_item(i, e))?;
         runtime
             .backend
             .validate(&submission.input)

@@ -1,6 +1,7 @@
-//! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`),
-//! webhook secrets and deliveries (`webhooks`), result files (`files`), the pull workers' API
-//! (`worker`) and health. Models, keys and the dashboard get routers of their own the same way.
+//! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`), the
+//! model list and input schemas (`models`), webhook secrets and deliveries (`webhooks`), result
+//! files (`files`), the pull workers' API (`worker`) and health. Keys and the dashboard get
+//! routers of their own the same way.
 //!
 //! Only this module and `error` know HTTP. Handlers take the caller as an extractor
 //! (`extract`), so a handler cannot forget to authenticate, and they reach the store only
@@ -12,6 +13,7 @@ mod batch;
 mod extract;
 mod files;
 mod idempotency;
+mod models;
 mod stream;
 mod task_list;
 mod tasks;
@@ -38,6 +40,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(tasks::router())
+        .merge(models::router())
         .merge(stream::router())
         .merge(task_list::router())
         .merge(batch::router())

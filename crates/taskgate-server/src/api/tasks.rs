@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
-use super::{query_param, wait};
+use super::{models, query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms};
 use crate::error::ApiError;
@@ -255,7 +255,8 @@ async fn generate_task(
     let runtime = model_or_404(&state, &model)?;
     let body = read_body(&state, body)?;
     let key = idempotency.key()?;
-    let submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
+    let mut submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
+    models::check_input(runtime, &mut submission.input)?;
     runtime
         .backend
         .validate(&submission.input)

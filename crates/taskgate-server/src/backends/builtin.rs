@@ -15,6 +15,54 @@ pub const MAX_ECHO_DELAY_MS: u64 = 600_000;
 pub const MAX_IMAGE_SIDE: u64 = 4096;
 const DEFAULT_IMAGE_SIDE: u64 = 512;
 
+/// `echo`'s input as a JSON Schema: what [`Echo`]'s `validate` checks, so that
+/// `GET /api/v1/models` shows it and a submit names every problem at once. (`validate` still runs
+/// after it; a test keeps the two in agreement.)
+pub fn echo_schema() -> Value {
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "description": "Any object; its result is the input as result.json.",
+        "properties": {
+            "delay_ms": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "description": format!("Milliseconds to sleep first (capped at {MAX_ECHO_DELAY_MS}).")
+            },
+            "fail": {
+                "type": ["string", "null"],
+                "description": "Fail the task with this message."
+            }
+        }
+    })
+}
+
+/// `demo-image`'s input as a JSON Schema, what [`DemoImage`]'s `validate` checks.
+pub fn demo_image_schema() -> Value {
+    let side = |name: &str| {
+        serde_json::json!({
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "maximum": MAX_IMAGE_SIDE,
+            "default": DEFAULT_IMAGE_SIDE,
+            "description": format!("{name} in pixels.")
+        })
+    };
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "prompt": {
+                "type": ["string", "null"],
+                "default": "",
+                "description": "Decides the colours and rings of the picture."
+            },
+            "width": side("Width"),
+            "height": side("Height")
+        }
+    })
+}
+
 /// `echo`: its result is one JSON file holding the input. `input.delay_ms` sleeps first (capped
 /// at 10 minutes); `input.fail`, a string, fails the task with that message.
 pub struct Echo;
@@ -160,6 +208,48 @@ mod tests {
         assert_eq!(a, render_png("a cat", 32, 16).unwrap());
         assert_ne!(a, render_png("a dog", 32, 16).unwrap());
         assert_eq!(&a[..8], b"\x89PNG\r\n\x1a\n");
+    }
+
+    /// The schemas say what `validate` checks: each input below is accepted by both or refused
+    /// by both. (`validate` alone refuses integers written as `5.0`.)
+    #[test]
+    fn the_builtin_schemas_agree_with_validate() {
+        use crate::config::InputSchema;
+        let cases: [(&dyn Backend, Value, &[Value]); 2] = [
+            (
+                &Echo,
+                echo_schema(),
+                &[
+                    serde_json::json!({}),
+                    serde_json::json!({"delay_ms": 5, "fail": "x", "other": [1]}),
+                    serde_json::json!({"delay_ms": null, "fail": null}),
+                    serde_json::json!({"delay_ms": -1}),
+                    serde_json::json!({"delay_ms": "soon"}),
+                    serde_json::json!({"fail": true}),
+                ],
+            ),
+            (
+                &DemoImage,
+                demo_image_schema(),
+                &[
+                    serde_json::json!({}),
+                    serde_json::json!({"prompt": "a fox", "width": 1, "height": 4096}),
+                    serde_json::json!({"prompt": null, "width": null}),
+                    serde_json::json!({"width": 0}),
+                    serde_json::json!({"height": 4097}),
+                    serde_json::json!({"width": "wide"}),
+                    serde_json::json!({"prompt": 7}),
+                ],
+            ),
+        ];
+        for (backend, schema, inputs) in cases {
+            let schema = InputSchema::compile(schema).unwrap();
+            for input in inputs {
+                let by_schema = schema.check(input).is_ok();
+                let by_validate = backend.validate(input.as_object().unwrap()).is_ok();
+                assert_eq!(by_schema, by_validate, "{input}");
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod command;
 mod http;
 mod process_tree;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use crate::config::{BackendConfig, ModelConfig};
+use crate::config::{BackendConfig, ConfigError, InputSchema, ModelConfig};
 
 pub use builtin::{DemoImage, Echo};
 pub use command::CommandBackend;
@@ -160,6 +161,41 @@ pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
             Arc::new(HttpBackend::new(cfg.clone(), http.clone(), model.timeout))
         }
     }
+}
+
+/// The JSON Schema of a backend kind's input, for a model whose table names none: the builtins
+/// know theirs; what other backends take is up to the model behind them.
+pub fn default_input_schema(backend: &BackendConfig) -> Option<Value> {
+    match backend {
+        BackendConfig::Builtin { builtin } => Some(match builtin {
+            crate::config::BuiltinKind::Echo => builtin::echo_schema(),
+            crate::config::BuiltinKind::DemoImage => builtin::demo_image_schema(),
+        }),
+        _ => None,
+    }
+}
+
+/// Compiles each model's input schema (its `input_schema`, else its backend's own), once per
+/// start and before anything is opened: a schema that does not compile stops the start with a
+/// message naming the model. Models without a schema are absent.
+pub fn input_schemas(
+    models: &BTreeMap<String, ModelConfig>,
+) -> Result<BTreeMap<String, Arc<InputSchema>>, ConfigError> {
+    let mut schemas = BTreeMap::new();
+    for (name, model) in models {
+        let compiled = match &model.input_schema {
+            Some(source) => Some(InputSchema::load(source)),
+            None => default_input_schema(&model.backend).map(InputSchema::compile),
+        };
+        if let Some(compiled) = compiled {
+            let schema = compiled.map_err(|e| ConfigError::Invalid {
+                setting: format!("models.{name}.input_schema"),
+                message: e.to_string(),
+            })?;
+            schemas.insert(name.clone(), Arc::new(schema));
+        }
+    }
+    Ok(schemas)
 }
 
 /// Reads an optional non-negative integer field, for validation messages that name it.

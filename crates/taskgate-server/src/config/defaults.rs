@@ -67,6 +67,13 @@ pub const MODEL_CONCURRENCY: usize = 4;
 pub const MODEL_TIMEOUT: Duration = Duration::from_secs(600);
 /// A model table's `max_attempts`.
 pub const MODEL_MAX_ATTEMPTS: u32 = 3;
+/// A model table's `poll_interval`: APIXO's recommended poll interval for fast image models
+/// (its docs: 3 s for images, 5 s quality images, 10 s audio, 15 s video; set those per model).
+pub const MODEL_POLL_INTERVAL: Duration = Duration::from_secs(3);
+/// `poll_interval` of a builtin model, which answers within milliseconds.
+pub const BUILTIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// A model table's `modes`: APIXO's two request types, which every model takes.
+pub const MODEL_MODES: &[&str] = &["async", "callback"];
 
 fn secs(list: &[u64]) -> Vec<Duration> {
     list.iter().copied().map(Duration::from_secs).collect()

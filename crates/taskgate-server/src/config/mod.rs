@@ -7,7 +7,10 @@
 //! saying what to change. It depends on nothing else in the crate.
 
 pub mod defaults;
+pub mod schema;
 pub mod settings;
+
+pub use schema::{InputSchema, SchemaSource};
 
 pub use settings::{
     layered, DatabaseUrl, Delays, Layers, ServerLayer, ServerSettings, StorageLayer,
@@ -64,10 +67,20 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        Ok(config.with_schema_paths_from(path.parent().unwrap_or(Path::new(""))))
+    }
+
+    /// Schema files named by a relative path are looked up next to the config file, so that a
+    /// config and its schemas move together, whatever directory the server starts in.
+    fn with_schema_paths_from(mut self, dir: &Path) -> Self {
+        for model in self.models.iter_mut().flat_map(|m| m.values_mut()) {
+            model.input_schema = model.input_schema.take().map(|s| s.anchored_at(dir));
+        }
+        self
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -99,11 +112,69 @@ pub struct ModelConfig {
     /// Attempts (first run included) before a retryable error or a lost worker fails the task.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The JSON Schema a submit's `input` must match (compiled at start, see `schema`). Without
+    /// it, a builtin's own schema, and for other backends no check.
+    #[serde(default)]
+    pub input_schema: Option<SchemaSource>,
+    /// The first poll interval clients are told to use ([`ModelConfig::recommended_poll_interval`]).
+    #[serde(default, with = "humantime_serde::option")]
+    pub poll_interval: Option<Duration>,
+    /// How tasks of this model can be followed, as listed to clients ([`ModelConfig::listed_modes`]).
+    #[serde(default)]
+    pub modes: Option<Vec<String>>,
+    /// One line for people, listed by `GET /api/v1/models`.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl ModelConfig {
+    /// A model of `backend` with every other setting at its default.
+    pub fn new(backend: BackendConfig) -> Self {
+        ModelConfig {
+            backend,
+            concurrency: default_concurrency(),
+            timeout: default_timeout(),
+            max_attempts: default_max_attempts(),
+            input_schema: None,
+            poll_interval: None,
+            modes: None,
+            description: None,
+        }
+    }
+
+    /// `poll_interval`, or the default of the model's kind: builtins answer in milliseconds; for
+    /// the others taskgate cannot know, so it says what APIXO recommends for fast image models.
+    pub fn recommended_poll_interval(&self) -> Duration {
+        self.poll_interval.unwrap_or(match self.backend {
+            BackendConfig::Builtin { .. } => defaults::BUILTIN_POLL_INTERVAL,
+            _ => defaults::MODEL_POLL_INTERVAL,
+        })
+    }
+
+    /// `modes`, or what every model supports: APIXO's two request types.
+    pub fn listed_modes(&self) -> Vec<String> {
+        match &self.modes {
+            Some(modes) => modes.clone(),
+            None => defaults::MODEL_MODES
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+        }
+    }
 }
 
 /// Refuses keys a model table's backend does not take, so that a typo is not silently ignored.
 fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
-    const COMMON: &[&str] = &["backend", "concurrency", "timeout", "max_attempts"];
+    const COMMON: &[&str] = &[
+        "backend",
+        "concurrency",
+        "timeout",
+        "max_attempts",
+        "input_schema",
+        "poll_interval",
+        "modes",
+        "description",
+    ];
     let own: &[&str] = match table.get("backend").and_then(|b| b.as_str()) {
         Some("builtin") => &["builtin"],
         Some("command") => &["command", "env", "working_dir"],
@@ -196,12 +267,7 @@ pub enum HttpResponseKind {
 
 /// The models offered when no config file names any.
 pub fn default_models() -> BTreeMap<String, ModelConfig> {
-    let builtin = |kind| ModelConfig {
-        backend: BackendConfig::Builtin { builtin: kind },
-        concurrency: default_concurrency(),
-        timeout: default_timeout(),
-        max_attempts: default_max_attempts(),
-    };
+    let builtin = |kind| ModelConfig::new(BackendConfig::Builtin { builtin: kind });
     BTreeMap::from([
         ("echo".to_owned(), builtin(BuiltinKind::Echo)),
         ("demo-image".to_owned(), builtin(BuiltinKind::DemoImage)),
@@ -419,6 +485,7 @@ impl Config {
             if model.timeout.is_zero() {
                 return Err(invalid(at("timeout"), "must be longer than 0s"));
             }
+            validate_listing(name, model)?;
             match &model.backend {
                 BackendConfig::Builtin { .. } | BackendConfig::Worker {} => {}
                 BackendConfig::Command { command, .. } => {
@@ -476,6 +543,26 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks what a model tells clients (`poll_interval`, `modes`). Its `input_schema` is compiled
+/// (and so checked) once, when the server builds the model.
+fn validate_listing(name: &str, model: &ModelConfig) -> Result<(), ConfigError> {
+    if model.poll_interval.is_some_and(|d| d.is_zero()) {
+        return Err(invalid(
+            format!("models.{name}.poll_interval"),
+            "must be longer than 0s",
+        ));
+    }
+    if let Some(modes) = &model.modes {
+        if modes.is_empty() || modes.iter().any(|m| m.trim().is_empty()) {
+            return Err(invalid(
+                format!("models.{name}.modes"),
+                "must list at least one mode, none empty, e.g. modes = [\"async\", \"callback\"]",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the S3 settings; names them as the flags do (`s3_bucket` is `--s3-bucket`).
@@ -702,18 +789,124 @@ mod tests {
         let mut c = Config::new("/tmp/x");
         c.models.insert(
             "bad".into(),
-            ModelConfig {
-                backend: BackendConfig::Command {
-                    command: vec![],
-                    env: BTreeMap::new(),
-                    working_dir: None,
-                },
-                concurrency: 1,
-                timeout: Duration::from_secs(1),
-                max_attempts: 1,
-            },
+            ModelConfig::new(BackendConfig::Command {
+                command: vec![],
+                env: BTreeMap::new(),
+                working_dir: None,
+            }),
         );
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("models.bad.command"), "{err}");
+    }
+
+    #[test]
+    fn the_listing_keys_parse_and_default_by_kind() {
+        let f = FileConfig::parse(
+            r#"
+            [models.sdxl]
+            backend = "worker"
+            poll_interval = "15s"
+            modes = ["async", "callback", "text-to-image"]
+            description = "Stable Diffusion XL"
+            input_schema = { type = "object", required = ["prompt"] }
+
+            [models.upscale]
+            backend = "command"
+            command = ["up"]
+            input_schema = "schemas/upscale.json"
+
+            [models.echo]
+            backend = "builtin"
+            builtin = "echo"
+            "#,
+        )
+        .unwrap();
+        let models = f.models.unwrap();
+        let sdxl = &models["sdxl"];
+        assert_eq!(sdxl.recommended_poll_interval(), Duration::from_secs(15));
+        assert_eq!(
+            sdxl.listed_modes(),
+            vec!["async", "callback", "text-to-image"]
+        );
+        assert_eq!(sdxl.description.as_deref(), Some("Stable Diffusion XL"));
+        let Some(SchemaSource::Inline(schema)) = &sdxl.input_schema else {
+            panic!("{:?}", sdxl.input_schema)
+        };
+        assert_eq!(schema["required"], serde_json::json!(["prompt"]));
+        assert_eq!(
+            models["upscale"].input_schema,
+            Some(SchemaSource::File("schemas/upscale.json".into()))
+        );
+        assert_eq!(
+            models["upscale"].recommended_poll_interval(),
+            defaults::MODEL_POLL_INTERVAL
+        );
+        let echo = &models["echo"];
+        assert_eq!(
+            echo.recommended_poll_interval(),
+            defaults::BUILTIN_POLL_INTERVAL
+        );
+        assert_eq!(echo.listed_modes(), vec!["async", "callback"]);
+        assert_eq!(
+            (echo.input_schema.as_ref(), echo.description.as_ref()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn the_example_config_parses_and_its_schemas_compile() {
+        let text = include_str!("../../../../examples/taskgate.toml");
+        let models = FileConfig::parse(text).unwrap().models.unwrap();
+        let sd = &models["sd-webui"];
+        assert_eq!(sd.recommended_poll_interval(), Duration::from_secs(5));
+        let schema = InputSchema::load(sd.input_schema.as_ref().unwrap()).unwrap();
+        let refused = schema
+            .check(&serde_json::json!({"width": 100}))
+            .unwrap_err();
+        assert_eq!(refused.total, 2, "{refused}");
+    }
+
+    #[test]
+    fn a_schema_path_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taskgate.toml");
+        std::fs::write(
+            &path,
+            "[models.a]\nbackend = \"worker\"\ninput_schema = \"s/a.json\"\n\
+             [models.b]\nbackend = \"worker\"\ninput_schema = \"/abs/b.json\"\n",
+        )
+        .unwrap();
+        let models = FileConfig::load(&path).unwrap().models.unwrap();
+        assert_eq!(
+            models["a"].input_schema,
+            Some(SchemaSource::File(dir.path().join("s/a.json")))
+        );
+        assert_eq!(
+            models["b"].input_schema,
+            Some(SchemaSource::File("/abs/b.json".into()))
+        );
+    }
+
+    #[test]
+    fn a_schema_that_is_neither_table_nor_path_is_refused_saying_what_it_takes() {
+        let err =
+            FileConfig::parse("[models.a]\nbackend = \"worker\"\ninput_schema = 3\n").unwrap_err();
+        assert!(err.contains("the path of a JSON Schema file"), "{err}");
+    }
+
+    #[test]
+    fn bad_listing_settings_are_refused_with_the_setting_named() {
+        for (toml, setting) in [
+            ("poll_interval = \"0s\"", "models.m.poll_interval"),
+            ("modes = []", "models.m.modes"),
+            ("modes = [\"async\", \" \"]", "models.m.modes"),
+        ] {
+            let f =
+                FileConfig::parse(&format!("[models.m]\nbackend = \"worker\"\n{toml}\n")).unwrap();
+            let mut c = Config::new("/tmp/x");
+            c.models = f.models.unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{toml}: {err}");
+        }
     }
 }

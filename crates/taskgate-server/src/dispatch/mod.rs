@@ -41,7 +41,7 @@ use tracing::{info_span, warn, Instrument};
 
 use crate::artifacts::ArtifactStore;
 use crate::backends::Backend;
-use crate::config::ModelConfig;
+use crate::config::{InputSchema, ModelConfig};
 use crate::events::TaskEvents;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
@@ -51,6 +51,8 @@ pub struct ModelRuntime {
     pub name: String,
     pub config: ModelConfig,
     pub backend: Arc<dyn Backend>,
+    /// Checked at submit before the backend's own `validate`; compiled once at start.
+    pub input_schema: Option<Arc<InputSchema>>,
     notify: Notify,
     permits: Arc<Semaphore>,
 }
@@ -62,9 +64,16 @@ impl ModelRuntime {
             name,
             config,
             backend,
+            input_schema: None,
             notify: Notify::new(),
             permits,
         }
+    }
+
+    /// The same model, with submits checked against `schema`.
+    pub fn with_input_schema(mut self, schema: Option<Arc<InputSchema>>) -> Self {
+        self.input_schema = schema;
+        self
     }
 }
 

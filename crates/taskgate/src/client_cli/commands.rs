@@ -1,4 +1,4 @@
-//! Running `submit`, `status`, `wait`, `cancel` and `list`: the input they send, the calls they make
+//! Running `submit`, `status`, `wait`, `cancel`, `list` and `models`: the input they send, the calls they make
 //! through `taskgate-client`, and which outcome counts as a failure (a `status` that finds the
 //! task failed exits 1 like `wait` does; a `cancel` that leaves it failed, as asked, exits 0).
 
@@ -11,7 +11,9 @@ use taskgate_client::{Client, Error, ListQuery, SubmitOptions, TaskState};
 
 use super::exit::{explain, failed_task, Action, Failure};
 use super::listen::listen;
-use super::output::{download_with_progress, show_list, show_status, wait_with_progress};
+use super::output::{
+    download_with_progress, show_list, show_models, show_status, wait_with_progress,
+};
 use super::{ClientCommand, Connection, WebhookCommand};
 
 pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(), Failure> {
@@ -124,6 +126,15 @@ pub(super) async fn execute(conn: &Connection, cmd: ClientCommand) -> Result<(),
                 .await
                 .map_err(|e| explain(conn, Action::List, e))?;
             show_list(conn, &page);
+            Ok(())
+        }
+        ClientCommand::Models { .. } => {
+            let client = connect(conn)?;
+            let models = client
+                .models()
+                .await
+                .map_err(|e| explain(conn, Action::Models, e))?;
+            show_models(conn, &models);
             Ok(())
         }
         ClientCommand::Webhook(WebhookCommand::Listen { port, secret, .. }) => {

@@ -138,6 +138,8 @@ pub(super) enum Action<'a> {
     List,
     /// Reading the tenant's webhook secret for `webhook listen`.
     WebhookSecret,
+    /// Listing the models (`taskgate models`).
+    Models,
 }
 
 /// Turns an SDK error into one actionable line and an exit code.
@@ -239,6 +241,15 @@ pub(super) fn explain(conn: &Connection, action: Action<'_>, err: Error) -> Fail
                     EXIT_TRANSPORT,
                     "server_error",
                     format!("{} failed with HTTP {status}, still after retries: {server_says}", conn.url),
+                ),
+                // APIXO has no model list: say so rather than "refused".
+                (404, Action::Models) if error_code != Some(ErrorCode::ModelNotFound) => fail(
+                    EXIT_USAGE,
+                    "unsupported",
+                    format!(
+                        "{} does not list models (GET /api/v1/models is a taskgate extension): {server_says}",
+                        conn.url
+                    ),
                 ),
                 (_, Action::Download) => fail(
                     EXIT_TRANSPORT,

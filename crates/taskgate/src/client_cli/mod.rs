@@ -1,11 +1,11 @@
-//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait`, `cancel`, `list` and
+//! Client subcommands of the `taskgate` binary: `submit`, `status`, `wait`, `cancel`, `list`, `models` and
 //! `webhook listen`.
 //!
 //! They are thin over `taskgate-client`, which owns polling, retries and downloads; this module
 //! owns only what a person or a script sees, split by job:
 //!
 //! - here: the flags (`Connection` and the subcommands) and [`run`];
-//! - `commands`: running `submit`, `status`, `wait`, `cancel` and `list`;
+//! - `commands`: running `submit`, `status`, `wait`, `cancel`, `list` and `models`;
 //! - `output`: human text or one JSON document on stdout, progress on stderr;
 //! - `exit`: the exit codes and the one error line (or JSON error document) of every failure;
 //! - `listen`: the `webhook listen` receiver.
@@ -125,6 +125,11 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// List the models this key may use, with their input schemas (a taskgate extension).
+    Models {
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Tools for developing webhook receivers.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -158,6 +163,7 @@ impl ClientCommand {
             | ClientCommand::Wait { conn, .. }
             | ClientCommand::Cancel { conn, .. }
             | ClientCommand::List { conn, .. }
+            | ClientCommand::Models { conn }
             | ClientCommand::Webhook(WebhookCommand::Listen { conn, .. }) => conn,
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use taskgate_client::{Client, Error, TaskList, TaskState, TaskStatus, WaitOptions};
+use taskgate_client::{Client, Error, ModelInfo, TaskList, TaskState, TaskStatus, WaitOptions};
 
 use super::Connection;
 
@@ -230,6 +230,72 @@ pub(super) fn show_list(conn: &Connection, page: &TaskList) {
     }
     if let Some(cursor) = &page.next_cursor {
         eprintln!("more tasks: add --cursor {cursor}");
+    }
+}
+
+/// The model list: with `--json` the server's `data` as it came (`{"models": [...]}`); for
+/// people one line per model, its input's top-level fields with `*` on the required ones.
+pub(super) fn show_models(conn: &Connection, models: &[ModelInfo]) {
+    if conn.json {
+        println!("{}", json!({ "models": models }));
+        return;
+    }
+    let rows: Vec<[String; 5]> = models
+        .iter()
+        .map(|m| {
+            [
+                m.model.clone(),
+                humantime::format_duration(Duration::from_millis(m.poll_interval_ms)).to_string(),
+                m.modes.join(","),
+                m.input_schema
+                    .as_ref()
+                    .map(input_fields)
+                    .unwrap_or_else(|| "any (no schema)".to_owned()),
+                m.description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["MODEL", "POLL", "MODES", "INPUT", "DESCRIPTION"].map(str::to_owned);
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// `prompt*, width, height`: the schema's top-level properties, required ones starred.
+fn input_fields(schema: &Value) -> String {
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let fields: Vec<String> = schema["properties"]
+        .as_object()
+        .map(|p| {
+            p.keys()
+                .map(|k| {
+                    if required.contains(&k.as_str()) {
+                        format!("{k}*")
+                    } else {
+                        k.clone()
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if fields.is_empty() {
+        "see --json".to_owned()
+    } else {
+        fields.join(", ")
     }
 }
 

@@ -112,9 +112,9 @@ async fn malformed_bodies_are_400_with_a_message_naming_the_problem() {
         (b"{\"request_type\": \"callback\", \"callback_url\": \"ftp://example.com/h\", \"input\": {}}", &["callback_url", "http"]),
         (b"{\"callback_url\": \"/relative/path\", \"input\": {}}", &["callback_url", "absolute"]),
         (b"{\"callback_url\": 42, \"input\": {}}", &["callback_url", "string"]),
-        (b"{\"input\": {\"delay_ms\": -1}}", &["input.delay_ms"]),
-        (b"{\"input\": {\"delay_ms\": \"soon\"}}", &["input.delay_ms"]),
-        (b"{\"input\": {\"fail\": true}}", &["input.fail"]),
+        (b"{\"input\": {\"delay_ms\": -1}}", &["/delay_ms"]),
+        (b"{\"input\": {\"delay_ms\": \"soon\"}}", &["/delay_ms"]),
+        (b"{\"input\": {\"fail\": true}}", &["/fail"]),
     ];
 
     for (body, needles) in cases {

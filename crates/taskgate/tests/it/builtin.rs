@@ -90,10 +90,10 @@ async fn demo_image_refuses_sizes_it_cannot_render_at_submit() {
     let app = TestApp::start().await;
 
     for (input, field) in [
-        (json!({ "width": 0 }), "input.width"),
-        (json!({ "height": 100_000 }), "input.height"),
-        (json!({ "width": "wide" }), "input.width"),
-        (json!({ "prompt": 7 }), "input.prompt"),
+        (json!({ "width": 0 }), "/width"),
+        (json!({ "height": 100_000 }), "/height"),
+        (json!({ "width": "wide" }), "/width"),
+        (json!({ "prompt": 7 }), "/prompt"),
     ] {
         let (status, body) = app
             .api

@@ -1,5 +1,5 @@
 //! The `taskgate` binary's command line, run as a child process: the client commands (`submit`,
-//! `status`, `wait`, `cancel`, `list`, `webhook listen`) against a real server, `serve` and `keys`
+//! `status`, `wait`, `cancel`, `list`, `models`, `webhook listen`) against a real server, `serve` and `keys`
 //! themselves, help and usage errors, and the SDK end to end: exit codes, stdout, stderr and
 //! files. One file per command; this one holds only what they share, running the binary and
 //! reading what it left.
@@ -11,6 +11,7 @@ mod cancel;
 mod connection;
 mod keys;
 mod list;
+mod models;
 mod serve;
 mod status_wait;
 mod submit;

@@ -311,7 +311,7 @@ async fn input_the_server_refuses_is_a_usage_error_with_its_message() {
     let run = cli(&app, &["submit", "demo-image", "--input", r#"{"width":0}"#]).await;
 
     run.assert_exit(2);
-    assert!(run.error_line().contains("input.width"), "{run}");
+    assert!(run.error_line().contains("/width"), "{run}");
 }
 
 #[tokio::test]

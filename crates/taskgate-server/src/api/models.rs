@@ -1,0 +1,77 @@
+//! `GET /api/v1/models` (a taskgate extension): the models a key may use, each with its modes,
+//! recommended poll interval and input schema; and the schema check that generateTask runs.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Map, Value};
+use taskgate_proto::{Envelope, ErrorCode, ModelInfo, ModelList};
+
+use super::extract::ClientTenant;
+use crate::dispatch::ModelRuntime;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::Tenant;
+
+pub(super) fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/api/v1/models", get(list_models))
+}
+
+async fn list_models(
+    State(state): State<Arc<AppState>>,
+    ClientTenant(tenant): ClientTenant,
+) -> Json<Envelope<ModelList>> {
+    let models = usable_models(&state, &tenant).map(|m| info(m)).collect();
+    Json(Envelope::success(ModelList { models }))
+}
+
+/// The models `tenant`'s keys may use, sorted by name. Every key may use every model today; key
+/// scopes (a later issue) narrow this list, and generateTask's model lookup with it.
+fn usable_models<'a>(
+    state: &'a AppState,
+    _tenant: &Tenant,
+) -> impl Iterator<Item = &'a Arc<ModelRuntime>> {
+    // The dispatcher keeps its models in a BTreeMap: the order is the names'.
+    state.dispatcher.models()
+}
+
+fn info(model: &ModelRuntime) -> ModelInfo {
+    let config = &model.config;
+    ModelInfo {
+        model: model.name.clone(),
+        description: config.description.clone(),
+        modes: config.listed_modes(),
+        poll_interval_ms: u64::try_from(config.recommended_poll_interval().as_millis())
+            .unwrap_or(u64::MAX),
+        input_schema: model.input_schema.as_ref().map(|s| s.document().clone()),
+    }
+}
+
+/// Checks a submit's `input` against the model's schema, if it has one: a 400 naming every
+/// violation (up to the cap) by its JSON pointer.
+pub(super) fn check_input(
+    model: &ModelRuntime,
+    input: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let Some(schema) = &model.input_schema else {
+        return Ok(());
+    };
+    // The validator takes a `Value`: move the map in and back out rather than copy a body that
+    // may be megabytes.
+    let value = Value::Object(std::mem::take(input));
+    let outcome = schema.check(&value);
+    if let Value::Object(map) = value {
+        *input = map;
+    }
+    outcome.map_err(|violations| {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!(
+                "input does not match model {:?}'s schema: {violations}",
+                model.name
+            ),
+        )
+    })
+}
