@@ -268,6 +268,9 @@ pub struct WebhookDelivery {
     /// Sent as `webhook-id` on every attempt.
     pub id: String,
     pub task_id: String,
+    /// What the delivery reports. Servers from before events were added send none: `completed`.
+    #[serde(default)]
+    pub event: WebhookEvent,
     pub url: String,
     /// `pending`, `delivering`, `succeeded` or `failed`.
     pub state: String,
