@@ -2,8 +2,11 @@
 //!
 //! The outbox row is written with the task's final state (see `Store::finish`), so a crash at
 //! any moment still leads to a delivery after restart (at least once; `webhook-id` stays the
-//! same on every attempt so receivers can drop duplicates). Each request is signed per the
-//! Standard Webhooks specification with the tenant's secret.
+//! same on every attempt so receivers can drop duplicates). A task that asked for `start` or
+//! `progress` events also gets rows written with the claim and with the progress report, each
+//! carrying the status of its moment (`Delivery::payload`); a final-state row is rendered when
+//! sent. Each request is signed per the Standard Webhooks specification with the tenant's
+//! secret, and names its event in the `taskgate-event` header.
 //!
 //! Concurrency model: the worker claims due deliveries in batches no larger than its free
 //! global permits (so a large backlog costs little memory), and runs each in its own task. One
@@ -12,8 +15,9 @@
 //! requests in flight; none while its circuit is open), so a saturated host's deliveries are
 //! never claimed, and rows are written only when they are really attempted. When a circuit
 //! opens, its host's pending rows move to the reopen time in one statement. Wake-ups come from
-//! task completions, replays and a host freeing a slot; with nothing claimable the worker sleeps
-//! until the next retry is due or the next circuit reopens.
+//! task completions, replays, a host freeing a slot and the store (`DeliveryReady`: another
+//! node's row, or an event row written inside a claim or renewal); with nothing claimable the
+//! worker sleeps until the next retry is due or the next circuit reopens.
 
 pub mod ssrf;
 
