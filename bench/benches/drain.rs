@@ -55,6 +55,7 @@ fn seed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Vec<String> {
                 create_time: now_ms(),
                 priority: 0,
                 expires_at: None,
+                webhook_events: taskgate_server::domain::EventMask::DEFAULT,
             })
             .collect();
         let mut ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();

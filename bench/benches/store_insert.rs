@@ -24,6 +24,7 @@ fn new_task(tenant_id: &str, input: &Map<String, Value>) -> NewTask {
         create_time: now_ms(),
         priority: 0,
         expires_at: None,
+        webhook_events: taskgate_server::domain::EventMask::DEFAULT,
     }
 }
 

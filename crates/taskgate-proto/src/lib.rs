@@ -210,6 +210,57 @@ pub struct WebhookSecretData {
     pub previous_expires_time: Option<i64>,
 }
 
+/// What a callback delivery reports (`webhook_events` at submit, taskgate extension). A task
+/// asks for any of them; without the field it gets `completed` only, APIXO's one callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookEvent {
+    /// An attempt started: the task is `processing`. Sent again if a later attempt starts.
+    Start,
+    /// A runner reported a new progress (at most one delivery per second per task).
+    Progress,
+    /// The task reached its final state, `success` or `failed`.
+    #[default]
+    Completed,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 3] = [
+        WebhookEvent::Start,
+        WebhookEvent::Progress,
+        WebhookEvent::Completed,
+    ];
+
+    /// The name in `webhook_events` and in delivery views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Start => "start",
+            WebhookEvent::Progress => "progress",
+            WebhookEvent::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    /// The value of the [`webhook::HEADER_EVENT`] header on a delivery of this event:
+    /// `task.start`, `task.progress` or `task.completed`.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            WebhookEvent::Start => "task.start",
+            WebhookEvent::Progress => "task.progress",
+            WebhookEvent::Completed => "task.completed",
+        }
+    }
+}
+
+impl std::fmt::Display for WebhookEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One callback of a task, as listed by `GET /api/v1/webhookDeliveries?taskId=`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -217,6 +268,9 @@ pub struct WebhookDelivery {
     /// Sent as `webhook-id` on every attempt.
     pub id: String,
     pub task_id: String,
+    /// What the delivery reports. Servers from before events were added send none: `completed`.
+    #[serde(default)]
+    pub event: WebhookEvent,
     pub url: String,
     /// `pending`, `delivering`, `succeeded` or `failed`.
     pub state: String,
@@ -407,6 +461,17 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"model":"echo","modes":["async"],"pollIntervalMs":1000}"#
         );
+    }
+
+    #[test]
+    fn webhook_events_have_one_name_and_one_header_value_each() {
+        for e in WebhookEvent::ALL {
+            assert_eq!(WebhookEvent::parse(e.as_str()), Some(e));
+            assert_eq!(serde_json::to_string(&e).unwrap(), format!("\"{e}\""));
+            assert_eq!(e.header_value(), format!("task.{e}"));
+        }
+        assert_eq!(WebhookEvent::parse("finish"), None);
+        assert_eq!(WebhookEvent::default(), WebhookEvent::Completed);
     }
 
     #[test]

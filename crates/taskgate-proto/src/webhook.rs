@@ -32,6 +32,10 @@ pub const HEADER_ID: &str = "webhook-id";
 pub const HEADER_TIMESTAMP: &str = "webhook-timestamp";
 /// Header holding one or more space-separated `v1,<base64>` signatures.
 pub const HEADER_SIGNATURE: &str = "webhook-signature";
+/// Header naming what a delivery reports (taskgate's own, outside the signature like the
+/// other headers; the body is signed): `task.start`, `task.progress` or `task.completed`
+/// ([`crate::WebhookEvent::header_value`]).
+pub const HEADER_EVENT: &str = "taskgate-event";
 /// Prefix of a serialized symmetric secret.
 pub const SECRET_PREFIX: &str = "whsec_";
 /// How far a delivery's timestamp may be from the receiver's clock, in either direction, before it

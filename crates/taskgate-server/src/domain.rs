@@ -10,7 +10,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
-use taskgate_proto::{ResultJson, TaskState, TaskStatus};
+use taskgate_proto::{ResultJson, TaskState, TaskStatus, WebhookEvent};
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -255,6 +255,40 @@ impl Task {
     }
 }
 
+/// The webhook events a task asked for (`webhook_events` at submit), as its `webhook_events`
+/// column stores them: one bit per event. Submits without the field, and every task written
+/// before the column existed, have [`EventMask::DEFAULT`]: the final state only, APIXO's one
+/// callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventMask(u8);
+
+impl EventMask {
+    /// `completed` only. Migration 0013 writes the same value as the column's default.
+    pub const DEFAULT: EventMask = EventMask(Self::bit(WebhookEvent::Completed));
+
+    /// The bit of `event` in the column. Stored: never renumber.
+    pub const fn bit(event: WebhookEvent) -> u8 {
+        match event {
+            WebhookEvent::Start => 1,
+            WebhookEvent::Progress => 2,
+            WebhookEvent::Completed => 4,
+        }
+    }
+
+    pub fn of(events: impl IntoIterator<Item = WebhookEvent>) -> EventMask {
+        EventMask(events.into_iter().fold(0, |m, e| m | Self::bit(e)))
+    }
+
+    pub fn contains(self, event: WebhookEvent) -> bool {
+        self.0 & Self::bit(event) != 0
+    }
+
+    /// The column's value.
+    pub fn bits(self) -> i16 {
+        i16::from(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +417,20 @@ mod tests {
         assert_eq!(s.cost_time, None);
         assert_eq!(s.fail_code.as_deref(), Some("X"));
         assert_eq!(s.fail_msg.as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn an_event_mask_holds_exactly_the_events_it_was_made_of() {
+        assert_eq!(EventMask::DEFAULT, EventMask::of([WebhookEvent::Completed]));
+        assert_eq!(
+            EventMask::DEFAULT.bits(),
+            4,
+            "migration 0013's column default"
+        );
+        let m = EventMask::of([WebhookEvent::Start, WebhookEvent::Progress]);
+        assert!(m.contains(WebhookEvent::Start) && m.contains(WebhookEvent::Progress));
+        assert!(!m.contains(WebhookEvent::Completed));
+        assert_eq!(EventMask::of(WebhookEvent::ALL).bits(), 7);
     }
 
     #[test]

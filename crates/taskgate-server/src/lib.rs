@@ -99,7 +99,8 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
 const URL_SIGNING_KEY: &str = "artifact_url_signing_key";
 
 /// Acts on other nodes' events (PostgreSQL NOTIFY): wakes local loops and the deliverer, and
-/// stops the local attempt of a task cancelled elsewhere. A no-op for SQLite.
+/// stops the local attempt of a task cancelled elsewhere. SQLite sends only `DeliveryReady`, for
+/// the start and progress deliveries written inside its claims and renewals.
 fn forward_store_events(
     store: Arc<dyn Store>,
     dispatcher: Arc<Dispatcher>,

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Map;
-use taskgate_proto::TaskState;
+use taskgate_proto::{TaskState, WebhookEvent};
 use taskgate_server::domain::fail_code;
-use taskgate_server::domain::Transition;
+use taskgate_server::domain::{EventMask, Transition};
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
@@ -93,6 +93,7 @@ fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         create_time: now,
         priority: 0,
         expires_at: None,
+        webhook_events: EventMask::DEFAULT,
     }
 }
 
@@ -1502,5 +1503,152 @@ conformance! {
         assert!(matches!(s.insert_tasks_keyed(&live, vec![new_task("task_x", "m", 310)]).await.unwrap(), KeyedInsert::Replayed(_)));
         let gone = key("ten_1", "k0", b"h", 310);
         assert_eq!(s.insert_tasks_keyed(&gone, vec![new_task("task_y", "m", 310)]).await.unwrap(), KeyedInsert::Inserted);
+    }
+}
+
+// Webhook events beyond the final state (`webhook_events`).
+
+/// A callback task of model `m` that asked for `events`.
+fn events_task(id: &str, events: &[WebhookEvent]) -> NewTask {
+    NewTask {
+        webhook_events: EventMask::of(events.iter().copied()),
+        ..callback_task(id)
+    }
+}
+
+/// A task's deliveries: event and stored payload (parsed), oldest first.
+async fn events_of(s: &dyn Store, task_id: &str) -> Vec<(WebhookEvent, Option<serde_json::Value>)> {
+    s.deliveries_for_task(task_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| {
+            (
+                d.event,
+                d.payload.map(|p| serde_json::from_str(&p).unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Waits for a `DeliveryReady` (other tests' notices share PostgreSQL's channel and are passed
+/// over).
+async fn delivery_ready(events: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
+    while next_event(events).await != StoreEvent::DeliveryReady {}
+}
+
+/// Waits until the store's clock (the one progress events are throttled on) reaches `at`.
+async fn until_store_clock(s: &dyn Store, at: i64) {
+    while s.clock_ms().await.unwrap() < at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+conformance! {
+    a_claim_writes_start_deliveries_only_for_tasks_that_asked_for_them(s) {
+        use WebhookEvent::{Completed, Start};
+        s.insert_task(events_task("task_a", &[Start, Completed])).await.unwrap();
+        s.insert_task(callback_task("task_b")).await.unwrap();
+        // Asked, but without a URL there is nowhere to send it.
+        s.insert_task(NewTask { callback_url: None, ..events_task("task_c", &[Start]) }).await.unwrap();
+        // Through the batch insert, which writes the column with its own statement.
+        s.insert_tasks(vec![events_task("task_d", &[Start])]).await.unwrap();
+        let local = s.claim_batch("m", 10, LEASE, 10, 3, Runner::Local).await.unwrap();
+        assert_eq!(local.len(), 3);
+        let worker = s.claim_batch("m", 10, LEASE, 10, 1, Runner::Worker).await.unwrap();
+        assert_eq!(worker[0].task.id, "task_d");
+
+        // The status as the claim left it, taken in the claim's own write.
+        let expected = |id: &str| serde_json::json!({
+            "taskId": id, "state": "processing", "createTime": 1, "progress": null
+        });
+        assert_eq!(events_of(s.as_ref(), "task_a").await, vec![(Start, Some(expected("task_a")))]);
+        assert_eq!(events_of(s.as_ref(), "task_d").await, vec![(Start, Some(expected("task_d")))]);
+        assert!(events_of(s.as_ref(), "task_b").await.is_empty());
+        assert!(events_of(s.as_ref(), "task_c").await.is_empty());
+        let start = &s.deliveries_for_task("task_a").await.unwrap()[0].0;
+        assert_eq!((start.state.as_str(), start.next_attempt_at, start.created_at), ("pending", 10, 10));
+        let claimed = s.claim_deliveries(10, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        assert!(claimed.iter().all(|c| c.delivery.event == Start && c.delivery.payload.is_some()));
+
+        // The final state: a delivery rendered when sent (no payload), only where `completed` was
+        // asked for.
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        for c in local.iter().chain(&worker) {
+            assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
+        }
+        assert_eq!(events_of(s.as_ref(), "task_a").await, vec![(Start, Some(expected("task_a"))), (Completed, None)]);
+        assert_eq!(events_of(s.as_ref(), "task_b").await, vec![(Completed, None)]);
+        assert_eq!(events_of(s.as_ref(), "task_d").await.len(), 1, "start only: no final-state delivery");
+        // Nor by the other writes of a final state (a cancel, here).
+        s.insert_task(events_task("task_e", &[Start])).await.unwrap();
+        cancelled(s.cancel_task("task_e", "ten_1", "m", 30).await.unwrap());
+        assert!(events_of(s.as_ref(), "task_e").await.is_empty());
+    }
+
+    progress_deliveries_carry_their_progress_and_are_held_to_one_a_second(s) {
+        use WebhookEvent::{Completed, Progress};
+        s.insert_task(events_task("task_p", &[Progress, Completed])).await.unwrap();
+        s.insert_task(callback_task("task_q")).await.unwrap();
+        let claims = s.claim_batch("m", 10, LEASE, 10, 2, Runner::Worker).await.unwrap();
+        let (p, q) = (&claims[0], &claims[1]);
+        assert_eq!(p.task.id, "task_p");
+        let snapshot = |progress: f64| Some(serde_json::json!({
+            "taskId": "task_p", "state": "processing", "createTime": 1, "progress": progress
+        }));
+
+        let t0 = s.clock_ms().await.unwrap();
+        assert!(s.renew_lease(&p.task.id, &p.token, t0, LEASE, Some(0.1)).await.unwrap());
+        let t1 = s.clock_ms().await.unwrap();
+        // Within the second: the progress is recorded, no delivery is written.
+        assert!(s.renew_lease(&p.task.id, &p.token, t0 + 10, LEASE, Some(0.2)).await.unwrap());
+        assert_eq!(s.get_task("task_p").await.unwrap().unwrap().progress, Some(0.2));
+        assert_eq!(events_of(s.as_ref(), "task_p").await, vec![(Progress, snapshot(0.1))]);
+        // Renewals without progress, other tasks and stale tokens write none either.
+        assert!(s.renew_lease(&p.task.id, &p.token, t0 + 20, LEASE, None).await.unwrap());
+        assert!(s.renew_lease(&q.task.id, &q.token, t0 + 20, LEASE, Some(0.5)).await.unwrap());
+        assert!(!s.renew_lease(&p.task.id, "att_stale", t0 + 20, LEASE, Some(0.9)).await.unwrap());
+        assert!(events_of(s.as_ref(), "task_q").await.is_empty());
+
+        until_store_clock(s.as_ref(), t1 + 1000).await;
+        let later = s.clock_ms().await.unwrap();
+        // A second on, an unchanged progress still writes nothing; a new one does.
+        assert!(s.renew_lease(&p.task.id, &p.token, later, LEASE, Some(0.2)).await.unwrap());
+        assert_eq!(events_of(s.as_ref(), "task_p").await.len(), 1);
+        assert!(s.renew_lease(&p.task.id, &p.token, later, LEASE, Some(0.3)).await.unwrap());
+        assert!(s.renew_lease(&p.task.id, &p.token, later + 1, LEASE, Some(0.4)).await.unwrap());
+        assert_eq!(
+            events_of(s.as_ref(), "task_p").await,
+            vec![(Progress, snapshot(0.1)), (Progress, snapshot(0.3))]
+        );
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish(&p.task.id, &p.token, &ok, later + 2).await.unwrap());
+        assert_eq!(events_of(s.as_ref(), "task_p").await.last(), Some(&(Completed, None)));
+        // Retention deletes a finished task's event deliveries with it, once none is owed.
+        for d in s.claim_deliveries(i64::MAX / 2, 10, LEASE, &ROOM).await.unwrap() {
+            s.finish_delivery_attempt(&d.delivery.id, &d.token, None, DeliveryNext::Succeeded, later + 3).await.unwrap();
+        }
+        assert_eq!(s.delete_tasks(&["task_p".into()]).await.unwrap(), vec!["task_p".to_string()]);
+        assert!(s.deliveries_for_task("task_p").await.unwrap().is_empty());
+    }
+
+    event_deliveries_written_inside_the_store_wake_its_listener(s) {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let listener = {
+            let s = s.clone();
+            tokio::spawn(async move { s.listen(tx).await })
+        };
+        if !s.exclusive() {
+            assert_eq!(next_event(&mut events).await, StoreEvent::Resync, "listening");
+        }
+        s.insert_task(events_task("task_w", &[WebhookEvent::Start, WebhookEvent::Progress])).await.unwrap();
+        let c = s.claim_batch("m", 10, LEASE, 10, 1, Runner::Worker).await.unwrap().remove(0);
+        delivery_ready(&mut events).await;
+        let now = s.clock_ms().await.unwrap();
+        assert!(s.renew_lease(&c.task.id, &c.token, now, LEASE, Some(0.5)).await.unwrap());
+        delivery_ready(&mut events).await;
+        assert_eq!(events_of(s.as_ref(), "task_w").await.len(), 2);
+        listener.abort();
     }
 }

@@ -16,14 +16,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
-use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated};
+use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated, WebhookEvent};
 use tokio::time::Instant;
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
 use super::{models, query_param, wait};
 use crate::dispatch::ModelRuntime;
-use crate::domain::{new_task_id, now_ms};
+use crate::domain::{new_task_id, now_ms, EventMask};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{CancelOutcome, NewTask, Runner};
@@ -70,6 +70,7 @@ pub(super) struct Submission {
     pub(super) input: Map<String, Value>,
     pub(super) priority: i32,
     pub(super) ttl: Option<Duration>,
+    pub(super) webhook_events: EventMask,
 }
 
 /// Bounds of `priority`: wide enough for any scheme, narrow enough to stay an `i32` everywhere.
@@ -197,12 +198,66 @@ pub(super) fn submission_from_object(
         }
     };
     let (priority, ttl) = parse_scheduling(&body)?;
+    let webhook_events = parse_webhook_events(&body, callback_url.is_some())?;
     Ok(Submission {
         callback_url,
         input,
         priority,
         ttl,
+        webhook_events,
     })
+}
+
+/// `webhook_events` (optional, taskgate's own): the events POSTed to the callback URL, a
+/// non-empty array of distinct names from `start`, `progress`, `completed`. Left out (or
+/// null), the final state only, as APIXO does. Every refusal names the problem.
+fn parse_webhook_events(
+    body: &Map<String, Value>,
+    has_callback: bool,
+) -> Result<EventMask, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+    const NAMES: &str = "\"start\", \"progress\" and \"completed\"";
+    let items = match body.get("webhook_events") {
+        None | Some(Value::Null) => return Ok(EventMask::DEFAULT),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(bad(format!(
+                "webhook_events must be an array of event names ({NAMES}), got {}",
+                json_type_name(other)
+            )))
+        }
+    };
+    if items.is_empty() {
+        return Err(bad(format!(
+            "webhook_events is empty; omit it for the default, [\"completed\"] (the events are {NAMES})"
+        )));
+    }
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::String(name) = item else {
+            return Err(bad(format!(
+                "webhook_events[{i}] must be an event name (a string), got {}",
+                json_type_name(item)
+            )));
+        };
+        let event = WebhookEvent::parse(name).ok_or_else(|| {
+            bad(format!(
+                "webhook_events[{i}] is {name:?}, which is not an event; the events are {NAMES}"
+            ))
+        })?;
+        if events.contains(&event) {
+            return Err(bad(format!(
+                "webhook_events names {name:?} more than once; list each event once"
+            )));
+        }
+        events.push(event);
+    }
+    if !has_callback {
+        return Err(bad(
+            "webhook_events needs a callback_url: the events are POSTed to it (and request_type \"async\" drops the callback_url)".into(),
+        ));
+    }
+    Ok(EventMask::of(events))
 }
 
 /// An absolute http(s) URL of reasonable length that does not point into a private network.
@@ -312,6 +367,7 @@ pub(super) fn new_task(
         expires_at: submission
             .ttl
             .map(|ttl| create_time.saturating_add(ttl.as_millis() as i64)),
+        webhook_events: submission.webhook_events,
     }
 }
 
@@ -576,6 +632,46 @@ mod tests {
             .contains("callback_url is required"));
         assert!(err(r#"{"callback_url": "ftp://x/y", "input": {}}"#).contains("http or https"));
         assert!(err(r#"{"callback_url": "/relative", "input": {}}"#).contains("absolute"));
+    }
+
+    #[test]
+    fn webhook_events_are_checked_and_kept_as_a_mask() {
+        let with = |events: &str| {
+            format!(
+                r#"{{"callback_url": "https://example.com/h", "webhook_events": {events}, "input": {{}}}}"#
+            )
+        };
+        let mask = |events: &str| {
+            parse_submission(with(events).as_bytes(), false)
+                .ok()
+                .map(|s| s.webhook_events)
+        };
+        assert_eq!(mask("null"), Some(EventMask::DEFAULT));
+        assert_eq!(
+            mask(r#"["progress", "start"]"#),
+            Some(EventMask::of([WebhookEvent::Start, WebhookEvent::Progress]))
+        );
+        let s = parse_submission(
+            br#"{"callback_url": "https://example.com/h", "input": {}}"#,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            s.webhook_events,
+            EventMask::DEFAULT,
+            "left out: the final state only"
+        );
+        assert!(err(&with(r#""start""#)).contains("must be an array of event names"));
+        assert!(err(&with("[]")).contains("omit it for the default"));
+        assert!(err(&with(r#"["start", 1]"#)).contains("webhook_events[1] must be an event name"));
+        assert!(err(&with(r#"["done"]"#))
+            .contains(r#"webhook_events[0] is "done", which is not an event"#));
+        assert!(err(&with(r#"["start", "start"]"#)).contains(r#"names "start" more than once"#));
+        assert!(
+            err(r#"{"webhook_events": ["start"], "input": {}}"#).contains("needs a callback_url")
+        );
+        assert!(err(r#"{"request_type": "async", "callback_url": "https://example.com/h", "webhook_events": ["start"], "input": {}}"#)
+            .contains("needs a callback_url"));
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery
         next_attempt_time: (d.state == "pending").then_some(d.next_attempt_at),
         id: d.id,
         task_id: d.task_id,
+        event: d.event,
         url: d.url,
         state: d.state,
         attempts: d.attempts,

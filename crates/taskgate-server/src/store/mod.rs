@@ -84,6 +84,8 @@ pub struct NewTask {
     pub priority: i32,
     /// Not started by then (Unix ms), the task fails with `EXPIRED`.
     pub expires_at: Option<i64>,
+    /// Which events are delivered to `callback_url` (start, progress, the final state).
+    pub webhook_events: crate::domain::EventMask,
 }
 
 /// A claimed task and the token that proves the claim.
@@ -259,6 +261,11 @@ pub struct Delivery {
     pub created_at: i64,
     pub completed_at: Option<i64>,
     pub last_error: Option<String>,
+    /// What it reports.
+    pub event: taskgate_proto::WebhookEvent,
+    /// The status (statusTask's `data`, JSON) at the moment of a start or progress event; `None`
+    /// for the final state, whose status is rendered when each attempt is sent.
+    pub payload: Option<String>,
 }
 
 /// One HTTP attempt of a delivery.
@@ -436,7 +443,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Like [`Store::claim`], for up to `limit` tasks in one write, each with its own token, for
-    /// `runner`. The lease is measured on the store's clock where nodes share it.
+    /// `runner`. The lease is measured on the store's clock where nodes share it. Claimed tasks
+    /// that asked for start events get their `start` delivery in the claim's transaction.
     async fn claim_batch(
         &self,
         model: &str,
@@ -488,7 +496,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Extends a lease to `lease` from now (recording progress, 0..1, when given) and marks
     /// the claim acknowledged; false when the claim is no longer ours. `now` is the caller's
-    /// clock; stores shared by nodes measure leases on their own clock instead.
+    /// clock; stores shared by nodes measure leases on their own clock instead. A progress that
+    /// changed, of a task that asked for progress events, writes a `progress` delivery in the
+    /// same transaction unless the task's last one is less than a second old (on the store's
+    /// clock where nodes share it).
     async fn renew_lease(
         &self,
         id: &str,
@@ -689,8 +700,9 @@ pub trait Store: Send + Sync + 'static {
     /// lease found at start belongs to a dead process, whatever its expiry says.
     fn exclusive(&self) -> bool;
 
-    /// Forwards other nodes' events to `events` until the store closes. Stores with a single
-    /// user have no other nodes and return at once.
+    /// Forwards other nodes' events to `events` until the store closes. A store with a single
+    /// user has no other nodes; it forwards only `DeliveryReady` for the deliveries it writes
+    /// inside its own writes (start and progress events), which no caller sees.
     async fn listen(&self, _events: tokio::sync::mpsc::UnboundedSender<StoreEvent>) {}
 
     /// Flushes pending writes and closes connections.

@@ -14,9 +14,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
+use taskgate_proto::WebhookEvent;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::rows::{
+    asks, claim_returning, insert_start_events_sql, owes_progress_event, start_event_ids,
+    status_snapshot, ClaimedRow, Dialect,
+};
 use super::rows::{
     attempt_error, claims_from_rows, delivery_next_columns, outcome_columns, AttemptRow,
     DeliveryRow, KeyRow, SecretsRow, TaskRow, TenantRow, DELIVERY_COLUMNS, KEY_SELECT,
@@ -241,15 +246,19 @@ async fn finish_all(
     }
     let mut tx = pool.begin().await?;
     // Succeed and Fail share their guard (from `processing`, under the claim's token). The
-    // unnested columns are named apart from the table's so the guard reads the task's own.
+    // unnested columns are named apart from the table's so the guard reads the task's own. The
+    // URL comes back only where the task owes a final-state delivery (it may have asked for
+    // start or progress events alone).
     let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(&format!(
         "UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
          fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
                      $7::text[]) AS v(task, token, new_state, at, outs, code, msg) \
          WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
-         RETURNING tasks.id, tasks.model, tasks.tenant_id, tasks.callback_url",
-        Transition::Succeed.guard()
+         RETURNING tasks.id, tasks.model, tasks.tenant_id, \
+                   CASE WHEN {} THEN tasks.callback_url END",
+        Transition::Succeed.guard(),
+        asks(WebhookEvent::Completed, "tasks.")
     ))
     .bind(&ids)
     .bind(&tokens)
@@ -325,17 +334,19 @@ async fn finish_all(
     Ok(written)
 }
 
-/// The outbox write, in the transaction that made the task final.
+/// The outbox write, in the transaction that made the task final (unless the task asked for
+/// other events only).
 async fn enqueue_callback(
     tx: &mut Transaction<'_, Postgres>,
     task_id: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let r = sqlx::query(
+    let r = sqlx::query(&format!(
         "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, \
          created_at) SELECT $1, id, tenant_id, callback_url, 'pending', $2, $2 FROM tasks \
-         WHERE id = $3 AND callback_url IS NOT NULL",
-    )
+         WHERE id = $3 AND {}",
+        asks(WebhookEvent::Completed, "")
+    ))
     .bind(new_id("whk"))
     .bind(now)
     .bind(task_id)
@@ -348,7 +359,82 @@ async fn enqueue_callback(
     Ok(queued)
 }
 
+/// The start deliveries of a claim's tasks that asked for them, in the claim's transaction,
+/// with the `delivery` notice. A claim none of whose tasks asked runs no statement.
+async fn insert_start_events(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[ClaimedRow],
+    now: i64,
+) -> Result<(), StoreError> {
+    let tasks = start_event_ids(rows);
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let deliveries: Vec<String> = tasks.iter().map(|_| new_id("whk")).collect();
+    sqlx::query(&insert_start_events_sql(
+        Dialect::Postgres,
+        "SELECT * FROM unnest($1::text[], $2::text[]) AS u(task, delivery)",
+        "$3",
+    ))
+    .bind(&tasks)
+    .bind(&deliveries)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    notify(tx, "delivery").await
+}
+
 impl PostgresStore {
+    /// A lease renewal that reports `progress`, and the `progress` delivery it may owe
+    /// (`rows::owes_progress_event`), in one statement. The row is locked first (`FOR UPDATE`),
+    /// so two nodes renewing one task at once take turns, and the second sees the first's
+    /// `last_progress_event_at`: the one-per-second limit holds across nodes, on the database's
+    /// clock. The `delivery` notice is sent from the same statement when a row was written
+    /// (the CTE calling `pg_notify` is volatile, so it is run, once per row inserted). Tasks
+    /// that did not ask for progress events insert nothing and notify nothing.
+    async fn renew_with_progress(
+        &self,
+        id: &str,
+        token: &str,
+        now: i64,
+        lease: Duration,
+        progress: f64,
+    ) -> Result<bool, StoreError> {
+        // `now` (the node's clock) stamps the delivery, as every outbox row is stamped; the
+        // throttle is judged on the database's clock.
+        let (renewed, _queued): (i64, i64) = sqlx::query_as(&format!(
+            "WITH cur AS ( \
+               SELECT t.id, {owed} AS owed FROM tasks t \
+               WHERE t.id = $2 AND t.state = 'processing' AND t.lease_token = $3 FOR UPDATE), \
+             upd AS ( \
+               UPDATE tasks t SET lease_expires_at = {DB_NOW_MS} + $1, progress = $4, \
+                 claim_acked = TRUE, last_progress_event_at = \
+                   CASE WHEN cur.owed THEN {DB_NOW_MS} ELSE t.last_progress_event_at END \
+               FROM cur WHERE t.id = cur.id \
+               RETURNING t.id, t.tenant_id, t.callback_url, t.state, t.create_time, cur.owed), \
+             ins AS ( \
+               INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
+                 next_attempt_at, created_at, event, payload) \
+               SELECT $5, t.id, t.tenant_id, t.callback_url, 'pending', $6, $6, 'progress', \
+                      {snapshot} \
+               FROM upd t WHERE t.owed RETURNING 1), \
+             notified AS (SELECT pg_notify($7, 'delivery') FROM ins) \
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM notified)",
+            owed = owes_progress_event(Dialect::Postgres, "$4::double precision", DB_NOW_MS),
+            snapshot = status_snapshot(Dialect::Postgres, "$4::double precision"),
+        ))
+        .bind(lease.as_millis() as i64)
+        .bind(id)
+        .bind(token)
+        .bind(progress)
+        .bind(new_id("whk"))
+        .bind(now)
+        .bind(CHANNEL)
+        .fetch_one(&self.engine)
+        .await?;
+        Ok(renewed == 1)
+    }
+
     /// Hands on the processing tasks matching `which` (SQL over the row): claims never
     /// acknowledged go back without counting; tasks out of attempts fail; the rest go back to
     /// pending. `SKIP LOCKED`: a row another node is settling right now is not expired.
@@ -507,7 +593,7 @@ impl Store for PostgresStore {
         if room <= 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query_as::<_, TaskRow>(&format!(
+        let rows = sqlx::query_as::<_, ClaimedRow>(&format!(
             "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
              lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, \
              expires_at = NULL, \
@@ -517,10 +603,11 @@ impl Store for PostgresStore {
                           AND run_after <= $3 AND {live} \
                           ORDER BY priority DESC, id LIMIT $5 \
                           FOR UPDATE SKIP LOCKED) \
-             RETURNING {TASK_COLUMNS}",
+             RETURNING {returning}",
             set = Transition::Claim.set_state(),
             guard = Transition::Claim.guard(),
             live = not_expired("$3"),
+            returning = claim_returning(),
         ))
         .bind(&prefix)
         .bind(lease.as_millis() as i64)
@@ -531,8 +618,9 @@ impl Store for PostgresStore {
         .bind(runner == Runner::Local)
         .fetch_all(&mut *tx)
         .await?;
+        insert_start_events(&mut tx, &rows, now).await?;
         tx.commit().await?;
-        claims_from_rows(rows, &prefix)
+        claims_from_rows(rows.into_iter().map(|r| r.task).collect(), &prefix)
     }
 
     async fn next_due(&self, model: &str) -> Result<Option<i64>, StoreError> {
@@ -548,10 +636,15 @@ impl Store for PostgresStore {
         &self,
         id: &str,
         token: &str,
-        _now: i64,
+        now: i64,
         lease: Duration,
         progress: Option<f64>,
     ) -> Result<bool, StoreError> {
+        if let Some(progress) = progress {
+            return self
+                .renew_with_progress(id, token, now, lease, progress)
+                .await;
+        }
         let r = sqlx::query(&format!(
             "UPDATE tasks SET lease_expires_at = {DB_NOW_MS} + $1, \
              progress = COALESCE($4, progress), claim_acked = TRUE \

@@ -2,10 +2,10 @@
 //! serves SQLite and PostgreSQL (`FromRow` is derived per database), so the two stores differ
 //! only in their SQL text.
 
-use taskgate_proto::TaskState;
+use taskgate_proto::{TaskState, WebhookEvent};
 
 use super::{ApiKeyRecord, Delivery, DeliveryAttempt, KeyKind, StoreError, Tenant, WebhookSecrets};
-use crate::domain::Task;
+use crate::domain::{EventMask, Task};
 
 pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
      max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg, \
@@ -140,7 +140,7 @@ impl From<TenantRow> for Tenant {
 }
 
 pub const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, host, state, attempts, \
-     next_attempt_at, created_at, completed_at, last_error";
+     next_attempt_at, created_at, completed_at, last_error, event, payload";
 
 #[derive(sqlx::FromRow)]
 pub struct DeliveryRow {
@@ -155,6 +155,8 @@ pub struct DeliveryRow {
     created_at: i64,
     completed_at: Option<i64>,
     last_error: Option<String>,
+    event: String,
+    payload: Option<String>,
 }
 
 impl From<DeliveryRow> for Delivery {
@@ -171,6 +173,9 @@ impl From<DeliveryRow> for Delivery {
             created_at: r.created_at,
             completed_at: r.completed_at,
             last_error: r.last_error,
+            // The column's CHECK admits only the three names.
+            event: WebhookEvent::parse(&r.event).unwrap_or_default(),
+            payload: r.payload,
         }
     }
 }
@@ -285,7 +290,7 @@ pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' ti
 
 /// The columns a new task's row is written with, in this order, by both stores' group commits.
 pub const NEW_TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, \
-     max_attempts, run_after, create_time, priority, expires_at";
+     max_attempts, run_after, create_time, priority, expires_at, webhook_events";
 
 /// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
 /// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
@@ -299,6 +304,7 @@ where
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i16: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let rows = tasks
@@ -318,7 +324,8 @@ where
             .push_bind(t.create_time)
             .push_bind(t.create_time)
             .push_bind(i64::from(t.priority))
-            .push_bind(t.expires_at);
+            .push_bind(t.expires_at)
+            .push_bind(t.webhook_events.bits());
     });
     Ok(qb)
 }
@@ -397,3 +404,104 @@ pub fn not_expired(now: &str) -> String {
 /// Why a task expired, for its failMsg.
 pub const EXPIRED_MESSAGE: &str =
     "the task was not started before its deadline (ttl_seconds) and was not run";
+
+/// SQL true when the task row (columns prefixed with `table`, e.g. `t.` or empty) owes `event`
+/// a delivery: it has a callback URL and asked for the event.
+pub fn asks(event: WebhookEvent, table: &str) -> String {
+    format!(
+        "({table}callback_url IS NOT NULL AND ({table}webhook_events & {}) <> 0)",
+        EventMask::bit(event)
+    )
+}
+
+/// A claim's `RETURNING` list: the task, and whether this claim owes it a `start` delivery (so
+/// that the claim writes start rows only when one of its tasks asked: the others pay nothing).
+pub fn claim_returning() -> String {
+    format!(
+        "{TASK_COLUMNS}, {} AS wants_start",
+        asks(WebhookEvent::Start, "")
+    )
+}
+
+/// A claimed task's row as [`claim_returning`] lists it.
+#[derive(sqlx::FromRow)]
+pub struct ClaimedRow {
+    #[sqlx(flatten)]
+    pub task: TaskRow,
+    pub wants_start: bool,
+}
+
+impl ClaimedRow {
+    /// The row as the SQLite writer thread's rusqlite connection returns it.
+    pub fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(ClaimedRow {
+            task: TaskRow::from_sqlite(r)?,
+            wants_start: r.get(15)?,
+        })
+    }
+}
+
+/// The ids of the claimed tasks that owe a `start` delivery.
+pub fn start_event_ids(rows: &[ClaimedRow]) -> Vec<&str> {
+    rows.iter()
+        .filter(|r| r.wants_start)
+        .map(|r| r.task.id.as_str())
+        .collect()
+}
+
+/// Which SQL dialect a statement is written for, where the two spell a function differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A start or progress delivery's payload, as SQL over the task row `t` at the moment of the
+/// event: the status view of a processing task (statusTask's `data`: taskId, state,
+/// createTime, progress), with `progress` the given SQL expression (the reported value, bound,
+/// or the row's). The deliverer parses it into `TaskStatus` and serialises the envelope the
+/// way it serialises every other, so both dialects' JSON spellings send the same bytes.
+pub fn status_snapshot(dialect: Dialect, progress: &str) -> String {
+    let fields = format!(
+        "'taskId', t.id, 'state', t.state, 'createTime', t.create_time, 'progress', {progress}"
+    );
+    match dialect {
+        Dialect::Sqlite => format!("json_object({fields})"),
+        Dialect::Postgres => format!("json_build_object({fields})::text"),
+    }
+}
+
+/// The outbox rows of `start` events: for each `(task id, delivery id)` pair the statement's
+/// `pairs` yields (a subquery in the dialect's form, columns `task` and `delivery`), a pending
+/// delivery carrying the task's status as the claim left it, where the task asked for it.
+/// `{now}` is the placeholder of the claim's time.
+pub fn insert_start_events_sql(dialect: Dialect, pairs: &str, now: &str) -> String {
+    format!(
+        "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, \
+         created_at, event, payload) \
+         SELECT p.delivery, t.id, t.tenant_id, t.callback_url, 'pending', {now}, {now}, 'start', \
+                {snapshot} \
+         FROM ({pairs}) p JOIN tasks t ON t.id = p.task WHERE {asked}",
+        snapshot = status_snapshot(dialect, "t.progress"),
+        asked = asks(WebhookEvent::Start, "t."),
+    )
+}
+
+/// Least time between two `progress` deliveries of one task, in ms.
+pub const PROGRESS_EVENT_INTERVAL_MS: i64 = 1000;
+
+/// SQL true when a progress report of the task row `t` (its values before the report) owes a
+/// `progress` delivery: the task asked for progress events, the value `{progress}` differs
+/// from the stored one, and its last progress delivery is at least
+/// [`PROGRESS_EVENT_INTERVAL_MS`] older than `{now}`.
+pub fn owes_progress_event(dialect: Dialect, progress: &str, now: &str) -> String {
+    let changed = match dialect {
+        Dialect::Sqlite => format!("t.progress IS NOT {progress}"),
+        Dialect::Postgres => format!("t.progress IS DISTINCT FROM {progress}"),
+    };
+    format!(
+        "({asked} AND {changed} AND (t.last_progress_event_at IS NULL \
+          OR t.last_progress_event_at <= {now} - {PROGRESS_EVENT_INTERVAL_MS}))",
+        asked = asks(WebhookEvent::Progress, "t."),
+    )
+}

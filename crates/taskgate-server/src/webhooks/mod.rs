@@ -2,8 +2,11 @@
 //!
 //! The outbox row is written with the task's final state (see `Store::finish`), so a crash at
 //! any moment still leads to a delivery after restart (at least once; `webhook-id` stays the
-//! same on every attempt so receivers can drop duplicates). Each request is signed per the
-//! Standard Webhooks specification with the tenant's secret.
+//! same on every attempt so receivers can drop duplicates). A task that asked for `start` or
+//! `progress` events also gets rows written with the claim and with the progress report, each
+//! carrying the status of its moment (`Delivery::payload`); a final-state row is rendered when
+//! sent. Each request is signed per the Standard Webhooks specification with the tenant's
+//! secret, and names its event in the `taskgate-event` header.
 //!
 //! Concurrency model: the worker claims due deliveries in batches no larger than its free
 //! global permits (so a large backlog costs little memory), and runs each in its own task. One
@@ -12,8 +15,9 @@
 //! requests in flight; none while its circuit is open), so a saturated host's deliveries are
 //! never claimed, and rows are written only when they are really attempted. When a circuit
 //! opens, its host's pending rows move to the reopen time in one statement. Wake-ups come from
-//! task completions, replays and a host freeing a slot; with nothing claimable the worker sleeps
-//! until the next retry is due or the next circuit reopens.
+//! task completions, replays, a host freeing a slot and the store (`DeliveryReady`: another
+//! node's row, or an event row written inside a claim or renewal); with nothing claimable the
+//! worker sleeps until the next retry is due or the next circuit reopens.
 
 pub mod ssrf;
 
@@ -21,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use taskgate_proto::{webhook, Envelope};
+use taskgate_proto::{webhook, Envelope, TaskStatus};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,7 +37,8 @@ use crate::domain::now_ms;
 use crate::report::error_chain;
 use crate::retry::{AfterLast, RetryPolicy};
 use crate::store::{
-    DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, Store, StoreError, WebhookSecrets,
+    Delivery, DeliveryAttempt, DeliveryClaim, DeliveryNext, HostRoom, Store, StoreError,
+    WebhookSecrets,
 };
 
 /// How long a claimed delivery is ours; longer than any request may take.
@@ -495,23 +500,10 @@ impl Deliverer {
             ),
             latency: 0,
         };
-        let task = self
-            .store
-            .get_task(&d.task_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| SendError::Permanent("the task no longer exists".into()))?;
-        let status = self
-            .links
-            .status_of(&task)
-            .await
-            .map_err(|e| SendError::Transient {
-                message: format!(
-                    "server-side error preparing the delivery: {}",
-                    error_chain(&e)
-                ),
-                latency: 0,
-            })?;
+        let status = match &d.payload {
+            Some(snapshot) => event_status(snapshot)?,
+            None => self.current_status(d).await?,
+        };
         let body = serde_json::to_vec(&Envelope::success(status))
             .map_err(|e| SendError::Permanent(e.to_string()))?;
         let secrets = self
@@ -534,6 +526,7 @@ impl Deliverer {
             .header(webhook::HEADER_ID, &d.id)
             .header(webhook::HEADER_TIMESTAMP, timestamp.to_string())
             .header(webhook::HEADER_SIGNATURE, signature)
+            .header(webhook::HEADER_EVENT, d.event.header_value())
             .body(body)
             .send()
             .await;
@@ -554,6 +547,36 @@ impl Deliverer {
             }
         }
     }
+}
+
+impl Deliverer {
+    /// A final-state delivery's status: the task as it is now, rendered as statusTask renders it
+    /// (result URLs signed afresh for each attempt).
+    async fn current_status(&self, d: &Delivery) -> Result<TaskStatus, SendError> {
+        let prepare = |e: &(dyn std::error::Error + 'static)| SendError::Transient {
+            message: format!(
+                "server-side error preparing the delivery: {}",
+                error_chain(e)
+            ),
+            latency: 0,
+        };
+        let task = self
+            .store
+            .get_task(&d.task_id)
+            .await
+            .map_err(|e| prepare(&e))?
+            .ok_or_else(|| SendError::Permanent("the task no longer exists".into()))?;
+        self.links.status_of(&task).await.map_err(|e| prepare(&e))
+    }
+}
+
+/// A start or progress delivery's status: the snapshot written with its event (SQL's JSON of
+/// statusTask's `data`), read back into the wire type so that its body is serialised exactly as
+/// every other delivery's. A snapshot that does not parse never will: retrying cannot help.
+fn event_status(snapshot: &str) -> Result<TaskStatus, SendError> {
+    serde_json::from_str(snapshot).map_err(|e| {
+        SendError::Permanent(format!("the delivery's stored status is not valid: {e}"))
+    })
 }
 
 enum SendError {
@@ -579,6 +602,29 @@ fn without_userinfo(host: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_snapshot_from_either_dialect_sends_the_status_of_that_moment() {
+        // SQLite's json_object and PostgreSQL's json_build_object spell the same object.
+        for snapshot in [
+            r#"{"taskId":"task_1","state":"processing","createTime":5,"progress":0.25}"#,
+            r#"{"taskId" : "task_1", "state" : "processing", "createTime" : 5, "progress" : 0.25}"#,
+        ] {
+            let status = event_status(snapshot)
+                .ok()
+                .unwrap_or_else(|| panic!("{snapshot}"));
+            assert_eq!(
+                serde_json::to_string(&Envelope::success(status)).unwrap_or_default(),
+                r#"{"code":200,"message":"success","data":{"taskId":"task_1","state":"processing","createTime":5,"progress":0.25}}"#
+            );
+        }
+        // A start carries no progress yet: null, left out of the body like statusTask's.
+        let status = event_status(
+            r#"{"taskId":"task_1","state":"processing","createTime":5,"progress":null}"#,
+        );
+        assert!(matches!(status, Ok(TaskStatus { progress: None, .. })));
+        assert!(matches!(event_status("{}"), Err(SendError::Permanent(_))));
+    }
 
     #[test]
     fn host_keys_are_logged_without_credentials() {

@@ -25,6 +25,7 @@ mod signed_urls;
 mod smoke;
 mod support;
 mod wait_stream;
+mod webhook_events;
 mod webhooks;
 mod wire;
 mod workers;

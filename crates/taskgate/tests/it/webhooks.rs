@@ -19,16 +19,16 @@ use crate::support::*;
 
 /// What a receiver does with one request.
 #[derive(Clone, Copy, Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Status(u16),
     /// Never answers (until the test ends).
     Hang,
 }
 
 #[derive(Clone, Debug)]
-struct Received {
-    headers: HeaderMap,
-    body: Bytes,
+pub(crate) struct Received {
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 #[derive(Clone)]
@@ -39,14 +39,14 @@ struct ReceiverState {
 }
 
 /// A callback receiver on 127.0.0.1:0 that answers by script (then 200) and records requests.
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     state: ReceiverState,
     count: watch::Receiver<usize>,
 }
 
 impl Receiver {
-    async fn start(script: Vec<Reply>) -> Receiver {
+    pub(crate) async fn start(script: Vec<Reply>) -> Receiver {
         let (tx, rx) = watch::channel(0);
         let state = ReceiverState {
             script: Arc::new(Mutex::new(script.into())),
@@ -85,7 +85,7 @@ impl Receiver {
     }
 
     /// Waits until at least `n` requests have arrived; returns them all.
-    async fn wait_for(&mut self, n: usize, timeout: Duration) -> Vec<Received> {
+    pub(crate) async fn wait_for(&mut self, n: usize, timeout: Duration) -> Vec<Received> {
         tokio::time::timeout(timeout, self.count.wait_for(|c| *c >= n))
             .await
             .unwrap_or_else(|_| panic!("receiver got fewer than {n} requests within {timeout:?}"))
@@ -94,7 +94,7 @@ impl Receiver {
     }
 }
 
-fn header<'a>(r: &'a Received, name: &str) -> &'a str {
+pub(crate) fn header<'a>(r: &'a Received, name: &str) -> &'a str {
     r.headers
         .get(name)
         .unwrap_or_else(|| panic!("missing header {name}"))
@@ -179,7 +179,7 @@ fn skipped(why: &str) -> Option<bool> {
     None
 }
 
-async fn start_app(tweak: impl FnOnce(&mut taskgate_server::Config)) -> TestApp {
+pub(crate) async fn start_app(tweak: impl FnOnce(&mut taskgate_server::Config)) -> TestApp {
     TestApp::start_with(|c| {
         c.webhooks.allow_private_callbacks = true;
         c.webhooks.retry_delays =
@@ -200,7 +200,7 @@ async fn submit_callback(api: &Api, url: &str, input: Value) -> String {
     body["data"]["taskId"].as_str().unwrap().to_owned()
 }
 
-async fn deliveries(api: &Api, task_id: &str) -> Vec<Value> {
+pub(crate) async fn deliveries(api: &Api, task_id: &str) -> Vec<Value> {
     let resp = api
         .http
         .get(format!("{}/api/v1/webhookDeliveries", api.base))
@@ -232,7 +232,7 @@ async fn wait_delivery(api: &Api, task_id: &str, cond: impl Fn(&Value) -> bool) 
     }
 }
 
-async fn webhook_secret(api: &Api) -> Value {
+pub(crate) async fn webhook_secret(api: &Api) -> Value {
     let resp = api
         .http
         .get(format!("{}/api/v1/webhookSecret", api.base))

@@ -17,22 +17,24 @@ use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
+use taskgate_proto::WebhookEvent;
+use tokio::sync::{mpsc, oneshot, Notify, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
 
+use super::rows::{asks, claim_returning, owes_progress_event, status_snapshot, Dialect};
 use super::rows::{
     attempt_error, delivery_next_columns, AttemptRow, DeliveryRow, KeyRow, SecretsRow, TaskRow,
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
+use super::MAX_UNACKED_REFUNDS;
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::{
-    Finished, IdempotencyKey, KeyedInsert, Runner, TaskPage, TaskQuery, MAX_UNACKED_REFUNDS,
-};
+use super::{Finished, IdempotencyKey, KeyedInsert, Runner, StoreEvent, TaskPage, TaskQuery};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -53,6 +55,12 @@ pub struct SqliteStore {
     /// Taken by the writer thread for each round and by the sqlx side for each write: a fair
     /// (FIFO) turn between the two connections, instead of SQLite's busy polling.
     write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Told after a write made inside the store queued a delivery (a claim's start events, a
+    /// renewal's progress event): `listen` turns it into `DeliveryReady`, which wakes the
+    /// deliverer, as PostgreSQL's `NOTIFY` does. The callers of those writes never learn of them.
+    deliveries: Arc<Notify>,
+    /// Ends `listen` at close.
+    closing: CancellationToken,
 }
 
 impl SqliteStore {
@@ -87,13 +95,16 @@ impl SqliteStore {
             .connect_with(read_only)
             .await?;
         let write_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let writes = writer::start(path, write_lock.clone()).await?;
+        let deliveries = Arc::new(Notify::new());
+        let writes = writer::start(path, write_lock.clone(), deliveries.clone()).await?;
         Ok(SqliteStore {
             writer,
             reader,
             engine_reader,
             writes,
             write_lock,
+            deliveries,
+            closing: CancellationToken::new(),
         })
     }
 }
@@ -111,10 +122,11 @@ pub(super) fn claim_sql() -> String {
                       AND run_after <= ?3 AND {live} ORDER BY priority DESC, id \
                       LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
                                                 WHERE model = ?4 AND state = 'processing')))) \
-         RETURNING {TASK_COLUMNS}",
+         RETURNING {returning}",
         set = Transition::Claim.set_state(),
         guard = Transition::Claim.guard(),
         live = not_expired("?3"),
+        returning = claim_returning(),
     )
 }
 
@@ -224,6 +236,59 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// A lease renewal that reports `progress`, and the `progress` delivery it may owe
+    /// (`rows::owes_progress_event`), in one transaction. The delivery is written first, while
+    /// the row still holds the value it replaces; `BEGIN IMMEDIATE` under the write lock keeps
+    /// anything from changing the row between the two statements. Tasks that did not ask for
+    /// progress events pay one indexed read that inserts nothing.
+    async fn renew_with_progress(
+        &self,
+        id: &str,
+        token: &str,
+        now: i64,
+        lease: Duration,
+        progress: f64,
+    ) -> Result<bool, StoreError> {
+        let (_lock, mut tx) = self.begin_write().await?;
+        let queued = sqlx::query(&format!(
+            "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, \
+             next_attempt_at, created_at, event, payload) \
+             SELECT ?1, t.id, t.tenant_id, t.callback_url, 'pending', ?2, ?2, 'progress', \
+                    {snapshot} \
+             FROM tasks t WHERE t.id = ?3 AND t.state = 'processing' AND t.lease_token = ?4 \
+             AND {owed}",
+            snapshot = status_snapshot(Dialect::Sqlite, "?5"),
+            owed = owes_progress_event(Dialect::Sqlite, "?5", "?2"),
+        ))
+        .bind(new_id("whk"))
+        .bind(now)
+        .bind(id)
+        .bind(token)
+        .bind(progress)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        let r = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = ?1, progress = ?2, claim_acked = TRUE, \
+             last_progress_event_at = CASE WHEN ?3 THEN ?4 ELSE last_progress_event_at END \
+             WHERE id = ?5 AND state = 'processing' AND lease_token = ?6",
+        )
+        .bind(now + lease.as_millis() as i64)
+        .bind(progress)
+        .bind(queued)
+        .bind(now)
+        .bind(id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if queued {
+            self.deliveries.notify_one();
+        }
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Hands on the processing tasks matching `which` (SQL over the row, `?1` = `now`): claims
     /// never acknowledged go back without counting; tasks out of attempts fail; the rest go
     /// back to pending.
@@ -276,17 +341,18 @@ impl SqliteStore {
 }
 
 /// The outbox write: a callback task that just reached its final state gets a pending delivery,
-/// in the same transaction as that state.
+/// in the same transaction as that state (unless it asked for other events only).
 async fn enqueue_callback(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     task_id: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    sqlx::query(&format!(
         "INSERT INTO webhook_deliveries (id, task_id, tenant_id, url, state, next_attempt_at, \
          created_at) SELECT ?, id, tenant_id, callback_url, 'pending', ?, ? FROM tasks \
-         WHERE id = ? AND callback_url IS NOT NULL",
-    )
+         WHERE id = ? AND {}",
+        asks(WebhookEvent::Completed, "")
+    ))
     .bind(new_id("whk"))
     .bind(now)
     .bind(now)
@@ -403,6 +469,11 @@ impl Store for SqliteStore {
         lease: Duration,
         progress: Option<f64>,
     ) -> Result<bool, StoreError> {
+        if let Some(progress) = progress {
+            return self
+                .renew_with_progress(id, token, now, lease, progress)
+                .await;
+        }
         let r = sqlx::query(
             "UPDATE tasks SET lease_expires_at = ?, progress = COALESCE(?, progress), \
              claim_acked = TRUE WHERE id = ? AND state = 'processing' AND lease_token = ?",
@@ -1046,7 +1117,22 @@ impl Store for SqliteStore {
         true
     }
 
+    /// No other node writes here: the only events are this store's own event deliveries.
+    async fn listen(&self, events: mpsc::UnboundedSender<StoreEvent>) {
+        loop {
+            tokio::select! {
+                _ = self.deliveries.notified() => {
+                    if events.send(StoreEvent::DeliveryReady).is_err() {
+                        return;
+                    }
+                }
+                _ = self.closing.cancelled() => return,
+            }
+        }
+    }
+
     async fn close(&self) {
+        self.closing.cancel();
         let (done, closed) = oneshot::channel();
         if self.writes.send(Write::Close(done)).await.is_ok() {
             let _ = closed.await;

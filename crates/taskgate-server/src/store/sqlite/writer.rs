@@ -19,9 +19,13 @@ use std::time::Duration;
 
 use rusqlite::types::ToSql;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use taskgate_proto::WebhookEvent;
+use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::super::rows::{claims_from_rows, outcome_columns, TaskRow, NEW_TASK_COLUMNS};
+use super::super::rows::{
+    asks, claims_from_rows, insert_start_events_sql, outcome_columns, start_event_ids, ClaimedRow,
+    Dialect, TaskRow, NEW_TASK_COLUMNS,
+};
 use super::super::{Blob, Claim, FinishRequest, NewTask, Outcome, Runner, StoreError};
 use super::claim_sql;
 use crate::domain::{new_id, now_ms, Transition};
@@ -56,10 +60,12 @@ pub(super) struct ClaimRequest {
 }
 
 /// Opens the writer's connection (the database exists and is migrated by now) and starts its
-/// thread. It ends when the last sender (the store) is gone.
+/// thread. It ends when the last sender (the store) is gone. `deliveries` is told after a round
+/// that wrote start deliveries (the store's `listen` wakes the deliverer with it).
 pub(super) async fn start(
     path: &Path,
     lock: Arc<tokio::sync::Mutex<()>>,
+    deliveries: Arc<Notify>,
 ) -> Result<mpsc::Sender<Write>, StoreError> {
     let path = path.to_owned();
     let conn = tokio::task::spawn_blocking(move || open(&path))
@@ -70,7 +76,7 @@ pub(super) async fn start(
         .name("taskgate-writer".into())
         .spawn(move || {
             let _watch = WriterWatch;
-            write_loop(conn, rx, &lock)
+            write_loop(conn, rx, &lock, &deliveries)
         })
         .map_err(|e| StoreError::Unavailable(e.into()))?;
     Ok(writes)
@@ -130,7 +136,12 @@ pub(super) fn sqlite_error(e: rusqlite::Error) -> StoreError {
 /// each caller after the commit. One fsync (`synchronous = FULL`) then covers a whole round,
 /// however the work is mixed: with a transaction per kind, claims made one or two at a time
 /// each paid an fsync of their own, and under a mixed load the writer fell behind.
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, lock: &tokio::sync::Mutex<()>) {
+fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Write>,
+    lock: &tokio::sync::Mutex<()>,
+    deliveries: &Notify,
+) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     // Local loops' claims that found nothing due: each waits for a round that submits a task of
@@ -169,7 +180,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, lock: &tokio:
         let _turn = lock.blocking_lock();
         let distinct = super::super::distinct_tasks(finishes.iter().map(|r| r.id.as_str()));
         let round = if distinct {
-            write_round(&mut conn, &inserts, &finishes, &claims)
+            write_round(&mut conn, &inserts, &finishes, &claims, deliveries)
         } else {
             Err(StoreError::Conflict("a round names one task twice".into()))
         };
@@ -223,21 +234,22 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, lock: &tokio:
                 // One bad write must not fail its neighbours: each on its own.
                 for (task, reply) in inserts {
                     let one = [(task, oneshot::channel().0)];
-                    let r = write_round(&mut conn, &one, &[], &[]).map(|_| ());
+                    let r = write_round(&mut conn, &one, &[], &[], deliveries).map(|_| ());
                     let _ = reply.send(r);
                 }
                 for req in finishes {
-                    let r = write_round(&mut conn, &[], std::slice::from_ref(&req), &[])
-                        .map(|(w, _)| w.first().copied().unwrap_or(false));
+                    let r =
+                        write_round(&mut conn, &[], std::slice::from_ref(&req), &[], deliveries)
+                            .map(|(w, _)| w.first().copied().unwrap_or(false));
                     let _ = req.reply.send(r);
                 }
                 for req in claims {
-                    let r = write_round(&mut conn, &[], &[], std::slice::from_ref(&req)).and_then(
-                        |(_, mut c)| match c.pop() {
-                            Some((prefix, rows)) => claims_from_rows(rows, &prefix),
-                            None => Ok(Vec::new()),
-                        },
-                    );
+                    let r =
+                        write_round(&mut conn, &[], &[], std::slice::from_ref(&req), deliveries)
+                            .and_then(|(_, mut c)| match c.pop() {
+                                Some((prefix, rows)) => claims_from_rows(rows, &prefix),
+                                None => Ok(Vec::new()),
+                            });
                     if let Err(Ok(orphans)) = req.reply.send(r) {
                         give_back(&conn, &orphans);
                     }
@@ -257,12 +269,14 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, lock: &tokio:
 /// Which final states took, and each claim's token prefix and rows.
 type RoundResult = (Vec<bool>, Vec<(String, Vec<TaskRow>)>);
 
-/// One transaction: final states, then submits, then claims.
+/// One transaction: final states, then submits, then claims (with the start deliveries of the
+/// claimed tasks that asked for them). `deliveries` is told after a commit that wrote any.
 fn write_round(
     conn: &mut Connection,
     inserts: &[InsertRequest],
     finishes: &[FinishRequest],
     claims: &[ClaimRequest],
+    deliveries: &Notify,
 ) -> Result<RoundResult, StoreError> {
     if inserts.is_empty() && finishes.is_empty() && claims.is_empty() {
         // A round that only closes.
@@ -280,6 +294,7 @@ fn write_round(
         insert_in(&tx, inserts)?;
     }
     let mut claimed = Vec::with_capacity(claims.len());
+    let mut started = false;
     for c in claims {
         if c.reply.is_closed() {
             // Nobody waits for this claim any more: make none.
@@ -302,15 +317,42 @@ fn write_round(
                     c.runner.as_str(),
                     c.runner == Runner::Local,
                 ],
-                TaskRow::from_sqlite,
+                ClaimedRow::from_sqlite,
             )
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(sqlite_error)?;
-        claimed.push((prefix, rows));
+        started |= insert_start_events(&tx, &rows, now)?;
+        claimed.push((prefix, rows.into_iter().map(|r| r.task).collect()));
     }
     // A failed commit may have landed all the same: its outcome is unknown.
     tx.commit().map_err(|e| StoreError::Unavailable(e.into()))?;
+    if started {
+        deliveries.notify_one();
+    }
     Ok((written, claimed))
+}
+
+/// The start deliveries of a claim's tasks that asked for them, in the claim's transaction;
+/// true when any was written. A claim none of whose tasks asked runs no statement.
+fn insert_start_events(tx: &Connection, rows: &[ClaimedRow], now: i64) -> Result<bool, StoreError> {
+    let ids = start_event_ids(rows);
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    // `[[task id, delivery id], …]`: SQLite has no arrays.
+    let pairs: Vec<(&str, String)> = ids.into_iter().map(|id| (id, new_id("whk"))).collect();
+    let pairs = serde_json::to_string(&pairs).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let sql = insert_start_events_sql(
+        Dialect::Sqlite,
+        "SELECT json_extract(value, '$[0]') AS task, json_extract(value, '$[1]') AS delivery \
+         FROM json_each(?1)",
+        "?2",
+    );
+    let n = tx
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.execute(rusqlite::params![pairs, now]))
+        .map_err(sqlite_error)?;
+    Ok(n > 0)
 }
 
 /// Puts claims nobody will run back to pending, their attempts refunded.
@@ -366,9 +408,14 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
         .map(|(t, _)| i64::from(t.max_attempts))
         .collect();
     let priorities: Vec<i64> = batch.iter().map(|(t, _)| i64::from(t.priority)).collect();
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 11);
-    for ((((t, _), input), max_attempts), priority) in
-        batch.iter().zip(&inputs).zip(&attempts).zip(&priorities)
+    let events: Vec<i16> = batch.iter().map(|(t, _)| t.webhook_events.bits()).collect();
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 12);
+    for (((((t, _), input), max_attempts), priority), events) in batch
+        .iter()
+        .zip(&inputs)
+        .zip(&attempts)
+        .zip(&priorities)
+        .zip(&events)
     {
         params.extend_from_slice(&[
             &t.id as &dyn ToSql,
@@ -382,9 +429,10 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
             &t.create_time,
             priority,
             &t.expires_at,
+            events,
         ]);
     }
-    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 11, &params)
+    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 12, &params)
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;
@@ -408,15 +456,19 @@ fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, Stor
             msg,
         ]);
     }
-    // Succeed and Fail share their guard (from `processing`, under the claim's token).
+    // Succeed and Fail share their guard (from `processing`, under the claim's token). The URL
+    // comes back only where the task owes a final-state delivery (it may have asked for start
+    // or progress events alone).
     let sql = format!(
         "WITH v(task, token, new_state, at, outs, code, msg) AS (VALUES {}) \
          UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
          fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
          FROM v WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
-         RETURNING tasks.id, tasks.tenant_id, tasks.callback_url",
+         RETURNING tasks.id, tasks.tenant_id, \
+                   CASE WHEN {} THEN tasks.callback_url END",
         values(batch.len(), 7),
-        Transition::Succeed.guard()
+        Transition::Succeed.guard(),
+        asks(WebhookEvent::Completed, "tasks.")
     );
     let rows: Vec<(String, String, Option<String>)> = tx
         .prepare_cached(&sql)
