@@ -12,6 +12,7 @@ mod batch;
 mod extract;
 mod files;
 mod idempotency;
+mod live;
 mod stream;
 mod task_list;
 mod tasks;
