@@ -16,6 +16,7 @@ mod hot_paths;
 mod http_backend;
 mod idempotency;
 mod list;
+mod progress;
 mod recovery;
 mod retention;
 mod s3;
