@@ -133,10 +133,35 @@ pub struct TaskStatus {
     pub fail_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_msg: Option<String>,
-    /// taskgate extension: 0..1 while processing, when a pull worker reports it. APIXO clients
-    /// ignore unknown fields.
+    /// taskgate extension: 0..1 while processing, when the backend or pull worker reports it.
+    /// APIXO clients ignore unknown fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// taskgate extension: while pending, how many due tasks of the same model would be claimed
+    /// before this one (0: it is next), capped at [`MAX_QUEUE_POSITION`]. Shown on answers read
+    /// from the store (docs/api.md says when a fresh submit's answer leaves it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// taskgate extension: the task's log lines, oldest first, only when asked for
+    /// (`statusTask …&logs=true`; stream events carry the lines new since the last event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<TaskLogLine>>,
+}
+
+/// The largest `queuePosition` shown: a task further back shows this (counting is bounded).
+pub const MAX_QUEUE_POSITION: u64 = 10_000;
+
+/// One line a task's attempt logged (a command's stdout, an upstream's stream, a pull worker's
+/// heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskLogLine {
+    /// Increases by one per line of the task, from 1, across its attempts: pass the last one
+    /// seen as `logsAfter` to read on.
+    pub seq: u64,
+    /// Unix ms when the server stored it.
+    pub at: i64,
+    pub line: String,
 }
 
 impl TaskStatus {
@@ -363,7 +388,8 @@ pub struct WorkerHeartbeat {
     /// 0..1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
-    /// Lines of the worker's log since the last heartbeat; the server logs them.
+    /// Lines of the worker's log since the last heartbeat; the server keeps them with the task
+    /// (`statusTask …&logs=true`) and writes them to its own log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<String>,
 }
@@ -406,6 +432,8 @@ mod tests {
             fail_code: None,
             fail_msg: None,
             progress: None,
+            queue_position: None,
+            logs: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
@@ -435,6 +463,8 @@ mod tests {
                     fail_code: None,
                     fail_msg: None,
                     progress: None,
+                    queue_position: None,
+                    logs: None,
                 },
                 model: "echo".into(),
             }],

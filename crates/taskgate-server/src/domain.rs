@@ -154,6 +154,13 @@ pub const MAX_FAIL_MSG: usize = 4000;
 /// Longest failCode kept, in bytes.
 pub const MAX_FAIL_CODE: usize = 64;
 
+/// Longest log line kept, in bytes (a longer one is cut).
+pub const MAX_LOG_LINE: usize = 4096;
+/// Most log lines kept per task: older ones are trimmed as new ones arrive.
+pub const MAX_LOG_LINES: u64 = 1000;
+/// Most bytes of log lines kept per task, trimmed like [`MAX_LOG_LINES`].
+pub const MAX_LOG_BYTES: u64 = 256 * 1024;
+
 /// Makes text from outside (a program's stderr, an upstream's body, a worker's report) safe to
 /// store and show: no NUL (PostgreSQL refuses it in text, so the write would fail every time),
 /// no control characters but newline and tab, at most `max` bytes (cut on a character boundary).
@@ -204,7 +211,7 @@ pub struct Task {
     pub outputs: Vec<String>,
     pub fail_code: Option<String>,
     pub fail_msg: Option<String>,
-    /// 0..1, as last reported by a pull worker.
+    /// 0..1, as last reported by the running attempt (its backend, or a pull worker).
     pub progress: Option<f64>,
 }
 
@@ -251,6 +258,9 @@ impl Task {
             progress: (self.state == TaskState::Processing)
                 .then_some(self.progress)
                 .flatten(),
+            // Live fields the API adds where it reads them (`api/live.rs`).
+            queue_position: None,
+            logs: None,
         }
     }
 }

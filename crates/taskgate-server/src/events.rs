@@ -8,8 +8,9 @@
 //! subscribes *before* it reads the task, and every write that changes a task nudges *after*
 //! its commit.
 //!
-//! Nudges come from the dispatcher (claims, final states, requeues, lease sweeps), the worker
-//! API (progress in heartbeats) and, on PostgreSQL, from other nodes through `NOTIFY`.
+//! Nudges come from the dispatcher (claims, final states, requeues, lease sweeps, attempts'
+//! progress and log lines), the worker API (progress and log lines in heartbeats) and, on
+//! PostgreSQL, from other nodes through `NOTIFY`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

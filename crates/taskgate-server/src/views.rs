@@ -10,8 +10,10 @@
 //! is inserted (nobody knows its id yet) and forgotten by the dispatcher as soon as a claim of
 //! it commits, the only way out of `pending` while the process runs. Reads after that go to the
 //! store until the task is final. (With several nodes another node may claim it, so nothing
-//! live is kept there.) The cache is bounded by the bytes it holds; what falls out is read from
-//! the store again.
+//! live is kept there.) A pending view is served for its first second only (`gone_after`): a
+//! task still waiting after that is read from the store, whose answer adds its
+//! `queuePosition` (`api/live.rs`). The cache is bounded by the bytes it holds; what falls out
+//! is read from the store again.
 
 use std::sync::Arc;
 
@@ -28,8 +30,10 @@ pub struct CachedView {
     pub model: String,
     /// The whole envelope, `{"code":200,…,"data":{…}}`.
     pub body: Bytes,
-    /// When retention deletes the task (Unix ms): from then on the view is not served, so a
-    /// node that did not run the deletion does not keep answering for a task that is gone.
+    /// From when (Unix ms) the view is not served: when retention deletes a final task, so a
+    /// node that did not run the deletion does not keep answering for a task that is gone; a
+    /// second after a pending task's submit, so that polls of a task still waiting read its
+    /// queue position from the store.
     pub gone_after: Option<i64>,
 }
 

@@ -1652,3 +1652,75 @@ conformance! {
         listener.abort();
     }
 }
+
+fn seqs(lines: &[taskgate_proto::TaskLogLine]) -> Vec<u64> {
+    lines.iter().map(|l| l.seq).collect()
+}
+
+fn numbered(from: usize, n: usize) -> Vec<String> {
+    (from..from + n).map(|i| format!("line {i}")).collect()
+}
+
+conformance! {
+    a_tasks_log_is_numbered_on_trimmed_to_its_caps_and_read_by_pages(s) {
+        s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
+        assert!(!s.append_logs("task_a", &numbered(0, 3), 5).await.unwrap(), "a pending task takes no lines");
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert!(s.append_logs("task_a", &numbered(0, 600), 20).await.unwrap());
+        assert!(s.append_logs("task_a", &numbered(600, 600), 21).await.unwrap());
+
+        // 1200 lines in two writes: the newest 1000 are kept, numbered on across the writes.
+        let newest = s.log_tail("task_a", None, 3).await.unwrap();
+        assert_eq!(seqs(&newest), [1198, 1199, 1200]);
+        assert_eq!((newest[2].line.as_str(), newest[2].at), ("line 1199", 21));
+        assert_eq!(seqs(&s.log_tail("task_a", Some(0), 2).await.unwrap()), [201, 202], "the oldest kept");
+        assert_eq!(seqs(&s.log_tail("task_a", Some(1198), 10).await.unwrap()), [1199, 1200]);
+        assert!(s.log_tail("task_a", Some(1200), 10).await.unwrap().is_empty());
+        assert_eq!(s.log_tail("task_a", Some(0), 5000).await.unwrap().len(), 1000);
+
+        // 100 lines of 4 KiB are more than 256 KiB: the newest 64 (exactly 256 KiB) are kept.
+        let big: Vec<String> = (0..100).map(|i| format!("{i:04}{}", "x".repeat(4092))).collect();
+        assert!(s.append_logs("task_a", &big, 30).await.unwrap());
+        let all = s.log_tail("task_a", Some(0), 5000).await.unwrap();
+        assert_eq!(all.len(), 64);
+        assert_eq!((all[0].seq, all[63].seq), (1237, 1300));
+        assert!(all[63].line.starts_with("0099"));
+
+        // A final task keeps its log, takes no more lines, and retention deletes it with the task.
+        assert!(s.finish("task_a", &c.token, &success_with(vec![], &["task_a/t/r.png"]), 40).await.unwrap());
+        assert!(!s.append_logs("task_a", &numbered(0, 1), 41).await.unwrap());
+        assert_eq!(s.log_tail("task_a", None, 100).await.unwrap().len(), 64);
+        assert_eq!(s.delete_tasks(&["task_a".to_owned()]).await.unwrap(), ["task_a"]);
+        assert!(s.log_tail("task_a", None, 100).await.unwrap().is_empty());
+        assert!(s.log_tail("task_unknown", Some(0), 100).await.unwrap().is_empty());
+    }
+
+    a_queue_position_counts_the_due_tasks_a_claim_would_take_first(s) {
+        for (id, priority) in [("task_a", 0), ("task_b", 0), ("task_c", 5), ("task_d", 0)] {
+            s.insert_task(NewTask { priority, ..new_task(id, "m", 1) }).await.unwrap();
+        }
+        s.insert_task(new_task("task_other_model", "other", 1)).await.unwrap();
+        let pos = |id: &'static str, now: i64| {
+            let s = s.clone();
+            async move { s.queue_position(id, now).await.unwrap() }
+        };
+        assert_eq!(pos("task_c", 10).await, Some(0), "a higher priority goes first");
+        assert_eq!(pos("task_a", 10).await, Some(1));
+        assert_eq!(pos("task_b", 10).await, Some(2));
+        assert_eq!(pos("task_d", 10).await, Some(3));
+        assert_eq!(pos("task_other_model", 10).await, Some(0), "other models do not count");
+
+        // A task waiting out a retry is not due, so it is not ahead until it is.
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, "task_c");
+        assert_eq!(pos("task_c", 10).await, None, "a processing task has no position");
+        assert!(s.requeue("task_c", &c.token, 1000, false).await.unwrap());
+        assert_eq!(pos("task_a", 10).await, Some(0));
+        assert_eq!(pos("task_a", 2000).await, Some(1));
+        // Nor is one past its deadline: claims pass over it.
+        s.insert_task(NewTask { priority: 9, expires_at: Some(500), ..new_task("task_e", "m", 1) }).await.unwrap();
+        assert_eq!(pos("task_d", 100).await, Some(3));
+        assert_eq!(pos("task_d", 600).await, Some(2));
+        assert_eq!(pos("task_unknown", 10).await, None);
+    }
+}

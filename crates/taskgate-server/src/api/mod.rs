@@ -13,6 +13,7 @@ mod batch;
 mod extract;
 mod files;
 mod idempotency;
+mod live;
 mod models;
 mod stream;
 mod task_list;

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
+use super::live::{add_live_fields, LogsQuery, PENDING_VIEW_FRESH_MS};
 use super::{models, query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms, EventMask};
@@ -410,6 +411,7 @@ async fn status_task(
     let runtime = model_or_404(&state, &model);
     let task_id = required_task_id(&state, &uri, "statusTask", &model)?;
     let not_found = || task_not_found(&task_id, &model);
+    let logs = LogsQuery::from_uri(&uri)?;
     if let Some(wait) = wait::preference(&headers) {
         // The watch before the first read: a change between the two still wakes the wait.
         let watch = state.dispatcher.events().subscribe(&task_id);
@@ -421,11 +423,12 @@ async fn status_task(
         let Some(task) = task else {
             return Err(runtime.err().unwrap_or_else(not_found));
         };
-        let body = render_status(&state, task).await?;
+        let body = render_status_with(&state, task, logs).await?;
         return Ok(([wait::applied(wait)], json_bytes(body)).into_response());
     }
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
-    if let Some(view) = state.views.get(&task_id) {
+    // (A cached view has no logs: a request for them reads the store.)
+    if let Some(view) = state.views.get(&task_id).filter(|_| logs.is_none()) {
         if view.tenant_id != tenant.id || view.model != model {
             return Err(runtime.err().unwrap_or_else(not_found));
         }
@@ -438,7 +441,7 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
-    Ok(json_bytes(render_status(&state, task).await?))
+    Ok(json_bytes(render_status_with(&state, task, logs).await?))
 }
 
 /// Longest `taskId` looked up; ours are 31 bytes.
@@ -484,15 +487,27 @@ pub(super) fn task_not_found(task_id: &str, model: &str) -> ApiError {
 /// The statusTask answer of `task` (its owner checked by the caller), kept in the node's views
 /// where it can no longer change.
 async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<Bytes, ApiError> {
-    let status = state
+    render_status_with(state, task, None).await
+}
+
+/// [`render_status`] with the live fields (`queuePosition`, and the logs when asked for); an
+/// answer with logs is not kept.
+async fn render_status_with(
+    state: &AppState,
+    task: crate::domain::Task,
+    logs: Option<LogsQuery>,
+) -> Result<Bytes, ApiError> {
+    let mut status = state
         .links
         .status_of(&task)
         .await
         .map_err(ApiError::internal)?;
+    add_live_fields(state, &task, &mut status, logs).await?;
     let body =
         Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);
     // A failure's view has no URLs; a success's is kept only where its URLs stay valid.
     let keep = match task.state {
+        _ if logs.is_some() => false,
         taskgate_proto::TaskState::Failed => true,
         taskgate_proto::TaskState::Success => state.links.store.stable_urls(),
         _ => false,
@@ -568,7 +583,9 @@ async fn cancel_task(
     Ok(json_bytes(render_status(&state, task).await?))
 }
 
-/// The statusTask answer of a task just submitted, as a store read would render it.
+/// The statusTask answer of a task just submitted, as a store read would render it but for
+/// `queuePosition`: served only for its first [`PENDING_VIEW_FRESH_MS`] (`api/live.rs` says
+/// why), after which polls read the store.
 pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
     let view = crate::domain::Task {
         id: task.id.clone(),
@@ -590,7 +607,7 @@ pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
     .status(|_| String::new());
     let body = serde_json::to_vec(&Envelope::success(view)).ok()?;
     Some(CachedView {
-        gone_after: None,
+        gone_after: Some(task.create_time.saturating_add(PENDING_VIEW_FRESH_MS)),
         tenant_id: task.tenant_id.clone(),
         model: task.model.clone(),
         body: Bytes::from(body),

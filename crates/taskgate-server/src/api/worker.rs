@@ -1,5 +1,6 @@
 //! The pull-worker API: remote workers claim tasks of `worker`-backed models, renew their lease
-//! with heartbeats (reporting progress and log lines), upload outputs, then complete or fail.
+//! with heartbeats (reporting progress and log lines, kept with the task as a local attempt's
+//! are), upload outputs, then complete or fail.
 //!
 //! Every call after the claim carries the claim's lease token; a worker whose task was handed to
 //! another worker (its lease expired) or cancelled gets 409 `lease_lost` and must stop. (A cancel
@@ -27,7 +28,7 @@ use super::extract::WorkerToken;
 use crate::artifacts::{sanitize_name, staged_key};
 use crate::backends::BackendError;
 use crate::dispatch::{ModelRuntime, Settled};
-use crate::domain::{attempt_tag, fail_code, now_ms, Task};
+use crate::domain::{attempt_tag, clean_text, fail_code, now_ms, Task, MAX_LOG_LINE};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::Claim;
@@ -252,9 +253,10 @@ async fn heartbeat(
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
     let span = info_span!("task", task_id = %task_id, worker = %worker.name);
-    for line in hb.logs.iter().take(1000) {
+    for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
     }
+    store_worker_logs(&state, &task_id, &hb.logs).await?;
     // A worker that heartbeats forever must still respect the model's timeout.
     // Measured on the clock the start time was stamped with (the database's, on PostgreSQL), so
     // a node whose clock runs ahead does not time out live work.
@@ -283,6 +285,34 @@ async fn heartbeat(
         return Err(lease_lost(&task_id));
     }
     Ok(done())
+}
+
+/// Most log lines of one heartbeat that are used.
+const MAX_HEARTBEAT_LINES: usize = 1000;
+
+/// Keeps a heartbeat's log lines with the task (cleaned and cut like a command's stdout lines),
+/// in one write, and nudges the requests waiting on it. A heartbeat without lines writes
+/// nothing.
+async fn store_worker_logs(
+    state: &AppState,
+    task_id: &str,
+    logs: &[String],
+) -> Result<(), ApiError> {
+    let lines: Vec<String> = logs
+        .iter()
+        .take(MAX_HEARTBEAT_LINES)
+        .map(|l| clean_text(l.trim_end(), MAX_LOG_LINE))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    // The claim was renewed just now, so the task is processing; a cancel in between leaves
+    // the lines unwritten, which is what it should.
+    if state.store.append_logs(task_id, &lines, now_ms()).await? {
+        state.dispatcher.events().changed(task_id);
+    }
+    Ok(())
 }
 
 /// Streams one output into this node's scratch space, then stages it under the attempt's tag.

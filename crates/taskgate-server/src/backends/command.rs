@@ -2,7 +2,9 @@
 //!
 //! The input JSON goes to stdin; `TASKGATE_OUTPUT_DIR` names the empty directory whose files
 //! become the results. Exit 0 succeeds; exit 75 (`EX_TEMPFAIL`) is a retryable failure; any
-//! other exit fails the task with the tail of stderr.
+//! other exit fails the task with the tail of stderr. stdout is read line by line as the program
+//! writes it: progress (`progress: 0.42`, or `{"progress": 0.42}`) and log lines, reported
+//! through the job's [`super::Progress`] (the protocol is in `progress.rs`).
 //!
 //! No process the program started outlives its attempt, not even one that left the program's
 //! process group: when the program exits, `run` kills its whole tree (`process_tree`) and
@@ -20,8 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::process_tree::{self, ProcessTree, KILL_BOUND};
+use super::progress::{parse_line, LineSplitter, Progress};
 use super::{Backend, BackendError, Job, Produced};
-use crate::domain::fail_code;
+use crate::domain::{fail_code, MAX_LOG_LINE};
 
 /// Exit status meaning "temporary failure, try again" (sysexits.h).
 pub const EXIT_TEMPFAIL: i32 = 75;
@@ -136,7 +139,7 @@ impl Backend for CommandBackend {
             .env("TASKGATE_MODEL", &job.model)
             .env("TASKGATE_ATTEMPT", job.attempt.to_string())
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
@@ -183,11 +186,23 @@ impl Backend for CommandBackend {
         // stderr is read in its own task: a background child that inherited the pipe would
         // otherwise keep it open, and the attempt, alive after the program itself exited.
         let stderr_task = tokio::spawn(read_stderr);
+        // stdout likewise, and always drained, so a program that writes much never blocks on
+        // a full pipe; aborted if the attempt is dropped.
+        let mut stdout_task = AbortOnDrop(tokio::spawn(read_stdout(
+            child.stdout.take(),
+            job.progress.clone(),
+        )));
         let (_, status) = tokio::join!(write_input, child.wait());
         // The program is done: whatever it left running goes with it, before the attempt is
         // settled.
         tree.kill().await;
-        let mut tail = match tokio::time::timeout(STDERR_DRAIN, stderr_task).await {
+        // Both pipes' last lines, read together: their writers are dead, so each ends at once
+        // unless an escaped descendant still holds it.
+        let (tail, _) = tokio::join!(
+            tokio::time::timeout(STDERR_DRAIN, stderr_task),
+            tokio::time::timeout(STDERR_DRAIN, &mut stdout_task.0),
+        );
+        let mut tail = match tail {
             Ok(Ok(tail)) => tail,
             _ => VecDeque::new(),
         };
@@ -220,5 +235,32 @@ impl Backend for CommandBackend {
         } else {
             Err(BackendError::fatal(fail_code::GENERATION_FAILED, message))
         }
+    }
+}
+
+/// Reads the program's stdout until it closes, reporting each line (cut to [`MAX_LOG_LINE`]
+/// bytes) as progress or a log line. The reporter never blocks, so the pipe is drained as fast
+/// as the program fills it.
+async fn read_stdout(stdout: Option<tokio::process::ChildStdout>, progress: Progress) {
+    let Some(mut out) = stdout else { return };
+    let mut lines = LineSplitter::new(Some(MAX_LOG_LINE));
+    let mut buf = [0u8; 8192];
+    let report = |line: &[u8]| progress.apply(parse_line(&String::from_utf8_lossy(line)));
+    while let Ok(n) = out.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        lines.push(&buf[..n], report);
+    }
+    lines.finish(report);
+}
+
+/// A spawned task that is aborted when dropped (a dropped attempt must not leave a reader
+/// behind reporting for it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

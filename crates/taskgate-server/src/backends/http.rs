@@ -3,6 +3,11 @@
 //! The answer is either the output itself (raw bytes, typed by `Content-Type`) or JSON that
 //! carries URLs to fetch or base64 data, found at configured JSON pointers. Upstream 5xx, 429,
 //! timeouts and connection errors are retryable; any other 4xx is the input's fault and is not.
+//!
+//! An upstream that answers `Content-Type: application/x-ndjson` streams: it sends progress and
+//! log objects (`{"progress": 0.42}`, `{"log": "…"}`) as it works, each on its own line, and
+//! ends with the result object, which is then read as a JSON answer. The lines are read as they
+//! arrive and reported through the job's [`super::Progress`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,6 +17,7 @@ use base64::Engine;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::Value;
 
+use super::progress::{report_object, LineSplitter};
 use super::{human, Backend, BackendError, Job, Produced};
 use crate::config::{HttpBackendConfig, HttpResponseKind};
 use crate::domain::fail_code;
@@ -149,11 +155,25 @@ impl HttpBackend {
         request: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<Answer, BackendError> {
-        let resp = request
+        let resp = self.start(request, what).await?;
+        self.answer(resp, what).await
+    }
+
+    /// Sends `request` within the request timeout (which also bounds reading the answer).
+    async fn start(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::Response, BackendError> {
+        request
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| transport_error(what, &e, self.timeout))?;
+            .map_err(|e| transport_error(what, &e, self.timeout))
+    }
+
+    /// Reads a whole answer; a non-2xx one is an error, retryable or not by its status.
+    async fn answer(&self, resp: reqwest::Response, what: &str) -> Result<Answer, BackendError> {
         let status = resp.status();
         let content_type = resp
             .headers()
@@ -172,6 +192,73 @@ impl HttpBackend {
             content_type,
             path,
             body,
+        })
+    }
+}
+
+/// The media type of a streamed answer: one JSON object per line.
+const NDJSON: &str = "application/x-ndjson";
+
+impl HttpBackend {
+    /// The model server's answer: read whole, or, when it streams ndjson, line by line with
+    /// progress and log objects reported as they arrive and the last other line as the answer
+    /// (JSON, whatever the stream's type, so `response = "json"` reads it as usual).
+    async fn post_model(
+        &self,
+        request: reqwest::RequestBuilder,
+        job: &Job,
+    ) -> Result<Answer, BackendError> {
+        const WHAT: &str = "the upstream model server";
+        let resp = self.start(request, WHAT).await?;
+        let streams = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|ct| ct.trim().eq_ignore_ascii_case(NDJSON));
+        if !streams || !resp.status().is_success() {
+            return self.answer(resp, WHAT).await;
+        }
+        let path = resp.url().path().to_owned();
+        let mut resp = resp;
+        // No cap on a line: the result line may carry base64 outputs (an answer read whole is
+        // not capped either).
+        let mut lines = LineSplitter::new(None);
+        let mut result: Option<Vec<u8>> = None;
+        let mut take = |line: &[u8]| {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return;
+            }
+            if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(line) {
+                if let Some(report) = report_object(&obj) {
+                    job.progress.apply(report);
+                    return;
+                }
+            }
+            // A candidate for the result; one it replaces was not the last, so it is kept as
+            // a log line rather than lost.
+            if let Some(earlier) = result.replace(line.to_vec()) {
+                job.progress.log(&String::from_utf8_lossy(&earlier));
+            }
+        };
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| transport_error(WHAT, &e, self.timeout))?
+        {
+            lines.push(&chunk, &mut take);
+        }
+        lines.finish(&mut take);
+        let body = result.ok_or_else(|| {
+            BackendError::fatal(
+                fail_code::GENERATION_FAILED,
+                "the upstream's ndjson stream ended without a result line (every line was a progress or log object)",
+            )
+        })?;
+        Ok(Answer {
+            content_type: Some("application/json".to_owned()),
+            path,
+            body: bytes::Bytes::from(body),
         })
     }
 }
@@ -195,7 +282,7 @@ impl Backend for HttpBackend {
             .json(&job.input);
         let Answer {
             content_type, body, ..
-        } = self.send(request, "the upstream model server").await?;
+        } = self.post_model(request, job).await?;
         match self.cfg.response {
             HttpResponseKind::Raw => {
                 self.write(job, file_name(0, content_type.as_deref(), None), &body)

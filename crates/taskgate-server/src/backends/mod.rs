@@ -8,6 +8,7 @@ mod builtin;
 mod command;
 mod http;
 mod process_tree;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use crate::config::{BackendConfig, ConfigError, InputSchema, ModelConfig};
 pub use builtin::{DemoImage, Echo};
 pub use command::CommandBackend;
 pub use http::HttpBackend;
+pub use progress::Progress;
 
 /// One attempt of one task.
 #[derive(Debug, Clone)]
@@ -34,6 +36,8 @@ pub struct Job {
     /// Empty at start; what is in it at the end is the result. `None` for backends that
     /// produce in memory (`Backend::needs_output_dir` false).
     pub output_dir: Option<PathBuf>,
+    /// Where the attempt reports progress and log lines while it runs (never blocks).
+    pub progress: Progress,
 }
 
 impl Job {

@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::completer::Settled;
 use super::{Dispatcher, ModelRuntime};
 use crate::artifacts::{output_names, staged_key};
-use crate::backends::{BackendError, Job, Produced};
+use crate::backends::{BackendError, Job, Produced, Progress};
 use crate::domain::{attempt_tag, fail_code, now_ms};
 use crate::report::error_chain;
 use crate::store::{Blob, Claim};
@@ -90,7 +90,11 @@ impl Dispatcher {
             input,
             attempt: claim.task.attempts,
             output_dir: dir.clone(),
+            progress: Progress::new(),
         };
+        // Stores what the backend reports while it runs; dropped (stopped) on every early
+        // return below.
+        let reports = self.start_reports(&claim, &job.progress);
         // Keys handed to the artifact store so far, so that an attempt that loses its claim
         // mid-way can take back what it staged.
         let staged = Arc::new(Mutex::new(Vec::new()));
@@ -129,6 +133,8 @@ impl Dispatcher {
                 return;
             }
         };
+        // The last log lines are stored before the outcome, so they are there once it is final.
+        reports.finish().await;
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
         let succeeded = result.is_ok();

@@ -14,6 +14,8 @@
 //!   lease sweeps of tasks and webhook deliveries.
 //! - [`running`]: the attempts running on this node, so that a cancelled task's attempt is
 //!   stopped at once ([`Dispatcher::cancel_running`]) once its final state is written.
+//! - [`reports`]: stores what a running local attempt reports (progress, log lines),
+//!   throttled, beside it.
 //!
 //! Concurrency model: each model's loop holds a semaphore of `concurrency` permits; each claimed
 //! task runs in its own tokio task, which owns its permit. Shutdown stops the loops, gives
@@ -24,6 +26,7 @@ mod attempt;
 mod completer;
 pub mod maintenance;
 mod producer;
+mod reports;
 mod running;
 
 pub use attempt::collect_files;

@@ -478,6 +478,34 @@ impl Store for FaultyStore {
         self.plan.leave("advance_setting", entered, result)
     }
 
+    async fn append_logs(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let entered = self.plan.enter("append_logs").await?;
+        let result = self.inner.append_logs(task_id, lines, now).await;
+        self.plan.leave("append_logs", entered, result)
+    }
+
+    async fn log_tail(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError> {
+        let entered = self.plan.enter("log_tail").await?;
+        let result = self.inner.log_tail(task_id, after, limit).await;
+        self.plan.leave("log_tail", entered, result)
+    }
+
+    async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError> {
+        let entered = self.plan.enter("queue_position").await?;
+        let result = self.inner.queue_position(task_id, now).await;
+        self.plan.leave("queue_position", entered, result)
+    }
+
     fn exclusive(&self) -> bool {
         self.inner.exclusive()
     }

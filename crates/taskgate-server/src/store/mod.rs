@@ -575,6 +575,36 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
 
+    // Progress and logs (`renew_lease` records progress).
+
+    /// Appends log lines to a processing task's log, numbered on from its last line, and trims
+    /// it to its newest [`crate::domain::MAX_LOG_LINES`] lines and
+    /// [`crate::domain::MAX_LOG_BYTES`] bytes, in one transaction: one write per call, however
+    /// many lines. False, nothing written, when the task is not processing. Stores shared by
+    /// nodes tell every node the task changed (`StoreEvent::TasksChanged`), so streams of it
+    /// elsewhere send the lines.
+    async fn append_logs(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// A task's log lines, oldest first: with `after`, the first `limit` whose seq is greater
+    /// (to read on from a line already seen); without, the newest `limit`.
+    async fn log_tail(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError>;
+
+    /// How many pending tasks of a pending task's model a claim at `now` would take before it
+    /// (higher priority, or equal priority and older; due and not expired), counting no more
+    /// than [`taskgate_proto::MAX_QUEUE_POSITION`]: an index range, bounded however long the
+    /// queue. `None` when the task is not pending.
+    async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError>;
+
     // Tenants and keys.
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError>;

@@ -40,6 +40,7 @@ use super::{
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
+mod logs;
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
 /// disagree still agree on when a lease ends.
@@ -1279,7 +1280,7 @@ impl Store for PostgresStore {
         if task_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let [attempts, deliveries, tasks] = delete_tasks_sql("SELECT unnest($1::text[])");
+        let [attempts, deliveries, logs, tasks] = delete_tasks_sql("SELECT unnest($1::text[])");
         let mut tx = self.pool.begin().await?;
         sqlx::query(&attempts)
             .bind(task_ids)
@@ -1289,6 +1290,7 @@ impl Store for PostgresStore {
             .bind(task_ids)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(&logs).bind(task_ids).execute(&mut *tx).await?;
         let deleted: Vec<String> = sqlx::query_scalar(&tasks)
             .bind(task_ids)
             .fetch_all(&mut *tx)
@@ -1320,6 +1322,28 @@ impl Store for PostgresStore {
         .bind(value)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    async fn append_logs(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.append_log_lines(task_id, lines, now).await
+    }
+
+    async fn log_tail(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError> {
+        self.log_lines(task_id, after, limit).await
+    }
+
+    async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError> {
+        self.position_in_queue(task_id, now).await
     }
 
     fn exclusive(&self) -> bool {

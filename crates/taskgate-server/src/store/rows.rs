@@ -375,9 +375,9 @@ pub fn finished_tasks_sql(after: bool, p: impl Fn(u32) -> String) -> String {
 }
 
 /// Deletes a task's records where it is final and owes no callback (`{ids}` is a subquery
-/// yielding the ids, in the dialect's form): the deliveries' attempts, the deliveries, then the
-/// task. Blobs go by key, before (their keys are the task's outputs).
-pub fn delete_tasks_sql(ids: &str) -> [String; 3] {
+/// yielding the ids, in the dialect's form): the deliveries' attempts, the deliveries, the log
+/// lines, then the task. Blobs go by key, before (their keys are the task's outputs).
+pub fn delete_tasks_sql(ids: &str) -> [String; 4] {
     let deletable = format!(
         "SELECT t.id FROM tasks t WHERE t.id IN ({ids}) AND t.complete_time IS NOT NULL \
          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.task_id = t.id \
@@ -389,8 +389,85 @@ pub fn delete_tasks_sql(ids: &str) -> [String; 3] {
              (SELECT id FROM webhook_deliveries WHERE task_id IN ({deletable}))"
         ),
         format!("DELETE FROM webhook_deliveries WHERE task_id IN ({deletable})"),
+        format!("DELETE FROM task_logs WHERE task_id IN ({deletable})"),
         format!("DELETE FROM tasks WHERE id IN ({deletable}) RETURNING id"),
     ]
+}
+
+/// Trims a task's log after an append to its newest `MAX_LOG_LINES` lines and `MAX_LOG_BYTES`
+/// bytes: the lines to drop are the oldest ones (a running count and sum from the newest
+/// back), so one `seq <=` bound deletes them. Placeholder 1 (written by `p`) is the task id;
+/// `byte_len` is the dialect's byte length of `line`. Reads at most the task's own lines
+/// (the cap plus one flush), through the primary key.
+pub fn trim_logs_sql(p: impl Fn(u32) -> String, byte_len: &str) -> String {
+    format!(
+        "DELETE FROM task_logs WHERE task_id = {id} AND seq <= \
+         (SELECT max(seq) FROM (SELECT seq, row_number() OVER w AS n, \
+                                       sum({byte_len}) OVER w AS bytes \
+                                FROM task_logs WHERE task_id = {id} \
+                                WINDOW w AS (ORDER BY seq DESC)) newest_first \
+          WHERE n > {lines} OR bytes > {bytes})",
+        id = p(1),
+        lines = crate::domain::MAX_LOG_LINES,
+        bytes = crate::domain::MAX_LOG_BYTES,
+    )
+}
+
+/// A task's log lines (`seq`, `at`, `line`), oldest first: after a seq (placeholders: 1 the
+/// task, 2 the seq, 3 the limit), or the newest (1 the task, 2 the limit).
+pub fn log_tail_sql(after: bool, p: impl Fn(u32) -> String) -> String {
+    if after {
+        format!(
+            "SELECT seq, at, line FROM task_logs WHERE task_id = {} AND seq > {} \
+             ORDER BY seq LIMIT {}",
+            p(1),
+            p(2),
+            p(3)
+        )
+    } else {
+        format!(
+            "SELECT seq, at, line FROM (SELECT seq, at, line FROM task_logs \
+             WHERE task_id = {} ORDER BY seq DESC LIMIT {}) newest ORDER BY seq",
+            p(1),
+            p(2)
+        )
+    }
+}
+
+/// A row of a log read.
+pub type LogRow = (i64, i64, String);
+
+pub fn log_lines(rows: Vec<LogRow>) -> Vec<taskgate_proto::TaskLogLine> {
+    rows.into_iter()
+        .map(|(seq, at, line)| taskgate_proto::TaskLogLine {
+            seq: u64::try_from(seq).unwrap_or(0),
+            at,
+            line,
+        })
+        .collect()
+}
+
+/// A pending task's place in its model's queue: the due, unexpired pending tasks a claim would
+/// take first (`ORDER BY priority DESC, id`), as two ranges of the `tasks_ready` index (higher
+/// priority; same priority and older), each counted to at most `MAX_QUEUE_POSITION` rows so
+/// the work is bounded however long the queue. No row when the task is not pending.
+/// Placeholders: 1 the task id, 2 now.
+pub fn queue_position_sql(p: impl Fn(u32) -> String) -> String {
+    let cap = taskgate_proto::MAX_QUEUE_POSITION;
+    let (id, now) = (p(1), p(2));
+    let ahead = |order: &str| {
+        format!(
+            "(SELECT count(*) FROM (SELECT 1 FROM tasks o, me WHERE o.model = me.model \
+             AND o.state = 'pending' AND {order} AND o.run_after <= {now} \
+             AND (o.expires_at IS NULL OR o.expires_at > {now}) LIMIT {cap}) ahead)"
+        )
+    };
+    format!(
+        "WITH me AS (SELECT model, priority, id FROM tasks WHERE id = {id} AND state = 'pending') \
+         SELECT {} + {} FROM me",
+        ahead("o.priority > me.priority"),
+        ahead("o.priority = me.priority AND o.id < me.id"),
+    )
 }
 
 /// The claim's guard against deadlines: a pending task past its `expires_at` is not started

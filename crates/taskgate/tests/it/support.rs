@@ -824,3 +824,80 @@ impl Api {
         envelope(resp).await
     }
 }
+
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// Reads a `text/event-stream` body (`streamTask`) event by event.
+pub struct SseReader {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseReader {
+    pub async fn open(api: &Api, model: &str, task_id: &str, last_event_id: Option<&str>) -> Self {
+        let mut req = api
+            .http
+            .get(format!("{}/api/v1/streamTask/{model}", api.base))
+            .query(&[("taskId", task_id)])
+            .bearer_auth(&api.key);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        SseReader {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped), or `None` once the server ended the stream.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut data) = (None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                return Some(SseEvent {
+                    id,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.resp.chunk())
+                .await
+                .expect("no event within the timeout")
+                .unwrap()?;
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Events until one matches `cond`; returns them all.
+    pub async fn until(&mut self, cond: impl Fn(&Value) -> bool) -> Vec<SseEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = self.next().await.expect("the stream ended early");
+            let done = cond(&ev.data);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+}

@@ -38,6 +38,7 @@ use super::{Finished, IdempotencyKey, KeyedInsert, Runner, StoreEvent, TaskPage,
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
+mod logs;
 mod writer;
 
 use writer::{ClaimRequest, Write};
@@ -1066,13 +1067,15 @@ impl Store for SqliteStore {
         }
         let ids =
             serde_json::to_string(task_ids).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let [attempts, deliveries, tasks] = delete_tasks_sql("SELECT value FROM json_each(?1)");
+        let [attempts, deliveries, logs, tasks] =
+            delete_tasks_sql("SELECT value FROM json_each(?1)");
         let (_lock, mut tx) = self.begin_write().await?;
         sqlx::query(&attempts).bind(&ids).execute(&mut *tx).await?;
         sqlx::query(&deliveries)
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(&logs).bind(&ids).execute(&mut *tx).await?;
         let deleted: Vec<String> = sqlx::query_scalar(&tasks)
             .bind(&ids)
             .fetch_all(&mut *tx)
@@ -1111,6 +1114,28 @@ impl Store for SqliteStore {
                 .fetch_one(&mut *conn)
                 .await?,
         )
+    }
+
+    async fn append_logs(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.append_log_lines(task_id, lines, now).await
+    }
+
+    async fn log_tail(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError> {
+        self.log_lines(task_id, after, limit).await
+    }
+
+    async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError> {
+        self.position_in_queue(task_id, now).await
     }
 
     fn exclusive(&self) -> bool {

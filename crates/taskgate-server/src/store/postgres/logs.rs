@@ -1,0 +1,84 @@
+//! Task log lines and queue positions on PostgreSQL.
+//!
+//! An append is one transaction on the API's pool: a per-task advisory lock (so two appends to
+//! one task, from any nodes, number their lines one after the other), the insert of every line
+//! of the flush, the trim to the caps, and `NOTIFY changed:TASK_ID`, which the `tasks_changed`
+//! trigger does not send for a table other than `tasks`: streams of the task on every node then
+//! send the lines.
+
+use super::super::rows::{log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow};
+use super::super::StoreError;
+use super::{notify, PostgresStore};
+
+impl PostgresStore {
+    pub(super) async fn append_log_lines(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        if lines.is_empty() {
+            return Ok(true);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7475))")
+            .bind(task_id)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO task_logs (task_id, seq, at, line) \
+             SELECT $1, last.seq + l.n, $2, l.line \
+             FROM unnest($3::text[]) WITH ORDINALITY AS l(line, n), \
+                  (SELECT COALESCE(max(seq), 0) AS seq FROM task_logs WHERE task_id = $1) last \
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND state = 'processing')",
+        )
+        .bind(task_id)
+        .bind(now)
+        .bind(lines)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        sqlx::query(&trim_logs_sql(|n| format!("${n}"), "octet_length(line)"))
+            .bind(task_id)
+            .execute(&mut *tx)
+            .await?;
+        notify(&mut tx, &format!("changed:{task_id}")).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn log_lines(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = log_tail_sql(after.is_some(), |n| format!("${n}"));
+        let mut q = sqlx::query_as::<_, LogRow>(&sql).bind(task_id);
+        if let Some(after) = after {
+            q = q.bind(i64::try_from(after).unwrap_or(i64::MAX));
+        }
+        Ok(log_lines(q.bind(limit).fetch_all(&self.pool).await?))
+    }
+
+    pub(super) async fn position_in_queue(
+        &self,
+        task_id: &str,
+        now: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let ahead: Option<i64> = sqlx::query_scalar(&queue_position_sql(|n| format!("${n}")))
+            .bind(task_id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(ahead.map(|n| {
+            u64::try_from(n)
+                .unwrap_or(0)
+                .min(taskgate_proto::MAX_QUEUE_POSITION)
+        }))
+    }
+}

@@ -1,0 +1,115 @@
+//! Task log lines and queue positions on SQLite.
+//!
+//! An append is one `BEGIN IMMEDIATE` transaction on the sqlx write connection (under the write
+//! lock it shares with the writer thread, as batch submits are): the insert of every line of the
+//! flush, numbered on from the task's last line, then the trim to the caps. It never goes
+//! through the writer thread, whose rounds (submits, claims, final states) stay as they were;
+//! tasks that log nothing never call it. Reads go through the API's read-only pool.
+
+use super::super::rows::{log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow};
+use super::super::StoreError;
+use super::SqliteStore;
+
+impl SqliteStore {
+    pub(super) async fn append_log_lines(
+        &self,
+        task_id: &str,
+        lines: &[String],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        if lines.is_empty() {
+            return Ok(true);
+        }
+        // The lines go in as one JSON array: SQLite has no array parameters.
+        let json = serde_json::to_string(lines).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let (_lock, mut tx) = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO task_logs (task_id, seq, at, line) \
+             SELECT ?1, last.seq + j.key + 1, ?2, j.value \
+             FROM json_each(?3) j, \
+                  (SELECT COALESCE(max(seq), 0) AS seq FROM task_logs WHERE task_id = ?1) last \
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND state = 'processing')",
+        )
+        .bind(task_id)
+        .bind(now)
+        .bind(json)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        sqlx::query(&trim_logs_sql(
+            |n| format!("?{n}"),
+            "length(CAST(line AS BLOB))",
+        ))
+        .bind(task_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn log_lines(
+        &self,
+        task_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::TaskLogLine>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = log_tail_sql(after.is_some(), |n| format!("?{n}"));
+        let mut q = sqlx::query_as::<_, LogRow>(&sql).bind(task_id);
+        if let Some(after) = after {
+            q = q.bind(i64::try_from(after).unwrap_or(i64::MAX));
+        }
+        Ok(log_lines(q.bind(limit).fetch_all(&self.reader).await?))
+    }
+
+    pub(super) async fn position_in_queue(
+        &self,
+        task_id: &str,
+        now: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let ahead: Option<i64> = sqlx::query_scalar(&queue_position_sql(|n| format!("?{n}")))
+            .bind(task_id)
+            .bind(now)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(ahead.map(|n| {
+            u64::try_from(n)
+                .unwrap_or(0)
+                .min(taskgate_proto::MAX_QUEUE_POSITION)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Counting a queue position walks the `tasks_ready` index: a scan would cost every poll of
+    /// a pending task as much as the table is large.
+    #[tokio::test]
+    async fn the_queue_position_walks_the_ready_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let sql = queue_position_sql(|n| format!("?{n}"));
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(&store.reader)
+                .await
+                .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+        assert!(
+            !steps
+                .iter()
+                .any(|s| s.starts_with("SCAN tasks") || s.starts_with("SCAN o")),
+            "{sql}\nscans the table: {steps:?}"
+        );
+        assert!(
+            steps.iter().any(|s| s.contains("tasks_ready")),
+            "{sql}\ndoes not use tasks_ready: {steps:?}"
+        );
+    }
+}
