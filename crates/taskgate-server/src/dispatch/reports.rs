@@ -33,10 +33,14 @@ use crate::store::{Claim, Store};
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Lines waiting that call for a flush before [`FLUSH_EVERY`] is over.
 pub const FLUSH_LINES: usize = 100;
-/// The shortest pause between two flushes, however fast lines come: at most ten writes a
-/// second per attempt (and so about a thousand stored lines a second; the handle drops the
-/// rest, oldest first).
-pub const MIN_GAP: Duration = Duration::from_millis(100);
+/// The shortest pause between two flushes, however fast lines come: at most four writes a
+/// second per attempt.
+pub const MIN_GAP: Duration = Duration::from_millis(250);
+/// Most bytes of log lines one flush writes (the newest kept, the rest counted as dropped):
+/// with [`MIN_GAP`] a program flooding its stdout costs the store at most 256 KiB of lines a
+/// second, a few short writes, rather than SQLite's write lock for most of every second
+/// (4 MB inserted and then trimmed back to the per-task cap, as a review measured).
+pub const MAX_FLUSH_BYTES: usize = 64 * 1024;
 /// Longest the last flush may hold up settling the attempt.
 const LAST_FLUSH_BOUND: Duration = Duration::from_secs(5);
 
@@ -136,7 +140,8 @@ impl ReportWriter {
     /// Writes what waits; false once the task is no longer this attempt's (nothing more will
     /// be written).
     async fn flush(&mut self, progress: &Progress, ending: bool) -> bool {
-        let reported = progress.take();
+        let mut reported = progress.take();
+        cap_lines(&mut reported.lines, MAX_FLUSH_BYTES);
         let mut changed = false;
         let mut ours = true;
         // A progress at the very end is not worth a write: a final or requeued task shows none.
@@ -175,5 +180,43 @@ impl ReportWriter {
             self.events.changed(&self.task_id);
         }
         ours
+    }
+}
+
+/// Keeps the newest lines that fit in `max` bytes; the first kept line says how many went.
+fn cap_lines(lines: &mut Vec<String>, max: usize) {
+    let mut total = 0;
+    let keep = lines
+        .iter()
+        .rev()
+        .take_while(|l| {
+            total += l.len() + 1;
+            total <= max
+        })
+        .count();
+    let dropped = lines.len() - keep;
+    if dropped > 0 {
+        lines.drain(..dropped);
+        lines.insert(
+            0,
+            format!("[taskgate: {dropped} log line(s) dropped: the program wrote faster than they are stored]"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_keeps_the_newest_lines_that_fit_and_says_how_many_went() {
+        let mut lines: Vec<String> = (0..100).map(|i| format!("{i:09}")).collect();
+        cap_lines(&mut lines, 10 * 10);
+        assert_eq!(lines.len(), 11);
+        assert!(lines[0].contains("90 log line(s) dropped"), "{}", lines[0]);
+        assert_eq!(lines[10], "000000099");
+        let mut few = vec!["a".to_owned()];
+        cap_lines(&mut few, 100);
+        assert_eq!(few, ["a"]);
     }
 }

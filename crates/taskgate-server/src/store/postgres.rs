@@ -431,7 +431,9 @@ impl PostgresStore {
         .bind(new_id("whk"))
         .bind(now)
         .bind(CHANNEL)
-        .fetch_one(&self.engine)
+        // The API's pool: the engine's four connections are for claims and final states, and a
+        // chatty model's progress must not queue them.
+        .fetch_one(&self.pool)
         .await?;
         Ok(renewed == 1)
     }

@@ -447,19 +447,20 @@ pub fn log_lines(rows: Vec<LogRow>) -> Vec<taskgate_proto::TaskLogLine> {
         .collect()
 }
 
-/// A pending task's place in its model's queue: the due, unexpired pending tasks a claim would
-/// take first (`ORDER BY priority DESC, id`), as two ranges of the `tasks_ready` index (higher
-/// priority; same priority and older), each counted to at most `MAX_QUEUE_POSITION` rows so
-/// the work is bounded however long the queue. No row when the task is not pending.
-/// Placeholders: 1 the task id, 2 now.
+/// A pending task's place in its model's queue: the pending tasks a claim would consider first
+/// (`ORDER BY priority DESC, id`), as two ranges of the `tasks_ready` index (higher priority;
+/// same priority and older), each walked to at most `MAX_QUEUE_POSITION` index entries so the
+/// work is bounded however long the queue. Tasks waiting out a retry's backoff count as ahead:
+/// filtering them (`run_after`, `expires_at` are not in the index) made the walk unbounded, a
+/// review measured 42 ms per poll behind 300k tasks in backoff. No row when the task is not
+/// pending. Placeholders: 1 the task id, 2 now (unused, kept for the callers' binds).
 pub fn queue_position_sql(p: impl Fn(u32) -> String) -> String {
     let cap = taskgate_proto::MAX_QUEUE_POSITION;
     let (id, now) = (p(1), p(2));
     let ahead = |order: &str| {
         format!(
             "(SELECT count(*) FROM (SELECT 1 FROM tasks o, me WHERE o.model = me.model \
-             AND o.state = 'pending' AND {order} AND o.run_after <= {now} \
-             AND (o.expires_at IS NULL OR o.expires_at > {now}) LIMIT {cap}) ahead)"
+             AND o.state = 'pending' AND {order} AND {now} = {now} LIMIT {cap}) ahead)"
         )
     };
     format!(
