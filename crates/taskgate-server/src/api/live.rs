@@ -34,6 +34,11 @@ pub(super) struct LogsQuery {
 impl LogsQuery {
     /// `None` unless the request asks for logs; a bad value is a 400 naming it.
     pub(super) fn from_uri(uri: &Uri) -> Result<Option<LogsQuery>, ApiError> {
+        // Status polls are the hottest request: most carry only taskId, and are not parsed
+        // again for parameters they do not have.
+        if !uri.query().is_some_and(|q| q.contains("logs")) {
+            return Ok(None);
+        }
         let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
         let wanted = match query_param(uri, "logs").as_deref() {
             None | Some("false") => false,

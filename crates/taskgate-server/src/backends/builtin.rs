@@ -69,6 +69,10 @@ pub struct Echo;
 
 #[async_trait]
 impl Backend for Echo {
+    fn reports(&self) -> bool {
+        false
+    }
+
     fn validate(&self, input: &Map<String, Value>) -> Result<(), String> {
         optional_u64(input, "delay_ms")?;
         match input.get("fail") {
@@ -130,6 +134,10 @@ fn prompt_of(input: &Map<String, Value>) -> Result<&str, String> {
 
 #[async_trait]
 impl Backend for DemoImage {
+    fn reports(&self) -> bool {
+        false
+    }
+
     fn validate(&self, input: &Map<String, Value>) -> Result<(), String> {
         image_size(input)?;
         prompt_of(input)?;

@@ -125,6 +125,13 @@ pub trait Backend: Send + Sync + 'static {
     fn runs_locally(&self) -> bool {
         true
     }
+
+    /// Whether the backend may report progress or log lines through its job's `Progress`
+    /// handle. Those that never do (the builtins) get no report task beside each attempt: a
+    /// spawned task and its join per attempt cost a no-op drain about a sixth of its rate.
+    fn reports(&self) -> bool {
+        true
+    }
 }
 
 /// `worker`: attempts run on remote pull workers, which claim them through the worker API.

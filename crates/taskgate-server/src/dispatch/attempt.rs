@@ -94,7 +94,10 @@ impl Dispatcher {
         };
         // Stores what the backend reports while it runs; dropped (stopped) on every early
         // return below.
-        let reports = self.start_reports(&claim, &job.progress);
+        let reports = model
+            .backend
+            .reports()
+            .then(|| self.start_reports(&claim, &job.progress));
         // Keys handed to the artifact store so far, so that an attempt that loses its claim
         // mid-way can take back what it staged.
         let staged = Arc::new(Mutex::new(Vec::new()));
@@ -134,7 +137,9 @@ impl Dispatcher {
             }
         };
         // The last log lines are stored before the outcome, so they are there once it is final.
-        reports.finish().await;
+        if let Some(reports) = reports {
+            reports.finish().await;
+        }
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
         let succeeded = result.is_ok();
