@@ -1723,3 +1723,20 @@ conformance! {
         assert_eq!(pos("task_unknown", 10).await, None);
     }
 }
+
+conformance! {
+    a_claim_handed_back_unacknowledged_withdraws_its_unsent_start(s) {
+        s.insert_task(events_task("task_a", &[WebhookEvent::Start, WebhookEvent::Completed])).await.unwrap();
+        // A pull worker's claim whose answer never reached the worker: it writes a start…
+        s.claim_batch("m", 10, Duration::ZERO, 10, 1, Runner::Worker).await.unwrap().pop().unwrap();
+        assert_eq!(events_of(s.as_ref(), "task_a").await.len(), 1);
+        // …which goes with the claim when the lease ends unacknowledged.
+        let r = s.recover_expired(i64::MAX).await.unwrap();
+        assert_eq!(r.unacknowledged, ["task_a"]);
+        assert!(events_of(s.as_ref(), "task_a").await.is_empty(), "the unsent start stayed");
+        // The claim that does reach its runner announces its start.
+        s.claim_batch("m", 20, LEASE, 10, 1, Runner::Worker).await.unwrap().pop().unwrap();
+        let events = events_of(s.as_ref(), "task_a").await;
+        assert_eq!(events.iter().map(|(e, _)| *e).collect::<Vec<_>>(), [WebhookEvent::Start]);
+    }
+}

@@ -28,7 +28,9 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
-use super::rows::{insert_tasks, not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
+use super::rows::{
+    insert_tasks, not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
+};
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
@@ -464,6 +466,13 @@ impl PostgresStore {
         ))
         .fetch_all(&mut *tx)
         .await?;
+        // Their claims never reached a runner: the starts they announced did not happen.
+        for (id, _) in &unacknowledged {
+            sqlx::query(&withdraw_start_sql("$1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let failed: Vec<(String, String)> = sqlx::query_as(&format!(
             "UPDATE tasks SET {}, complete_time = $1, fail_code = $2, fail_msg = {EXHAUSTED_SQL}, \
              lease_token = NULL, lease_expires_at = NULL \

@@ -583,3 +583,13 @@ pub fn owes_progress_event(dialect: Dialect, progress: &str, now: &str) -> Strin
         asked = asks(WebhookEvent::Progress, "t."),
     )
 }
+
+/// Withdraws a task's start callback that has not been sent yet, when its claim is handed back
+/// uncounted (the claim never reached its runner): the start it announced did not happen. A
+/// start already sent stays sent; the next claim announces another. `p(1)` is the task id.
+pub fn withdraw_start_sql(p: &str) -> String {
+    format!(
+        "DELETE FROM webhook_deliveries WHERE task_id = {p} AND event = 'start' \
+         AND state = 'pending' AND attempts = 0"
+    )
+}

@@ -27,7 +27,9 @@ use super::rows::{
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
-use super::rows::{not_expired, removed_message, EXHAUSTED_SQL, EXPIRED_MESSAGE};
+use super::rows::{
+    not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
+};
 use super::MAX_UNACKED_REFUNDS;
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
@@ -310,6 +312,13 @@ impl SqliteStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        // Their claims never reached a runner: the starts they announced did not happen.
+        for id in &unacknowledged {
+            sqlx::query(&withdraw_start_sql("?1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let failed: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET {}, complete_time = ?2, fail_code = ?3, fail_msg = {EXHAUSTED_SQL}, \
              lease_token = NULL, lease_expires_at = NULL \

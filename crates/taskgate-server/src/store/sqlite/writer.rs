@@ -363,8 +363,14 @@ fn give_back(conn: &Connection, claims: &[Claim]) {
         Transition::Requeue.set_state(),
         Transition::Requeue.guard()
     );
+    let withdraw = super::super::rows::withdraw_start_sql("?1");
     for c in claims {
-        let r = conn.execute(&sql, rusqlite::params![c.task.id, c.token]);
+        let r = conn
+            .execute(&sql, rusqlite::params![c.task.id, c.token])
+            .and_then(|n| match n {
+                0 => Ok(0),
+                _ => conn.execute(&withdraw, rusqlite::params![c.task.id]),
+            });
         if let Err(e) = r {
             // Its lease will end and the sweep hands it on.
             tracing::warn!(task_id = %c.task.id, error = %crate::report::error_chain(&e), "cannot hand back an unclaimed task");
