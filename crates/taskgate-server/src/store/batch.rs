@@ -26,8 +26,8 @@ pub struct TaskQuery {
     /// walk stops there instead of reading the tenant's whole history).
     pub after_id: Option<String>,
     pub limit: usize,
-    /// With a `state`, which is checked row by row, the walk reads at most this many of the
-    /// tenant's tasks; a page that ran out of them says where it stopped
+    /// With a `model` or `state`, which are checked row by row, the walk reads at most this
+    /// many of the tenant's tasks; a page that ran out of them says where it stopped
     /// ([`TaskPage::examined_to`]).
     pub max_examined: usize,
 }
@@ -74,8 +74,8 @@ pub const LIST_COLUMNS: &str = "id, tenant_id, model, state, '' AS input, callba
      fail_msg, progress";
 
 /// The listing's statement, in either dialect (the builder writes `?` or `$n`). It walks the
-/// index `(tenant_id, id)`, or `(tenant_id, model, id)` with a model, backwards from the
-/// cursor; the other filters are checked on the rows it walks.
+/// index `(tenant_id, id)` backwards from the cursor; the other filters are checked on the rows
+/// it walks, within the floor when one is given.
 pub fn list_query<'a, DB>(q: &'a TaskQuery, floor: Option<&'a str>) -> sqlx::QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
@@ -112,9 +112,9 @@ where
     qb
 }
 
-/// The lowest id of the first `max_examined` tasks the listing's walk reads (tenant, model,
-/// cursor and id bounds, newest first), if there are that many: an index-only walk that
-/// bounds the page query's row-by-row `state` check.
+/// The lowest id of the first `max_examined` tasks the listing's walk reads (tenant, cursor and
+/// id bounds, newest first), if there are that many: an index-only walk that bounds the page
+/// query's row-by-row `model` and `state` checks.
 pub fn floor_query<'a, DB>(q: &'a TaskQuery) -> sqlx::QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
@@ -123,9 +123,6 @@ where
 {
     let mut qb = sqlx::QueryBuilder::new("SELECT id FROM tasks WHERE tenant_id = ");
     qb.push_bind(q.tenant_id.as_str());
-    if let Some(model) = &q.model {
-        qb.push(" AND model = ").push_bind(model.as_str());
-    }
     if let Some(id) = &q.before_id {
         qb.push(" AND id < ").push_bind(id.as_str());
     }
@@ -137,10 +134,10 @@ where
     qb
 }
 
-/// Whether a listing needs its walk bounded: only the `state` filter is checked row by row
-/// (model and ids are index ranges).
+/// Whether a listing needs its walk bounded: the `model` and `state` filters are checked row by
+/// row along `(tenant_id, id)` (the ids are the index range).
 pub fn needs_floor(q: &TaskQuery) -> bool {
-    q.state.is_some()
+    q.state.is_some() || q.model.is_some()
 }
 
 /// The ids a key row holds (a JSON array).
