@@ -24,7 +24,7 @@ mod worker;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::Uri;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(tasks::router())
         .merge(models::router())
         .merge(stream::router())
@@ -68,6 +69,31 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> Json<Envelope<Value>> {
     Json(Envelope::success(serde_json::json!({ "status": "ok" })))
+}
+
+/// Readiness, for load balancers: 200 while this node can serve, 503 in the envelope while its
+/// store cannot be read or it is draining for a shutdown (so traffic moves elsewhere first).
+/// Liveness (`/healthz`) stays 200 in both cases: the process is fine, restarting it would not
+/// help.
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Envelope<Value>>, ApiError> {
+    if state.dispatcher.stopping() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "not ready: the server is shutting down",
+        ));
+    }
+    // One indexed read of the store, the cheapest that proves it answers.
+    if let Err(e) = state.store.keys_revision().await {
+        // The cause names hosts and ports: logged, not told to an unauthenticated caller.
+        tracing::warn!(error = %crate::report::error_chain(&e), "readiness check: the store cannot be read");
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "not ready: the store cannot be read; retry shortly",
+        ));
+    }
+    Ok(Json(Envelope::success(
+        serde_json::json!({ "status": "ready" }),
+    )))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
