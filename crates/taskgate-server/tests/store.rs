@@ -1664,10 +1664,11 @@ fn numbered(from: usize, n: usize) -> Vec<String> {
 conformance! {
     a_tasks_log_is_numbered_on_trimmed_to_its_caps_and_read_by_pages(s) {
         s.insert_task(new_task("task_a", "m", 1)).await.unwrap();
-        assert!(!s.append_logs("task_a", &numbered(0, 3), 5).await.unwrap(), "a pending task takes no lines");
+        assert!(!s.append_logs("task_a", "att_none", &numbered(0, 3), 5).await.unwrap(), "a pending task takes no lines");
         let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
-        assert!(s.append_logs("task_a", &numbered(0, 600), 20).await.unwrap());
-        assert!(s.append_logs("task_a", &numbered(600, 600), 21).await.unwrap());
+        assert!(!s.append_logs("task_a", "att_stale", &numbered(0, 3), 15).await.unwrap(), "another claim's lines are refused");
+        assert!(s.append_logs("task_a", &c.token, &numbered(0, 600), 20).await.unwrap());
+        assert!(s.append_logs("task_a", &c.token, &numbered(600, 600), 21).await.unwrap());
 
         // 1200 lines in two writes: the newest 1000 are kept, numbered on across the writes.
         let newest = s.log_tail("task_a", None, 3).await.unwrap();
@@ -1680,7 +1681,7 @@ conformance! {
 
         // 100 lines of 4 KiB are more than 256 KiB: the newest 64 (exactly 256 KiB) are kept.
         let big: Vec<String> = (0..100).map(|i| format!("{i:04}{}", "x".repeat(4092))).collect();
-        assert!(s.append_logs("task_a", &big, 30).await.unwrap());
+        assert!(s.append_logs("task_a", &c.token, &big, 30).await.unwrap());
         let all = s.log_tail("task_a", Some(0), 5000).await.unwrap();
         assert_eq!(all.len(), 64);
         assert_eq!((all[0].seq, all[63].seq), (1237, 1300));
@@ -1688,7 +1689,7 @@ conformance! {
 
         // A final task keeps its log, takes no more lines, and retention deletes it with the task.
         assert!(s.finish("task_a", &c.token, &success_with(vec![], &["task_a/t/r.png"]), 40).await.unwrap());
-        assert!(!s.append_logs("task_a", &numbered(0, 1), 41).await.unwrap());
+        assert!(!s.append_logs("task_a", &c.token, &numbered(0, 1), 41).await.unwrap());
         assert_eq!(s.log_tail("task_a", None, 100).await.unwrap().len(), 64);
         assert_eq!(s.delete_tasks(&["task_a".to_owned()]).await.unwrap(), ["task_a"]);
         assert!(s.log_tail("task_a", None, 100).await.unwrap().is_empty());

@@ -256,7 +256,7 @@ async fn heartbeat(
     for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
     }
-    store_worker_logs(&state, &task_id, &hb.logs).await?;
+    store_worker_logs(&state, &task_id, &hb.lease_token, &hb.logs).await?;
     // A worker that heartbeats forever must still respect the model's timeout.
     // Measured on the clock the start time was stamped with (the database's, on PostgreSQL), so
     // a node whose clock runs ahead does not time out live work.
@@ -296,6 +296,7 @@ const MAX_HEARTBEAT_LINES: usize = 1000;
 async fn store_worker_logs(
     state: &AppState,
     task_id: &str,
+    token: &str,
     logs: &[String],
 ) -> Result<(), ApiError> {
     let lines: Vec<String> = logs
@@ -309,7 +310,11 @@ async fn store_worker_logs(
     }
     // The claim was renewed just now, so the task is processing; a cancel in between leaves
     // the lines unwritten, which is what it should.
-    if state.store.append_logs(task_id, &lines, now_ms()).await? {
+    if state
+        .store
+        .append_logs(task_id, token, &lines, now_ms())
+        .await?
+    {
         state.dispatcher.events().changed(task_id);
     }
     Ok(())

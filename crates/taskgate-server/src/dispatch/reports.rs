@@ -166,7 +166,7 @@ impl ReportWriter {
         if ours && !reported.lines.is_empty() {
             match self
                 .store
-                .append_logs(&self.task_id, &reported.lines, now_ms())
+                .append_logs(&self.task_id, &self.token, &reported.lines, now_ms())
                 .await
             {
                 Ok(true) => changed = true,

@@ -481,11 +481,12 @@ impl Store for FaultyStore {
     async fn append_logs(
         &self,
         task_id: &str,
+        token: &str,
         lines: &[String],
         now: i64,
     ) -> Result<bool, StoreError> {
         let entered = self.plan.enter("append_logs").await?;
-        let result = self.inner.append_logs(task_id, lines, now).await;
+        let result = self.inner.append_logs(task_id, token, lines, now).await;
         self.plan.leave("append_logs", entered, result)
     }
 

@@ -580,12 +580,14 @@ pub trait Store: Send + Sync + 'static {
     /// Appends log lines to a processing task's log, numbered on from its last line, and trims
     /// it to its newest [`crate::domain::MAX_LOG_LINES`] lines and
     /// [`crate::domain::MAX_LOG_BYTES`] bytes, in one transaction: one write per call, however
-    /// many lines. False, nothing written, when the task is not processing. Stores shared by
+    /// many lines. False, nothing written, when the task is not processing under the claim
+    /// `token` (a stale attempt's lines never land in the next attempt's log). Stores shared by
     /// nodes tell every node the task changed (`StoreEvent::TasksChanged`), so streams of it
     /// elsewhere send the lines.
     async fn append_logs(
         &self,
         task_id: &str,
+        token: &str,
         lines: &[String],
         now: i64,
     ) -> Result<bool, StoreError>;

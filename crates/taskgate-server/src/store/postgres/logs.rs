@@ -14,6 +14,7 @@ impl PostgresStore {
     pub(super) async fn append_log_lines(
         &self,
         task_id: &str,
+        token: &str,
         lines: &[String],
         now: i64,
     ) -> Result<bool, StoreError> {
@@ -30,11 +31,13 @@ impl PostgresStore {
              SELECT $1, last.seq + l.n, $2, l.line \
              FROM unnest($3::text[]) WITH ORDINALITY AS l(line, n), \
                   (SELECT COALESCE(max(seq), 0) AS seq FROM task_logs WHERE task_id = $1) last \
-             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND state = 'processing')",
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND state = 'processing' \
+                           AND lease_token = $4)",
         )
         .bind(task_id)
         .bind(now)
         .bind(lines)
+        .bind(token)
         .execute(&mut *tx)
         .await?
         .rows_affected();

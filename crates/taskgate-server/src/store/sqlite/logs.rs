@@ -14,6 +14,7 @@ impl SqliteStore {
     pub(super) async fn append_log_lines(
         &self,
         task_id: &str,
+        token: &str,
         lines: &[String],
         now: i64,
     ) -> Result<bool, StoreError> {
@@ -28,11 +29,13 @@ impl SqliteStore {
              SELECT ?1, last.seq + j.key + 1, ?2, j.value \
              FROM json_each(?3) j, \
                   (SELECT COALESCE(max(seq), 0) AS seq FROM task_logs WHERE task_id = ?1) last \
-             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND state = 'processing')",
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND state = 'processing' \
+                           AND lease_token = ?4)",
         )
         .bind(task_id)
         .bind(now)
         .bind(json)
+        .bind(token)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -1128,10 +1128,11 @@ impl Store for SqliteStore {
     async fn append_logs(
         &self,
         task_id: &str,
+        token: &str,
         lines: &[String],
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.append_log_lines(task_id, lines, now).await
+        self.append_log_lines(task_id, token, lines, now).await
     }
 
     async fn log_tail(
