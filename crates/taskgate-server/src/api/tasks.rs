@@ -17,7 +17,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated, WebhookEvent};
-use tokio::time::Instant;
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
@@ -329,15 +328,8 @@ async fn generate_task(
         return Ok(Json(Envelope::success(TaskCreated { task_id })).into_response());
     };
     // Asked to wait: the answer is the task's status (which carries its taskId) once it is
-    // final or the wait is over. The wait reads the task after subscribing, so a task that
-    // finished before this point is answered at once.
-    let watch = state.dispatcher.events().subscribe(&task_id);
-    let deadline = Instant::now() + wait;
-    match wait::until_final(&state, &task_id, watch, deadline, |t| {
-        t.tenant_id == tenant_id
-    })
-    .await?
-    {
+    // final or the wait is over; a task that finished before this point is answered at once.
+    match wait::until_final(&state, &task_id, wait, |t| t.tenant_id == tenant_id).await? {
         Some(task) => Ok((
             [wait::applied(wait)],
             json_bytes(render_status(&state, task).await?),
@@ -413,10 +405,7 @@ async fn status_task(
     let not_found = || task_not_found(&task_id, &model);
     let logs = LogsQuery::from_uri(&uri)?;
     if let Some(wait) = wait::preference(&headers) {
-        // The watch before the first read: a change between the two still wakes the wait.
-        let watch = state.dispatcher.events().subscribe(&task_id);
-        let deadline = Instant::now() + wait;
-        let task = wait::until_final(&state, &task_id, watch, deadline, |t| {
+        let task = wait::until_final(&state, &task_id, wait, |t| {
             t.tenant_id == tenant.id && t.model == model
         })
         .await?;

@@ -10,7 +10,6 @@ use tokio::time::Instant;
 
 use crate::domain::Task;
 use crate::error::ApiError;
-use crate::events::TaskWatch;
 use crate::state::AppState;
 
 /// The longest wait a client may ask for; longer asks are cut to this.
@@ -48,18 +47,19 @@ pub fn applied(wait: Duration) -> (HeaderName, HeaderValue) {
     )
 }
 
-/// Reads `task_id` until it is final, `deadline` passes, or the server begins shutting down;
+/// Reads `task_id` until it is final, `wait` passes, or the server begins shutting down;
 /// answers the last read (`None`: the task does not exist for the caller, which `visible`
 /// decides on every read — a wait on another tenant's task must answer its 404 at once, not
-/// when the task ends, or its timing would tell that the task exists). `watch` must have been
-/// taken before the caller's last look at the task, so that no change slips between the two.
+/// when the task ends, or its timing would tell that the task exists). It subscribes to the
+/// task's events before its first read, so no change slips between a read and the sleep.
 pub async fn until_final(
     state: &AppState,
     task_id: &str,
-    mut watch: TaskWatch,
-    deadline: Instant,
+    wait: Duration,
     visible: impl Fn(&Task) -> bool,
 ) -> Result<Option<Task>, ApiError> {
+    let mut watch = state.dispatcher.events().subscribe(task_id);
+    let deadline = Instant::now() + wait;
     loop {
         let Some(task) = state.store.get_task(task_id).await?.filter(&visible) else {
             return Ok(None);
