@@ -183,11 +183,7 @@ async fn batches_and_keyed_submits_run_to_the_end_on_postgresql() {
     let Some(db) = create_db("batch and keyed submits on PostgreSQL").await else {
         return;
     };
-    let url = db.url.clone();
-    let app = TestApp::start_with(move |c| {
-        c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url));
-    })
-    .await;
+    let app = TestApp::node_on(&db, |_| {}).await;
 
     let (status, body) = app
         .api

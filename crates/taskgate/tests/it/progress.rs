@@ -358,18 +358,14 @@ async fn log_lines_stored_through_one_node_reach_a_stream_on_another() {
     let Some(db) = create_db("log lines across PostgreSQL nodes").await else {
         return;
     };
-    let start = |dir: Arc<tempfile::TempDir>| {
-        let (url, file) = (
-            db.url.clone(),
-            taskgate_server::config::FileConfig::parse(WORKER_MODEL).unwrap(),
-        );
-        TestApp::start_in(dir, move |c| {
-            c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url));
-            c.models = file.models.unwrap();
-        })
+    let models = || {
+        taskgate_server::config::FileConfig::parse(WORKER_MODEL)
+            .unwrap()
+            .models
+            .unwrap()
     };
-    let node_a = start(Arc::new(tempfile::tempdir().unwrap())).await;
-    let node_b = start(Arc::new(tempfile::tempdir().unwrap())).await;
+    let node_a = TestApp::node_on(&db, |c| c.models = models()).await;
+    let node_b = TestApp::node_on(&db, |c| c.models = models()).await;
     let token = worker_token(&node_a.data_dir, Some(&db.url)).await;
     let id = node_a.api.submit_ok("remote", json!({})).await;
     let mut stream = SseReader::open(&node_b.api, "remote", &id, None).await;

@@ -124,16 +124,12 @@ async fn two_nodes_sweeping_one_postgres_database_delete_every_record_once() {
     let Some(db) = create_db("retention across PostgreSQL nodes").await else {
         return;
     };
-    let start = |dir: std::sync::Arc<tempfile::TempDir>| {
-        let url = db.url.clone();
-        TestApp::start_in(dir, move |c| {
-            c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url));
-            c.server.file_retention = Duration::from_millis(300);
-            c.server.record_retention = Duration::from_millis(600);
-        })
+    let short = |c: &mut taskgate_server::Config| {
+        c.server.file_retention = Duration::from_millis(300);
+        c.server.record_retention = Duration::from_millis(600);
     };
-    let node_a = start(std::sync::Arc::new(tempfile::tempdir().unwrap())).await;
-    let node_b = start(std::sync::Arc::new(tempfile::tempdir().unwrap())).await;
+    let node_a = TestApp::node_on(&db, short).await;
+    let node_b = TestApp::node_on(&db, short).await;
     // More than one batch (200), submitted through both nodes.
     let mut ids = Vec::new();
     for i in 0..450 {

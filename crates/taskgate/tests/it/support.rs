@@ -257,6 +257,16 @@ impl TestApp {
         }
     }
 
+    /// A node of a cluster on `db`: a data dir of its own, the shared database, then `tweak`.
+    pub async fn node_on(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let url = db.url.clone();
+        Self::start_with(move |c| {
+            c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url));
+            tweak(c);
+        })
+        .await
+    }
+
     pub fn dir(&self) -> Arc<tempfile::TempDir> {
         self._dir.clone()
     }

@@ -250,18 +250,14 @@ async fn a_stream_on_one_node_follows_a_task_run_through_another() {
         return;
     };
     let models = "[models.pull]\nbackend = \"worker\"\n";
-    let start = |dir: std::sync::Arc<tempfile::TempDir>| {
-        let (url, file) = (
-            db.url.clone(),
-            taskgate_server::config::FileConfig::parse(models).unwrap(),
-        );
-        TestApp::start_in(dir, move |c| {
-            c.server.database_url = Some(taskgate_server::config::DatabaseUrl(url));
-            c.models = file.models.unwrap();
-        })
+    let parsed = || {
+        taskgate_server::config::FileConfig::parse(models)
+            .unwrap()
+            .models
+            .unwrap()
     };
-    let node_a = start(std::sync::Arc::new(tempfile::tempdir().unwrap())).await;
-    let node_b = start(std::sync::Arc::new(tempfile::tempdir().unwrap())).await;
+    let node_a = TestApp::node_on(&db, |c| c.models = parsed()).await;
+    let node_b = TestApp::node_on(&db, |c| c.models = parsed()).await;
     let token = worker_token(&node_a.data_dir, Some(&db.url)).await;
 
     let id = node_a.api.submit_ok("pull", json!({"n": 1})).await;
