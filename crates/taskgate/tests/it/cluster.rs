@@ -108,6 +108,17 @@ async fn three_nodes_lose_no_task_when_one_is_killed_and_never_exceed_concurrenc
     db.drop_db().await;
 }
 
+async fn readyz(api: &Api) -> (u16, serde_json::Value) {
+    let resp = api
+        .http
+        .get(format!("{}/readyz", api.base))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
 /// A TCP proxy to PostgreSQL that the test can cut and restore.
 struct Proxy {
     port: u16,
@@ -206,6 +217,13 @@ async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() 
         status_503,
         "statusTask kept answering from memory through the outage"
     );
+    // Readiness says so too, for the load balancer, without naming the database's address.
+    let (status, body) = readyz(&node.api).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("store cannot be read"), "{body}");
+    assert!(!message.contains("127.0.0.1"), "{body}");
 
     let port = proxy.port;
     let _restored = Proxy::start(port).await;
@@ -222,6 +240,8 @@ async fn while_postgres_is_unreachable_requests_get_503_and_the_node_recovers() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let id = accepted.expect("the node did not recover after the database came back");
+    let (status, body) = readyz(&node.api).await;
+    assert_eq!(status, 200, "ready again once the database is back: {body}");
     let data = node
         .api
         .wait_final("echo", &id, Duration::from_secs(30))
