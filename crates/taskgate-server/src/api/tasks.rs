@@ -547,6 +547,8 @@ async fn render_status_with(
     Ok(body)
 }
 
+/// Cancel a pending or processing task (taskgate extension).
+///
 /// `POST /api/v1/cancelTask/{model}?taskId=`: a pending or processing task fails with
 /// `CANCELLED`; the answer is its status, as statusTask would give it. Who may see a task and
 /// the 404s are statusTask's.
