@@ -179,7 +179,7 @@ fn worker_task(
     tag = "workers",
     operation_id = "claimWork",
     request_body = WorkerClaimRequest,
-    responses((status = 200, description = "A task (`data`), or `message` `no task` and `data` null when none came within `waitMs`.", body = Envelope<WorkerTask>)),
+    responses((status = 200, description = "A task (`data`), or `message` `no task` and `data` null when none came within `waitMs`.", body = Envelope<Option<WorkerTask>>)),
     security(("workerToken" = [])),
 )]
 async fn claim(

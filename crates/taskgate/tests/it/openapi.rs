@@ -520,130 +520,25 @@ async fn every_operation_answers_a_request_built_from_the_document_as_the_docume
             .map_or(0, |i| i + 1)
     });
 
+    let creds = Credentials {
+        api_key: api.key.clone(),
+        worker_token: worker.clone(),
+    };
     for (path, method, op) in &operations {
         let op_id = op["operationId"].as_str().unwrap().to_owned();
-        let mut url = path.clone();
-        let mut query = Vec::new();
-        let mut headers = Vec::new();
-        for param in op["parameters"].as_array().into_iter().flatten() {
-            if param["required"] != true {
-                continue;
+        let (status, body) = call(api, &doc, &fixtures, &creds, path, method, op, false).await;
+        if op_id == "claimWork" {
+            let task = &body["data"];
+            assert_eq!(task["taskId"], remote_id.as_str(), "{body}");
+            let token = task["leaseToken"].as_str().unwrap().to_owned();
+            for op in ["heartbeat", "uploadOutput", "completeTask", "failTask"] {
+                fixtures.insert((op.into(), "id".into()), remote_id.clone());
+                fixtures.insert((op.into(), "leaseToken".into()), token.clone());
+                fixtures.insert((op.into(), "body.leaseToken".into()), token.clone());
             }
-            let name = param["name"].as_str().unwrap();
-            let value = parameter_value(&doc, &fixtures, &op_id, param);
-            match param["in"].as_str().unwrap() {
-                "path" => url = url.replace(&format!("{{{name}}}"), &value),
-                "query" => query.push((name.to_owned(), value)),
-                "header" => headers.push((name.to_owned(), value)),
-                other => panic!("{op_id}: a parameter in {other}"),
-            }
-        }
-        let mut req = api
-            .http
-            .request(
-                Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
-                format!("{}{url}", api.base),
-            )
-            .query(&query);
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        match op["security"][0]
-            .as_object()
-            .and_then(|s| s.keys().next().cloned())
-            .as_deref()
-        {
-            Some("apiKey") => req = req.bearer_auth(&api.key),
-            Some("workerToken") => req = req.bearer_auth(&worker),
-            None => {}
-            Some(other) => panic!("{op_id}: unknown security scheme {other}"),
-        }
-        if let Some((content_type, body)) = request_body(&doc, &fixtures, &op_id, op) {
-            req = req.header("content-type", content_type).body(body);
-        }
-        let resp = tokio::time::timeout(Duration::from_secs(20), req.send())
-            .await
-            .unwrap_or_else(|_| panic!("{op_id} did not answer"))
-            .unwrap();
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let bytes = tokio::time::timeout(Duration::from_secs(20), resp.bytes())
-            .await
-            .unwrap_or_else(|_| panic!("{op_id}'s body did not end"))
-            .unwrap();
-        let documented = &op["responses"][status.to_string()];
-        assert!(
-            documented.is_object(),
-            "{op_id} ({method} {path}) answered {status}, which the document does not list \
-             ({:?}): {}",
-            op["responses"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .collect::<Vec<_>>(),
-            String::from_utf8_lossy(&bytes)
-        );
-        let content = documented["content"].as_object().unwrap();
-        if let Some(media) = content.get("application/json") {
-            assert!(
-                content_type.starts_with("application/json"),
-                "{op_id}: {content_type}"
-            );
-            let body: Value = serde_json::from_slice(&bytes).unwrap();
-            let v = validator(&doc, &media["schema"]);
-            let errors: Vec<String> = v
-                .iter_errors(&body)
-                .map(|e| format!("{} at {}", e, e.instance_path()))
-                .collect();
-            assert!(
-                errors.is_empty(),
-                "{op_id} answered {status} with a body outside its schema: {errors:?}\n{body}"
-            );
-            if body["code"].is_u64() {
-                assert_eq!(body["code"], status, "{op_id}: {body}");
-            }
-            if op_id == "claimWork" {
-                let task = &body["data"];
-                assert_eq!(task["taskId"], remote_id.as_str(), "{body}");
-                for op in ["heartbeat", "uploadOutput", "completeTask", "failTask"] {
-                    fixtures.insert((op.into(), "id".into()), remote_id.clone());
-                    fixtures.insert(
-                        (op.into(), "leaseToken".into()),
-                        task["leaseToken"].as_str().unwrap().into(),
-                    );
-                    fixtures.insert(
-                        (op.into(), "body.leaseToken".into()),
-                        task["leaseToken"].as_str().unwrap().into(),
-                    );
-                }
-            }
-        } else if content.contains_key("text/event-stream") {
-            assert!(
-                content_type.starts_with("text/event-stream"),
-                "{op_id}: {content_type}"
-            );
-            // Each event's data is a TaskStatus, as the operation says.
-            let v = validator(&doc, &json!({"$ref": "#/components/schemas/TaskStatus"}));
-            let events = sse_data(std::str::from_utf8(&bytes).unwrap());
-            assert!(!events.is_empty(), "{op_id}: no event");
-            for e in &events {
-                assert!(v.is_valid(e), "{op_id}: an event outside TaskStatus: {e}");
-            }
-            assert_eq!(events.last().unwrap()["state"], "success");
-        } else {
-            assert!(
-                content.contains_key("application/octet-stream"),
-                "{op_id}: {content:?}"
-            );
-            assert!(!bytes.is_empty(), "{op_id}: an empty file");
         }
         answered.insert(op_id, status);
     }
-
     // The fixtures make each operation do its work, so a refusal here is a broken request or
     // a broken operation, not the document's fault: each answers 200, but for the few that
     // are meant to be refused.
@@ -662,6 +557,168 @@ async fn every_operation_answers_a_request_built_from_the_document_as_the_docume
     .collect();
     assert_eq!(refused, expected, "all answers: {answered:?}");
     assert_eq!(answered.len(), operations.len());
+
+    // Again with every optional parameter too, at its example or a value of its type: many
+    // are refused now (a cancelled task cannot be cancelled again, `cursor=x` is not a
+    // cursor), and each refusal must be one the document lists, in its schema.
+    let mut again = BTreeMap::new();
+    for (path, method, op) in &operations {
+        let (status, _) = call(api, &doc, &fixtures, &creds, path, method, op, true).await;
+        again.insert(op["operationId"].as_str().unwrap().to_owned(), status);
+    }
+    assert_eq!(again.len(), operations.len(), "{again:?}");
+    // `Prefer: wait` was honoured where it is documented.
+    assert_eq!(again["statusTask"], 200, "{again:?}");
+}
+
+struct Credentials {
+    api_key: String,
+    worker_token: String,
+}
+
+/// Sends `op` a request built from the document (its required parameters, all of them with
+/// `optional`; its body's example; the credentials of its security scheme) and checks the
+/// answer against the document: a listed status, the documented media type, and a body within
+/// the documented schema (JSON), events within `x-event-data` (a stream), or a non-empty
+/// body (a file). Returns the status and, for JSON, the body.
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    api: &Api,
+    doc: &Value,
+    fixtures: &BTreeMap<(String, String), String>,
+    creds: &Credentials,
+    path: &str,
+    method: &str,
+    op: &Value,
+    optional: bool,
+) -> (u16, Value) {
+    let op_id = op["operationId"].as_str().unwrap().to_owned();
+    let mut url = path.to_owned();
+    let mut query = Vec::new();
+    let mut headers = Vec::new();
+    for param in op["parameters"].as_array().into_iter().flatten() {
+        if param["required"] != true && !optional {
+            continue;
+        }
+        let name = param["name"].as_str().unwrap();
+        let value = parameter_value(doc, fixtures, &op_id, param);
+        match param["in"].as_str().unwrap() {
+            "path" => url = url.replace(&format!("{{{name}}}"), &value),
+            "query" => query.push((name.to_owned(), value)),
+            "header" => headers.push((name.to_owned(), value)),
+            other => panic!("{op_id}: a parameter in {other}"),
+        }
+    }
+    let mut req = api
+        .http
+        .request(
+            Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+            format!("{}{url}", api.base),
+        )
+        .query(&query);
+    for (k, v) in &headers {
+        req = req.header(k, v);
+    }
+    // The first requirement; `{}` (or none) is no credential.
+    match op["security"][0]
+        .as_object()
+        .and_then(|s| s.keys().next().cloned())
+        .as_deref()
+    {
+        Some("apiKey") => req = req.bearer_auth(&creds.api_key),
+        Some("workerToken") => req = req.bearer_auth(&creds.worker_token),
+        None => {}
+        Some(other) => {
+            panic!("{op_id}: a security scheme this test has no credential for: {other}")
+        }
+    }
+    if let Some((content_type, body)) = request_body(doc, fixtures, &op_id, op) {
+        req = req.header("content-type", content_type).body(body);
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(70), req.send())
+        .await
+        .unwrap_or_else(|_| panic!("{op_id} did not answer"))
+        .unwrap();
+    let status = resp.status().as_u16();
+    let resp_headers = resp.headers().clone();
+    let content_type = resp_headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = tokio::time::timeout(Duration::from_secs(20), resp.bytes())
+        .await
+        .unwrap_or_else(|_| panic!("{op_id}'s body did not end"))
+        .unwrap();
+    let documented = &op["responses"][status.to_string()];
+    assert!(
+        documented.is_object(),
+        "{op_id} ({method} {path}, headers {headers:?}, query {query:?}) answered {status}, \
+         which the document does not list ({:?}): {}",
+        op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&bytes)
+    );
+    // Headers the document promises on this answer are there (Preference-Applied only when
+    // a wait was asked for).
+    for (name, _) in documented["headers"].as_object().into_iter().flatten() {
+        if name == "Preference-Applied" && !headers.iter().any(|(k, _)| k == "Prefer") {
+            continue;
+        }
+        assert!(
+            resp_headers.contains_key(name.as_str()),
+            "{op_id} answered {status} without its documented header {name}"
+        );
+    }
+    let content = documented["content"].as_object().unwrap();
+    let mut json_body = Value::Null;
+    if let Some(media) = content.get("application/json") {
+        assert!(
+            content_type.starts_with("application/json"),
+            "{op_id}: {content_type}"
+        );
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        let v = validator(doc, &media["schema"]);
+        let errors: Vec<String> = v
+            .iter_errors(&body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{op_id} answered {status} with a body outside its schema: {errors:?}\n{body}"
+        );
+        if body["code"].is_u64() {
+            assert_eq!(body["code"], status, "{op_id}: {body}");
+        }
+        json_body = body;
+    } else if let Some(media) = content.get("text/event-stream") {
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{op_id}: {content_type}"
+        );
+        let event = media.get("x-event-data").unwrap_or_else(|| {
+            panic!("{op_id}: a stream without x-event-data (api::openapi::EVENT_STREAMS)")
+        });
+        let v = validator(doc, event);
+        let events = sse_data(std::str::from_utf8(&bytes).unwrap());
+        assert!(!events.is_empty(), "{op_id}: no event");
+        for e in &events {
+            assert!(v.is_valid(e), "{op_id}: an event outside {event}: {e}");
+        }
+    } else if content.contains_key("application/octet-stream") {
+        // A file: its type follows its name.
+        assert!(!bytes.is_empty(), "{op_id}: an empty file");
+    } else {
+        assert!(
+            content.keys().any(|k| content_type.starts_with(k.as_str())),
+            "{op_id} answered {content_type}, not one of {:?}",
+            content.keys().collect::<Vec<_>>()
+        );
+        assert!(!bytes.is_empty(), "{op_id}: an empty answer");
+    }
+    (status, json_body)
 }
 
 #[tokio::test]
