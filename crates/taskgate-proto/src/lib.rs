@@ -94,6 +94,10 @@ pub struct GenerateTaskRequest {
 
 /// `data` of a successful submit.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"taskId": "task_01jd5v9k2r8m3q4w5e6r7t8y9u"}))
+)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCreated {
@@ -147,6 +151,17 @@ impl std::fmt::Display for TaskState {
 
 /// `data` of `GET /api/v1/statusTask/{model}` and of a callback delivery.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({
+        "taskId": "task_01jd5v9k2r8m3q4w5e6r7t8y9u",
+        "state": "success",
+        "createTime": 1_717_200_000_000_i64,
+        "resultJson": "{\"resultUrls\":[\"http://127.0.0.1:8080/files/task_01jd5v9k2r8m3q4w5e6r7t8y9u/a1/out.png?expires=1717286400&sig=…\"]}",
+        "costTime": 2140,
+        "completeTime": 1_717_200_002_140_i64,
+    }))
+)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatus {

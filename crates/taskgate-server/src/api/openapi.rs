@@ -30,7 +30,7 @@ use taskgate_proto::{
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr, ResponseBuilder};
+use utoipa::openapi::{OpenApi as Document, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::error::ApiError;
@@ -346,9 +346,31 @@ fn add_error_responses(op: &mut Operation) {
         let schema = AllOfBuilder::new()
             .item(Ref::from_schema_name("ErrorEnvelope"))
             .item(narrowed);
+        // One example per code: a viewer would otherwise make one up from the schema, with a
+        // code of another status.
+        let examples = codes.iter().map(|c| {
+            let value = serde_json::json!({
+                "code": status,
+                "message": c.meaning(),
+                "data": {"errorCode": c.as_str()},
+            });
+            (
+                c.as_str(),
+                utoipa::openapi::example::ExampleBuilder::new()
+                    .summary(c.as_str())
+                    .value(Some(value))
+                    .build(),
+            )
+        });
         let mut response = ResponseBuilder::new()
             .description(description.trim_end())
-            .content("application/json", Content::new(Some(schema)));
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(schema))
+                    .examples_from_iter(examples)
+                    .build(),
+            );
         if status == 401 {
             response = response.header(
                 "WWW-Authenticate",
@@ -485,6 +507,9 @@ pub(super) fn router() -> Router<Arc<AppState>> {
         utoipa_swagger_ui::Config::new(["/openapi.json"])
             // No badge fetched from the validator's site: nothing leaves this origin.
             .validator_url("none")
+            // No top bar: its box loads a document from any URL (which the policy would refuse
+            // anyway), and its logo is an SVG with an inline <style> the policy refuses.
+            .use_base_layout()
             .try_it_out_enabled(false)
             .display_request_duration(true),
     );
@@ -574,7 +599,8 @@ mod tests {
                 ids.push(id);
             }
         }
-        for (name, _) in ERRORS.iter().chain(EVENT_STREAMS) {
+        let named = ERRORS.iter().map(|(n, _)| *n);
+        for name in named.chain(EVENT_STREAMS.iter().map(|(n, _)| *n)) {
             assert!(
                 ids.iter().any(|id| id == name),
                 "ERRORS or EVENT_STREAMS names {name}, which no operation has"

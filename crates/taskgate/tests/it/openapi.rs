@@ -749,6 +749,42 @@ async fn the_schema_check_above_fails_a_body_outside_the_schema() {
 }
 
 #[tokio::test]
+async fn every_example_in_the_document_is_valid_against_its_schema() {
+    let app = TestApp::start().await;
+    let doc = document(&app.api).await;
+    let mut checked = 0;
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        if let Some(example) = schema.get("example") {
+            assert!(
+                validator(&doc, schema).is_valid(example),
+                "the example of {name} breaks its schema: {example}"
+            );
+            checked += 1;
+        }
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, response) in op["responses"].as_object().into_iter().flatten() {
+                for (media, content) in response["content"].as_object().into_iter().flatten() {
+                    for (name, example) in content["examples"].as_object().into_iter().flatten() {
+                        let value = &example["value"];
+                        assert!(
+                            validator(&doc, &content["schema"]).is_valid(value),
+                            "{method} {path} {status} {media}: example {name} breaks its schema: {value}"
+                        );
+                        if media == "application/json" && value["code"].is_u64() {
+                            assert_eq!(value["code"].to_string(), *status, "{method} {path}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} examples");
+}
+
+#[tokio::test]
 async fn docs_is_html_under_a_strict_policy_and_loads_only_from_this_origin() {
     let app = TestApp::start().await;
     let no_redirects = reqwest::Client::builder()
@@ -821,6 +857,8 @@ async fn docs_is_html_under_a_strict_policy_and_loads_only_from_this_origin() {
             // The document of this server, and no validator badge fetched from elsewhere.
             assert!(text.contains(r#""url": "/openapi.json""#), "{text}");
             assert!(text.contains(r#""validatorUrl": "none""#), "{text}");
+            // No top bar, whose box would load documents from elsewhere.
+            assert!(text.contains(r#""layout": "BaseLayout""#), "{text}");
         }
     }
     let resp = app
