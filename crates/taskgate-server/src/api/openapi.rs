@@ -28,7 +28,9 @@ use taskgate_proto::{
     WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
 };
 use utoipa::openapi::path::{Operation, PathItem};
-use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{OpenApi as Document, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
@@ -79,7 +81,7 @@ use crate::state::AppState;
         WebhookDeliveries, WorkerClaimRequest, WorkerTask, WorkerHeartbeat, WorkerComplete,
         WorkerFail, Submitted, Health,
     )),
-    modifiers(&Security, &ErrorResponses, &EventStreams),
+    modifiers(&Security, &ErrorResponses, &EventStreams, &ParametersNotNull),
     tags(
         (name = "tasks", description = "Submit, read, follow, list and cancel tasks (APIXO's generateTask and statusTask, and taskgate's extensions)."),
         (name = "models", description = "The models a key may use."),
@@ -427,6 +429,56 @@ impl Modify for EventStreams {
                 }
             }
         }
+    }
+}
+
+/// A parameter is optional by being left out, never by being `null` (a query string or a
+/// header has no null), but utoipa makes an `Option<T>` parameter's schema nullable: this takes
+/// the `null` back out.
+struct ParametersNotNull;
+
+impl Modify for ParametersNotNull {
+    fn modify(&self, doc: &mut Document) {
+        for item in doc.paths.paths.values_mut() {
+            for op in operations_mut(item) {
+                for p in op.parameters.iter_mut().flatten() {
+                    p.schema = p.schema.take().map(not_null);
+                }
+            }
+        }
+    }
+}
+
+fn is_null(schema: &RefOr<Schema>) -> bool {
+    matches!(schema, RefOr::T(Schema::Object(o)) if o.schema_type == SchemaType::Type(Type::Null))
+}
+
+fn not_null(schema: RefOr<Schema>) -> RefOr<Schema> {
+    match schema {
+        RefOr::T(Schema::Object(mut o)) => {
+            if let SchemaType::Array(types) = &o.schema_type {
+                let mut rest: Vec<Type> = types
+                    .iter()
+                    .filter(|t| **t != Type::Null)
+                    .cloned()
+                    .collect();
+                o.schema_type = match rest.len() {
+                    1 => SchemaType::Type(rest.remove(0)),
+                    _ => SchemaType::Array(rest),
+                };
+            }
+            RefOr::T(Schema::Object(o))
+        }
+        RefOr::T(Schema::OneOf(one)) => {
+            let mut rest: Vec<RefOr<Schema>> =
+                one.items.iter().filter(|i| !is_null(i)).cloned().collect();
+            if rest.len() == 1 {
+                rest.remove(0)
+            } else {
+                RefOr::T(Schema::OneOf(one))
+            }
+        }
+        other => other,
     }
 }
 
