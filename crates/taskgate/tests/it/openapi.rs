@@ -439,6 +439,8 @@ async fn every_operation_answers_a_request_built_from_the_document_as_the_docume
     let app = TestApp::start_with(move |c| {
         c.models.extend(remote);
         c.webhooks.allow_private_callbacks = true;
+        // A refused delivery waits for its next attempt longer than the test runs.
+        c.webhooks.retry_delays = taskgate_server::config::Delays(vec![Duration::from_secs(600)]);
     })
     .await;
     let api = &app.api;
@@ -474,8 +476,11 @@ async fn every_operation_answers_a_request_built_from_the_document_as_the_docume
             .request(Method::GET, "/api/v1/webhookDeliveries")
             .query(&[("taskId", &hooked_id)]);
         let (_, body) = envelope(req.send().await.unwrap()).await;
-        if let Some(id) = body["data"]["deliveries"][0]["id"].as_str() {
-            break id.to_owned();
+        // Once its first attempt is over (refused) and it waits for the next: a retry now is
+        // scheduled, not refused as in flight.
+        let d = &body["data"]["deliveries"][0];
+        if d["state"] == "pending" && d["attempts"].as_u64() >= Some(1) {
+            break d["id"].as_str().unwrap().to_owned();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
