@@ -8,9 +8,10 @@
 //! added there too, and `it/openapi.rs` fails while one is missing (it reads every `.route(` of
 //! this crate and compares it with the document served).
 //!
-//! The document is built once per router and served as bytes; `/docs` is Swagger UI, its files
-//! embedded in the binary (`utoipa-swagger-ui` with the `vendored` feature), served under a
-//! Content-Security-Policy that allows nothing but this origin.
+//! The document is built once, on its first request, and served as bytes; `/docs` is Swagger
+//! UI, its files embedded in the binary (`utoipa-swagger-ui` with the `vendored` and
+//! `debug-embed` features), served under a Content-Security-Policy that allows nothing but this
+//! origin and nothing inline.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
