@@ -343,6 +343,7 @@ impl Client {
             }),
             callback_url: opts.callback_url,
             input,
+            ..GenerateTaskRequest::default()
         };
         let url = self.endpoint(&["generateTask", model])?;
         let data = self
@@ -365,6 +366,7 @@ impl Client {
     ///     request_type: None,
     ///     callback_url: None,
     ///     input: serde_json::json!({"prompt": prompt}).as_object().cloned().unwrap_or_default(),
+    ///     ..GenerateTaskRequest::default()
     /// });
     /// let ids = client.submit_batch("demo-image", tasks.to_vec(), Some("nightly-2024-06-01")).await?;
     /// assert_eq!(ids.len(), 2);

@@ -104,9 +104,11 @@ impl<'de> Deserialize<'de> for ErrorCode {
 /// `data` of an error envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorData {
     /// Kept as text, so a code from a newer server still reaches the caller; see
     /// [`ErrorData::code`].
+    #[cfg_attr(feature = "openapi", schema(value_type = ErrorCode))]
     pub error_code: String,
 }
 
@@ -120,6 +122,32 @@ impl ErrorData {
     /// The code, if this version knows it.
     pub fn code(&self) -> Option<ErrorCode> {
         ErrorCode::parse(&self.error_code)
+    }
+}
+
+/// The schema of `errorCode`: a string, one of [`ErrorCode::ALL`], each with its status and
+/// meaning in the description (the OpenAPI document's copy of the docs' table).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let mut description = String::from(
+            "Why the request was refused; the HTTP status follows from the code. A client should \
+             treat a code it does not know by its HTTP status.\n\n",
+        );
+        description.push_str(&markdown_table());
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(ErrorCode::ALL.iter().map(|c| c.as_str())))
+            .description(Some(description))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ErrorCode {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("ErrorCode")
     }
 }
 

@@ -12,10 +12,15 @@ pub mod webhook;
 pub use error_code::{ErrorCode, ErrorData};
 
 /// The envelope every response is wrapped in: `code` mirrors the HTTP status.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T> {
+    /// The HTTP status, repeated.
+    #[cfg_attr(feature = "openapi", schema(example = 200))]
     pub code: u16,
+    /// `success`, or why the request was refused.
     pub message: String,
+    /// The answer; on an error, `{"errorCode": …}`.
     pub data: Option<T>,
 }
 
@@ -31,6 +36,7 @@ impl<T> Envelope<T> {
 }
 
 /// How the client wants to hear about the result.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RequestType {
@@ -51,16 +57,47 @@ impl RequestType {
 }
 
 /// Body of `POST /api/v1/generateTask/{model}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"input": {"prompt": "a lighthouse at dusk"}}))
+)]
 pub struct GenerateTaskRequest {
+    /// `async` (poll statusTask) or `callback` (needs `callback_url`). Left out: `callback`
+    /// when a `callback_url` is given, else `async`; an explicit `async` drops the
+    /// `callback_url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_type: Option<RequestType>,
+    /// The absolute http(s) URL the server POSTs the task's status to (signed, Standard
+    /// Webhooks); at most 2048 characters, no credentials, no private address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The model's parameters; checked against the model's `inputSchema` when it has one.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub input: serde_json::Map<String, serde_json::Value>,
+    /// taskgate extension: higher runs first among a model's due tasks (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = -1_000_000, maximum = 1_000_000))]
+    pub priority: Option<i32>,
+    /// taskgate extension: the task fails with `EXPIRED` if it has not started this many
+    /// seconds after the submit (1 to 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2_592_000))]
+    pub ttl_seconds: Option<u64>,
+    /// taskgate extension: which events are POSTed to `callback_url`, each name once (needs a
+    /// `callback_url`). Left out: `completed` only, as APIXO does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 3))]
+    pub webhook_events: Option<Vec<WebhookEvent>>,
 }
 
 /// `data` of a successful submit.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"taskId": "task_01jd5v9k2r8m3q4w5e6r7t8y9u"}))
+)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCreated {
@@ -69,6 +106,7 @@ pub struct TaskCreated {
 
 /// The four states APIXO clients know. `pending` and `processing` are not final; a task reaches
 /// exactly one of `success` or `failed`, once.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
@@ -112,6 +150,18 @@ impl std::fmt::Display for TaskState {
 }
 
 /// `data` of `GET /api/v1/statusTask/{model}` and of a callback delivery.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({
+        "taskId": "task_01jd5v9k2r8m3q4w5e6r7t8y9u",
+        "state": "success",
+        "createTime": 1_717_200_000_000_i64,
+        "resultJson": "{\"resultUrls\":[\"http://127.0.0.1:8080/files/task_01jd5v9k2r8m3q4w5e6r7t8y9u/a1/out.png?expires=1717286400&sig=…\"]}",
+        "costTime": 2140,
+        "completeTime": 1_717_200_002_140_i64,
+    }))
+)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatus {
@@ -153,6 +203,7 @@ pub const MAX_QUEUE_POSITION: u64 = 10_000;
 
 /// One line a task's attempt logged (a command's stdout, an upstream's stream, a pull worker's
 /// heartbeat).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskLogLine {
@@ -172,6 +223,7 @@ impl TaskStatus {
 }
 
 /// What `resultJson` holds once decoded.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultJson {
@@ -187,8 +239,14 @@ impl ResultJson {
 
 /// Body of `POST /api/v1/generateTasks/{model}` (taskgate extension): up to
 /// [`MAX_BATCH_TASKS`] generateTask bodies, all created in one transaction or none.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"tasks": [{"input": {"prompt": "a fox"}}, {"input": {"prompt": "a lighthouse"}}]}))
+)]
 pub struct GenerateTasksRequest {
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 1000))]
     pub tasks: Vec<GenerateTaskRequest>,
 }
 
@@ -196,6 +254,7 @@ pub struct GenerateTasksRequest {
 pub const MAX_BATCH_TASKS: usize = 1000;
 
 /// `data` of a successful batch submit: the new tasks' ids, in the order of the request.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TasksCreated {
@@ -205,6 +264,7 @@ pub struct TasksCreated {
 /// One task of `GET /api/v1/tasks` (taskgate extension): its statusTask `data`, plus the model
 /// it was submitted to, since one page mixes models. The status is flattened, so an item reads
 /// like a statusTask answer with one more field.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskListItem {
     #[serde(flatten)]
@@ -213,16 +273,19 @@ pub struct TaskListItem {
 }
 
 /// `data` of `GET /api/v1/tasks`: a page of the tenant's tasks, newest first.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskList {
     pub tasks: Vec<TaskListItem>,
     /// Pass as `cursor` to read the next (older) page; `null` on the last page. Sent as
     /// `null` rather than left out so that "no more pages" is explicit.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub next_cursor: Option<String>,
 }
 
 /// `data` of `GET /api/v1/webhookSecret` and of its rotation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSecretData {
@@ -237,6 +300,7 @@ pub struct WebhookSecretData {
 
 /// What a callback delivery reports (`webhook_events` at submit, taskgate extension). A task
 /// asks for any of them; without the field it gets `completed` only, APIXO's one callback.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WebhookEvent {
@@ -287,6 +351,7 @@ impl std::fmt::Display for WebhookEvent {
 }
 
 /// One callback of a task, as listed by `GET /api/v1/webhookDeliveries?taskId=`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookDelivery {
@@ -311,6 +376,7 @@ pub struct WebhookDelivery {
     pub attempt_log: Vec<WebhookAttempt>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookAttempt {
@@ -324,12 +390,14 @@ pub struct WebhookAttempt {
 }
 
 /// `data` of `GET /api/v1/webhookDeliveries`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookDeliveries {
     pub deliveries: Vec<WebhookDelivery>,
 }
 
 /// One model a key may use, as `GET /api/v1/models` lists it (a taskgate extension).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelInfo {
@@ -344,18 +412,25 @@ pub struct ModelInfo {
     pub poll_interval_ms: u64,
     /// The JSON Schema a submit's `input` must match; absent when the model checks nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub input_schema: Option<serde_json::Value>,
 }
 
 /// `data` of `GET /api/v1/models`: sorted by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelList {
     pub models: Vec<ModelInfo>,
 }
 
 /// Body of `POST /api/v1/worker/claim`: long-polls for a task of one of `models`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"models": ["remote"], "waitMs": 0}))
+)]
 pub struct WorkerClaimRequest {
     pub models: Vec<String>,
     /// How long to wait for work before answering with no task (capped by the server).
@@ -364,11 +439,13 @@ pub struct WorkerClaimRequest {
 }
 
 /// A task handed to a pull worker: `data` of a successful claim.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerTask {
     pub task_id: String,
     pub model: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub input: serde_json::Map<String, serde_json::Value>,
     /// 1 for the first attempt.
     pub attempt: u32,
@@ -381,8 +458,13 @@ pub struct WorkerTask {
 }
 
 /// Body of `POST /api/v1/worker/tasks/{id}/heartbeat`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"leaseToken": "LEASE_TOKEN", "progress": 0.5, "logs": ["step 1 of 2"]}))
+)]
 pub struct WorkerHeartbeat {
     pub lease_token: String,
     /// 0..1.
@@ -395,16 +477,26 @@ pub struct WorkerHeartbeat {
 }
 
 /// Body of `POST /api/v1/worker/tasks/{id}/complete`: the uploaded outputs, by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"leaseToken": "LEASE_TOKEN", "outputs": ["out.png"]}))
+)]
 pub struct WorkerComplete {
     pub lease_token: String,
     pub outputs: Vec<String>,
 }
 
 /// Body of `POST /api/v1/worker/tasks/{id}/fail`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"leaseToken": "LEASE_TOKEN", "failMsg": "the GPU ran out of memory", "retryable": true}))
+)]
 pub struct WorkerFail {
     pub lease_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,6 +12,7 @@ fn item(n: u32) -> GenerateTaskRequest {
         request_type: None,
         callback_url: None,
         input: json!({ "n": n }).as_object().cloned().unwrap(),
+        ..GenerateTaskRequest::default()
     }
 }
 

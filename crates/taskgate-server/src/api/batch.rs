@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Map, Value};
-use taskgate_proto::{Envelope, ErrorCode, TasksCreated, MAX_BATCH_TASKS};
+use taskgate_proto::{Envelope, ErrorCode, GenerateTasksRequest, TasksCreated, MAX_BATCH_TASKS};
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader, GENERATE_TASKS};
@@ -28,6 +28,17 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/v1/generateTasks/{model}", post(generate_tasks))
 }
 
+/// Submit up to 1000 tasks of one model, all or none (taskgate extension).
+#[utoipa::path(
+    post,
+    path = "/api/v1/generateTasks/{model}",
+    tag = "tasks",
+    operation_id = "generateTasks",
+    params(("model" = String, Path, description = "The model's name, as `GET /api/v1/models` lists it.", example = "echo"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII bytes. The same key from the same tenant within 24 h answers what the first request created and creates nothing; with another request it is `idempotency_key_reused` (422).", example = "nightly-2024-06-01")),
+    request_body(content = GenerateTasksRequest, description = "1 to 1000 generateTask bodies; a refused item is named by its index (`tasks[3]: …`) and nothing is created."),
+    responses((status = 200, description = "All created; their ids in the order of the request.", body = Envelope<TasksCreated>)),
+    security(("apiKey" = [])),
+)]
 async fn generate_tasks(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,

@@ -22,6 +22,19 @@ pub(super) fn router() -> Router<Arc<AppState>> {
 }
 
 /// A file of a task finished before outputs were staged per attempt (`TASK_ID/NAME` keys).
+#[utoipa::path(
+    get,
+    path = "/files/{task_id}/{name}",
+    tag = "files",
+    operation_id = "getUntaggedFile",
+    params(
+        ("task_id" = String, Path, description = "The task's id."),
+        ("name" = String, Path, description = "The output's name."),
+        ("expires" = i64, Query, description = "Unix seconds after which the link is refused."),
+        ("sig" = String, Query, description = "The link's signature (HMAC of the path and `expires`)."),
+    ),
+    responses((status = 200, description = "The file; its `Content-Type` follows its name.", content_type = "application/octet-stream", body = Vec<u8>)),
+)]
 async fn get_untagged_file(
     State(state): State<Arc<AppState>>,
     Path((task_id, name)): Path<(String, String)>,
@@ -30,6 +43,21 @@ async fn get_untagged_file(
     serve_file(state, format!("{task_id}/{name}"), name, uri).await
 }
 
+/// A result file, as linked from `resultJson` (signed and expiring; no key).
+#[utoipa::path(
+    get,
+    path = "/files/{task_id}/{tag}/{name}",
+    tag = "files",
+    operation_id = "getFile",
+    params(
+        ("task_id" = String, Path, description = "The task's id."),
+        ("tag" = String, Path, description = "The attempt that made the file."),
+        ("name" = String, Path, description = "The output's name."),
+        ("expires" = i64, Query, description = "Unix seconds after which the link is refused."),
+        ("sig" = String, Query, description = "The link's signature (HMAC of the path and `expires`)."),
+    ),
+    responses((status = 200, description = "The file; its `Content-Type` follows its name.", content_type = "application/octet-stream", body = Vec<u8>)),
+)]
 async fn get_file(
     State(state): State<Arc<AppState>>,
     Path((task_id, tag, name)): Path<(String, String, String)>,

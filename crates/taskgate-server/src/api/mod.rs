@@ -15,6 +15,7 @@ mod files;
 mod idempotency;
 mod live;
 mod models;
+pub mod openapi;
 mod stream;
 mod task_list;
 mod tasks;
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .merge(webhooks::router())
         .merge(files::router())
         .merge(worker::router())
+        .merge(openapi::router())
         // After the merges: these apply to every route registered before them.
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -67,6 +69,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(Arc::new(state))
 }
 
+/// Liveness: 200 while the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "Alive.", body = Envelope<openapi::Health>)),
+)]
 async fn healthz() -> Json<Envelope<Value>> {
     Json(Envelope::success(serde_json::json!({ "status": "ok" })))
 }
@@ -75,6 +85,13 @@ async fn healthz() -> Json<Envelope<Value>> {
 /// store cannot be read or it is draining for a shutdown (so traffic moves elsewhere first).
 /// Liveness (`/healthz`) stays 200 in both cases: the process is fine, restarting it would not
 /// help.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses((status = 200, description = "Ready: the store answers and the node is not draining.", body = Envelope<openapi::Health>)),
+)]
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Envelope<Value>>, ApiError> {
     if state.dispatcher.stopping() {
         return Err(ApiError::new(

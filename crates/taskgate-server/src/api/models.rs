@@ -19,6 +19,15 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/v1/models", get(list_models))
 }
 
+/// The models this key may use (taskgate extension).
+#[utoipa::path(
+    get,
+    path = "/api/v1/models",
+    tag = "models",
+    operation_id = "listModels",
+    responses((status = 200, description = "The models, sorted by name.", body = Envelope<ModelList>)),
+    security(("apiKey" = [])),
+)]
 async fn list_models(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,

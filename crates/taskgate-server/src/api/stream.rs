@@ -47,6 +47,24 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How often a pending task's stream looks at its queue position again.
 const QUEUE_RECHECK: Duration = Duration::from_secs(5);
 
+/// Follow a task as Server-Sent Events (taskgate extension).
+///
+/// Each event's `data` is the task's status (statusTask's `data`, schema `TaskStatus`) with
+/// `logs` holding the lines new since the last event; its `id` resumes the stream through
+/// `Last-Event-ID`. The stream ends after the final state.
+#[utoipa::path(
+    get,
+    path = "/api/v1/streamTask/{model}",
+    tag = "tasks",
+    operation_id = "streamTask",
+    params(
+        ("model" = String, Path, description = "The model's name, as `GET /api/v1/models` lists it.", example = "echo"),
+        ("taskId" = String, Query, description = "The id generateTask answered.", example = "task_01jd5v9k2r8m3q4w5e6r7t8y9u"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received: the stream resumes after it."),
+    ),
+    responses((status = 200, description = "`text/event-stream`: one event per change of the task, each `data` a `TaskStatus` in JSON.", content_type = "text/event-stream", body = String)),
+    security(("apiKey" = [])),
+)]
 async fn stream_task(
     State(state): State<Arc<AppState>>,
     ClientKey { tenant, key }: ClientKey,

@@ -49,6 +49,23 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/v1/tasks", get(list_tasks))
 }
 
+/// List the key's tenant's tasks, newest first, a page at a time (taskgate extension).
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks",
+    tag = "tasks",
+    operation_id = "listTasks",
+    params(
+        ("model" = Option<String>, Query, description = "Only tasks of this model."),
+        ("state" = Option<TaskState>, Query, description = "Only tasks in this state."),
+        ("createdAfter" = Option<i64>, Query, description = "Only tasks created at or after this Unix time in ms."),
+        ("createdBefore" = Option<i64>, Query, description = "Only tasks created before this Unix time in ms."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 100, description = "Tasks per page, 1 to 100 (default 20)."),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page, as it came."),
+    ),
+    responses((status = 200, description = "A page of tasks; `nextCursor` reads on.", body = Envelope<TaskList>)),
+    security(("apiKey" = [])),
+)]
 async fn list_tasks(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
-use taskgate_proto::{Envelope, ErrorCode, RequestType, TaskCreated, WebhookEvent};
+use taskgate_proto::{
+    Envelope, ErrorCode, GenerateTaskRequest, RequestType, TaskCreated, TaskStatus, WebhookEvent,
+};
 
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
@@ -299,6 +301,20 @@ pub(super) fn read_body(
     })
 }
 
+/// Submit a task (APIXO's generateTask).
+///
+/// Answers at once with the new task's id, once it is stored. With `Prefer: wait=N` the answer
+/// is the task's status when it is final or N seconds have passed.
+#[utoipa::path(
+    post,
+    path = "/api/v1/generateTask/{model}",
+    tag = "tasks",
+    operation_id = "generateTask",
+    params(("model" = String, Path, description = "The model's name, as `GET /api/v1/models` lists it.", example = "echo"), ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the task is final or N seconds (at most 60) pass; `Preference-Applied` says it was honoured. Unreadable preferences are ignored.", example = "wait=10"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII bytes. The same key from the same tenant within 24 h answers what the first request created and creates nothing; with another request it is `idempotency_key_reused` (422).", example = "nightly-2024-06-01")),
+    request_body(content = GenerateTaskRequest, description = "The task: its `input` and how to hear of the result."),
+    responses((status = 200, description = "Created (or, with an `Idempotency-Key` seen before, what the first request created).", body = Envelope<super::openapi::Submitted>, headers(("Preference-Applied" = String, description = "`wait=N`, present when the request asked to wait.")))),
+    security(("apiKey" = [])),
+)]
 async fn generate_task(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -391,6 +407,22 @@ async fn submit_one(
     Ok(task_id)
 }
 
+/// Read a task's status (APIXO's statusTask).
+#[utoipa::path(
+    get,
+    path = "/api/v1/statusTask/{model}",
+    tag = "tasks",
+    operation_id = "statusTask",
+    params(
+        ("model" = String, Path, description = "The model's name, as `GET /api/v1/models` lists it.", example = "echo"),
+        ("taskId" = String, Query, description = "The id generateTask answered.", example = "task_01jd5v9k2r8m3q4w5e6r7t8y9u"),
+        ("logs" = Option<bool>, Query, description = "taskgate extension: `true` adds the task's log lines (`logs`, the newest 100)."),
+        ("logsAfter" = Option<u64>, Query, description = "taskgate extension: the lines after this `seq` (implies `logs=true`)."),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the task is final or N seconds (at most 60) pass; `Preference-Applied` says it was honoured. Unreadable preferences are ignored.", example = "wait=10"),
+    ),
+    responses((status = 200, description = "The task's status.", body = Envelope<TaskStatus>, headers(("Preference-Applied" = String, description = "`wait=N`, present when the request asked to wait.")))),
+    security(("apiKey" = [])),
+)]
 async fn status_task(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -515,6 +547,8 @@ async fn render_status_with(
     Ok(body)
 }
 
+/// Cancel a pending or processing task (taskgate extension).
+///
 /// `POST /api/v1/cancelTask/{model}?taskId=`: a pending or processing task fails with
 /// `CANCELLED`; the answer is its status, as statusTask would give it. Who may see a task and
 /// the 404s are statusTask's.
@@ -523,6 +557,15 @@ async fn render_status_with(
 /// token and owes the callback; only then is the running attempt stopped (here, or on the node
 /// that runs it through the store's notice; a pull worker at its next heartbeat). So a cancel
 /// holds even when the node running the attempt is dead, and no attempt can write after it.
+#[utoipa::path(
+    post,
+    path = "/api/v1/cancelTask/{model}",
+    tag = "tasks",
+    operation_id = "cancelTask",
+    params(("model" = String, Path, description = "The model's name, as `GET /api/v1/models` lists it.", example = "echo"), ("taskId" = String, Query, description = "The id generateTask answered.", example = "task_01jd5v9k2r8m3q4w5e6r7t8y9u")),
+    responses((status = 200, description = "Cancelled: the task's status, `failed` with failCode `CANCELLED`.", body = Envelope<TaskStatus>)),
+    security(("apiKey" = [])),
+)]
 async fn cancel_task(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,

@@ -37,6 +37,15 @@ fn secret_data(s: crate::store::WebhookSecrets) -> WebhookSecretData {
     }
 }
 
+/// The tenant's webhook signing secret (made on first use).
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhookSecret",
+    tag = "webhooks",
+    operation_id = "getWebhookSecret",
+    responses((status = 200, description = "The secret that signs callbacks, and the previous one while it still signs.", body = Envelope<WebhookSecretData>)),
+    security(("apiKey" = [])),
+)]
 async fn webhook_secret(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -48,6 +57,15 @@ async fn webhook_secret(
     Ok(Json(Envelope::success(secret_data(secrets))))
 }
 
+/// Replace the signing secret; the previous one keeps signing for the overlap.
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhookSecret/rotate",
+    tag = "webhooks",
+    operation_id = "rotateWebhookSecret",
+    responses((status = 200, description = "Rotated: the new secret, and the previous one with when it stops signing.", body = Envelope<WebhookSecretData>)),
+    security(("apiKey" = [])),
+)]
 async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -104,6 +122,16 @@ fn delivery_view(d: Delivery, attempts: Vec<DeliveryAttempt>) -> WebhookDelivery
     }
 }
 
+/// A task's webhook deliveries, each with its attempts.
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhookDeliveries",
+    tag = "webhooks",
+    operation_id = "listWebhookDeliveries",
+    params(("taskId" = String, Query, description = "The task whose deliveries to list.")),
+    responses((status = 200, description = "The task's deliveries.", body = Envelope<WebhookDeliveries>)),
+    security(("apiKey" = [])),
+)]
 async fn list_deliveries(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -136,6 +164,16 @@ async fn list_deliveries(
     Ok(Json(Envelope::success(WebhookDeliveries { deliveries })))
 }
 
+/// Send a delivery again now (at most once a minute per delivery).
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhookDeliveries/{id}/retry",
+    tag = "webhooks",
+    operation_id = "retryWebhookDelivery",
+    params(("id" = String, Path, description = "The delivery's id (its `webhook-id`).")),
+    responses((status = 200, description = "Scheduled: the delivery as it stands now.", body = Envelope<WebhookDelivery>)),
+    security(("apiKey" = [])),
+)]
 async fn retry_delivery(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,

@@ -172,6 +172,16 @@ fn worker_task(
     })
 }
 
+/// Long-poll for a task of one of the given worker-backed models.
+#[utoipa::path(
+    post,
+    path = "/api/v1/worker/claim",
+    tag = "workers",
+    operation_id = "claimWork",
+    request_body = WorkerClaimRequest,
+    responses((status = 200, description = "A task (`data`), or `message` `no task` and `data` null when none came within `waitMs`.", body = Envelope<Option<WorkerTask>>)),
+    security(("workerToken" = [])),
+)]
 async fn claim(
     State(state): State<Arc<AppState>>,
     WorkerToken(worker): WorkerToken,
@@ -236,6 +246,17 @@ async fn claim(
     }
 }
 
+/// Renew the lease, report progress and log lines.
+#[utoipa::path(
+    post,
+    path = "/api/v1/worker/tasks/{id}/heartbeat",
+    tag = "workers",
+    operation_id = "heartbeat",
+    params(("id" = String, Path, description = "The claimed task's id.")),
+    request_body = WorkerHeartbeat,
+    responses((status = 200, description = "Renewed; `data` is null.", body = Envelope<super::openapi::Nothing>)),
+    security(("workerToken" = [])),
+)]
 async fn heartbeat(
     State(state): State<Arc<AppState>>,
     WorkerToken(worker): WorkerToken,
@@ -326,6 +347,20 @@ async fn store_worker_logs(
 /// longer than the lease to upload still completes; the temporary file is the upload's own (two
 /// uploads of one attempt never touch each other's) and is removed on every path out, including
 /// a dropped connection. The staged output becomes the task's only through `complete`.
+#[utoipa::path(
+    put,
+    path = "/api/v1/worker/tasks/{id}/outputs/{name}",
+    tag = "workers",
+    operation_id = "uploadOutput",
+    params(
+        ("id" = String, Path, description = "The claimed task's id."),
+        ("name" = String, Path, description = "The output's file name (cleaned of path parts)."),
+        ("leaseToken" = String, Query, description = "The claim's lease token."),
+    ),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The output's bytes, up to the server's upload limit."),
+    responses((status = 200, description = "Stored for this attempt; `data` is null.", body = Envelope<super::openapi::Nothing>)),
+    security(("workerToken" = [])),
+)]
 async fn upload(
     State(state): State<Arc<AppState>>,
     _worker: WorkerToken,
@@ -421,6 +456,17 @@ impl Drop for TempUpload {
     }
 }
 
+/// Finish the task with the outputs uploaded in this attempt.
+#[utoipa::path(
+    post,
+    path = "/api/v1/worker/tasks/{id}/complete",
+    tag = "workers",
+    operation_id = "completeTask",
+    params(("id" = String, Path, description = "The claimed task's id.")),
+    request_body = WorkerComplete,
+    responses((status = 200, description = "Recorded; `data` is null.", body = Envelope<super::openapi::Nothing>)),
+    security(("workerToken" = [])),
+)]
 async fn complete(
     State(state): State<Arc<AppState>>,
     _worker: WorkerToken,
@@ -456,6 +502,17 @@ async fn complete(
     settle(&state, &model, &claim, result).await
 }
 
+/// Fail the attempt: retried while attempts remain when `retryable`, else final.
+#[utoipa::path(
+    post,
+    path = "/api/v1/worker/tasks/{id}/fail",
+    tag = "workers",
+    operation_id = "failTask",
+    params(("id" = String, Path, description = "The claimed task's id.")),
+    request_body = WorkerFail,
+    responses((status = 200, description = "Recorded; `data` is null.", body = Envelope<super::openapi::Nothing>)),
+    security(("workerToken" = [])),
+)]
 async fn fail(
     State(state): State<Arc<AppState>>,
     _worker: WorkerToken,
