@@ -14,6 +14,7 @@ mod extract;
 mod files;
 mod idempotency;
 mod live;
+mod metrics;
 mod models;
 mod stream;
 mod task_list;
@@ -38,9 +39,11 @@ use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let http_metrics = metrics::HttpMetricsLayer::new(state.metrics.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(metrics::router())
         .merge(tasks::router())
         .merge(models::router())
         .merge(stream::router())
@@ -54,14 +57,17 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
+        // The metrics layer outside the panic catcher, so a panic's 500 is counted; both in one
+        // `layer` call, since each call wraps every route in one more boxed service.
+        .layer((
+            http_metrics,
+            CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("a request handler panicked");
                 envelope_response(
                     ErrorCode::InternalError,
                     "internal error on the server; it has been logged, try again later".into(),
                 )
-            },
+            }),
         ))
         // One Arc for the whole state: axum clones the state for every request.
         .with_state(Arc::new(state))
