@@ -243,8 +243,8 @@ impl Metrics {
             "Callback deliveries taken up by this node's deliverer, by outcome: delivered, retrying (failed, another attempt is scheduled), failed (no attempt left or a permanent failure), deferred (not attempted: host at its limit or circuit open)",
             attempts.clone(),
         );
-        let webhook_attempts =
-            WebhookOutcome::ALL.map(|o| attempts.get_or_create_owned(&OutcomeLabels { outcome: o.label() }));
+        let webhook_attempts = WebhookOutcome::ALL
+            .map(|o| attempts.get_or_create_owned(&OutcomeLabels { outcome: o.label() }));
         let webhook_latency = task_buckets();
         registry.register_with_unit(
             "webhook_delivery_latency",
@@ -270,21 +270,27 @@ impl Metrics {
             "Scrapes whose read of the queue depths failed or timed out (they showed the last depths read)",
             queue_read_failures.clone(),
         );
-        let queue_wait = Family::<ModelLabels, Histogram>::new_with_constructor(task_buckets as fn() -> Histogram);
+        let queue_wait = Family::<ModelLabels, Histogram>::new_with_constructor(
+            task_buckets as fn() -> Histogram,
+        );
         registry.register_with_unit(
             "task_queue_wait",
             "From a task's creation to the start of its first attempt, by model",
             Unit::Seconds,
             queue_wait.clone(),
         );
-        let run_time = Family::<ModelLabels, Histogram>::new_with_constructor(task_buckets as fn() -> Histogram);
+        let run_time = Family::<ModelLabels, Histogram>::new_with_constructor(
+            task_buckets as fn() -> Histogram,
+        );
         registry.register_with_unit(
             "task_run",
             "From an attempt's start to its outcome, each attempt, by model",
             Unit::Seconds,
             run_time.clone(),
         );
-        let submit_to_final = Family::<ModelLabels, Histogram>::new_with_constructor(task_buckets as fn() -> Histogram);
+        let submit_to_final = Family::<ModelLabels, Histogram>::new_with_constructor(
+            task_buckets as fn() -> Histogram,
+        );
         registry.register_with_unit(
             "task_submit_to_final",
             "From a task's creation to its final state, by model",
@@ -405,7 +411,11 @@ impl Metrics {
                 self.finished
                     .get_or_create(&FinishedLabels {
                         model: model.to_owned(),
-                        state: if fail_code.is_some() { "failed" } else { "success" },
+                        state: if fail_code.is_some() {
+                            "failed"
+                        } else {
+                            "success"
+                        },
                         fail_code: fail_code.map(fail_code_label).unwrap_or(""),
                     })
                     .inc();
@@ -452,7 +462,9 @@ impl Metrics {
                     }
                     Err(_) => {
                         self.queue_read_failures.inc();
-                        tracing::warn!("metrics: reading the queue depths timed out; showing the last ones");
+                        tracing::warn!(
+                            "metrics: reading the queue depths timed out; showing the last ones"
+                        );
                     }
                 }
             }
@@ -525,8 +537,9 @@ impl HttpMetrics {
             "HTTP requests answered, by route (the matched route template; `unmatched` for every path no route serves) and status",
             requests.clone(),
         );
-        let duration =
-            Family::<RouteLabels, Histogram>::new_with_constructor(http_buckets as fn() -> Histogram);
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            http_buckets as fn() -> Histogram,
+        );
         registry.register_with_unit(
             "http_request_duration",
             "From a request reaching its route to its response's head, by route (a stream's body is not included)",
@@ -610,16 +623,24 @@ mod tests {
         m.submitted("echo", 3);
         m.finished("echo", Some("made-up code"), 0, 1500);
         let text = prometheus_client_text(&m);
-        assert!(text.contains("taskgate_tasks_submitted_total{model=\"echo\"} 3"), "{text}");
+        assert!(
+            text.contains("taskgate_tasks_submitted_total{model=\"echo\"} 3"),
+            "{text}"
+        );
         assert!(
             text.contains("taskgate_tasks_finished_total{model=\"echo\",state=\"failed\",fail_code=\"other\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("taskgate_tasks_finished_total{model=\"echo\",state=\"success\",fail_code=\"\"} 0"),
+            text.contains(
+                "taskgate_tasks_finished_total{model=\"echo\",state=\"success\",fail_code=\"\"} 0"
+            ),
             "{text}"
         );
-        assert!(text.contains("taskgate_tasks_pending{model=\"echo\"} 0"), "{text}");
+        assert!(
+            text.contains("taskgate_tasks_pending{model=\"echo\"} 0"),
+            "{text}"
+        );
     }
 
     fn prometheus_client_text(m: &Metrics) -> String {

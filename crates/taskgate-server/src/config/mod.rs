@@ -13,7 +13,7 @@ pub mod settings;
 pub use schema::{InputSchema, SchemaSource};
 
 pub use settings::{
-    layered, DatabaseUrl, Delays, MetricsToken, Layers, ServerLayer, ServerSettings, StorageLayer,
+    layered, DatabaseUrl, Delays, Layers, MetricsToken, ServerLayer, ServerSettings, StorageLayer,
     StorageSettings, WebhookLayer, WebhookSettings,
 };
 

@@ -88,8 +88,7 @@ impl Dispatcher {
             self.metrics.attempt_ended(
                 model,
                 Duration::from_millis(
-                    task.start_time
-                        .map_or(0, |s| now.saturating_sub(s).max(0)) as u64,
+                    task.start_time.map_or(0, |s| now.saturating_sub(s).max(0)) as u64
                 ),
             );
             if let Write::Final(outcome) = &write {

@@ -17,7 +17,7 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{IdempotencyKey, QueueDepth, KeyedInsert, TaskPage, TaskQuery};
+use super::{IdempotencyKey, KeyedInsert, QueueDepth, TaskPage, TaskQuery};
 use crate::domain::Task;
 
 /// What an injected fault does.

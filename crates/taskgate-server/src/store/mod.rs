@@ -393,13 +393,11 @@ pub struct QueueDepth {
 pub(crate) fn queue_depths_from(rows: Vec<(String, String, i64)>) -> Vec<QueueDepth> {
     let mut by_model: std::collections::BTreeMap<String, QueueDepth> = Default::default();
     for (model, state, count) in rows {
-        let d = by_model
-            .entry(model.clone())
-            .or_insert_with(|| QueueDepth {
-                model,
-                pending: 0,
-                processing: 0,
-            });
+        let d = by_model.entry(model.clone()).or_insert_with(|| QueueDepth {
+            model,
+            pending: 0,
+            processing: 0,
+        });
         let count = u64::try_from(count).unwrap_or(0);
         match state.as_str() {
             "pending" => d.pending = count,

@@ -37,7 +37,8 @@ use super::{
     Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use super::{
-    Finished, IdempotencyKey, QueueDepth, KeyedInsert, Runner, TaskPage, TaskQuery, MAX_UNACKED_REFUNDS,
+    Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, TaskPage, TaskQuery,
+    MAX_UNACKED_REFUNDS,
 };
 use crate::domain::{fail_code, new_id, Task, Transition};
 

@@ -344,7 +344,8 @@ impl Deliverer {
         };
         if let Some(at) = deferral {
             let d = &claim.delivery;
-            self.metrics.webhook(WebhookOutcome::Deferred, d.created_at, now);
+            self.metrics
+                .webhook(WebhookOutcome::Deferred, d.created_at, now);
             if let Err(e) = self
                 .store
                 .finish_delivery_attempt(&d.id, &claim.token, None, DeliveryNext::Defer(at), now)

@@ -137,7 +137,10 @@ mod tests {
                 .await
                 .unwrap();
         let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
-        let scans: Vec<&&str> = steps.iter().filter(|s| s.starts_with("SCAN tasks")).collect();
+        let scans: Vec<&&str> = steps
+            .iter()
+            .filter(|s| s.starts_with("SCAN tasks"))
+            .collect();
         assert_eq!(scans.len(), 2, "{steps:?}");
         assert!(
             scans[0].ends_with("INDEX tasks_ready")

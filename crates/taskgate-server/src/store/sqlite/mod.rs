@@ -36,7 +36,9 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::{Finished, QueueDepth, IdempotencyKey, KeyedInsert, Runner, StoreEvent, TaskPage, TaskQuery};
+use super::{
+    Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, StoreEvent, TaskPage, TaskQuery,
+};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
