@@ -1,6 +1,7 @@
 //! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`), the
 //! model list and input schemas (`models`), webhook secrets and deliveries (`webhooks`), result
-//! files (`files`), the pull workers' API (`worker`) and health. Keys and the dashboard get
+//! files (`files`), the pull workers' API (`worker`), `GET /metrics` and the per-request
+//! metrics layer (`metrics`), and health. Keys and the dashboard get
 //! routers of their own the same way.
 //!
 //! Only this module and `error` know HTTP. Handlers take the caller as an extractor
