@@ -490,3 +490,69 @@ async fn queue_depths_on_postgresql_count_every_nodes_tasks() {
     drop((a, b));
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_fail_code_a_pull_worker_makes_up_is_counted_as_other() {
+    use taskgate_client::proto::{WorkerFail, WorkerHeartbeat};
+    let app = TestApp::start_with(with_worker_model).await;
+    let token = worker_token(&app.data_dir, None).await;
+    let worker = taskgate_client::WorkerClient::new(&app.api.base, token).unwrap();
+    let id = app.api.submit_ok("remote", json!({})).await;
+    let task = worker
+        .claim(&["remote"], Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(task.task_id, id);
+    let beat = WorkerHeartbeat {
+        lease_token: task.lease_token.clone(),
+        progress: None,
+        logs: Vec::new(),
+    };
+    worker.heartbeat(&id, &beat).await.unwrap();
+    // A code that would be a label value of its own, and a malformed one at that.
+    let made_up = "OOM_\"}\nevil=\"1";
+    let fail = WorkerFail {
+        lease_token: task.lease_token,
+        fail_code: Some(made_up.to_owned()),
+        fail_msg: "out of memory".to_owned(),
+        retryable: false,
+    };
+    worker.fail(&id, &fail).await.unwrap();
+    let data = app
+        .api
+        .wait_final("remote", &id, Duration::from_secs(10))
+        .await;
+    assert_eq!(data["state"], "failed", "{data}");
+
+    let text = scrape_text(&app).await;
+    assert!(
+        !text.contains("OOM_"),
+        "the made-up code became a label value:\n{text}"
+    );
+    let s = Scrape(parse(&text));
+    let remote = |kind: Option<&'static str>| {
+        let mut labels = vec![("model", "remote")];
+        match kind {
+            Some(kind) => labels.extend([("kind", kind), ("fail_code", "other")]),
+            None => labels.extend([("state", "failed"), ("fail_code", "other")]),
+        }
+        labels
+    };
+    assert_eq!(s.value("taskgate_tasks_finished_total", &remote(None)), 1.0);
+    assert_eq!(
+        s.value("taskgate_backend_errors_total", &remote(Some("fatal"))),
+        1.0
+    );
+    assert_eq!(
+        s.value(
+            "taskgate_task_queue_wait_seconds_count",
+            &[("model", "remote")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.value("taskgate_task_run_seconds_count", &[("model", "remote")]),
+        1.0
+    );
+}
