@@ -280,7 +280,7 @@ pub async fn run_with(
             .server
             .metrics_token
             .as_ref()
-            .map(|t| t.as_str().to_owned()),
+            .map(|t| t.as_str().trim().to_owned()),
     ));
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = webhooks::Deliverer::new(

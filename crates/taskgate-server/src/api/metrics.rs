@@ -6,8 +6,9 @@
 //! statusTask a third of its throughput (docs/BENCHMARKS.md, "Issue 9"); per request this does
 //! one read-locked lookup of the route template (axum's `MatchedPath`, shared with the router,
 //! so nothing is copied), two clock reads, a histogram observation and a counter increment.
-//! It is applied with the router's other layers in one `Router::layer` (api/mod.rs), which
-//! wraps each route once for all of them.
+//! It shares one `Router::layer` call with the panic catcher (api/mod.rs): each such call wraps
+//! every route in one more boxed service. Being inside the router is what makes the route
+//! template (`MatchedPath`, axum's `matched-path` feature) available to it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Request, Response};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use sha2::Digest;
 use subtle::ConstantTimeEq;
 use taskgate_proto::ErrorCode;
 
@@ -51,8 +53,9 @@ async fn metrics(
     ))
 }
 
-/// `Authorization: Bearer <token>`, compared in constant time. The refusals reuse the API
-/// key's codes (401 either way): a scraper's credential is a bearer token like a key.
+/// `Authorization: Bearer <token>`, compared in constant time: as SHA-256 digests, so not even
+/// the token's length shows in the timing. The refusals reuse the API key's codes (401 either
+/// way): a scraper's credential is a bearer token like a key.
 fn check_token(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
@@ -66,7 +69,8 @@ fn check_token(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+    let digest = |s: &str| sha2::Sha256::digest(s.as_bytes());
+    if bool::from(digest(given).ct_eq(&digest(token))) {
         Ok(())
     } else {
         Err(ApiError::new(
