@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod report;
 pub mod retention;
 pub mod retry;
@@ -273,12 +274,21 @@ pub async fn run_with(
         store: artifacts.clone(),
         ttl_secs: config.server.result_url_ttl.as_secs() as i64,
     };
+    let metrics = Arc::new(metrics::Metrics::new(
+        config.models.keys().map(String::as_str),
+        config
+            .server
+            .metrics_token
+            .as_ref()
+            .map(|t| t.as_str().trim().to_owned()),
+    ));
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = webhooks::Deliverer::new(
         store.clone(),
         links.clone(),
         config.webhooks.clone(),
         webhook_wake.clone(),
+        metrics.clone(),
     )
     .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
     deliverer.start();
@@ -299,6 +309,7 @@ pub async fn run_with(
             webhook_wake,
             views: views.clone(),
             events: events::TaskEvents::default(),
+            metrics: metrics.clone(),
         },
     );
     dispatcher.start();
@@ -334,6 +345,7 @@ pub async fn run_with(
         max_upload_bytes: config.server.max_upload_bytes,
         webhooks: config.webhooks.clone(),
         deliverer: deliverer.clone(),
+        metrics,
     };
     info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
     let draining = dispatcher.clone();

@@ -31,4 +31,6 @@ pub struct AppState {
     /// Whether just-submitted tasks' pending views are kept: only where this process is the
     /// store's only writer.
     pub live_views: bool,
+    /// The node's metrics (`GET /metrics`, and the HTTP layer).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -1741,3 +1741,33 @@ conformance! {
         assert_eq!(events.iter().map(|(e, _)| *e).collect::<Vec<_>>(), [WebhookEvent::Start]);
     }
 }
+
+conformance! {
+    queue_depths_count_pending_and_processing_tasks_per_model_and_nothing_final(s) {
+        assert!(s.queue_depths().await.unwrap().is_empty(), "an empty store has no queues");
+        for i in 0..4 {
+            s.insert_task(new_task(&format!("task_m{i}"), "m", 1)).await.unwrap();
+        }
+        s.insert_task(new_task("task_o", "other", 1)).await.unwrap();
+        s.insert_task(new_task("task_done", "done", 1)).await.unwrap();
+        // m: two claimed (processing), two pending.
+        let claims = s.claim_batch("m", 10, LEASE, 10, 2, Runner::Local).await.unwrap();
+        assert_eq!(claims.len(), 2);
+        // done: claimed and finished, so it is in no queue.
+        let d = s.claim("done", 10, LEASE, 10).await.unwrap().unwrap();
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish(&d.task.id, &d.token, &ok, 11).await.unwrap());
+        let depths = |pending, processing, model: &str| taskgate_server::store::QueueDepth {
+            model: model.into(),
+            pending,
+            processing,
+        };
+        assert_eq!(
+            s.queue_depths().await.unwrap(),
+            vec![depths(2, 2, "m"), depths(1, 0, "other")]
+        );
+        // A requeue waiting for its retry time is still pending: it is in the queue.
+        assert!(s.requeue(&claims[0].task.id, &claims[0].token, 1_000_000, false).await.unwrap());
+        assert_eq!(s.queue_depths().await.unwrap()[0], depths(3, 1, "m"));
+    }
+}

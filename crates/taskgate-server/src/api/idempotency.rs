@@ -148,6 +148,7 @@ pub(super) async fn submit(
     let views = PendingViews::put(state, &tasks);
     match state.store.insert_tasks_keyed(&record, tasks).await {
         Ok(KeyedInsert::Inserted) => {
+            state.metrics.submitted(&runtime.name, ids.len());
             wake(state, runtime);
             Ok(ids)
         }
@@ -185,6 +186,7 @@ pub(super) async fn insert_all(
         views.forget();
         return Err(e.into());
     }
+    state.metrics.submitted(&runtime.name, ids.len());
     wake(state, runtime);
     Ok(ids)
 }

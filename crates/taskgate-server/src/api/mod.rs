@@ -1,6 +1,7 @@
 //! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`), the
 //! model list and input schemas (`models`), webhook secrets and deliveries (`webhooks`), result
-//! files (`files`), the pull workers' API (`worker`) and health. Keys and the dashboard get
+//! files (`files`), the pull workers' API (`worker`), `GET /metrics` and the per-request
+//! metrics layer (`metrics`), and health. Keys and the dashboard get
 //! routers of their own the same way.
 //!
 //! Only this module and `error` know HTTP. Handlers take the caller as an extractor
@@ -14,6 +15,7 @@ mod extract;
 mod files;
 mod idempotency;
 mod live;
+mod metrics;
 mod models;
 pub mod openapi;
 mod stream;
@@ -39,9 +41,11 @@ use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let http_metrics = metrics::HttpMetricsLayer::new(state.metrics.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(metrics::router())
         .merge(tasks::router())
         .merge(models::router())
         .merge(stream::router())
@@ -56,14 +60,17 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
+        // The metrics layer outside the panic catcher, so a panic's 500 is counted; both in one
+        // `layer` call, since each call wraps every route in one more boxed service.
+        .layer((
+            http_metrics,
+            CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("a request handler panicked");
                 envelope_response(
                     ErrorCode::InternalError,
                     "internal error on the server; it has been logged, try again later".into(),
                 )
-            },
+            }),
         ))
         // One Arc for the whole state: axum clones the state for every request.
         .with_state(Arc::new(state))

@@ -399,6 +399,7 @@ async fn submit_one(
         state.views.forget(&task_id);
         return Err(e.into());
     }
+    state.metrics.submitted(&runtime.name, 1);
     // A local loop parked in the store was answered by the insert's own commit; a wake-up
     // would only cost it a due-time read. Pull workers' long-polls still need one.
     if !(state.store.parks_claims() && runtime.backend.runs_locally()) {
@@ -597,6 +598,12 @@ async fn cancel_task(
     // A just-submitted task's cached `pending` view is no longer true (the failed one is put
     // in below).
     state.views.forget(&task.id);
+    state.metrics.finished(
+        &task.model,
+        task.fail_code.as_deref(),
+        task.create_time,
+        task.complete_time.unwrap_or_else(now_ms),
+    );
     // Waits and streams of the task, here (other nodes hear of it through the store).
     state.dispatcher.events().changed(&task.id);
     tracing::info!(task_id = %task.id, model = %task.model, %from, "cancelled");

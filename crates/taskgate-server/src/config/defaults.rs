@@ -26,6 +26,7 @@ pub fn server() -> ServerSettings {
         record_retention: Duration::from_secs(30 * 24 * 3600),
         database_url: None,
         public_url: None,
+        metrics_token: None,
     }
 }
 

@@ -13,7 +13,7 @@ pub mod settings;
 pub use schema::{InputSchema, SchemaSource};
 
 pub use settings::{
-    layered, DatabaseUrl, Delays, Layers, ServerLayer, ServerSettings, StorageLayer,
+    layered, DatabaseUrl, Delays, Layers, MetricsToken, ServerLayer, ServerSettings, StorageLayer,
     StorageSettings, WebhookLayer, WebhookSettings,
 };
 
@@ -420,6 +420,16 @@ impl Config {
                         "{} is not a PostgreSQL URL; example: postgres://user@host:5432/taskgate",
                         redact_url(db)
                     ),
+                ));
+            }
+        }
+        if let Some(token) = &self.server.metrics_token {
+            // A short token is guessable, and an empty one (an unset variable left `=`) would
+            // look like protection while any `Bearer ` header passed.
+            if token.as_str().trim().len() < 16 {
+                return Err(invalid(
+                    "metrics_token",
+                    "the /metrics token (--metrics-token / TASKGATE_METRICS_TOKEN) is too short to be safe: use at least 16 characters, or remove it to leave /metrics open",
                 ));
             }
         }

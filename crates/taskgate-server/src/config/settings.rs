@@ -152,6 +152,10 @@ settings_table! {
         /// Base of result URLs, as clients reach this server [default: the listen address].
         #[arg(long, env = "TASKGATE_PUBLIC_URL")]
         public_url: String,
+        /// Bearer token that GET /metrics requires (16+ characters) [default: none, /metrics
+        /// is open: do not expose it publicly].
+        #[arg(long, env = "TASKGATE_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: MetricsToken,
     }
 }
 
@@ -334,6 +338,31 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
+/// The bearer token of `GET /metrics`: a secret, so `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct MetricsToken(pub String);
+
+impl MetricsToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for MetricsToken {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(MetricsToken(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// How a default reads in `--help`: as it would be written in a flag.
 pub trait ShowDefault {
     fn show(&self) -> String;
@@ -355,6 +384,12 @@ impl ShowDefault for PathBuf {
 impl ShowDefault for DatabaseUrl {
     fn show(&self) -> String {
         super::redact_url(&self.0)
+    }
+}
+
+impl ShowDefault for MetricsToken {
+    fn show(&self) -> String {
+        "<redacted>".to_owned()
     }
 }
 

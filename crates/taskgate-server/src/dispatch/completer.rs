@@ -54,6 +54,13 @@ impl Dispatcher {
         lease_until: Instant,
     ) -> Settled {
         let task = &claim.task;
+        if let Err(e) = &result {
+            let (retryable, code) = match e {
+                BackendError::Retryable { code, .. } => (true, code),
+                BackendError::Fatal { code, .. } => (false, code),
+            };
+            self.metrics.backend_error(model, retryable, code);
+        }
         let write = match result {
             Ok((outputs, blobs)) => Write::Final(Outcome::Success { outputs, blobs }),
             Err(BackendError::Retryable { code, message }) if task.attempts < task.max_attempts => {
@@ -75,6 +82,23 @@ impl Dispatcher {
         let settled = self.write(claim, &write, lease_until).await;
         if matches!(settled, Settled::Written) {
             self.events.changed(&task.id);
+            // Measured from the start the store stamped (on the clock the claim used), so an
+            // attempt that failed before it ran anything counts as the instant it was.
+            let now = now_ms();
+            self.metrics.attempt_ended(
+                model,
+                Duration::from_millis(
+                    task.start_time.map_or(0, |s| now.saturating_sub(s).max(0)) as u64
+                ),
+            );
+            if let Write::Final(outcome) = &write {
+                let fail_code = match outcome {
+                    Outcome::Success { .. } => None,
+                    Outcome::Failure { code, .. } => Some(code.as_str()),
+                };
+                self.metrics
+                    .finished(model, fail_code, task.create_time, now);
+            }
         }
         match (&settled, &write) {
             (Settled::Written, Write::Final(outcome)) => {

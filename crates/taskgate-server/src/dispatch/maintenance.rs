@@ -81,6 +81,9 @@ pub(super) async fn expire_tasks(dispatcher: Arc<Dispatcher>) {
                         dispatcher.views.forget(id);
                         dispatcher.events.changed(id);
                     }
+                    dispatcher
+                        .metrics
+                        .swept(crate::domain::fail_code::EXPIRED, ids.len());
                     if !ids.is_empty() {
                         info!(
                             tasks = ids.len(),
@@ -110,6 +113,9 @@ pub(super) async fn sweep_leases(dispatcher: Arc<Dispatcher>) {
         }
         match dispatcher.store.recover_expired(now_ms()).await {
             Ok(r) if !r.is_empty() => {
+                dispatcher
+                    .metrics
+                    .swept(crate::domain::fail_code::ATTEMPTS_EXHAUSTED, r.failed.len());
                 // None of these is pending with a cached view any more (or pending again, which
                 // the store answers): drop whatever view a lost claim answer left behind.
                 for id in r.requeued.iter().chain(&r.failed).chain(&r.unacknowledged) {

@@ -46,6 +46,7 @@ use crate::artifacts::ArtifactStore;
 use crate::backends::Backend;
 use crate::config::{InputSchema, ModelConfig};
 use crate::events::TaskEvents;
+use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::views::TaskViews;
@@ -102,6 +103,7 @@ pub struct Dispatcher {
     events: TaskEvents,
     /// This node's running local attempts, for cancels.
     running: running::Running,
+    metrics: Arc<Metrics>,
 }
 
 /// What the dispatcher shares with the rest of the node.
@@ -112,6 +114,8 @@ pub struct Shared {
     pub views: TaskViews,
     /// Requests waiting on tasks (`Prefer: wait`, streams).
     pub events: TaskEvents,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -128,6 +132,7 @@ impl Dispatcher {
             webhook_wake,
             views,
             events,
+            metrics,
         } = shared;
         Arc::new(Dispatcher {
             store,
@@ -144,6 +149,7 @@ impl Dispatcher {
             views,
             events,
             running: running::Running::default(),
+            metrics,
         })
     }
 
@@ -187,6 +193,10 @@ impl Dispatcher {
 
     /// Who waits on which task; writers outside the dispatcher (the worker API's progress) nudge
     /// it too.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn events(&self) -> &TaskEvents {
         &self.events
     }

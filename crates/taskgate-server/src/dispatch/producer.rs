@@ -48,6 +48,12 @@ impl Dispatcher {
                     .await?
                     .pop();
                 if let Some(c) = claimed {
+                    self.metrics.started(
+                        &m.name,
+                        c.task.attempts,
+                        c.task.create_time,
+                        c.task.start_time,
+                    );
                     self.views.forget(&c.task.id);
                     self.events.changed(&c.task.id);
                     return Ok(Some((m.clone(), c)));
@@ -169,6 +175,12 @@ impl Dispatcher {
                     let got = claims.len();
                     // Permits left over when fewer tasks came back are dropped with the zip.
                     for (claim, permit) in claims.into_iter().zip(permits) {
+                        self.metrics.started(
+                            &model.name,
+                            claim.task.attempts,
+                            claim.task.create_time,
+                            claim.task.start_time,
+                        );
                         // Out of `pending`: its cached pending view is no longer true.
                         self.views.forget(&claim.task.id);
                         self.events.changed(&claim.task.id);

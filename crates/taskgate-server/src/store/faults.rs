@@ -17,7 +17,7 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
+use super::{IdempotencyKey, KeyedInsert, QueueDepth, TaskPage, TaskQuery};
 use crate::domain::Task;
 
 /// What an injected fault does.
@@ -505,6 +505,12 @@ impl Store for FaultyStore {
         let entered = self.plan.enter("queue_position").await?;
         let result = self.inner.queue_position(task_id, now).await;
         self.plan.leave("queue_position", entered, result)
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        let entered = self.plan.enter("queue_depths").await?;
+        let result = self.inner.queue_depths().await;
+        self.plan.leave("queue_depths", entered, result)
     }
 
     fn exclusive(&self) -> bool {

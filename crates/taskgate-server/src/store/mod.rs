@@ -381,6 +381,32 @@ impl HostRoom {
     }
 }
 
+/// One model's queue, as [`Store::queue_depths`] counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub model: String,
+    pub pending: u64,
+    pub processing: u64,
+}
+
+/// [`QueueDepth`]s from `(model, state, count)` rows, by model.
+pub(crate) fn queue_depths_from(rows: Vec<(String, String, i64)>) -> Vec<QueueDepth> {
+    let mut by_model: std::collections::BTreeMap<String, QueueDepth> = Default::default();
+    for (model, state, count) in rows {
+        let d = by_model.entry(model.clone()).or_insert_with(|| QueueDepth {
+            model,
+            pending: 0,
+            processing: 0,
+        });
+        let count = u64::try_from(count).unwrap_or(0);
+        match state.as_str() {
+            "pending" => d.pending = count,
+            _ => d.processing = count,
+        }
+    }
+    by_model.into_values().collect()
+}
+
 /// A finished task as retention sees it: when it completed and what it left in the artifact
 /// store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -606,6 +632,11 @@ pub trait Store: Send + Sync + 'static {
     /// than [`taskgate_proto::MAX_QUEUE_POSITION`]: an index range, bounded however long the
     /// queue. `None` when the task is not pending.
     async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError>;
+
+    /// Every model's tasks waiting (`pending`, due or not) and running (`processing`), over
+    /// the whole store (every node's), for `GET /metrics`. Models with neither are left out.
+    /// Counts the `tasks_ready` and `tasks_running_by_model` partial indexes, never the table.
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError>;
 
     // Tenants and keys.
 

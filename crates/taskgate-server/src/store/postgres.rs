@@ -37,7 +37,8 @@ use super::{
     Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
 use super::{
-    Finished, IdempotencyKey, KeyedInsert, Runner, TaskPage, TaskQuery, MAX_UNACKED_REFUNDS,
+    Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, TaskPage, TaskQuery,
+    MAX_UNACKED_REFUNDS,
 };
 use crate::domain::{fail_code, new_id, Task, Transition};
 
@@ -1356,6 +1357,10 @@ impl Store for PostgresStore {
 
     async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError> {
         self.position_in_queue(task_id, now).await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        self.count_queues().await
     }
 
     fn exclusive(&self) -> bool {

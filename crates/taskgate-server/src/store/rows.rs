@@ -471,6 +471,15 @@ pub fn queue_position_sql(p: impl Fn(u32) -> String) -> String {
     )
 }
 
+/// `(model, state, count)` of pending and processing tasks, for both dialects. Each half is
+/// the one state of a partial index on `model` (`tasks_ready`, `tasks_running_by_model`), so
+/// the grouping walks those indexes (PostgreSQL: an index-only scan) and never the finished
+/// tasks, however many are kept. The state is cast to text for PostgreSQL's decoder.
+pub const QUEUE_DEPTHS_SQL: &str = "\
+    SELECT model, CAST('pending' AS TEXT), count(*) FROM tasks WHERE state = 'pending' GROUP BY model \
+    UNION ALL \
+    SELECT model, CAST('processing' AS TEXT), count(*) FROM tasks WHERE state = 'processing' GROUP BY model";
+
 /// The claim's guard against deadlines: a pending task past its `expires_at` is not started
 /// (the expiry sweep fails it). `now` is the placeholder of the claim's time. The claim clears
 /// `expires_at`: the deadline is to *start*, so a task that started and went back to pending (a

@@ -34,6 +34,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::artifacts::ResultLinks;
 use crate::config::WebhookSettings;
 use crate::domain::now_ms;
+use crate::metrics::{Metrics, WebhookOutcome};
 use crate::report::error_chain;
 use crate::retry::{AfterLast, RetryPolicy};
 use crate::store::{
@@ -160,6 +161,7 @@ pub struct Deliverer {
     hosts: Mutex<HostTable>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 /// The secrets that sign now: the current one, and the previous one during its overlap.
@@ -190,6 +192,7 @@ impl Deliverer {
         links: ResultLinks,
         config: WebhookSettings,
         wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
@@ -209,6 +212,7 @@ impl Deliverer {
             hosts: Mutex::new(HostTable::new(MAX_HOSTS)),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            metrics,
         }))
     }
 
@@ -340,6 +344,8 @@ impl Deliverer {
         };
         if let Some(at) = deferral {
             let d = &claim.delivery;
+            self.metrics
+                .webhook(WebhookOutcome::Deferred, d.created_at, now);
             if let Err(e) = self
                 .store
                 .finish_delivery_attempt(&d.id, &claim.token, None, DeliveryNext::Defer(at), now)
@@ -442,6 +448,13 @@ impl Deliverer {
             ),
         };
         let ok = next == DeliveryNext::Succeeded;
+        let outcome = match next {
+            DeliveryNext::Succeeded => WebhookOutcome::Delivered,
+            DeliveryNext::RetryAt(_) => WebhookOutcome::Retrying,
+            DeliveryNext::Failed => WebhookOutcome::Failed,
+            DeliveryNext::Defer(_) => WebhookOutcome::Deferred,
+        };
+        self.metrics.webhook(outcome, d.created_at, now_ms());
         match next {
             DeliveryNext::Succeeded => {
                 info!(

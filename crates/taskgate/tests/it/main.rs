@@ -16,6 +16,7 @@ mod hot_paths;
 mod http_backend;
 mod idempotency;
 mod list;
+mod metrics;
 mod models;
 mod openapi;
 mod operate;

@@ -6,8 +6,10 @@
 //! trigger does not send for a table other than `tasks`: streams of the task on every node then
 //! send the lines.
 
-use super::super::rows::{log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow};
-use super::super::StoreError;
+use super::super::rows::{
+    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QUEUE_DEPTHS_SQL,
+};
+use super::super::{queue_depths_from, QueueDepth, StoreError};
 use super::{notify, PostgresStore};
 
 impl PostgresStore {
@@ -66,6 +68,13 @@ impl PostgresStore {
             q = q.bind(i64::try_from(after).unwrap_or(i64::MAX));
         }
         Ok(log_lines(q.bind(limit).fetch_all(&self.pool).await?))
+    }
+
+    pub(super) async fn count_queues(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(QUEUE_DEPTHS_SQL)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(queue_depths_from(rows))
     }
 
     pub(super) async fn position_in_queue(

@@ -6,8 +6,10 @@
 //! through the writer thread, whose rounds (submits, claims, final states) stay as they were;
 //! tasks that log nothing never call it. Reads go through the API's read-only pool.
 
-use super::super::rows::{log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow};
-use super::super::StoreError;
+use super::super::rows::{
+    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QUEUE_DEPTHS_SQL,
+};
+use super::super::{queue_depths_from, QueueDepth, StoreError};
 use super::SqliteStore;
 
 impl SqliteStore {
@@ -68,6 +70,13 @@ impl SqliteStore {
         Ok(log_lines(q.bind(limit).fetch_all(&self.reader).await?))
     }
 
+    pub(super) async fn count_queues(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(QUEUE_DEPTHS_SQL)
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(queue_depths_from(rows))
+    }
+
     pub(super) async fn position_in_queue(
         &self,
         task_id: &str,
@@ -113,6 +122,30 @@ mod tests {
         assert!(
             steps.iter().any(|s| s.contains("tasks_ready")),
             "{sql}\ndoes not use tasks_ready: {steps:?}"
+        );
+    }
+
+    /// The scrape's queue depths walk the two partial indexes, never the table of (mostly
+    /// finished) tasks.
+    #[tokio::test]
+    async fn queue_depths_walk_the_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {QUEUE_DEPTHS_SQL}"))
+                .fetch_all(&store.reader)
+                .await
+                .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+        let scans: Vec<&&str> = steps
+            .iter()
+            .filter(|s| s.starts_with("SCAN tasks"))
+            .collect();
+        assert_eq!(scans.len(), 2, "{steps:?}");
+        assert!(
+            scans[0].ends_with("INDEX tasks_ready")
+                && scans[1].ends_with("INDEX tasks_running_by_model"),
+            "{steps:?}"
         );
     }
 }

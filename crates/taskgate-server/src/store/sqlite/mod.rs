@@ -36,7 +36,9 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
-use super::{Finished, IdempotencyKey, KeyedInsert, Runner, StoreEvent, TaskPage, TaskQuery};
+use super::{
+    Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, StoreEvent, TaskPage, TaskQuery,
+};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -1146,6 +1148,10 @@ impl Store for SqliteStore {
 
     async fn queue_position(&self, task_id: &str, now: i64) -> Result<Option<u64>, StoreError> {
         self.position_in_queue(task_id, now).await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        self.count_queues().await
     }
 
     fn exclusive(&self) -> bool {
