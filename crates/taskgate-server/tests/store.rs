@@ -94,6 +94,7 @@ fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         priority: 0,
         expires_at: None,
         webhook_events: EventMask::DEFAULT,
+        trace_parent: None,
     }
 }
 
@@ -1512,6 +1513,7 @@ conformance! {
 fn events_task(id: &str, events: &[WebhookEvent]) -> NewTask {
     NewTask {
         webhook_events: EventMask::of(events.iter().copied()),
+        trace_parent: None,
         ..callback_task(id)
     }
 }

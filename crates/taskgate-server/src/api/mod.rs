@@ -31,7 +31,6 @@ use axum::{Json, Router};
 use serde_json::Value;
 use taskgate_proto::{Envelope, ErrorCode};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::error::{envelope_response, ApiError};
 use crate::state::AppState;
@@ -53,7 +52,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(crate::telemetry::http_trace_layer())
         .layer(CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("a request handler panicked");

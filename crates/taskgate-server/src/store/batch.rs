@@ -151,6 +151,6 @@ pub fn task_ids_json<'a>(ids: impl Iterator<Item = &'a str>) -> Result<String, S
     serde_json::to_string(&ids.collect::<Vec<_>>()).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-/// Rows of a multi-row insert per statement: 12 parameters each stays far below SQLite's limit
+/// Rows of a multi-row insert per statement: 13 parameters each stays far below SQLite's limit
 /// of 32766 bound parameters (and PostgreSQL's 65535).
 pub const INSERT_CHUNK: usize = 500;

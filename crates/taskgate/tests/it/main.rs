@@ -17,6 +17,7 @@ mod http_backend;
 mod idempotency;
 mod list;
 mod models;
+mod observe;
 mod operate;
 mod progress;
 mod recovery;
