@@ -1743,3 +1743,25 @@ conformance! {
         assert_eq!(events.iter().map(|(e, _)| *e).collect::<Vec<_>>(), [WebhookEvent::Start]);
     }
 }
+
+conformance! {
+    a_claim_hands_back_the_submits_trace_parent_and_a_delivery_claim_its_tasks_model(s) {
+        const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        // Both insert paths: the single submit's group commit and a batch's multi-row insert.
+        s.insert_task(NewTask { trace_parent: Some(PARENT.into()), ..callback_task("task_a") }).await.unwrap();
+        s.insert_tasks(vec![
+            NewTask { trace_parent: Some(PARENT.into()), ..new_task("task_b", "m", 1) },
+            new_task("task_c", "m", 1),
+        ]).await.unwrap();
+        let mut claims = s.claim_batch("m", 10, LEASE, 10, 10, Runner::Local).await.unwrap();
+        claims.sort_by(|a, b| a.task.id.cmp(&b.task.id));
+        let parents: Vec<Option<&str>> = claims.iter().map(|c| c.task.trace_parent.as_deref()).collect();
+        assert_eq!(parents, [Some(PARENT), Some(PARENT), None]);
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish("task_a", &claims[0].token, &ok, 20).await.unwrap());
+        let deliveries = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(deliveries.len(), 1);
+        assert_eq!(deliveries[0].delivery.task_id, "task_a");
+        assert_eq!(deliveries[0].model.as_deref(), Some("m"));
+    }
+}

@@ -68,10 +68,11 @@ pub enum KeyedInsert {
 }
 
 /// The columns a listing reads: a task's row without its input (`''`), which a status view
-/// never shows and which may be large, so a page of 100 tasks does not read 100 inputs.
+/// never shows and which may be large, so a page of 100 tasks does not read 100 inputs; nor
+/// its trace context, which only a claim uses.
 pub const LIST_COLUMNS: &str = "id, tenant_id, model, state, '' AS input, callback_url, \
      attempts, max_attempts, create_time, start_time, complete_time, outputs, fail_code, \
-     fail_msg, progress";
+     fail_msg, progress, CAST(NULL AS TEXT) AS trace_parent";
 
 /// The listing's statement, in either dialect (the builder writes `?` or `$n`). It walks the
 /// index `(tenant_id, id)` backwards from the cursor; the other filters are checked on the rows

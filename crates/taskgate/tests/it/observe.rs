@@ -29,6 +29,18 @@ fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
         .find_map(|obj| obj.get(name).and_then(Value::as_str))
 }
 
+/// Each task's stored `trace_parent`, by task id (read after the server stopped).
+async fn stored_trace_parents(data_dir: &Path) -> Vec<(String, Option<String>)> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data_dir.join("taskgate.db"));
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let rows = sqlx::query_as("SELECT id, trace_parent FROM tasks ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
 /// A config with a builtin `echo` and a `flaky` command that fails its first run with exit 75.
 fn write_config(dir: &Path) -> std::path::PathBuf {
     let counter = dir.join("runs");
@@ -100,6 +112,10 @@ async fn every_json_log_line_about_a_task_carries_its_task_id_and_model() {
     let log_path = server.log.clone();
     assert!(server.terminate().await.success());
     let log = std::fs::read_to_string(&log_path).unwrap();
+    // No exporter: the submits stored no trace context.
+    let parents = stored_trace_parents(&dir.path().join("data")).await;
+    assert_eq!(parents.len(), 3);
+    assert!(parents.iter().all(|(_, p)| p.is_none()), "{parents:?}");
 
     let models = [
         (delivered.as_str(), "echo"),
@@ -146,4 +162,154 @@ async fn every_json_log_line_about_a_task_carries_its_task_id_and_model() {
             "no {message:?} line for {task} among {checked:?}\n{log}"
         );
     }
+}
+
+/// Spans as an OTLP/HTTP receiver gets them with `http/json`: every span of every request, in
+/// arrival order.
+#[cfg(feature = "otel")]
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::sync::{Arc, Mutex};
+    type Spans = Arc<Mutex<Vec<Value>>>;
+    async fn traces(
+        axum::extract::State(spans): axum::extract::State<Spans>,
+        axum::Json(body): axum::Json<Value>,
+    ) -> axum::Json<Value> {
+        let mut got = spans.lock().unwrap();
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"].clone();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for span in ss["spans"].as_array().into_iter().flatten() {
+                    let mut span = span.clone();
+                    span["resourceAttributes"] = service.clone();
+                    got.push(span);
+                }
+            }
+        }
+        axum::Json(json!({}))
+    }
+    let spans: Spans = Arc::default();
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(traces))
+        .with_state(spans.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, spans)
+}
+
+/// An OTLP attribute's value as text, whatever its type.
+#[cfg(feature = "otel")]
+fn attribute(span: &Value, key: &str) -> Option<String> {
+    let kv = span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|kv| kv["key"] == key)?;
+    let value = kv["value"].as_object()?.values().next()?;
+    Some(match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+#[cfg(feature = "otel")]
+#[tokio::test]
+async fn spans_reach_the_otlp_endpoint_and_the_attempt_links_to_its_submit() {
+    let (endpoint, spans) = otlp_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let server = ServerProcess::spawn_full(
+        &dir.path().join("data"),
+        Some(&config),
+        &["--otlp-endpoint", &endpoint],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_SERVICE_NAME", "taskgate-under-test"),
+            // Export within 50 ms of a span's end rather than the default 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )
+    .await;
+
+    let task_id = server.api.submit_ok("echo", json!({ "n": 1 })).await;
+    let data = server
+        .api
+        .wait_final("echo", &task_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(data["state"], "success", "{data}");
+
+    let find = |spans: &[Value]| {
+        let submit = spans
+            .iter()
+            .find(|s| s["name"] == "POST /api/v1/generateTask/{model}")?
+            .clone();
+        let attempt = spans
+            .iter()
+            .find(|s| {
+                s["name"] == "attempt" && attribute(s, "taskId").as_deref() == Some(&task_id)
+            })?
+            .clone();
+        Some((submit, attempt))
+    };
+    let mut found = None;
+    wait_until(
+        Duration::from_secs(20),
+        "the submit and attempt spans",
+        || {
+            let got = find(&spans.lock().unwrap());
+            let done = got.is_some();
+            found = got;
+            async move { done }
+        },
+    )
+    .await;
+    let (submit, attempt) = found.unwrap();
+    let everything = spans.lock().unwrap().clone();
+    let context = || format!("submit: {submit:#}\nattempt: {attempt:#}\nall: {everything:#?}");
+
+    // The request's span: a server span with its route and status, under our service name.
+    assert_eq!(submit["kind"], 2, "not SPAN_KIND_SERVER: {}", context());
+    assert_eq!(
+        attribute(&submit, "http.route").as_deref(),
+        Some("/api/v1/generateTask/{model}"),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        attribute(&submit, "http.response.status_code").as_deref(),
+        Some("200"),
+        "{}",
+        context()
+    );
+    let service = submit["resourceAttributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| kv["key"] == "service.name")
+        .map(|kv| kv["value"]["stringValue"].clone());
+    assert_eq!(service, Some(json!("taskgate-under-test")), "{}", context());
+    // The attempt's span: the task and model, its own trace, linked to the submit's span.
+    assert_eq!(
+        attribute(&attempt, "model").as_deref(),
+        Some("echo"),
+        "{}",
+        context()
+    );
+    assert_ne!(attempt["traceId"], submit["traceId"], "{}", context());
+    let links = attempt["links"].as_array().cloned().unwrap_or_default();
+    assert!(
+        links
+            .iter()
+            .any(|l| l["traceId"] == submit["traceId"] && l["spanId"] == submit["spanId"]),
+        "the attempt does not link to the submit: {}",
+        context()
+    );
+    server.terminate().await;
+    // What carried the link across the queue: the submit's W3C traceparent, kept with the task.
+    let parents = stored_trace_parents(&dir.path().join("data")).await;
+    let traceparent = format!(
+        "00-{}-{}-01",
+        submit["traceId"].as_str().unwrap(),
+        submit["spanId"].as_str().unwrap()
+    );
+    assert_eq!(parents, vec![(task_id, Some(traceparent))]);
 }
