@@ -44,7 +44,7 @@ impl<B> MakeSpan<B> for RequestSpan {
             .get::<MatchedPath>()
             .map_or("unmatched", |p| p.as_str());
         let method = request.method().as_str();
-        tracing::debug_span!(
+        let span = tracing::debug_span!(
             target: HTTP_TARGET,
             "request",
             otel.name = %format_args!("{method} {route}"),
@@ -53,9 +53,39 @@ impl<B> MakeSpan<B> for RequestSpan {
             http.route = route,
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-        )
+        );
+        continue_callers_trace(&span, request.headers());
+        span
     }
 }
+
+/// A caller that sent a W3C `traceparent` gets the request's span in its own trace.
+#[cfg(feature = "otel")]
+fn continue_callers_trace(span: &Span, headers: &axum::http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let Some(traceparent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if span.is_disabled() {
+        return;
+    }
+    let mut carrier = std::collections::HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(state) = headers.get("tracestate").and_then(|v| v.to_str().ok()) {
+        carrier.insert("tracestate".to_owned(), state.to_owned());
+    }
+    let parent = opentelemetry::propagation::TextMapPropagator::extract(
+        &opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        &carrier,
+    );
+    // Only fails when no OpenTelemetry layer is installed: then there is no trace to join.
+    let _ = span.set_parent(parent);
+}
+
+#[cfg(not(feature = "otel"))]
+#[inline(always)]
+fn continue_callers_trace(_span: &Span, _headers: &axum::http::HeaderMap) {}
 
 #[derive(Clone, Copy, Debug)]
 pub struct RecordStatus;

@@ -230,7 +230,20 @@ async fn spans_reach_the_otlp_endpoint_and_the_attempt_links_to_its_submit() {
     )
     .await;
 
-    let task_id = server.api.submit_ok("echo", json!({ "n": 1 })).await;
+    // The caller is in a trace of its own: the request's span joins it.
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let response = server
+        .api
+        .request(reqwest::Method::POST, "/api/v1/generateTask/echo")
+        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+        .json(&json!({ "input": { "n": 1 } }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = envelope(response).await;
+    assert_eq!(status, 200, "{body}");
+    let task_id = body["data"]["taskId"].as_str().unwrap().to_owned();
     let data = server
         .api
         .wait_final("echo", &task_id, Duration::from_secs(20))
@@ -287,6 +300,8 @@ async fn spans_reach_the_otlp_endpoint_and_the_attempt_links_to_its_submit() {
         .find(|kv| kv["key"] == "service.name")
         .map(|kv| kv["value"]["stringValue"].clone());
     assert_eq!(service, Some(json!("taskgate-under-test")), "{}", context());
+    assert_eq!(submit["traceId"], CALLER_TRACE, "{}", context());
+    assert_eq!(submit["parentSpanId"], CALLER_SPAN, "{}", context());
     // The attempt's span: the task and model, its own trace, linked to the submit's span.
     assert_eq!(
         attribute(&attempt, "model").as_deref(),
@@ -312,4 +327,38 @@ async fn spans_reach_the_otlp_endpoint_and_the_attempt_links_to_its_submit() {
         submit["spanId"].as_str().unwrap()
     );
     assert_eq!(parents, vec![(task_id, Some(traceparent))]);
+}
+
+#[cfg(not(feature = "otel"))]
+#[tokio::test]
+async fn without_the_otel_feature_an_otlp_endpoint_is_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        taskgate_command(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+        ])
+        .env("TASKGATE_API_KEY", API_KEY)
+        .output(),
+    )
+    .await
+    .expect("taskgate serve did not exit within 30s")
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("built without trace export") && stderr.contains("--features otel"),
+        "{stderr}"
+    );
 }
