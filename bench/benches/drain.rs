@@ -56,6 +56,7 @@ fn seed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Vec<String> {
                 priority: 0,
                 expires_at: None,
                 webhook_events: taskgate_server::domain::EventMask::DEFAULT,
+                trace_parent: None,
             })
             .collect();
         let mut ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();

@@ -25,6 +25,7 @@ fn new_task(tenant_id: &str, input: &Map<String, Value>) -> NewTask {
         priority: 0,
         expires_at: None,
         webhook_events: taskgate_server::domain::EventMask::DEFAULT,
+        trace_parent: None,
     }
 }
 

@@ -213,6 +213,8 @@ pub struct Task {
     pub fail_msg: Option<String>,
     /// 0..1, as last reported by the running attempt (its backend, or a pull worker).
     pub progress: Option<f64>,
+    /// The submit request's W3C `traceparent`, when trace export was on at submit.
+    pub trace_parent: Option<String>,
 }
 
 impl Task {
@@ -405,6 +407,7 @@ mod tests {
             fail_code: Some("X".into()),
             fail_msg: Some("y".into()),
             progress: None,
+            trace_parent: None,
         }
     }
 

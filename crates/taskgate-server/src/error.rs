@@ -124,7 +124,7 @@ impl IntoResponse for ApiError {
                 // refusals: a line per successful submit or poll would cost the hot paths more
                 // than the request (docs/BENCHMARKS.md).
                 let message = other.to_string();
-                tracing::info!(status = status.as_u16(), error_code = %self.code(), message = %message, "request refused");
+                tracing::info!(status = status.as_u16(), error_code = %self.code(), reason = %message, "request refused");
                 message
             }
         };

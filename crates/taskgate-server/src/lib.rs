@@ -20,6 +20,7 @@ pub mod retry;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod views;
 pub mod webhooks;
 

@@ -94,6 +94,7 @@ fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         priority: 0,
         expires_at: None,
         webhook_events: EventMask::DEFAULT,
+        trace_parent: None,
     }
 }
 
@@ -1512,6 +1513,7 @@ conformance! {
 fn events_task(id: &str, events: &[WebhookEvent]) -> NewTask {
     NewTask {
         webhook_events: EventMask::of(events.iter().copied()),
+        trace_parent: None,
         ..callback_task(id)
     }
 }
@@ -1769,5 +1771,25 @@ conformance! {
         // A requeue waiting for its retry time is still pending: it is in the queue.
         assert!(s.requeue(&claims[0].task.id, &claims[0].token, 1_000_000, false).await.unwrap());
         assert_eq!(s.queue_depths().await.unwrap()[0], depths(3, 1, "m"));
+    }
+
+    a_claim_hands_back_the_submits_trace_parent_and_a_delivery_claim_its_tasks_model(s) {
+        const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        // Both insert paths: the single submit's group commit and a batch's multi-row insert.
+        s.insert_task(NewTask { trace_parent: Some(PARENT.into()), ..callback_task("task_a") }).await.unwrap();
+        s.insert_tasks(vec![
+            NewTask { trace_parent: Some(PARENT.into()), ..new_task("task_b", "m", 1) },
+            new_task("task_c", "m", 1),
+        ]).await.unwrap();
+        let mut claims = s.claim_batch("m", 10, LEASE, 10, 10, Runner::Local).await.unwrap();
+        claims.sort_by(|a, b| a.task.id.cmp(&b.task.id));
+        let parents: Vec<Option<&str>> = claims.iter().map(|c| c.task.trace_parent.as_deref()).collect();
+        assert_eq!(parents, [Some(PARENT), Some(PARENT), None]);
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish("task_a", &claims[0].token, &ok, 20).await.unwrap());
+        let deliveries = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(deliveries.len(), 1);
+        assert_eq!(deliveries[0].delivery.task_id, "task_a");
+        assert_eq!(deliveries[0].model.as_deref(), Some("m"));
     }
 }

@@ -3,15 +3,17 @@
 
 mod client_cli;
 mod keys_cli;
+mod telemetry;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use taskgate_server::config::{self, FileConfig};
 use taskgate_server::Config;
+use telemetry::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -47,12 +49,6 @@ enum Command {
     Client(client_cli::ClientCommand),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Args)]
 struct ServeArgs {
     /// TOML config file with [server], [webhooks] and [storage] settings and [models.NAME]
@@ -66,6 +62,10 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (its base URL, as
+    /// OTEL_EXPORTER_OTLP_ENDPOINT takes it). Needs a build with the `otel` feature.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// `serve --help` with each setting's default, read from the one module that holds them: the
@@ -83,23 +83,6 @@ fn with_setting_defaults(cli: clap::Command) -> clap::Command {
             },
         )
     })
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal: in a file or a pipe the escape codes are noise.
-    // NO_COLOR (https://no-color.org) turns it off there too.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Flags and environment (already merged by clap) over the file over the defaults, in the
@@ -131,7 +114,13 @@ pub(crate) async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
-    init_tracing(args.log_format);
+    let telemetry = telemetry::init(args.log_format, args.otlp_endpoint.as_deref())?;
+    let served = serve_traced(args, api_key).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_traced(args: ServeArgs, api_key: Option<String>) -> anyhow::Result<()> {
     let config = layered_config(&args, api_key.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -186,8 +175,10 @@ fn main() -> ExitCode {
             Command::Serve { args, api_key } => serve(*args, api_key).await,
             Command::Keys(cmd) => return Ok(keys_cli::run(cmd).await),
             Command::Worker(args) => {
-                init_tracing(LogFormat::Text);
-                worker::run(args).await
+                let telemetry = telemetry::init(args.log_format, None)?;
+                let worked = worker::run(args).await;
+                telemetry.shutdown().await;
+                worked
             }
             Command::Client(c) => return Ok(client_cli::run(c).await),
         }

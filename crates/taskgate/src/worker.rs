@@ -50,6 +50,9 @@ pub struct WorkerArgs {
     /// Where attempts get their output directories [default: the system temp dir].
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, env = "TASKGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
     /// The program to run per task, after `--`: input JSON on stdin, outputs into
     /// $TASKGATE_OUTPUT_DIR, exit 75 for a retryable failure.
     #[arg(last = true, required = true)]
@@ -160,7 +163,7 @@ async fn slot_loop(
         match claimed {
             Ok(Some(task)) => {
                 backoff = Duration::from_millis(500);
-                let span = info_span!("task", task_id = %task.task_id, attempt = task.attempt);
+                let span = info_span!("attempt", taskId = %task.task_id, model = %task.model, attempt = task.attempt);
                 run_task(&api, backend.as_ref(), &work_dir, task)
                     .instrument(span)
                     .await;
@@ -412,7 +415,7 @@ async fn report_failure(api: &WorkerClient, task: &WorkerTask, e: BackendError) 
         BackendError::Retryable { code, message } => (code, message, true),
         BackendError::Fatal { code, message } => (code, message, false),
     };
-    info!(%code, %message, retryable, "attempt failed");
+    info!(%code, reason = %message, retryable, "attempt failed");
     let failed = Report::Fail(WorkerFail {
         lease_token: task.lease_token.clone(),
         fail_code: Some(code),

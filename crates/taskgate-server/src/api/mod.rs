@@ -34,7 +34,6 @@ use axum::{Json, Router};
 use serde_json::Value;
 use taskgate_proto::{Envelope, ErrorCode};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::error::{envelope_response, ApiError};
 use crate::state::AppState;
@@ -59,7 +58,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(crate::telemetry::http_trace_layer())
         // The metrics layer outside the panic catcher, so a panic's 500 is counted; both in one
         // `layer` call, since each call wraps every route in one more boxed service.
         .layer((

@@ -157,7 +157,7 @@ impl Cursor {
                         Ok(None) => return None,
                         Err(e) => {
                             // The client reconnects with Last-Event-ID and misses nothing.
-                            warn!(error = %error_chain(&e), "cannot read a streamed task; ending the stream");
+                            warn!(error = %error_chain(&e), taskId = %self.watch.task_id(), "cannot read a streamed task; ending the stream");
                             return None;
                         }
                     }
@@ -166,7 +166,7 @@ impl Cursor {
             let mut status = match self.state.links.status_of(&task).await {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %error_chain(&e), task_id = %task.id, "cannot render a streamed task; ending the stream");
+                    warn!(error = %error_chain(&e), taskId = %task.id, model = %task.model, "cannot render a streamed task; ending the stream");
                     return None;
                 }
             };
@@ -177,7 +177,7 @@ impl Cursor {
                 }
                 Err(e) => {
                     // The client reconnects with Last-Event-ID and misses nothing.
-                    warn!(error = %error_chain(&e), task_id = %task.id, "cannot read a streamed task's position or logs; ending the stream");
+                    warn!(error = %error_chain(&e), taskId = %task.id, model = %task.model, "cannot read a streamed task's position or logs; ending the stream");
                     return None;
                 }
             };

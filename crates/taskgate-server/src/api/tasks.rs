@@ -377,6 +377,8 @@ pub(super) fn new_task(
             .ttl
             .map(|ttl| create_time.saturating_add(ttl.as_millis() as i64)),
         webhook_events: submission.webhook_events,
+        // The submit request's span is current here (a batch's too: each task links to it).
+        trace_parent: crate::telemetry::current_traceparent(),
     }
 }
 
@@ -606,7 +608,7 @@ async fn cancel_task(
     );
     // Waits and streams of the task, here (other nodes hear of it through the store).
     state.dispatcher.events().changed(&task.id);
-    tracing::info!(task_id = %task.id, model = %task.model, %from, "cancelled");
+    tracing::info!(taskId = %task.id, model = %task.model, %from, "cancelled");
     if from == taskgate_proto::TaskState::Processing {
         // A pull worker is told at its next heartbeat (the token it holds is dead); another
         // node's attempt is stopped by the store's notice to it.
@@ -642,6 +644,7 @@ pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
         fail_code: None,
         fail_msg: None,
         progress: None,
+        trace_parent: None,
     }
     .status(|_| String::new());
     let body = serde_json::to_vec(&Envelope::success(view)).ok()?;

@@ -212,7 +212,7 @@ async fn claim(
     let wait = Duration::from_millis(req.wait_ms).min(MAX_CLAIM_WAIT);
     match state.dispatcher.claim_for_worker(&models, wait).await? {
         Some((model, c)) => {
-            info!(task_id = %c.task.id, model = %model.name, attempt = c.task.attempts, worker = %worker.name, "claimed by a pull worker");
+            info!(taskId = %c.task.id, model = %model.name, attempt = c.task.attempts, worker = %worker.name, "claimed by a pull worker");
             match worker_task(&c.task, c.token.clone(), &model, state.dispatcher.lease()) {
                 Ok(task) => Ok(Json(Envelope::success(task))),
                 Err(message) => {
@@ -228,7 +228,7 @@ async fn claim(
                             Duration::ZERO,
                             lease_deadline(&state),
                         )
-                        .instrument(info_span!("task", task_id = %c.task.id))
+                        .instrument(info_span!("attempt", taskId = %c.task.id, model = %model.name, attempt = c.task.attempts))
                         .await;
                     Ok(Json(Envelope {
                         code: 200,
@@ -273,7 +273,7 @@ async fn heartbeat(
         }
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
-    let span = info_span!("task", task_id = %task_id, worker = %worker.name);
+    let span = info_span!("attempt", taskId = %task_id, model = %model.name, attempt = claim.task.attempts, worker = %worker.name);
     for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
     }
@@ -552,12 +552,12 @@ async fn settle(
     match state
         .dispatcher
         .settle(&model.name, claim, result.map(|keys| (keys, Vec::new())), elapsed, lease_deadline(state))
-        .instrument(info_span!("task", task_id = %claim.task.id))
+        .instrument(info_span!("attempt", taskId = %claim.task.id, model = %model.name, attempt = claim.task.attempts))
         .await
     {
         Settled::Written => Ok(done()),
         Settled::NotOurs => {
-            warn!(task_id = %claim.task.id, "a worker reported on a task it no longer held");
+            warn!(taskId = %claim.task.id, model = %model.name, "a worker reported on a task it no longer held");
             Err(lost(state, &claim.task.id).await)
         }
         // The worker must not believe it is done: it retries while it holds the lease.

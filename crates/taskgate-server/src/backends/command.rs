@@ -85,7 +85,10 @@ impl Drop for TreeGuard {
         // The group at once (one syscall); the /proc rounds that find and reap escapees are
         // blocking work, so they run off the async threads.
         tree.kill_group();
+        // The blocking thread has no span of its own: the attempt's goes with it.
+        let span = tracing::Span::current();
         let finish = move || {
+            let _attempt = span.enter();
             if let Err(survivors) = tree.kill(KILL_BOUND) {
                 tracing::error!(error = %survivors, "the model program's processes would not die");
             }
@@ -185,12 +188,11 @@ impl Backend for CommandBackend {
         };
         // stderr is read in its own task: a background child that inherited the pipe would
         // otherwise keep it open, and the attempt, alive after the program itself exited.
-        let stderr_task = tokio::spawn(read_stderr);
+        let stderr_task = tokio::spawn(tracing::Instrument::in_current_span(read_stderr));
         // stdout likewise, and always drained, so a program that writes much never blocks on
         // a full pipe; aborted if the attempt is dropped.
-        let mut stdout_task = AbortOnDrop(tokio::spawn(read_stdout(
-            child.stdout.take(),
-            job.progress.clone(),
+        let mut stdout_task = AbortOnDrop(tokio::spawn(tracing::Instrument::in_current_span(
+            read_stdout(child.stdout.take(), job.progress.clone()),
         )));
         let (_, status) = tokio::join!(write_input, child.wait());
         // The program is done: whatever it left running goes with it, before the attempt is

@@ -68,7 +68,7 @@ impl Dispatcher {
                     .retry
                     .delay(task.attempts)
                     .unwrap_or(Duration::from_secs(1));
-                warn!(%code, message = %clean_text(&message, MAX_FAIL_MSG), retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
+                warn!(%code, reason = %clean_text(&message, MAX_FAIL_MSG), retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
                 Write::Requeue {
                     run_after: now_ms() + delay.as_millis() as i64,
                 }
@@ -211,6 +211,6 @@ fn log_outcome(outcome: &Outcome, elapsed: Duration) {
         Outcome::Success { outputs, .. } => {
             debug!(outputs = outputs.len(), elapsed_ms, "succeeded")
         }
-        Outcome::Failure { code, message } => info!(%code, %message, elapsed_ms, "failed"),
+        Outcome::Failure { code, message } => info!(%code, reason = %message, elapsed_ms, "failed"),
     }
 }

@@ -186,7 +186,10 @@ impl Dispatcher {
                         self.events.changed(&claim.task.id);
                         let this = self.clone();
                         let model = model.clone();
-                        let span = info_span!("task", task_id = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
+                        // A root span: each attempt is its own trace (not a child of the
+                        // long-lived dispatch loop), linked to the submit's.
+                        let span = info_span!(parent: None, "attempt", taskId = %claim.task.id, model = %model.name, attempt = claim.task.attempts);
+                        crate::telemetry::link_to_submit(&span, claim.task.trace_parent.as_deref());
                         self.tracker.spawn(
                             async move {
                                 this.run_attempt(&model, claim).await;

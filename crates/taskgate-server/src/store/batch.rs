@@ -68,10 +68,11 @@ pub enum KeyedInsert {
 }
 
 /// The columns a listing reads: a task's row without its input (`''`), which a status view
-/// never shows and which may be large, so a page of 100 tasks does not read 100 inputs.
+/// never shows and which may be large, so a page of 100 tasks does not read 100 inputs; nor
+/// its trace context, which only a claim uses.
 pub const LIST_COLUMNS: &str = "id, tenant_id, model, state, '' AS input, callback_url, \
      attempts, max_attempts, create_time, start_time, complete_time, outputs, fail_code, \
-     fail_msg, progress";
+     fail_msg, progress, CAST(NULL AS TEXT) AS trace_parent";
 
 /// The listing's statement, in either dialect (the builder writes `?` or `$n`). It walks the
 /// index `(tenant_id, id)` backwards from the cursor; the other filters are checked on the rows
@@ -151,6 +152,6 @@ pub fn task_ids_json<'a>(ids: impl Iterator<Item = &'a str>) -> Result<String, S
     serde_json::to_string(&ids.collect::<Vec<_>>()).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-/// Rows of a multi-row insert per statement: 12 parameters each stays far below SQLite's limit
+/// Rows of a multi-row insert per statement: 13 parameters each stays far below SQLite's limit
 /// of 32766 bound parameters (and PostgreSQL's 65535).
 pub const INSERT_CHUNK: usize = 500;

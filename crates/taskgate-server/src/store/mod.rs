@@ -86,6 +86,9 @@ pub struct NewTask {
     pub expires_at: Option<i64>,
     /// Which events are delivered to `callback_url` (start, progress, the final state).
     pub webhook_events: crate::domain::EventMask,
+    /// The submit request's W3C `traceparent`, kept while trace export is on so the attempt's
+    /// span can link to it (`telemetry`); `None` otherwise.
+    pub trace_parent: Option<String>,
 }
 
 /// A claimed task and the token that proves the claim.
@@ -280,6 +283,8 @@ pub struct DeliveryAttempt {
 #[derive(Debug, Clone)]
 pub struct DeliveryClaim {
     pub delivery: Delivery,
+    /// The task's model (`None` if the task is gone), for the delivery's span.
+    pub model: Option<String>,
     pub token: String,
 }
 

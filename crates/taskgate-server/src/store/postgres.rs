@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{
-    asks, claim_returning, insert_start_events_sql, owes_progress_event, start_event_ids,
-    status_snapshot, ClaimedRow, Dialect,
+    asks, claim_returning, delivery_claim_returning, insert_start_events_sql, owes_progress_event,
+    start_event_ids, status_snapshot, ClaimedDeliveryRow, ClaimedRow, Dialect,
 };
 use super::rows::{
     attempt_error, claims_from_rows, delivery_next_columns, outcome_columns, AttemptRow,
@@ -1072,7 +1072,7 @@ impl Store for PostgresStore {
             .unzip();
         // A window function cannot be locked, so the ranked pick is locked in an outer select;
         // it re-checks `state`, since another node may have claimed a row since the snapshot.
-        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+        let rows = sqlx::query_as::<_, ClaimedDeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = $1, \
              lease_expires_at = {DB_NOW_MS} + $2 WHERE id IN ( \
                SELECT id FROM webhook_deliveries WHERE state = 'pending' AND id IN ( \
@@ -1086,7 +1086,8 @@ impl Store for PostgresStore {
                    WHERE d.state = 'pending' AND d.next_attempt_at <= $3) ranked \
                  WHERE rn <= room ORDER BY next_attempt_at, id LIMIT $4) \
                FOR UPDATE SKIP LOCKED) \
-             RETURNING {DELIVERY_COLUMNS}"
+             RETURNING {returning}",
+            returning = delivery_claim_returning()
         ))
         .bind(&token)
         .bind(lease.as_millis() as i64)
@@ -1097,13 +1098,7 @@ impl Store for PostgresStore {
         .bind(&rooms)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| DeliveryClaim {
-                delivery: r.into(),
-                token: token.clone(),
-            })
-            .collect())
+        Ok(rows.into_iter().map(|r| r.into_claim(&token)).collect())
     }
 
     async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {

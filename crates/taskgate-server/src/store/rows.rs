@@ -9,7 +9,7 @@ use crate::domain::{EventMask, Task};
 
 pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
      max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg, \
-     progress";
+     progress, trace_parent";
 
 #[derive(sqlx::FromRow)]
 pub struct TaskRow {
@@ -28,6 +28,7 @@ pub struct TaskRow {
     fail_code: Option<String>,
     fail_msg: Option<String>,
     progress: Option<f64>,
+    trace_parent: Option<String>,
 }
 
 impl TaskRow {
@@ -50,6 +51,7 @@ impl TaskRow {
             fail_code: r.get(12)?,
             fail_msg: r.get(13)?,
             progress: r.get(14)?,
+            trace_parent: r.get(15)?,
         })
     }
 }
@@ -81,6 +83,7 @@ impl TryFrom<TaskRow> for Task {
             fail_code: r.fail_code,
             fail_msg: r.fail_msg,
             progress: r.progress,
+            trace_parent: r.trace_parent,
         })
     }
 }
@@ -141,6 +144,33 @@ impl From<TenantRow> for Tenant {
 
 pub const DELIVERY_COLUMNS: &str = "id, task_id, tenant_id, url, host, state, attempts, \
      next_attempt_at, created_at, completed_at, last_error, event, payload";
+
+/// A delivery claim's `RETURNING` list: the delivery and its task's model, which the delivery's
+/// span and log lines carry (one primary-key read per claimed delivery; `NULL` once the task is
+/// gone).
+pub fn delivery_claim_returning() -> String {
+    format!(
+        "{DELIVERY_COLUMNS}, (SELECT t.model FROM tasks t \
+         WHERE t.id = webhook_deliveries.task_id) AS model"
+    )
+}
+
+#[derive(sqlx::FromRow)]
+pub struct ClaimedDeliveryRow {
+    #[sqlx(flatten)]
+    pub delivery: DeliveryRow,
+    pub model: Option<String>,
+}
+
+impl ClaimedDeliveryRow {
+    pub fn into_claim(self, token: &str) -> super::DeliveryClaim {
+        super::DeliveryClaim {
+            delivery: self.delivery.into(),
+            model: self.model,
+            token: token.to_owned(),
+        }
+    }
+}
 
 #[derive(sqlx::FromRow)]
 pub struct DeliveryRow {
@@ -290,7 +320,7 @@ pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' ti
 
 /// The columns a new task's row is written with, in this order, by both stores' group commits.
 pub const NEW_TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, \
-     max_attempts, run_after, create_time, priority, expires_at, webhook_events";
+     max_attempts, run_after, create_time, priority, expires_at, webhook_events, trace_parent";
 
 /// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
 /// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
@@ -325,7 +355,8 @@ where
             .push_bind(t.create_time)
             .push_bind(i64::from(t.priority))
             .push_bind(t.expires_at)
-            .push_bind(t.webhook_events.bits());
+            .push_bind(t.webhook_events.bits())
+            .push_bind(t.trace_parent.as_deref());
     });
     Ok(qb)
 }
@@ -523,7 +554,7 @@ impl ClaimedRow {
     pub fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(ClaimedRow {
             task: TaskRow::from_sqlite(r)?,
-            wants_start: r.get(15)?,
+            wants_start: r.get(16)?,
         })
     }
 }

@@ -351,12 +351,13 @@ impl Deliverer {
                 .finish_delivery_attempt(&d.id, &claim.token, None, DeliveryNext::Defer(at), now)
                 .await
             {
-                error!(error = %error_chain(&e), delivery_id = %d.id, "cannot defer delivery");
+                error!(error = %error_chain(&e), deliveryId = %d.id, taskId = %d.task_id, model = claim.model.as_deref(), "cannot defer delivery");
             }
             return;
         }
         let this = self.clone();
-        let span = info_span!("delivery", delivery_id = %claim.delivery.id, task_id = %claim.delivery.task_id);
+        // A root span, like an attempt's: not a child of the long-lived delivery loop.
+        let span = info_span!(parent: None, "delivery", deliveryId = %claim.delivery.id, taskId = %claim.delivery.task_id, model = claim.model.as_deref(), event = claim.delivery.event.header_value());
         self.tracker.spawn(
             async move {
                 let ok = this.attempt(&claim).await;

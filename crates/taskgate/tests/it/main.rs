@@ -18,6 +18,7 @@ mod idempotency;
 mod list;
 mod metrics;
 mod models;
+mod observe;
 mod openapi;
 mod operate;
 mod progress;

@@ -21,7 +21,10 @@ use taskgate_proto::WebhookEvent;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
-use super::rows::{asks, claim_returning, owes_progress_event, status_snapshot, Dialect};
+use super::rows::{
+    asks, claim_returning, delivery_claim_returning, owes_progress_event, status_snapshot,
+    ClaimedDeliveryRow, Dialect,
+};
 use super::rows::{
     attempt_error, delivery_next_columns, AttemptRow, DeliveryRow, KeyRow, SecretsRow, TaskRow,
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
@@ -862,7 +865,7 @@ impl Store for SqliteStore {
         // `limited` goes in as JSON, `[["https://a.example", 0], ...]`: SQLite has no arrays.
         let limited =
             serde_json::to_string(&room.limited).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+        let rows = sqlx::query_as::<_, ClaimedDeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET state = 'delivering', lease_token = ?1, \
              lease_expires_at = ?2 WHERE id IN ( \
                SELECT id FROM ( \
@@ -875,7 +878,8 @@ impl Store for SqliteStore {
                    ON l.host = d.host \
                  WHERE d.state = 'pending' AND d.next_attempt_at <= ?3) \
                WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?4) \
-             RETURNING {DELIVERY_COLUMNS}"
+             RETURNING {returning}",
+            returning = delivery_claim_returning()
         ))
         .bind(&token)
         .bind(now + lease.as_millis() as i64)
@@ -885,13 +889,7 @@ impl Store for SqliteStore {
         .bind(i64::try_from(room.per_host).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.write_conn().await?)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| DeliveryClaim {
-                delivery: r.into(),
-                token: token.clone(),
-            })
-            .collect())
+        Ok(rows.into_iter().map(|r| r.into_claim(&token)).collect())
     }
 
     async fn next_delivery_due(&self, blocked: &[String]) -> Result<Option<i64>, StoreError> {

@@ -373,7 +373,7 @@ fn give_back(conn: &Connection, claims: &[Claim]) {
             });
         if let Err(e) = r {
             // Its lease will end and the sweep hands it on.
-            tracing::warn!(task_id = %c.task.id, error = %crate::report::error_chain(&e), "cannot hand back an unclaimed task");
+            tracing::warn!(taskId = %c.task.id, model = %c.task.model, error = %crate::report::error_chain(&e), "cannot hand back an unclaimed task");
         }
     }
 }
@@ -415,7 +415,7 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
         .collect();
     let priorities: Vec<i64> = batch.iter().map(|(t, _)| i64::from(t.priority)).collect();
     let events: Vec<i16> = batch.iter().map(|(t, _)| t.webhook_events.bits()).collect();
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 12);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 13);
     for (((((t, _), input), max_attempts), priority), events) in batch
         .iter()
         .zip(&inputs)
@@ -436,9 +436,10 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
             priority,
             &t.expires_at,
             events,
+            &t.trace_parent,
         ]);
     }
-    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 12, &params)
+    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 13, &params)
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;
