@@ -31,4 +31,6 @@ pub struct AppState {
     /// Whether just-submitted tasks' pending views are kept: only where this process is the
     /// store's only writer.
     pub live_views: bool,
+    /// The dashboard's count cache and the pull-worker throttle (`dashboard` module).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }

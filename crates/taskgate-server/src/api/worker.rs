@@ -199,6 +199,8 @@ async fn claim(
         }
         models.push(m.clone());
     }
+    // For the operator view; throttled, in the background.
+    super::dashboard::worker_seen(&state, &worker.name, req.models.clone());
     let wait = Duration::from_millis(req.wait_ms).min(MAX_CLAIM_WAIT);
     match state.dispatcher.claim_for_worker(&models, wait).await? {
         Some((model, c)) => {
@@ -252,6 +254,7 @@ async fn heartbeat(
         }
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
+    super::dashboard::worker_seen(&state, &worker.name, Vec::new());
     let span = info_span!("task", task_id = %task_id, worker = %worker.name);
     for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
@@ -423,7 +426,7 @@ impl Drop for TempUpload {
 
 async fn complete(
     State(state): State<Arc<AppState>>,
-    _worker: WorkerToken,
+    WorkerToken(worker): WorkerToken,
     Path(task_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
@@ -453,12 +456,12 @@ async fn complete(
         }
         Ok(keys)
     };
-    settle(&state, &model, &claim, result).await
+    settle(&state, &model, &claim, result, &worker.name).await
 }
 
 async fn fail(
     State(state): State<Arc<AppState>>,
-    _worker: WorkerToken,
+    WorkerToken(worker): WorkerToken,
     Path(task_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
@@ -478,7 +481,7 @@ async fn fail(
             message: req.fail_msg,
         }
     };
-    settle(&state, &model, &claim, Err(err)).await
+    settle(&state, &model, &claim, Err(err), &worker.name).await
 }
 
 async fn settle(
@@ -486,6 +489,7 @@ async fn settle(
     model: &ModelRuntime,
     claim: &Claim,
     result: Result<Vec<String>, BackendError>,
+    worker: &str,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     let elapsed = claim
         .task
@@ -494,7 +498,14 @@ async fn settle(
         .unwrap_or_default();
     match state
         .dispatcher
-        .settle(&model.name, claim, result.map(|keys| (keys, Vec::new())), elapsed, lease_deadline(state))
+        .settle_as(
+            &model.name,
+            claim,
+            result.map(|keys| (keys, Vec::new())),
+            elapsed,
+            lease_deadline(state),
+            Some(format!("worker:{worker}")),
+        )
         .instrument(info_span!("task", task_id = %claim.task.id))
         .await
     {
