@@ -6,9 +6,13 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod dashboard;
 pub mod error_code;
 pub mod webhook;
 
+pub use dashboard::{
+    AttemptInfo, ModelCounts, OperatorView, StateCounts, TaskCounts, WebhookBacklog, WorkerSeen,
+};
 pub use error_code::{ErrorCode, ErrorData};
 
 /// The envelope every response is wrapped in: `code` mirrors the HTTP status.
@@ -196,6 +200,10 @@ pub struct TaskStatus {
     /// (`statusTask …&logs=true`; stream events carry the lines new since the last event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<Vec<TaskLogLine>>,
+    /// taskgate extension: every attempt of the task, oldest first, only when asked for
+    /// (`statusTask …&attempts=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptInfo>>,
 }
 
 /// The largest `queuePosition` shown: a task further back shows this (counting is bounded).
@@ -526,6 +534,7 @@ mod tests {
             progress: None,
             queue_position: None,
             logs: None,
+            attempts: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
@@ -557,6 +566,7 @@ mod tests {
                     progress: None,
                     queue_position: None,
                     logs: None,
+                    attempts: None,
                 },
                 model: "echo".into(),
             }],

@@ -263,6 +263,7 @@ impl Task {
             // Live fields the API adds where it reads them (`api/live.rs`).
             queue_position: None,
             logs: None,
+            attempts: None,
         }
     }
 }

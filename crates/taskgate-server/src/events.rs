@@ -11,6 +11,14 @@
 //! Nudges come from the dispatcher (claims, final states, requeues, lease sweeps, attempts'
 //! progress and log lines), the worker API (progress and log lines in heartbeats) and, on
 //! PostgreSQL, from other nodes through `NOTIFY`.
+//!
+//! Beside the per-task watches there is one tenant-blind signal, "some task changed"
+//! ([`TaskEvents::subscribe_any`]), for the dashboard's count streams: every nudge above (and a
+//! submit, [`TaskEvents::submitted`]) also bumps it, but only while such a stream is open (one
+//! more atomic load otherwise). A stream does not learn whose task changed; it reads its own
+//! tenant's counts again, throttled, so other tenants' changes cost it a (cached) read and
+//! nothing is sent when its counts did not move. The same rules hold: subscribe before reading,
+//! nudge after the commit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,12 +31,51 @@ pub struct TaskEvents {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     /// How many tasks are watched: with none (the hot paths' usual case), a change costs one
     /// atomic load and no lock.
     watched: AtomicUsize,
     senders: Mutex<HashMap<String, watch::Sender<()>>>,
+    /// How many [`AnyWatch`]es are open: with none, `any` is not touched.
+    any_watchers: AtomicUsize,
+    /// Bumped on every change while someone watches any change.
+    any: watch::Sender<()>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            watched: AtomicUsize::new(0),
+            senders: Mutex::default(),
+            any_watchers: AtomicUsize::new(0),
+            any: watch::channel(()).0,
+        }
+    }
+}
+
+/// Interest in every task's changes (tenant-blind); dropping it forgets the interest.
+pub struct AnyWatch {
+    rx: watch::Receiver<()>,
+    inner: Arc<Inner>,
+}
+
+impl AnyWatch {
+    /// Takes every change so far as seen: the caller is about to read what they changed.
+    pub fn mark_seen(&mut self) {
+        drop(self.rx.borrow_and_update());
+    }
+
+    /// Waits for the next change to any task after the last call (or after subscribing).
+    pub async fn changed(&mut self) {
+        // The sender lives in `Inner`, which this watch holds: this ends only with a change.
+        let _ = self.rx.changed().await;
+    }
+}
+
+impl Drop for AnyWatch {
+    fn drop(&mut self) {
+        self.inner.any_watchers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Interest in one task; dropping it forgets the interest.
@@ -61,8 +108,33 @@ impl TaskEvents {
         }
     }
 
+    /// Starts watching every task's changes (see the module's docs). Subscribe before reading.
+    pub fn subscribe_any(&self) -> AnyWatch {
+        // SeqCst, as in `subscribe`: a writer that reads 0 committed before this, so the read
+        // that follows sees its write.
+        self.inner.any_watchers.fetch_add(1, Ordering::SeqCst);
+        AnyWatch {
+            rx: self.inner.any.subscribe(),
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Some task changed: wakes the [`AnyWatch`]es, if any is open.
+    fn any_changed(&self) {
+        if self.inner.any_watchers.load(Ordering::SeqCst) > 0 {
+            self.inner.any.send_replace(());
+        }
+    }
+
+    /// Tasks were submitted (called after the insert committed): no one waits on a task before
+    /// it exists, but the count streams count it.
+    pub fn submitted(&self) {
+        self.any_changed();
+    }
+
     /// Task `task_id` may have changed (called after the write committed).
     pub fn changed(&self, task_id: &str) {
+        self.any_changed();
         if self.inner.watched.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -72,6 +144,7 @@ impl TaskEvents {
     }
 
     pub fn changed_all<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        self.any_changed();
         if self.inner.watched.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -86,6 +159,7 @@ impl TaskEvents {
     /// Every watched task may have changed (notifications from other nodes may have been
     /// missed while the listener reconnected).
     pub fn resync(&self) {
+        self.any_changed();
         for tx in lock(&self.inner.senders).values() {
             tx.send_replace(());
         }
@@ -160,6 +234,29 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), w.changed())
             .await
             .expect("the earlier change is still seen");
+    }
+
+    #[tokio::test]
+    async fn any_change_wakes_an_any_watch_and_costs_nothing_without_one() {
+        let events = TaskEvents::default();
+        events.changed("a");
+        let mut any = events.subscribe_any();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), any.changed())
+                .await
+                .is_err(),
+            "a change before subscribing woke the watch"
+        );
+        events.changed_all(["b"]);
+        tokio::time::timeout(Duration::from_secs(5), any.changed())
+            .await
+            .expect("a change of any task wakes it");
+        events.submitted();
+        tokio::time::timeout(Duration::from_secs(5), any.changed())
+            .await
+            .expect("a submit wakes it");
+        drop(any);
+        assert_eq!(events.inner.any_watchers.load(Ordering::SeqCst), 0);
     }
 
     #[test]

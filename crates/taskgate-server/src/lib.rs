@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod backends;
 pub mod config;
+pub mod dashboard;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
@@ -347,6 +348,7 @@ pub async fn run_with(
         webhooks: config.webhooks.clone(),
         deliverer: deliverer.clone(),
         metrics,
+        dashboard: Arc::new(dashboard::Dashboard::new(public_url.clone())),
     };
     info!(%local_addr, %public_url, models = ?config.models.keys().collect::<Vec<_>>(), "taskgate serving");
     let draining = dispatcher.clone();

@@ -33,4 +33,6 @@ pub struct AppState {
     pub live_views: bool,
     /// The node's metrics (`GET /metrics`, and the HTTP layer).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The dashboard's count cache and the pull-worker throttle (`dashboard` module).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }

@@ -1793,3 +1793,146 @@ conformance! {
         assert_eq!(deliveries[0].model.as_deref(), Some("m"));
     }
 }
+
+/// A task id of millisecond `ms` (`task_` + a lowercase ULID, as the server makes them).
+fn id_at(ms: i64, n: u128) -> String {
+    format!(
+        "task_{}",
+        ulid::Ulid::from_parts(ms as u64, n).to_string().to_ascii_lowercase()
+    )
+}
+
+fn counts_of(rows: Vec<taskgate_server::store::CountRow>) -> Vec<(String, TaskState, u64)> {
+    let mut v: Vec<_> = rows.into_iter().map(|r| (r.model, r.state, r.count)).collect();
+    v.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
+    v
+}
+
+const T0: i64 = 1_764_547_200_000;
+
+conformance! {
+    task_counts_cover_one_tenants_tasks_from_since_per_model_and_state(s) {
+        // Before the window, in it, and another tenant's.
+        s.insert_task(tenant_task(&id_at(T0 - 60_000, 1), "ten_1", "a", T0 - 60_000)).await.unwrap();
+        s.insert_task(tenant_task(&id_at(T0, 1), "ten_1", "a", T0)).await.unwrap();
+        s.insert_task(tenant_task(&id_at(T0 + 1, 1), "ten_1", "a", T0 + 1)).await.unwrap();
+        s.insert_task(tenant_task(&id_at(T0 + 2, 1), "ten_1", "b", T0 + 2)).await.unwrap();
+        s.insert_task(tenant_task(&id_at(T0 + 3, 1), "ten_2", "a", T0 + 3)).await.unwrap();
+        let c = s.claim("a", T0 + 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, id_at(T0 - 60_000, 1), "the oldest is claimed first");
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish(&c.task.id, &c.token, &ok, T0 + 11).await.unwrap());
+        let c = s.claim("a", T0 + 12, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c.task.id, id_at(T0, 1));
+
+        let got = counts_of(s.count_tasks("ten_1", T0).await.unwrap());
+        assert_eq!(got, vec![
+            ("a".to_string(), TaskState::Pending, 1),
+            ("a".to_string(), TaskState::Processing, 1),
+            ("b".to_string(), TaskState::Pending, 1),
+        ], "the task created before since and the other tenant's are not counted");
+        let all = counts_of(s.count_tasks("ten_1", T0 - 60_000).await.unwrap());
+        assert!(all.contains(&("a".to_string(), TaskState::Success, 1)), "{all:?}");
+        assert_eq!(counts_of(s.count_tasks("ten_2", T0).await.unwrap()), vec![("a".to_string(), TaskState::Pending, 1)]);
+        assert!(s.count_tasks("ten_3", T0).await.unwrap().is_empty());
+    }
+
+    a_retried_attempt_and_a_lost_lease_go_into_the_attempt_history_and_a_first_success_writes_none(s) {
+        use taskgate_server::store::AttemptEnd;
+        let mut t = new_task("task_a", "m", 1);
+        t.max_attempts = 3;
+        s.insert_task(t).await.unwrap();
+        s.insert_task(new_task("task_b", "m", 2)).await.unwrap();
+        let c1 = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(c1.task.id, "task_a");
+        let ended = AttemptEnd {
+            fail_code: "TEMPORARY".into(),
+            fail_msg: "x".repeat(2000),
+            runner: Some("worker:gpu-1".into()),
+        };
+        assert!(!s.requeue_failed("task_a", "att_stale", 20, &ended).await.unwrap(), "token-guarded");
+        assert!(s.requeue_failed("task_a", &c1.token, 20, &ended).await.unwrap());
+        let t = s.get_task("task_a").await.unwrap().unwrap();
+        assert_eq!((t.state, t.attempts), (TaskState::Pending, 1), "a retry keeps its attempt");
+        let rec = s.attempt_record("task_a").await.unwrap().unwrap();
+        assert_eq!(rec.history.len(), 1);
+        let a1 = &rec.history[0];
+        assert_eq!(a1.attempt, 1);
+        assert_eq!(a1.started_at, c1.task.start_time);
+        assert!(a1.ended_at.is_some_and(|e| e >= a1.started_at.unwrap_or(0)));
+        assert_eq!(a1.fail_code.as_deref(), Some("TEMPORARY"));
+        assert_eq!(a1.fail_msg.as_ref().map(|m| m.chars().count()), Some(500), "capped");
+        assert_eq!(a1.runner.as_deref(), Some("worker:gpu-1"));
+
+        // Attempt 2 loses its lease: recorded with the row's runner.
+        let c2 = s.claim("m", 30, Duration::ZERO, 10).await.unwrap().unwrap();
+        assert_eq!((c2.task.id.as_str(), c2.task.attempts), ("task_a", 2));
+        assert_eq!(s.recover_expired(100).await.unwrap().requeued, vec!["task_a".to_string()]);
+        let rec = s.attempt_record("task_a").await.unwrap().unwrap();
+        assert_eq!(rec.history.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(rec.history[1].fail_code.as_deref(), Some("LEASE_EXPIRED"));
+        assert_eq!(rec.history[1].runner.as_deref(), Some("local"));
+
+        // Attempt 3 succeeds: the history keeps the two earlier ones only.
+        let c3 = s.claim("m", 200, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!((c3.task.id.as_str(), c3.task.attempts), ("task_a", 3));
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish("task_a", &c3.token, &ok, 201).await.unwrap());
+        let rec = s.attempt_record("task_a").await.unwrap().unwrap();
+        assert_eq!(rec.history.len(), 2);
+        assert_eq!(rec.runner.as_deref(), Some("local"));
+
+        // A task that succeeds at once has no history.
+        let cb = s.claim("m", 300, LEASE, 10).await.unwrap().unwrap();
+        assert_eq!(cb.task.id, "task_b");
+        assert!(s.finish("task_b", &cb.token, &ok, 301).await.unwrap());
+        assert!(s.attempt_record("task_b").await.unwrap().unwrap().history.is_empty());
+        assert!(s.attempt_record("task_none").await.unwrap().is_none());
+    }
+
+    the_webhook_backlog_counts_a_tenants_undelivered_deliveries_by_class(s) {
+        for id in ["task_a", "task_b", "task_c"] {
+            s.insert_task(callback_task(id)).await.unwrap();
+            let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+            let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+            assert!(s.finish(&c.task.id, &c.token, &ok, 11).await.unwrap());
+        }
+        let b = s.webhook_backlog("ten_1").await.unwrap();
+        assert_eq!((b.pending, b.retrying, b.failed, b.oldest_due_at), (3, 0, 0, Some(11)));
+        // One fails once (retrying, due at 500), one gives up, one is delivered.
+        let claims = s.claim_deliveries(20, 10, LEASE, &ROOM).await.unwrap();
+        assert_eq!(claims.len(), 3);
+        let err = DeliveryAttempt { attempted_at: 21, status_code: Some(500), latency_ms: 3, error: None };
+        let ok = DeliveryAttempt { attempted_at: 21, status_code: Some(200), latency_ms: 3, error: None };
+        let next = [DeliveryNext::RetryAt(500), DeliveryNext::Failed, DeliveryNext::Succeeded];
+        for ((c, next), attempt) in claims.iter().zip(next).zip([&err, &err, &ok]) {
+            assert!(s.finish_delivery_attempt(&c.delivery.id, &c.token, Some(attempt), next, 22).await.unwrap());
+        }
+        let b = s.webhook_backlog("ten_1").await.unwrap();
+        assert_eq!((b.pending, b.retrying, b.failed, b.oldest_due_at), (0, 1, 1, Some(500)));
+        let other = s.webhook_backlog("ten_2").await.unwrap();
+        assert_eq!((other.pending, other.retrying, other.failed, other.oldest_due_at), (0, 0, 0, None));
+    }
+
+    pull_workers_seen_are_upserted_by_name_and_listed_most_recent_first(s) {
+        use taskgate_proto::WorkerSeen;
+        let seen = |name: &str, at: i64, models: &[&str]| WorkerSeen {
+            name: name.into(),
+            last_seen_at: at,
+            models: models.iter().map(|m| m.to_string()).collect(),
+            node: format!("http://node-{at}"),
+        };
+        s.record_worker(&seen("gpu-1", 100, &["a", "b"])).await.unwrap();
+        s.record_worker(&seen("gpu-2", 200, &["a"])).await.unwrap();
+        // A heartbeat (no models) keeps the models; an older report does not move last seen back.
+        s.record_worker(&seen("gpu-1", 300, &[])).await.unwrap();
+        s.record_worker(&seen("gpu-2", 150, &["c"])).await.unwrap();
+        let got = s.workers_seen(0, 10).await.unwrap();
+        assert_eq!(got.iter().map(|w| (w.name.as_str(), w.last_seen_at)).collect::<Vec<_>>(), [("gpu-1", 300), ("gpu-2", 200)]);
+        assert_eq!(got[0].models, ["a", "b"]);
+        assert_eq!(got[0].node, "http://node-300");
+        assert_eq!(got[1].models, ["c"]);
+        assert_eq!(s.workers_seen(250, 10).await.unwrap().len(), 1, "only the recently seen");
+        assert_eq!(s.workers_seen(0, 1).await.unwrap().len(), 1, "at most the limit");
+    }
+}

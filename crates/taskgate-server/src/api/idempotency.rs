@@ -196,6 +196,8 @@ pub(super) async fn insert_all(
 /// a wake-up too.
 fn wake(state: &AppState, runtime: &ModelRuntime) {
     state.dispatcher.notify(&runtime.name);
+    // The dashboard's count streams count new tasks.
+    state.dispatcher.events().submitted();
 }
 
 /// The pending views of tasks about to be inserted, kept as the single submit keeps its own

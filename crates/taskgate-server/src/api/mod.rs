@@ -11,6 +11,7 @@
 //! (docs/BENCHMARKS.md, "Issue 9").
 
 mod batch;
+mod dashboard;
 mod extract;
 mod files;
 mod idempotency;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(files::router())
         .merge(worker::router())
         .merge(openapi::router())
+        .merge(dashboard::router())
         // After the merges: these apply to every route registered before them.
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

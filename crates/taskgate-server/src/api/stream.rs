@@ -43,7 +43,7 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/v1/streamTask/{model}", get(stream_task))
 }
 
-const HEARTBEAT: Duration = Duration::from_secs(15);
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How often a pending task's stream looks at its queue position again.
 const QUEUE_RECHECK: Duration = Duration::from_secs(5);
 

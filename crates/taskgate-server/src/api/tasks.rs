@@ -23,7 +23,7 @@ use taskgate_proto::{
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
 use super::live::{add_live_fields, LogsQuery, PENDING_VIEW_FRESH_MS};
-use super::{models, query_param, wait};
+use super::{dashboard, models, query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms, EventMask};
 use crate::error::ApiError;
@@ -402,6 +402,8 @@ async fn submit_one(
         return Err(e.into());
     }
     state.metrics.submitted(&runtime.name, 1);
+    // The dashboard's count streams count new tasks (one atomic load while none is open).
+    state.dispatcher.events().submitted();
     // A local loop parked in the store was answered by the insert's own commit; a wake-up
     // would only cost it a due-time read. Pull workers' long-polls still need one.
     if !(state.store.parks_claims() && runtime.backend.runs_locally()) {
@@ -439,6 +441,7 @@ async fn status_task(
     let task_id = required_task_id(&state, &uri, "statusTask", &model)?;
     let not_found = || task_not_found(&task_id, &model);
     let logs = LogsQuery::from_uri(&uri)?;
+    let attempts = dashboard::wants_attempts(&uri)?;
     if let Some(wait) = wait::preference(&headers) {
         let task = wait::until_final(&state, &task_id, wait, |t| {
             t.tenant_id == tenant.id && t.model == model
@@ -447,12 +450,16 @@ async fn status_task(
         let Some(task) = task else {
             return Err(runtime.err().unwrap_or_else(not_found));
         };
-        let body = render_status_with(&state, task, logs).await?;
+        let body = render_status_with(&state, task, logs, attempts).await?;
         return Ok(([wait::applied(wait)], json_bytes(body)).into_response());
     }
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
-    // (A cached view has no logs: a request for them reads the store.)
-    if let Some(view) = state.views.get(&task_id).filter(|_| logs.is_none()) {
+    // (A cached view has no logs or attempts: a request for them reads the store.)
+    if let Some(view) = state
+        .views
+        .get(&task_id)
+        .filter(|_| logs.is_none() && !attempts)
+    {
         if view.tenant_id != tenant.id || view.model != model {
             return Err(runtime.err().unwrap_or_else(not_found));
         }
@@ -465,7 +472,9 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
-    Ok(json_bytes(render_status_with(&state, task, logs).await?))
+    Ok(json_bytes(
+        render_status_with(&state, task, logs, attempts).await?,
+    ))
 }
 
 /// Longest `taskId` looked up; ours are 31 bytes.
@@ -511,15 +520,16 @@ pub(super) fn task_not_found(task_id: &str, model: &str) -> ApiError {
 /// The statusTask answer of `task` (its owner checked by the caller), kept in the node's views
 /// where it can no longer change.
 async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<Bytes, ApiError> {
-    render_status_with(state, task, None).await
+    render_status_with(state, task, None, false).await
 }
 
-/// [`render_status`] with the live fields (`queuePosition`, and the logs when asked for); an
-/// answer with logs is not kept.
+/// [`render_status`] with the live fields (`queuePosition`, and the logs when asked for) and,
+/// when asked for, the attempts; an answer with logs or attempts is not kept.
 async fn render_status_with(
     state: &AppState,
     task: crate::domain::Task,
     logs: Option<LogsQuery>,
+    attempts: bool,
 ) -> Result<Bytes, ApiError> {
     let mut status = state
         .links
@@ -527,11 +537,14 @@ async fn render_status_with(
         .await
         .map_err(ApiError::internal)?;
     add_live_fields(state, &task, &mut status, logs).await?;
+    if attempts {
+        status.attempts = Some(dashboard::attempts_of(state, &task).await?);
+    }
     let body =
         Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);
     // A failure's view has no URLs; a success's is kept only where its URLs stay valid.
     let keep = match task.state {
-        _ if logs.is_some() => false,
+        _ if logs.is_some() || attempts => false,
         taskgate_proto::TaskState::Failed => true,
         taskgate_proto::TaskState::Success => state.links.store.stable_urls(),
         _ => false,

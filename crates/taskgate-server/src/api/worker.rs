@@ -209,6 +209,8 @@ async fn claim(
         }
         models.push(m.clone());
     }
+    // For the operator view; throttled, in the background.
+    super::dashboard::worker_seen(&state, &worker.name, req.models.clone());
     let wait = Duration::from_millis(req.wait_ms).min(MAX_CLAIM_WAIT);
     match state.dispatcher.claim_for_worker(&models, wait).await? {
         Some((model, c)) => {
@@ -273,6 +275,7 @@ async fn heartbeat(
         }
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
+    super::dashboard::worker_seen(&state, &worker.name, Vec::new());
     let span = info_span!("attempt", taskId = %task_id, model = %model.name, attempt = claim.task.attempts, worker = %worker.name);
     for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));
@@ -469,7 +472,7 @@ impl Drop for TempUpload {
 )]
 async fn complete(
     State(state): State<Arc<AppState>>,
-    _worker: WorkerToken,
+    WorkerToken(worker): WorkerToken,
     Path(task_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
@@ -499,7 +502,7 @@ async fn complete(
         }
         Ok(keys)
     };
-    settle(&state, &model, &claim, result).await
+    settle(&state, &model, &claim, result, &worker.name).await
 }
 
 /// Fail the attempt: retried while attempts remain when `retryable`, else final.
@@ -515,7 +518,7 @@ async fn complete(
 )]
 async fn fail(
     State(state): State<Arc<AppState>>,
-    _worker: WorkerToken,
+    WorkerToken(worker): WorkerToken,
     Path(task_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
@@ -535,7 +538,7 @@ async fn fail(
             message: req.fail_msg,
         }
     };
-    settle(&state, &model, &claim, Err(err)).await
+    settle(&state, &model, &claim, Err(err), &worker.name).await
 }
 
 async fn settle(
@@ -543,6 +546,7 @@ async fn settle(
     model: &ModelRuntime,
     claim: &Claim,
     result: Result<Vec<String>, BackendError>,
+    worker: &str,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     let elapsed = claim
         .task
@@ -551,7 +555,14 @@ async fn settle(
         .unwrap_or_default();
     match state
         .dispatcher
-        .settle(&model.name, claim, result.map(|keys| (keys, Vec::new())), elapsed, lease_deadline(state))
+        .settle_as(
+            &model.name,
+            claim,
+            result.map(|keys| (keys, Vec::new())),
+            elapsed,
+            lease_deadline(state),
+            Some(format!("worker:{worker}")),
+        )
         .instrument(info_span!("attempt", taskId = %claim.task.id, model = %model.name, attempt = claim.task.attempts))
         .await
     {

@@ -17,7 +17,7 @@ use super::Dispatcher;
 use crate::backends::BackendError;
 use crate::domain::{clean_text, now_ms, MAX_FAIL_CODE, MAX_FAIL_MSG};
 use crate::report::error_chain;
-use crate::store::{Blob, Claim, Outcome, StoreError};
+use crate::store::{AttemptEnd, Blob, Claim, Outcome, StoreError};
 
 /// First pause between two tries of a failed write; doubles up to [`MAX_WRITE_PAUSE`].
 const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(100);
@@ -39,7 +39,11 @@ pub enum Settled {
 /// One write of an outcome.
 enum Write {
     Final(Outcome),
-    Requeue { run_after: i64 },
+    /// Back to pending; `ended` goes into the task's attempt history.
+    Requeue {
+        run_after: i64,
+        ended: AttemptEnd,
+    },
 }
 
 impl Dispatcher {
@@ -52,6 +56,21 @@ impl Dispatcher {
         result: Result<(Vec<String>, Vec<Blob>), BackendError>,
         elapsed: Duration,
         lease_until: Instant,
+    ) -> Settled {
+        self.settle_as(model, claim, result, elapsed, lease_until, None)
+            .await
+    }
+
+    /// [`Dispatcher::settle`], naming who ran the attempt (`worker:<name>`) for the task's
+    /// attempt history when it is retried (`None`: the runner the task's row records).
+    pub async fn settle_as(
+        &self,
+        model: &str,
+        claim: &Claim,
+        result: Result<(Vec<String>, Vec<Blob>), BackendError>,
+        elapsed: Duration,
+        lease_until: Instant,
+        runner: Option<String>,
     ) -> Settled {
         let task = &claim.task;
         if let Err(e) = &result {
@@ -69,8 +88,14 @@ impl Dispatcher {
                     .delay(task.attempts)
                     .unwrap_or(Duration::from_secs(1));
                 warn!(%code, reason = %clean_text(&message, MAX_FAIL_MSG), retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
+                let (code, message) = cleaned(&code, &message);
                 Write::Requeue {
                     run_after: now_ms() + delay.as_millis() as i64,
+                    ended: AttemptEnd {
+                        fail_code: code,
+                        fail_msg: message,
+                        runner,
+                    },
                 }
             }
             Err(BackendError::Retryable { code, message }) => Write::Final(failure(
@@ -135,9 +160,9 @@ impl Dispatcher {
                         .finish(&claim.task.id, &claim.token, outcome, now_ms())
                         .await
                 }
-                Write::Requeue { run_after } => {
+                Write::Requeue { run_after, ended } => {
                     self.store
-                        .requeue(&claim.task.id, &claim.token, *run_after, false)
+                        .requeue_failed(&claim.task.id, &claim.token, *run_after, ended)
                         .await
                 }
             };
@@ -193,15 +218,19 @@ impl Dispatcher {
 
 /// A failure outcome with its code and message made safe to store.
 fn failure(code: &str, message: &str) -> Outcome {
+    let (code, message) = cleaned(code, message);
+    Outcome::Failure { code, message }
+}
+
+/// A failCode and failMsg made safe to store (an empty code becomes GENERATION_FAILED).
+fn cleaned(code: &str, message: &str) -> (String, String) {
     let code = clean_text(code, MAX_FAIL_CODE);
-    Outcome::Failure {
-        code: if code.trim().is_empty() {
-            crate::domain::fail_code::GENERATION_FAILED.to_owned()
-        } else {
-            code
-        },
-        message: clean_text(message, MAX_FAIL_MSG),
-    }
+    let code = if code.trim().is_empty() {
+        crate::domain::fail_code::GENERATION_FAILED.to_owned()
+    } else {
+        code
+    };
+    (code, clean_text(message, MAX_FAIL_MSG))
 }
 
 fn log_outcome(outcome: &Outcome, elapsed: Duration) {

@@ -17,6 +17,7 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
+use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{IdempotencyKey, KeyedInsert, QueueDepth, TaskPage, TaskQuery};
 use crate::domain::Task;
 
@@ -511,6 +512,55 @@ impl Store for FaultyStore {
         let entered = self.plan.enter("queue_depths").await?;
         let result = self.inner.queue_depths().await;
         self.plan.leave("queue_depths", entered, result)
+    }
+
+    async fn count_tasks(&self, tenant_id: &str, since: i64) -> Result<Vec<CountRow>, StoreError> {
+        let entered = self.plan.enter("count_tasks").await?;
+        let result = self.inner.count_tasks(tenant_id, since).await;
+        self.plan.leave("count_tasks", entered, result)
+    }
+
+    async fn requeue_failed(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        ended: &AttemptEnd,
+    ) -> Result<bool, StoreError> {
+        // Named like `requeue`: a plan that breaks requeues breaks both kinds.
+        self.plan.enter("requeue").await?;
+        self.inner.requeue_failed(id, token, run_after, ended).await
+    }
+
+    async fn attempt_record(&self, id: &str) -> Result<Option<AttemptRecord>, StoreError> {
+        let entered = self.plan.enter("attempt_record").await?;
+        let result = self.inner.attempt_record(id).await;
+        self.plan.leave("attempt_record", entered, result)
+    }
+
+    async fn webhook_backlog(
+        &self,
+        tenant_id: &str,
+    ) -> Result<taskgate_proto::WebhookBacklog, StoreError> {
+        let entered = self.plan.enter("webhook_backlog").await?;
+        let result = self.inner.webhook_backlog(tenant_id).await;
+        self.plan.leave("webhook_backlog", entered, result)
+    }
+
+    async fn record_worker(&self, seen: &taskgate_proto::WorkerSeen) -> Result<(), StoreError> {
+        let entered = self.plan.enter("record_worker").await?;
+        let result = self.inner.record_worker(seen).await;
+        self.plan.leave("record_worker", entered, result)
+    }
+
+    async fn workers_seen(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::WorkerSeen>, StoreError> {
+        let entered = self.plan.enter("workers_seen").await?;
+        let result = self.inner.workers_seen(since, limit).await;
+        self.plan.leave("workers_seen", entered, result)
     }
 
     fn exclusive(&self) -> bool {

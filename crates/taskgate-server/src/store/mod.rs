@@ -6,12 +6,14 @@
 //! overwrite the work of the node the task was handed to.
 
 mod batch;
+pub mod dashboard;
 pub mod faults;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
 
 pub use batch::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
+pub use dashboard::{AttemptEnd, AttemptRecord, CountRow};
 
 use std::time::Duration;
 
@@ -763,6 +765,42 @@ pub trait Store: Send + Sync + 'static {
     /// (bytewise), atomically; answers the value stored afterwards. A mark that only moves
     /// forward, whichever node writes last.
     async fn advance_setting(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
+
+    // Dashboard and operator views (`store/dashboard.rs`).
+
+    /// How many of a tenant's tasks created at or after `since` (Unix ms) are in each state,
+    /// per model: a walk of the `(tenant_id, id)` index from the id of `since`, never the
+    /// tenant's whole history.
+    async fn count_tasks(&self, tenant_id: &str, since: i64) -> Result<Vec<CountRow>, StoreError>;
+
+    /// [`Store::requeue`] of an attempt that failed and will be retried (no refund), which also
+    /// appends the attempt to the task's history in the same statement.
+    async fn requeue_failed(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        ended: &AttemptEnd,
+    ) -> Result<bool, StoreError>;
+
+    /// A task's earlier attempts and its runner (`None`: no such task).
+    async fn attempt_record(&self, id: &str) -> Result<Option<AttemptRecord>, StoreError>;
+
+    /// The tenant's webhook deliveries that are not done, by class (bounded counts).
+    async fn webhook_backlog(
+        &self,
+        tenant_id: &str,
+    ) -> Result<taskgate_proto::WebhookBacklog, StoreError>;
+
+    /// Records a pull worker as seen (an upsert by name; empty `models` keep the recorded ones).
+    async fn record_worker(&self, seen: &taskgate_proto::WorkerSeen) -> Result<(), StoreError>;
+
+    /// Pull workers seen at or after `since`, most recent first, at most `limit`.
+    async fn workers_seen(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::WorkerSeen>, StoreError>;
 
     /// Whether this process is the store's only user (SQLite under the data-dir lock): then every
     /// lease found at start belongs to a dead process, whatever its expiry says.

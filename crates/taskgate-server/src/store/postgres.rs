@@ -18,6 +18,7 @@ use taskgate_proto::WebhookEvent;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
 use super::rows::{
     asks, claim_returning, delivery_claim_returning, insert_start_events_sql, owes_progress_event,
     start_event_ids, status_snapshot, ClaimedDeliveryRow, ClaimedRow, Dialect,
@@ -36,6 +37,7 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
+use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, TaskPage, TaskQuery,
     MAX_UNACKED_REFUNDS,
@@ -43,11 +45,12 @@ use super::{
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
+mod dashboard;
 mod logs;
 
 /// The database's clock in Unix ms: every lease is set and compared on it, so nodes whose clocks
 /// disagree still agree on when a lease ends.
-const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+pub(super) const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 const CHANNEL: &str = "taskgate";
 const MAX_BATCH: usize = 512;
@@ -488,10 +491,14 @@ impl PostgresStore {
         for (id, _) in &failed {
             enqueue_callback(&mut tx, id, completed).await?;
         }
+        // The attempt each of these lost goes into its history.
         let requeued: Vec<(String, String)> = sqlx::query_as(&format!(
-            "UPDATE tasks SET {requeue} WHERE id IN ({}) RETURNING id, model",
+            "UPDATE tasks SET {requeue}, {} WHERE id IN ({}) RETURNING id, model",
+            append_attempt_sql(Dialect::Postgres, DB_NOW_MS, "$1", "$2", "NULL"),
             rows("", Transition::Requeue)
         ))
+        .bind(LEASE_EXPIRED)
+        .bind(LEASE_EXPIRED_MSG)
         .fetch_all(&mut *tx)
         .await?;
         let models: BTreeSet<&str> = unacknowledged
@@ -1356,6 +1363,43 @@ impl Store for PostgresStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError> {
         self.count_queues().await
+    }
+
+    async fn count_tasks(&self, tenant_id: &str, since: i64) -> Result<Vec<CountRow>, StoreError> {
+        self.count(tenant_id, since).await
+    }
+
+    async fn requeue_failed(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        ended: &AttemptEnd,
+    ) -> Result<bool, StoreError> {
+        self.requeue_with_history(id, token, run_after, ended).await
+    }
+
+    async fn attempt_record(&self, id: &str) -> Result<Option<AttemptRecord>, StoreError> {
+        self.attempts_of(id).await
+    }
+
+    async fn webhook_backlog(
+        &self,
+        tenant_id: &str,
+    ) -> Result<taskgate_proto::WebhookBacklog, StoreError> {
+        self.backlog(tenant_id).await
+    }
+
+    async fn record_worker(&self, seen: &taskgate_proto::WorkerSeen) -> Result<(), StoreError> {
+        self.upsert_worker(seen).await
+    }
+
+    async fn workers_seen(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::WorkerSeen>, StoreError> {
+        self.workers(since, limit).await
     }
 
     fn exclusive(&self) -> bool {

@@ -21,6 +21,8 @@ use taskgate_proto::WebhookEvent;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
+use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
+use super::dashboard::{SERVER_RESTARTED, SERVER_RESTARTED_MSG};
 use super::rows::{
     asks, claim_returning, delivery_claim_returning, owes_progress_event, status_snapshot,
     ClaimedDeliveryRow, Dialect,
@@ -39,12 +41,14 @@ use super::{
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
     Redeliver, Rotation, Store, StoreError, Tenant, WebhookSecrets,
 };
+use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, StoreEvent, TaskPage, TaskQuery,
 };
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
+mod dashboard;
 mod logs;
 mod writer;
 
@@ -300,7 +304,12 @@ impl SqliteStore {
     /// Hands on the processing tasks matching `which` (SQL over the row, `?1` = `now`): claims
     /// never acknowledged go back without counting; tasks out of attempts fail; the rest go
     /// back to pending.
-    async fn recover(&self, which: &str, now: i64) -> Result<Recovered, StoreError> {
+    async fn recover(
+        &self,
+        which: &str,
+        now: i64,
+        why: (&str, &str),
+    ) -> Result<Recovered, StoreError> {
         let completed = now.min(crate::domain::now_ms());
         let requeue = format!(
             "{}, lease_token = NULL, lease_expires_at = NULL, runner = NULL",
@@ -339,11 +348,15 @@ impl SqliteStore {
         for id in &failed {
             enqueue_callback(&mut tx, id, completed).await?;
         }
+        // The attempt each of these lost goes into its history (`?1` is when it ended).
         let requeued: Vec<String> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET {requeue} WHERE {} AND {which} RETURNING id",
+            "UPDATE tasks SET {requeue}, {} WHERE {} AND {which} RETURNING id",
+            append_attempt_sql(Dialect::Sqlite, "?1", "?2", "?3", "NULL"),
             Transition::Requeue.guard()
         ))
         .bind(now)
+        .bind(why.0)
+        .bind(why.1)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -594,13 +607,22 @@ impl Store for SqliteStore {
     }
 
     async fn recover_expired(&self, now: i64) -> Result<Recovered, StoreError> {
-        self.recover("lease_expires_at <= ?1", now).await
+        self.recover(
+            "lease_expires_at <= ?1",
+            now,
+            (LEASE_EXPIRED, LEASE_EXPIRED_MSG),
+        )
+        .await
     }
 
     async fn recover_local(&self, now: i64) -> Result<Recovered, StoreError> {
         // ?1 is bound but unused: the condition is who ran the attempt, not its lease.
-        self.recover("(runner = 'local' OR runner IS NULL) AND ?1 = ?1", now)
-            .await
+        self.recover(
+            "(runner = 'local' OR runner IS NULL) AND ?1 = ?1",
+            now,
+            (SERVER_RESTARTED, SERVER_RESTARTED_MSG),
+        )
+        .await
     }
 
     async fn expire_pending(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -1150,6 +1172,43 @@ impl Store for SqliteStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueDepth>, StoreError> {
         self.count_queues().await
+    }
+
+    async fn count_tasks(&self, tenant_id: &str, since: i64) -> Result<Vec<CountRow>, StoreError> {
+        self.count(tenant_id, since).await
+    }
+
+    async fn requeue_failed(
+        &self,
+        id: &str,
+        token: &str,
+        run_after: i64,
+        ended: &AttemptEnd,
+    ) -> Result<bool, StoreError> {
+        self.requeue_with_history(id, token, run_after, ended).await
+    }
+
+    async fn attempt_record(&self, id: &str) -> Result<Option<AttemptRecord>, StoreError> {
+        self.attempts_of(id).await
+    }
+
+    async fn webhook_backlog(
+        &self,
+        tenant_id: &str,
+    ) -> Result<taskgate_proto::WebhookBacklog, StoreError> {
+        self.backlog(tenant_id).await
+    }
+
+    async fn record_worker(&self, seen: &taskgate_proto::WorkerSeen) -> Result<(), StoreError> {
+        self.upsert_worker(seen).await
+    }
+
+    async fn workers_seen(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<taskgate_proto::WorkerSeen>, StoreError> {
+        self.workers(since, limit).await
     }
 
     fn exclusive(&self) -> bool {
