@@ -10,6 +10,7 @@
 //! (docs/BENCHMARKS.md, "Issue 9").
 
 mod batch;
+mod dashboard;
 mod extract;
 mod files;
 mod idempotency;
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .merge(webhooks::router())
         .merge(files::router())
         .merge(worker::router())
+        .merge(dashboard::router())
         // After the merges: these apply to every route registered before them.
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
