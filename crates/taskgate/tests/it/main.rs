@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod command;
 mod config;
+mod dashboard;
 mod connections;
 mod dispatch;
 mod faults;
