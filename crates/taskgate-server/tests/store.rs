@@ -1798,12 +1798,17 @@ conformance! {
 fn id_at(ms: i64, n: u128) -> String {
     format!(
         "task_{}",
-        ulid::Ulid::from_parts(ms as u64, n).to_string().to_ascii_lowercase()
+        ulid::Ulid::from_parts(ms as u64, n)
+            .to_string()
+            .to_ascii_lowercase()
     )
 }
 
 fn counts_of(rows: Vec<taskgate_server::store::CountRow>) -> Vec<(String, TaskState, u64)> {
-    let mut v: Vec<_> = rows.into_iter().map(|r| (r.model, r.state, r.count)).collect();
+    let mut v: Vec<_> = rows
+        .into_iter()
+        .map(|r| (r.model, r.state, r.count))
+        .collect();
     v.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
     v
 }

@@ -1,8 +1,8 @@
 //! The HTTP API, one router per resource, merged here: APIXO's task endpoints (`tasks`), the
 //! model list and input schemas (`models`), webhook secrets and deliveries (`webhooks`), result
 //! files (`files`), the pull workers' API (`worker`), `GET /metrics` and the per-request
-//! metrics layer (`metrics`), and health. Keys and the dashboard get
-//! routers of their own the same way.
+//! metrics layer (`metrics`), the task counts and operator view (`operator`), the OpenAPI
+//! document and `/docs` (`openapi`), the web dashboard's files (`dashboard`), and health.
 //!
 //! Only this module and `error` know HTTP. Handlers take the caller as an extractor
 //! (`extract`), so a handler cannot forget to authenticate, and they reach the store only
@@ -19,6 +19,7 @@ mod live;
 mod metrics;
 mod models;
 pub mod openapi;
+mod operator;
 mod stream;
 mod task_list;
 mod tasks;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .merge(files::router())
         .merge(worker::router())
         .merge(openapi::router())
+        .merge(operator::router())
         .merge(dashboard::router())
         // After the merges: these apply to every route registered before them.
         .fallback(not_found)

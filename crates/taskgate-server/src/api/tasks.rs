@@ -23,7 +23,7 @@ use taskgate_proto::{
 use super::extract::ClientTenant;
 use super::idempotency::{self, IdempotencyHeader};
 use super::live::{add_live_fields, LogsQuery, PENDING_VIEW_FRESH_MS};
-use super::{dashboard, models, query_param, wait};
+use super::{models, operator, query_param, wait};
 use crate::dispatch::ModelRuntime;
 use crate::domain::{new_task_id, now_ms, EventMask};
 use crate::error::ApiError;
@@ -441,7 +441,7 @@ async fn status_task(
     let task_id = required_task_id(&state, &uri, "statusTask", &model)?;
     let not_found = || task_not_found(&task_id, &model);
     let logs = LogsQuery::from_uri(&uri)?;
-    let attempts = dashboard::wants_attempts(&uri)?;
+    let attempts = operator::wants_attempts(&uri)?;
     if let Some(wait) = wait::preference(&headers) {
         let task = wait::until_final(&state, &task_id, wait, |t| {
             t.tenant_id == tenant.id && t.model == model
@@ -538,7 +538,7 @@ async fn render_status_with(
         .map_err(ApiError::internal)?;
     add_live_fields(state, &task, &mut status, logs).await?;
     if attempts {
-        status.attempts = Some(dashboard::attempts_of(state, &task).await?);
+        status.attempts = Some(operator::attempts_of(state, &task).await?);
     }
     let body =
         Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);

@@ -210,7 +210,7 @@ async fn claim(
         models.push(m.clone());
     }
     // For the operator view; throttled, in the background.
-    super::dashboard::worker_seen(&state, &worker.name, req.models.clone());
+    super::operator::worker_seen(&state, &worker.name, req.models.clone());
     let wait = Duration::from_millis(req.wait_ms).min(MAX_CLAIM_WAIT);
     match state.dispatcher.claim_for_worker(&models, wait).await? {
         Some((model, c)) => {
@@ -275,7 +275,7 @@ async fn heartbeat(
         }
     }
     let (claim, model) = claimed(&state, &task_id, &hb.lease_token, hb.progress).await?;
-    super::dashboard::worker_seen(&state, &worker.name, Vec::new());
+    super::operator::worker_seen(&state, &worker.name, Vec::new());
     let span = info_span!("attempt", taskId = %task_id, model = %model.name, attempt = claim.task.attempts, worker = %worker.name);
     for line in hb.logs.iter().take(MAX_HEARTBEAT_LINES) {
         span.in_scope(|| info!(target: "taskgate::worker_log", "{line}"));

@@ -10,6 +10,7 @@ mod cluster;
 mod command;
 mod config;
 mod connections;
+mod dashboard;
 mod dispatch;
 mod faults;
 mod hot_paths;

@@ -1,5 +1,5 @@
-//! taskgate's dashboard and operator endpoints (not APIXO's), each scoped to the caller's
-//! tenant by its key:
+//! taskgate's operator endpoints (not APIXO's; the dashboard reads them), each scoped to the
+//! caller's tenant by its key:
 //!
 //! - `GET /api/v1/taskCounts?since=` — the caller's tasks created at or after `since` (Unix ms;
 //!   default 24 h ago; at most [`MAX_WINDOW_MS`] back), per model and state. One walk of the
