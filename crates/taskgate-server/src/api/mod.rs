@@ -23,6 +23,7 @@ mod operator;
 mod stream;
 mod task_list;
 mod tasks;
+mod trace;
 mod wait;
 mod webhooks;
 mod worker;
@@ -62,7 +63,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(crate::telemetry::http_trace_layer())
+        .layer(trace::http_trace_layer())
         // The metrics layer outside the panic catcher, so a panic's 500 is counted; both in one
         // `layer` call, since each call wraps every route in one more boxed service.
         .layer((
