@@ -1,7 +1,7 @@
 //! What the dashboard and operator endpoints keep per node: a short-lived cache of task counts,
 //! so that many open dashboards (and their count streams) cost the store one read per tenant
 //! and window per second, and the throttle that records a pull worker as seen at most every
-//! [`WORKER_RECORD_EVERY`]. No HTTP (that is `api/dashboard.rs`).
+//! [`WORKER_RECORD_EVERY`]. No HTTP (that is `api/operator.rs`).
 //!
 //! Concurrency: both maps are behind a `std` mutex held only for a lookup or an insert. A count
 //! read is shared: callers that find an entry fresh enough for them await its one read

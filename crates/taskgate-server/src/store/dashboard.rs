@@ -5,7 +5,7 @@
 //!
 //! None of it is on a hot path: the history is written only by a requeue (never by a task that
 //! succeeds at its first attempt), and workers are recorded at most every 10 s per worker per
-//! node (`api/dashboard.rs` throttles).
+//! node (`api/operator.rs` throttles).
 
 use taskgate_proto::{AttemptInfo, TaskState};
 
