@@ -22,6 +22,7 @@ mod models;
 mod observe;
 mod openapi;
 mod operate;
+mod operator;
 mod progress;
 mod recovery;
 mod retention;
