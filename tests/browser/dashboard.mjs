@@ -147,6 +147,8 @@ async function run() {
   const size = await img.evaluate((i) => ({ width: i.naturalWidth, height: i.naturalHeight }));
   check(size.width === IMAGE.width && size.height === IMAGE.height, `the image preview is rendered at its natural size ${size.width}x${size.height}`);
   await page.locator(".timeline li", { hasText: "Succeeded" }).waitFor();
+  const shownInput = JSON.parse(await page.locator("#task-input").textContent());
+  check(shownInput.prompt === "a red fox" && shownInput.width === IMAGE.width, "the task page shows the task's input");
   await page.screenshot({ path: join(SHOTS, "dashboard-task.png"), fullPage: true });
 
   // The live counts follow.

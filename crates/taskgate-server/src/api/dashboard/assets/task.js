@@ -42,13 +42,7 @@ export function taskView(root, taskId) {
     h("section", { class: "card", "aria-labelledby": "h-hooks" }, h("h2", { id: "h-hooks" }, "Webhook deliveries"), deliveries),
   );
 
-  const input = recallInput(taskId);
-  fill(
-    inputBox,
-    input !== undefined
-      ? h("pre", { class: "json" }, pretty(input))
-      : h("p", { class: "muted" }, "The API does not return a task's input; it is shown only for tasks submitted from this tab."),
-  );
+  renderInput(undefined);
 
   start();
 
@@ -71,9 +65,9 @@ export function taskView(root, taskId) {
     if (!FINAL.has(status.state)) follow();
   }
 
-  /** A full read: status with its log lines and attempts. */
+  /** A full read: status with its input, log lines and attempts. */
   async function refresh() {
-    const data = await api(`/api/v1/statusTask/${q(model)}?taskId=${q(taskId)}&logs=true&attempts=true`, {
+    const data = await api(`/api/v1/statusTask/${q(model)}?taskId=${q(taskId)}&input=true&logs=true&attempts=true`, {
       signal: controller.signal,
     });
     noteTaskModel(taskId, model);
@@ -81,7 +75,22 @@ export function taskView(root, taskId) {
     logs = [];
     lastSeq = 0;
     addLogs(data.logs ?? []);
+    renderInput(data.input);
     render();
+  }
+
+  /**
+   * The input as the server accepted it (`data.input`, from `&input=true`); a server without that
+   * field leaves only the copy this tab kept of what it submitted.
+   */
+  function renderInput(fromServer) {
+    const input = fromServer ?? recallInput(taskId);
+    fill(
+      inputBox,
+      input !== undefined
+        ? h("pre", { class: "json", id: "task-input" }, pretty(input))
+        : h("p", { class: "muted" }, "This server does not return a task's input; it is shown only for tasks submitted from this tab."),
+    );
   }
 
   function follow() {
@@ -216,6 +225,8 @@ export function taskView(root, taskId) {
       status = { ...status, ...(await api(`/api/v1/cancelTask/${q(model)}?taskId=${q(taskId)}`, { method: "POST" })) };
       fill(message, notice("ok", "Cancelled."));
       render();
+      // The button is gone with the unfinished state; keep the keyboard on the page, not lost.
+      heading.focus();
     } catch (err) {
       fill(message, notice(err instanceof ApiError && err.status === 409 ? "info" : "error", err.message));
       e.target.disabled = false;

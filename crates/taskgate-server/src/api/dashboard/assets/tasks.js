@@ -174,6 +174,8 @@ export function tasksView(root) {
       fill(message, notice(e instanceof ApiError && e.status === 409 ? "info" : "error", e.message));
     }
     await load();
+    // The row was drawn again without its button: keep the keyboard on that row's link.
+    body.querySelector(`tr[data-task="${CSS.escape(t.taskId)}"] a`)?.focus();
   }
 
   // The first page follows the live counts: a change of counts means a task moved. Not while
