@@ -146,7 +146,7 @@ async function run() {
   });
   const size = await img.evaluate((i) => ({ width: i.naturalWidth, height: i.naturalHeight }));
   check(size.width === IMAGE.width && size.height === IMAGE.height, `the image preview is rendered at its natural size ${size.width}x${size.height}`);
-  await page.locator(".timeline li", { hasText: "Succeeded" }).waitFor();
+  await page.locator('.timeline li[data-step="final"]', { hasText: "Succeeded" }).waitFor();
   const shownInput = JSON.parse(await page.locator("#task-input").textContent());
   check(shownInput.prompt === "a red fox" && shownInput.width === IMAGE.width, "the task page shows the task's input");
   await page.screenshot({ path: join(SHOTS, "dashboard-task.png"), fullPage: true });
@@ -163,7 +163,8 @@ async function run() {
   await page.locator("#task-cancel").click();
   await page.locator('#task-state [data-state="failed"]').waitFor();
   check((await page.locator("#task-failcode").textContent()).trim() === "CANCELLED", "the cancelled task failed with CANCELLED");
-  await page.locator(".timeline li", { hasText: "CANCELLED" }).waitFor();
+  await page.locator('.timeline li[data-step="final"]', { hasText: "CANCELLED" }).waitFor();
+  check((await page.locator('.timeline li[data-step="attempt"]').count()) >= 1, "the timeline lists the cancelled task's attempt");
 
   // Another one is cancelled from the table.
   const slow = await submitFromPage("echo", { delay_ms: 600000, note: "cancelled from the table" });

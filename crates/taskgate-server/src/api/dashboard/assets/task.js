@@ -183,21 +183,26 @@ export function taskView(root, taskId) {
   }
 
   function renderTimeline(s) {
-    const items = [["Created", s.createTime]];
+    // Each step is marked (data-step) so that a test can tell an attempt's failCode from the
+    // task's final one.
+    const items = [["created", "Created", s.createTime]];
     const attempts = s.attempts ?? [];
     if (attempts.length > 0) {
-      items.push(["Started", attempts[0].startedAt]);
+      items.push(["started", "Started", attempts[0].startedAt]);
       for (const a of attempts) {
         const end = a.endedAt ? ` – ${new Date(a.endedAt).toLocaleTimeString()}` : " – running";
         const why = a.failCode ? `: ${a.failCode}${a.failMsg ? ` (${a.failMsg})` : ""}` : "";
-        items.push([`Attempt ${a.attempt}${a.runner ? ` on ${a.runner}` : ""}${end}${why}`, a.startedAt]);
+        items.push(["attempt", `Attempt ${a.attempt}${a.runner ? ` on ${a.runner}` : ""}${end}${why}`, a.startedAt]);
       }
     } else if (s.state === "processing") {
-      items.push(["Started", undefined]);
+      items.push(["started", "Started", undefined]);
     }
-    if (s.state === "success") items.push([`Succeeded after ${duration(s.costTime)}`, s.completeTime]);
-    if (s.state === "failed") items.push([`Failed: ${s.failCode ?? ""}${s.failMsg ? ` — ${s.failMsg}` : ""}`, s.completeTime]);
-    fill(timeline, items.map(([what, at]) => h("li", {}, h("span", { class: "when" }, at ? time(at) : "—"), " ", h("span", {}, what))));
+    if (s.state === "success") items.push(["final", `Succeeded after ${duration(s.costTime)}`, s.completeTime]);
+    if (s.state === "failed") items.push(["final", `Failed: ${s.failCode ?? ""}${s.failMsg ? ` — ${s.failMsg}` : ""}`, s.completeTime]);
+    fill(
+      timeline,
+      items.map(([step, what, at]) => h("li", { "data-step": step }, h("span", { class: "when" }, at ? time(at) : "—"), " ", h("span", {}, what))),
+    );
   }
 
   function renderResults(s) {
