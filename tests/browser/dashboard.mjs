@@ -202,10 +202,18 @@ async function run() {
 
   // 375 px wide: nothing scrolls sideways, on the list and on a task page.
   await page.setViewportSize({ width: 375, height: 800 });
-  for (const hash of ["#/tasks", `#/tasks/${imageTask}`, "#/new", "#/operator"]) {
+  // Each view is measured once what it loads is in (the streams never let the network idle).
+  const loaded = {
+    "#/tasks": `tr[data-task="${imageTask}"]`,
+    [`#/tasks/${imageTask}`]: "img.result-image",
+    "#/new": "#n-model option",
+    "#/operator": '[data-backlog="pending"]',
+  };
+  for (const [hash, selector] of Object.entries(loaded)) {
     await page.evaluate((h) => (location.hash = h), hash);
     await page.locator("#view h1").first().waitFor();
-    await page.waitForLoadState("networkidle").catch(() => {});
+    await page.locator(selector).first().waitFor({ state: "attached" });
+    await page.waitForFunction(() => [...document.images].every((i) => i.complete));
     const width = await page.evaluate(() => document.documentElement.scrollWidth);
     check(width <= 375, `at 375 px, ${hash} is ${width} px wide (no horizontal scroll)`);
   }
