@@ -149,6 +149,8 @@ async function run() {
   await page.locator('.timeline li[data-step="final"]', { hasText: "Succeeded" }).waitFor();
   const shownInput = JSON.parse(await page.locator("#task-input").textContent());
   check(shownInput.prompt === "a red fox" && shownInput.width === IMAGE.width, "the task page shows the task's input");
+  const logLines = await page.locator(".logs li").allTextContents();
+  check(logLines.length >= 1 && new Set(logLines).size === logLines.length, `the log list has no repeats (${logLines.length} lines)`);
   await page.screenshot({ path: join(SHOTS, "dashboard-task.png"), fullPage: true });
 
   // The live counts follow.

@@ -72,8 +72,10 @@ export function taskView(root, taskId) {
     });
     noteTaskModel(taskId, model);
     status = data;
+    // The read brings the newest lines again: start the list over rather than repeat them.
     logs = [];
     lastSeq = 0;
+    fill(logList);
     addLogs(data.logs ?? []);
     renderInput(data.input);
     render();
@@ -132,11 +134,9 @@ export function taskView(root, taskId) {
       logs.push(l);
       logList.append(h("li", {}, h("span", { class: "muted" }, new Date(l.at).toLocaleTimeString()), " ", h("span", { class: "mono" }, l.line)));
     }
-    if (logs.length === 0 && logList.childElementCount === 0) {
-      logList.append(h("li", { class: "muted empty" }, "No log lines."));
-    } else {
-      logList.querySelector(".empty")?.remove();
-    }
+    const empty = logList.querySelector(".empty");
+    if (logs.length === 0 && !empty) logList.append(h("li", { class: "muted empty" }, "No log lines."));
+    else if (logs.length > 0) empty?.remove();
   }
 
   function render() {
