@@ -160,6 +160,13 @@ async function run() {
   );
   check((await count("demo-image", "success")) >= 1, "the live counts show the finished demo-image task");
 
+  // A JSON result file is fetched and shown pretty-printed, as text.
+  await submitFromPage("echo", { prompt: "hello json" });
+  await page.locator('#task-state [data-state="success"]').waitFor();
+  const json = page.locator(".result pre.json");
+  await page.waitForFunction(() => document.querySelector(".result pre.json")?.textContent.includes("hello json"));
+  check((await json.textContent()).includes('\n  "prompt": "hello json"'), "a JSON result is shown pretty-printed");
+
   // A slow echo task is cancelled from its page and fails with CANCELLED.
   await submitFromPage("echo", { delay_ms: 600000 });
   await page.locator("#task-cancel").click();
@@ -184,6 +191,13 @@ async function run() {
   check(states.length >= 1 && states.every((s) => s === "success"), `the state filter lists only successful tasks (${states.join(", ")})`);
   await page.selectOption("#f-state", "");
   await page.locator(`tr[data-task="${slow}"]`).waitFor();
+  // The counts catch up with both cancels (they are sent at most once a second).
+  await page.waitForFunction(
+    () =>
+      Number(document.querySelector('#counts-body td[data-model="*"][data-state="failed"]')?.textContent) === 2 &&
+      Number(document.querySelector('#counts-body td[data-model="*"][data-state="processing"]')?.textContent) === 0,
+  );
+  check(true, "the live counts show both cancelled tasks as failed");
   await page.screenshot({ path: join(SHOTS, "dashboard-tasks.png"), fullPage: true });
 
   // Search by id: an unknown id says so; a known one opens its page.

@@ -282,6 +282,7 @@ export function taskView(root, taskId) {
         {
           type: "button",
           class: "secondary",
+          "aria-label": `Re-deliver the ${d.event} callback to ${d.url}`,
           onclick: async (e) => {
             e.target.disabled = true;
             try {

@@ -159,7 +159,7 @@ export function tasksView(root) {
       h(
         "td",
         { "data-label": "Actions" },
-        finished ? null : h("button", { type: "button", class: "danger", onclick: (e) => cancel(e.target, t) }, "Cancel"),
+        finished ? null : h("button", { type: "button", class: "danger", "aria-label": `Cancel ${t.taskId}`, onclick: (e) => cancel(e.target, t) }, "Cancel"),
       ),
     );
   }
