@@ -146,7 +146,11 @@ async function run() {
   });
   const size = await img.evaluate((i) => ({ width: i.naturalWidth, height: i.naturalHeight }));
   check(size.width === IMAGE.width && size.height === IMAGE.height, `the image preview is rendered at its natural size ${size.width}x${size.height}`);
-  await page.locator(".timeline li", { hasText: "Succeeded" }).waitFor();
+  await page.locator('.timeline li[data-step="final"]', { hasText: "Succeeded" }).waitFor();
+  const shownInput = JSON.parse(await page.locator("#task-input").textContent());
+  check(shownInput.prompt === "a red fox" && shownInput.width === IMAGE.width, "the task page shows the task's input");
+  const logLines = await page.locator(".logs li").allTextContents();
+  check(logLines.length >= 1 && new Set(logLines).size === logLines.length, `the log list has no repeats (${logLines.length} lines)`);
   await page.screenshot({ path: join(SHOTS, "dashboard-task.png"), fullPage: true });
 
   // The live counts follow.
@@ -156,12 +160,20 @@ async function run() {
   );
   check((await count("demo-image", "success")) >= 1, "the live counts show the finished demo-image task");
 
+  // A JSON result file is fetched and shown pretty-printed, as text.
+  await submitFromPage("echo", { prompt: "hello json" });
+  await page.locator('#task-state [data-state="success"]').waitFor();
+  const json = page.locator(".result pre.json");
+  await page.waitForFunction(() => document.querySelector(".result pre.json")?.textContent.includes("hello json"));
+  check((await json.textContent()).includes('\n  "prompt": "hello json"'), "a JSON result is shown pretty-printed");
+
   // A slow echo task is cancelled from its page and fails with CANCELLED.
   await submitFromPage("echo", { delay_ms: 600000 });
   await page.locator("#task-cancel").click();
   await page.locator('#task-state [data-state="failed"]').waitFor();
   check((await page.locator("#task-failcode").textContent()).trim() === "CANCELLED", "the cancelled task failed with CANCELLED");
-  await page.locator(".timeline li", { hasText: "CANCELLED" }).waitFor();
+  await page.locator('.timeline li[data-step="final"]', { hasText: "CANCELLED" }).waitFor();
+  check((await page.locator('.timeline li[data-step="attempt"]').count()) >= 1, "the timeline lists the cancelled task's attempt");
 
   // Another one is cancelled from the table.
   const slow = await submitFromPage("echo", { delay_ms: 600000, note: "cancelled from the table" });
@@ -179,6 +191,13 @@ async function run() {
   check(states.length >= 1 && states.every((s) => s === "success"), `the state filter lists only successful tasks (${states.join(", ")})`);
   await page.selectOption("#f-state", "");
   await page.locator(`tr[data-task="${slow}"]`).waitFor();
+  // The counts catch up with both cancels (they are sent at most once a second).
+  await page.waitForFunction(
+    () =>
+      Number(document.querySelector('#counts-body td[data-model="*"][data-state="failed"]')?.textContent) === 2 &&
+      Number(document.querySelector('#counts-body td[data-model="*"][data-state="processing"]')?.textContent) === 0,
+  );
+  check(true, "the live counts show both cancelled tasks as failed");
   await page.screenshot({ path: join(SHOTS, "dashboard-tasks.png"), fullPage: true });
 
   // Search by id: an unknown id says so; a known one opens its page.
@@ -199,10 +218,18 @@ async function run() {
 
   // 375 px wide: nothing scrolls sideways, on the list and on a task page.
   await page.setViewportSize({ width: 375, height: 800 });
-  for (const hash of ["#/tasks", `#/tasks/${imageTask}`, "#/new", "#/operator"]) {
+  // Each view is measured once what it loads is in (the streams never let the network idle).
+  const loaded = {
+    "#/tasks": `tr[data-task="${imageTask}"]`,
+    [`#/tasks/${imageTask}`]: "img.result-image",
+    "#/new": "#n-model option",
+    "#/operator": '[data-backlog="pending"]',
+  };
+  for (const [hash, selector] of Object.entries(loaded)) {
     await page.evaluate((h) => (location.hash = h), hash);
     await page.locator("#view h1").first().waitFor();
-    await page.waitForLoadState("networkidle").catch(() => {});
+    await page.locator(selector).first().waitFor({ state: "attached" });
+    await page.waitForFunction(() => [...document.images].every((i) => i.complete));
     const width = await page.evaluate(() => document.documentElement.scrollWidth);
     check(width <= 375, `at 375 px, ${hash} is ${width} px wide (no horizontal scroll)`);
   }

@@ -71,8 +71,8 @@ export async function api(path, { method = "GET", body, key, signal } = {}) {
 
 export const q = encodeURIComponent;
 
-// Inputs submitted from this tab, by task id: the API does not echo a task's input back, so the
-// task page can show it only for tasks submitted here.
+// Inputs submitted from this tab, by task id: the task page's fallback when the server does not
+// answer `statusTask …&input=true` with `data.input` (a server from before that field).
 const INPUTS = "taskgate.inputs";
 const MAX_INPUTS = 50;
 

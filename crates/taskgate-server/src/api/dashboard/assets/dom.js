@@ -1,5 +1,7 @@
-// Building the page with DOM calls only: server data goes in through textContent and
-// attributes, never through innerHTML, so nothing a task carries can become markup.
+// Building the page with DOM calls only: server data goes in through text nodes, textContent
+// and attributes, never parsed as HTML (the dashboard test forbids the HTML-parsing setters in
+// any served file), so nothing a task carries can become markup. fill() empties an element with
+// replaceChildren().
 
 /**
  * h("a", {href: "#/x", class: "btn", onclick: fn}, "text", child, …): an element. Attributes

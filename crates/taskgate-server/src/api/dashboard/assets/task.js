@@ -42,13 +42,7 @@ export function taskView(root, taskId) {
     h("section", { class: "card", "aria-labelledby": "h-hooks" }, h("h2", { id: "h-hooks" }, "Webhook deliveries"), deliveries),
   );
 
-  const input = recallInput(taskId);
-  fill(
-    inputBox,
-    input !== undefined
-      ? h("pre", { class: "json" }, pretty(input))
-      : h("p", { class: "muted" }, "The API does not return a task's input; it is shown only for tasks submitted from this tab."),
-  );
+  renderInput(undefined);
 
   start();
 
@@ -71,17 +65,34 @@ export function taskView(root, taskId) {
     if (!FINAL.has(status.state)) follow();
   }
 
-  /** A full read: status with its log lines and attempts. */
+  /** A full read: status with its input, log lines and attempts. */
   async function refresh() {
-    const data = await api(`/api/v1/statusTask/${q(model)}?taskId=${q(taskId)}&logs=true&attempts=true`, {
+    const data = await api(`/api/v1/statusTask/${q(model)}?taskId=${q(taskId)}&input=true&logs=true&attempts=true`, {
       signal: controller.signal,
     });
     noteTaskModel(taskId, model);
     status = data;
+    // The read brings the newest lines again: start the list over rather than repeat them.
     logs = [];
     lastSeq = 0;
+    fill(logList);
     addLogs(data.logs ?? []);
+    renderInput(data.input);
     render();
+  }
+
+  /**
+   * The input as the server accepted it (`data.input`, from `&input=true`); a server without that
+   * field leaves only the copy this tab kept of what it submitted.
+   */
+  function renderInput(fromServer) {
+    const input = fromServer ?? recallInput(taskId);
+    fill(
+      inputBox,
+      input !== undefined
+        ? h("pre", { class: "json", id: "task-input" }, pretty(input))
+        : h("p", { class: "muted" }, "This server does not return a task's input; it is shown only for tasks submitted from this tab."),
+    );
   }
 
   function follow() {
@@ -123,11 +134,9 @@ export function taskView(root, taskId) {
       logs.push(l);
       logList.append(h("li", {}, h("span", { class: "muted" }, new Date(l.at).toLocaleTimeString()), " ", h("span", { class: "mono" }, l.line)));
     }
-    if (logs.length === 0 && logList.childElementCount === 0) {
-      logList.append(h("li", { class: "muted empty" }, "No log lines."));
-    } else {
-      logList.querySelector(".empty")?.remove();
-    }
+    const empty = logList.querySelector(".empty");
+    if (logs.length === 0 && !empty) logList.append(h("li", { class: "muted empty" }, "No log lines."));
+    else if (logs.length > 0) empty?.remove();
   }
 
   function render() {
@@ -174,21 +183,26 @@ export function taskView(root, taskId) {
   }
 
   function renderTimeline(s) {
-    const items = [["Created", s.createTime]];
+    // Each step is marked (data-step) so that a test can tell an attempt's failCode from the
+    // task's final one.
+    const items = [["created", "Created", s.createTime]];
     const attempts = s.attempts ?? [];
     if (attempts.length > 0) {
-      items.push(["Started", attempts[0].startedAt]);
+      items.push(["started", "Started", attempts[0].startedAt]);
       for (const a of attempts) {
         const end = a.endedAt ? ` – ${new Date(a.endedAt).toLocaleTimeString()}` : " – running";
         const why = a.failCode ? `: ${a.failCode}${a.failMsg ? ` (${a.failMsg})` : ""}` : "";
-        items.push([`Attempt ${a.attempt}${a.runner ? ` on ${a.runner}` : ""}${end}${why}`, a.startedAt]);
+        items.push(["attempt", `Attempt ${a.attempt}${a.runner ? ` on ${a.runner}` : ""}${end}${why}`, a.startedAt]);
       }
     } else if (s.state === "processing") {
-      items.push(["Started", undefined]);
+      items.push(["started", "Started", undefined]);
     }
-    if (s.state === "success") items.push([`Succeeded after ${duration(s.costTime)}`, s.completeTime]);
-    if (s.state === "failed") items.push([`Failed: ${s.failCode ?? ""}${s.failMsg ? ` — ${s.failMsg}` : ""}`, s.completeTime]);
-    fill(timeline, items.map(([what, at]) => h("li", {}, h("span", { class: "when" }, at ? time(at) : "—"), " ", h("span", {}, what))));
+    if (s.state === "success") items.push(["final", `Succeeded after ${duration(s.costTime)}`, s.completeTime]);
+    if (s.state === "failed") items.push(["final", `Failed: ${s.failCode ?? ""}${s.failMsg ? ` — ${s.failMsg}` : ""}`, s.completeTime]);
+    fill(
+      timeline,
+      items.map(([step, what, at]) => h("li", { "data-step": step }, h("span", { class: "when" }, at ? time(at) : "—"), " ", h("span", {}, what))),
+    );
   }
 
   function renderResults(s) {
@@ -216,6 +230,8 @@ export function taskView(root, taskId) {
       status = { ...status, ...(await api(`/api/v1/cancelTask/${q(model)}?taskId=${q(taskId)}`, { method: "POST" })) };
       fill(message, notice("ok", "Cancelled."));
       render();
+      // The button is gone with the unfinished state; keep the keyboard on the page, not lost.
+      heading.focus();
     } catch (err) {
       fill(message, notice(err instanceof ApiError && err.status === 409 ? "info" : "error", err.message));
       e.target.disabled = false;
@@ -266,6 +282,7 @@ export function taskView(root, taskId) {
         {
           type: "button",
           class: "secondary",
+          "aria-label": `Re-deliver the ${d.event} callback to ${d.url}`,
           onclick: async (e) => {
             e.target.disabled = true;
             try {

@@ -159,7 +159,7 @@ export function tasksView(root) {
       h(
         "td",
         { "data-label": "Actions" },
-        finished ? null : h("button", { type: "button", class: "danger", onclick: (e) => cancel(e.target, t) }, "Cancel"),
+        finished ? null : h("button", { type: "button", class: "danger", "aria-label": `Cancel ${t.taskId}`, onclick: (e) => cancel(e.target, t) }, "Cancel"),
       ),
     );
   }
@@ -174,6 +174,8 @@ export function tasksView(root) {
       fill(message, notice(e instanceof ApiError && e.status === 409 ? "info" : "error", e.message));
     }
     await load();
+    // The row was drawn again without its button: keep the keyboard on that row's link.
+    body.querySelector(`tr[data-task="${CSS.escape(t.taskId)}"] a`)?.focus();
   }
 
   // The first page follows the live counts: a change of counts means a task moved. Not while
