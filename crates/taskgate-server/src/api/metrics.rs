@@ -132,7 +132,7 @@ where
             .extensions()
             .get::<MatchedPath>()
             .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
-        let handles = self.http().route(route);
+        let handles = self.http().handles_of(route);
         ResponseFuture {
             inner: self.inner.call(req),
             handles: Some(handles),
