@@ -61,36 +61,17 @@ const THROTTLE: Duration = Duration::from_secs(1);
 /// How often a count stream looks again without a nudge.
 const REFRESH: Duration = Duration::from_secs(10);
 
-/// The `since` a request asked for (`None`: the default window, which slides).
+/// The `since` a request asked for (`None`: the default window, which slides). A repeated
+/// `since` is refused before either value is read: which one was meant is ambiguous.
 fn parse_since(uri: &Uri, route: &str) -> Result<Option<i64>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
-    let mut since = None;
+    let mut given: Option<String> = None;
     for (name, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match name.as_ref() {
-            "since" if since.is_some() => {
+            "since" if given.is_some() => {
                 return Err(bad("the since query parameter is given twice".into()))
             }
-            "since" if value.is_empty() => {}
-            "since" => {
-                let ms = value.parse::<i64>().map_err(|_| {
-                    bad(format!(
-                        "since must be a Unix time in milliseconds (an integer), got {value:?}"
-                    ))
-                })?;
-                let now = now_ms();
-                if ms < now - MAX_WINDOW_MS {
-                    return Err(bad(format!(
-                        "since must be within the last 31 days (at or after {}), got {ms}",
-                        now - MAX_WINDOW_MS
-                    )));
-                }
-                if ms > now + DEFAULT_WINDOW_MS {
-                    return Err(bad(format!(
-                        "since is more than a day in the future ({ms}); pass a Unix time in milliseconds"
-                    )));
-                }
-                since = Some(ms);
-            }
+            "since" => given = Some(value.into_owned()),
             other => {
                 return Err(bad(format!(
                     "unknown query parameter {other:?}; {route} takes since (Unix ms)"
@@ -98,7 +79,27 @@ fn parse_since(uri: &Uri, route: &str) -> Result<Option<i64>, ApiError> {
             }
         }
     }
-    Ok(since)
+    let Some(value) = given.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let ms = value.parse::<i64>().map_err(|_| {
+        bad(format!(
+            "since must be a Unix time in milliseconds (an integer), got {value:?}"
+        ))
+    })?;
+    let now = now_ms();
+    if ms < now - MAX_WINDOW_MS {
+        return Err(bad(format!(
+            "since must be within the last 31 days (at or after {}), got {ms}",
+            now - MAX_WINDOW_MS
+        )));
+    }
+    if ms > now + DEFAULT_WINDOW_MS {
+        return Err(bad(format!(
+            "since is more than a day in the future ({ms}); pass a Unix time in milliseconds"
+        )));
+    }
+    Ok(Some(ms))
 }
 
 /// The window's start: the one asked for, or 24 h ago to the second (so that requests within
@@ -345,6 +346,9 @@ mod tests {
             .unwrap_err()
             .contains("future"));
         assert!(since("since=1&since=2").unwrap_err().contains("twice"));
+        assert!(since(&format!("since=&since={now}"))
+            .unwrap_err()
+            .contains("twice"));
         assert!(since("from=1")
             .unwrap_err()
             .contains("unknown query parameter"));
