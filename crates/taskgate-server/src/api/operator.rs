@@ -111,6 +111,19 @@ fn window_start(since: Option<i64>) -> i64 {
     })
 }
 
+/// The caller's tasks created since a time, per model and state (taskgate extension; the
+/// dashboard's counts).
+#[utoipa::path(
+    get,
+    path = "/api/v1/taskCounts",
+    tag = "operator",
+    operation_id = "taskCounts",
+    params(
+        ("since" = Option<i64>, Query, description = "Unix ms: count the tasks created at or after it, at most 31 days back and at most a day ahead. Left out: 24 h ago."),
+    ),
+    responses((status = 200, description = "The caller's counts, per model (sorted by name) and in total.", body = Envelope<TaskCounts>)),
+    security(("apiKey" = [])),
+)]
 async fn task_counts(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -127,6 +140,19 @@ async fn task_counts(
     Ok(Json(Envelope::success(counts.as_ref().clone())))
 }
 
+/// The caller's task counts as Server-Sent Events (taskgate extension): one event at once,
+/// then one whenever they change, at most one a second. The stream does not end by itself.
+#[utoipa::path(
+    get,
+    path = "/api/v1/streamTaskCounts",
+    tag = "operator",
+    operation_id = "streamTaskCounts",
+    params(
+        ("since" = Option<i64>, Query, description = "Unix ms, as taskCounts' `since`. Left out: a window of the last 24 h, which slides."),
+    ),
+    responses((status = 200, description = "`text/event-stream`: events named `counts`, each `data` a `TaskCounts` in JSON; comments as heartbeats. It ends when the key is revoked or the server stops.", content_type = "text/event-stream", body = String)),
+    security(("apiKey" = [])),
+)]
 async fn stream_task_counts(
     State(state): State<Arc<AppState>>,
     ClientKey { tenant, key }: ClientKey,
@@ -240,6 +266,16 @@ impl CountsCursor {
     }
 }
 
+/// The caller's webhook backlog and the pull workers seen in the last 24 h (taskgate
+/// extension; the dashboard's operator view).
+#[utoipa::path(
+    get,
+    path = "/api/v1/operator",
+    tag = "operator",
+    operation_id = "operatorView",
+    responses((status = 200, description = "The caller's webhook deliveries waiting, by kind, and the pull workers the cluster has seen (every tenant sees the same workers).", body = Envelope<OperatorView>)),
+    security(("apiKey" = [])),
+)]
 async fn operator(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
