@@ -312,18 +312,7 @@ pub(super) fn worker_seen(state: &AppState, name: &str, models: Vec<String>) {
 /// Whether a statusTask request asks for the task's attempts (`attempts=true`); a bad value is
 /// a 400 naming it.
 pub(super) fn wants_attempts(uri: &Uri) -> Result<bool, ApiError> {
-    // The hottest read: a query without the word is not parsed again.
-    if !uri.query().is_some_and(|q| q.contains("attempts")) {
-        return Ok(false);
-    }
-    match super::query_param(uri, "attempts").as_deref() {
-        None | Some("false") => Ok(false),
-        Some("true") => Ok(true),
-        Some(other) => Err(ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("the attempts query parameter must be true or false, got {other:?}"),
-        )),
-    }
+    super::flag_param(uri, "attempts")
 }
 
 /// Every attempt of `task`, oldest first: the earlier ones from its history, then the current
