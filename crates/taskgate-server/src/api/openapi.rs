@@ -23,11 +23,12 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use taskgate_proto::{
-    AttemptInfo, ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelInfo, ModelList,
-    RequestType, ResultJson, TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState,
-    TaskStatus, TasksCreated, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookEvent,
-    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
-    ModelCounts, OperatorView, StateCounts, TaskCounts, WebhookBacklog, WorkerSeen,
+    AttemptInfo, ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelCounts,
+    ModelInfo, ModelList, OperatorView, RequestType, ResultJson, StateCounts, TaskCounts,
+    TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState, TaskStatus, TasksCreated,
+    WebhookAttempt, WebhookBacklog, WebhookDeliveries, WebhookDelivery, WebhookEvent,
+    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen,
+    WorkerTask,
 };
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{

@@ -463,11 +463,7 @@ async fn status_task(
     }
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
     // (A cached view has no logs, attempts or input: a request for them reads the store.)
-    if let Some(view) = state
-        .views
-        .get(&task_id)
-        .filter(|_| extras.is_none())
-    {
+    if let Some(view) = state.views.get(&task_id).filter(|_| extras.is_none()) {
         if view.tenant_id != tenant.id || view.model != model {
             return Err(runtime.err().unwrap_or_else(not_found));
         }
@@ -480,9 +476,7 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
-    Ok(json_bytes(
-        render_status_with(&state, task, extras).await?,
-    ))
+    Ok(json_bytes(render_status_with(&state, task, extras).await?))
 }
 
 /// Longest `taskId` looked up; ours are 31 bytes.
@@ -572,9 +566,9 @@ async fn render_status_with(
     }
     if input {
         // The stored text was checked as an object at submit; anything else is our fault.
-        let object = task.parse_input().map_err(|e| {
-            ApiError::Internal(format!("task {}: {e}", task.id).into())
-        })?;
+        let object = task
+            .parse_input()
+            .map_err(|e| ApiError::Internal(format!("task {}: {e}", task.id).into()))?;
         status.input = Some(serde_json::Value::Object(object));
     }
     let body =

@@ -323,7 +323,8 @@ async fn status_with_input_true_returns_the_input_as_submitted_and_leaves_it_out
 
     // Another tenant's key cannot read it: the task does not exist for it.
     let other = create_key(&app.data_dir, "other-tenant", None).await;
-    let (status, body) = status_with(&app.api.with_key(&other.key), &id, &[("input", "true")]).await;
+    let (status, body) =
+        status_with(&app.api.with_key(&other.key), &id, &[("input", "true")]).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(error_code(&body), "task_not_found");
     assert!(!body.to_string().contains("fox"), "{body}");
