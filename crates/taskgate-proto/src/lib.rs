@@ -204,6 +204,11 @@ pub struct TaskStatus {
     /// (`statusTask …&attempts=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptInfo>>,
+    /// taskgate extension: the task's `input` object exactly as the submit was accepted, only
+    /// when asked for (`statusTask …&input=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub input: Option<serde_json::Value>,
 }
 
 /// The largest `queuePosition` shown: a task further back shows this (counting is bounded).
@@ -535,6 +540,7 @@ mod tests {
             queue_position: None,
             logs: None,
             attempts: None,
+            input: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
@@ -567,6 +573,7 @@ mod tests {
                     queue_position: None,
                     logs: None,
                     attempts: None,
+                    input: None,
                 },
                 model: "echo".into(),
             }],

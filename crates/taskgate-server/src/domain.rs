@@ -198,7 +198,7 @@ pub struct Task {
     pub model: String,
     pub state: TaskState,
     /// The input object as the JSON text that was stored: parsed only where an attempt needs
-    /// it, never for a status read.
+    /// it or a status read asks for it (`input=true`), never for a default status read.
     pub input: String,
     pub callback_url: Option<String>,
     /// Attempts started so far (claims), including the running one.
@@ -264,6 +264,7 @@ impl Task {
             queue_position: None,
             logs: None,
             attempts: None,
+            input: None,
         }
     }
 }

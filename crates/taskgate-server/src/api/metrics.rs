@@ -37,8 +37,19 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/metrics", get(metrics))
 }
 
+/// The node's metrics in the OpenMetrics text format, for Prometheus (taskgate extension).
+///
 /// Not under `/api/v1` and not tenant-scoped: it shows the whole node (and the cluster's queue
 /// depths) and names no tenant and no task.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses((status = 200, description = "The metrics of this node (and the cluster's queue depths), in the OpenMetrics 1.0 text format (`application/openmetrics-text; version=1.0.0; charset=utf-8`).", content_type = "application/openmetrics-text", body = String)),
+    // No credential unless the server was started with --metrics-token.
+    security((), ("metricsToken" = [])),
+)]
 async fn metrics(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -132,7 +143,7 @@ where
             .extensions()
             .get::<MatchedPath>()
             .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
-        let handles = self.http().route(route);
+        let handles = self.http().handles_of(route);
         ResponseFuture {
             inner: self.inner.call(req),
             handles: Some(handles),

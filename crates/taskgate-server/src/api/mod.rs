@@ -143,6 +143,23 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
     )
 }
 
+/// A `true`/`false` query parameter of a statusTask extension (`attempts`, `input`): absent,
+/// empty or `false` is false, `true` is true, anything else a 400 naming it. The status read is
+/// the hottest: a query without the name is not parsed again.
+pub(super) fn flag_param(uri: &Uri, name: &str) -> Result<bool, ApiError> {
+    if !uri.query().is_some_and(|q| q.contains(name)) {
+        return Ok(false);
+    }
+    match query_param(uri, name).as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("the {name} query parameter must be true or false, got {other:?}"),
+        )),
+    }
+}
+
 pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
     uri.query()
         .and_then(|q| {

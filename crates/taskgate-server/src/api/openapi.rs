@@ -23,10 +23,12 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use taskgate_proto::{
-    ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelInfo, ModelList,
-    RequestType, ResultJson, TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState,
-    TaskStatus, TasksCreated, WebhookAttempt, WebhookDeliveries, WebhookDelivery, WebhookEvent,
-    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerTask,
+    AttemptInfo, ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelCounts,
+    ModelInfo, ModelList, OperatorView, RequestType, ResultJson, StateCounts, TaskCounts,
+    TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState, TaskStatus, TasksCreated,
+    WebhookAttempt, WebhookBacklog, WebhookDeliveries, WebhookDelivery, WebhookEvent,
+    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen,
+    WorkerTask,
 };
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{
@@ -71,6 +73,10 @@ use crate::state::AppState;
         super::worker::upload,
         super::worker::complete,
         super::worker::fail,
+        super::operator::task_counts,
+        super::operator::stream_task_counts,
+        super::operator::operator,
+        super::metrics::metrics,
         super::healthz,
         super::readyz,
         openapi_json,
@@ -80,7 +86,8 @@ use crate::state::AppState;
         TasksCreated, TaskState, TaskStatus, TaskLogLine, ResultJson, TaskList, TaskListItem,
         ModelInfo, ModelList, WebhookEvent, WebhookSecretData, WebhookDelivery, WebhookAttempt,
         WebhookDeliveries, WorkerClaimRequest, WorkerTask, WorkerHeartbeat, WorkerComplete,
-        WorkerFail, Submitted, Health,
+        WorkerFail, Submitted, Health, TaskCounts, ModelCounts, StateCounts, AttemptInfo,
+        OperatorView, WebhookBacklog, WorkerSeen,
     )),
     modifiers(&Security, &ErrorResponses, &EventStreams, &ParametersNotNull),
     tags(
@@ -89,7 +96,8 @@ use crate::state::AppState;
         (name = "webhooks", description = "The signing secret of callbacks, and each task's deliveries."),
         (name = "files", description = "Result files behind signed, expiring links (the URLs in `resultJson`); no key."),
         (name = "workers", description = "The pull-worker API: claim, heartbeat, upload, complete, fail. Worker tokens only."),
-        (name = "operations", description = "Health, readiness and this document; no key."),
+        (name = "operator", description = "taskgate's views for the dashboard: the caller's task counts (and their stream), webhook backlog and the pull workers seen."),
+        (name = "operations", description = "Health, readiness, metrics and this document; no key (metrics: the metrics token, when the server has one)."),
     )
 )]
 pub struct ApiDoc;
@@ -100,6 +108,7 @@ struct Security;
 
 pub(super) const CLIENT_KEY: &str = "apiKey";
 pub(super) const WORKER_TOKEN: &str = "workerToken";
+pub(super) const METRICS_TOKEN: &str = "metricsToken";
 
 impl Modify for Security {
     fn modify(&self, doc: &mut Document) {
@@ -118,6 +127,10 @@ impl Modify for Security {
         components.add_security_scheme(
             WORKER_TOKEN,
             bearer("A worker token (`taskgate keys create --worker --name NAME`), for /api/v1/worker/* only."),
+        );
+        components.add_security_scheme(
+            METRICS_TOKEN,
+            bearer("The server's `--metrics-token` (`server.metrics_token`), for `GET /metrics` only; without one set, /metrics takes no credential."),
         );
     }
 }
@@ -240,6 +253,11 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 Unavailable,
             ],
         ),
+        ("taskCounts", &[InvalidInput, Unavailable]),
+        ("streamTaskCounts", &[InvalidInput, Unavailable]),
+        ("operatorView", &[Unavailable]),
+        // The metrics token's refusals reuse the API key's codes (api/metrics.rs).
+        ("metrics", &[MissingApiKey, InvalidApiKey]),
         ("healthz", &[]),
         ("readyz", &[Unavailable]),
         ("openapi", &[]),
@@ -309,7 +327,7 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
 }
 
 /// The error codes an operation documents: its [`ERRORS`] entry, the key refusals where it
-/// takes a key, and `internal_error`.
+/// takes a client key or a worker token, and `internal_error`.
 pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
     let id = op.operation_id.as_deref().unwrap_or_default();
     let mut codes: Vec<ErrorCode> = ERRORS
@@ -317,11 +335,23 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
         .find(|(name, _)| *name == id)
         .map(|(_, codes)| codes.to_vec())
         .unwrap_or_default();
-    if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+    if takes_key(op) {
         codes.extend_from_slice(CLIENT_AUTH);
     }
     codes.push(ErrorCode::InternalError);
     codes
+}
+
+/// Whether `op` requires a client key or a worker token (the keys' store, so [`CLIENT_AUTH`]);
+/// the metrics token is not one (its refusals are in [`ERRORS`]).
+fn takes_key(op: &Operation) -> bool {
+    op.security.iter().flatten().any(|requirement| {
+        // A requirement's schemes are private in utoipa; its JSON is `{scheme: [scopes]}`.
+        serde_json::to_value(requirement).is_ok_and(|v| {
+            v.as_object()
+                .is_some_and(|o| o.contains_key(CLIENT_KEY) || o.contains_key(WORKER_TOKEN))
+        })
+    })
 }
 
 fn add_error_responses(op: &mut Operation) {
@@ -402,7 +432,10 @@ fn add_error_responses(op: &mut Operation) {
 /// id: the schema's name. OpenAPI 3.1 has no field for it, so the document says it in an
 /// extension, `x-event-data`, beside the stream's media type (the integration test checks
 /// every event against it).
-pub const EVENT_STREAMS: &[(&str, &str)] = &[("streamTask", "TaskStatus")];
+pub const EVENT_STREAMS: &[(&str, &str)] = &[
+    ("streamTask", "TaskStatus"),
+    ("streamTaskCounts", "TaskCounts"),
+];
 
 struct EventStreams;
 

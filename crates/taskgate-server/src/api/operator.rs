@@ -61,36 +61,17 @@ const THROTTLE: Duration = Duration::from_secs(1);
 /// How often a count stream looks again without a nudge.
 const REFRESH: Duration = Duration::from_secs(10);
 
-/// The `since` a request asked for (`None`: the default window, which slides).
+/// The `since` a request asked for (`None`: the default window, which slides). A repeated
+/// `since` is refused before either value is read: which one was meant is ambiguous.
 fn parse_since(uri: &Uri, route: &str) -> Result<Option<i64>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
-    let mut since = None;
+    let mut given: Option<String> = None;
     for (name, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match name.as_ref() {
-            "since" if since.is_some() => {
+            "since" if given.is_some() => {
                 return Err(bad("the since query parameter is given twice".into()))
             }
-            "since" if value.is_empty() => {}
-            "since" => {
-                let ms = value.parse::<i64>().map_err(|_| {
-                    bad(format!(
-                        "since must be a Unix time in milliseconds (an integer), got {value:?}"
-                    ))
-                })?;
-                let now = now_ms();
-                if ms < now - MAX_WINDOW_MS {
-                    return Err(bad(format!(
-                        "since must be within the last 31 days (at or after {}), got {ms}",
-                        now - MAX_WINDOW_MS
-                    )));
-                }
-                if ms > now + DEFAULT_WINDOW_MS {
-                    return Err(bad(format!(
-                        "since is more than a day in the future ({ms}); pass a Unix time in milliseconds"
-                    )));
-                }
-                since = Some(ms);
-            }
+            "since" => given = Some(value.into_owned()),
             other => {
                 return Err(bad(format!(
                     "unknown query parameter {other:?}; {route} takes since (Unix ms)"
@@ -98,7 +79,27 @@ fn parse_since(uri: &Uri, route: &str) -> Result<Option<i64>, ApiError> {
             }
         }
     }
-    Ok(since)
+    let Some(value) = given.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let ms = value.parse::<i64>().map_err(|_| {
+        bad(format!(
+            "since must be a Unix time in milliseconds (an integer), got {value:?}"
+        ))
+    })?;
+    let now = now_ms();
+    if ms < now - MAX_WINDOW_MS {
+        return Err(bad(format!(
+            "since must be within the last 31 days (at or after {}), got {ms}",
+            now - MAX_WINDOW_MS
+        )));
+    }
+    if ms > now + DEFAULT_WINDOW_MS {
+        return Err(bad(format!(
+            "since is more than a day in the future ({ms}); pass a Unix time in milliseconds"
+        )));
+    }
+    Ok(Some(ms))
 }
 
 /// The window's start: the one asked for, or 24 h ago to the second (so that requests within
@@ -110,6 +111,19 @@ fn window_start(since: Option<i64>) -> i64 {
     })
 }
 
+/// The caller's tasks created since a time, per model and state (taskgate extension; the
+/// dashboard's counts).
+#[utoipa::path(
+    get,
+    path = "/api/v1/taskCounts",
+    tag = "operator",
+    operation_id = "taskCounts",
+    params(
+        ("since" = Option<i64>, Query, description = "Unix ms: count the tasks created at or after it, at most 31 days back and at most a day ahead. Left out: 24 h ago."),
+    ),
+    responses((status = 200, description = "The caller's counts, per model (sorted by name) and in total.", body = Envelope<TaskCounts>)),
+    security(("apiKey" = [])),
+)]
 async fn task_counts(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -126,6 +140,19 @@ async fn task_counts(
     Ok(Json(Envelope::success(counts.as_ref().clone())))
 }
 
+/// The caller's task counts as Server-Sent Events (taskgate extension): one event at once,
+/// then one whenever they change, at most one a second. The stream does not end by itself.
+#[utoipa::path(
+    get,
+    path = "/api/v1/streamTaskCounts",
+    tag = "operator",
+    operation_id = "streamTaskCounts",
+    params(
+        ("since" = Option<i64>, Query, description = "Unix ms, as taskCounts' `since`. Left out: a window of the last 24 h, which slides."),
+    ),
+    responses((status = 200, description = "`text/event-stream`: events named `counts`, each `data` a `TaskCounts` in JSON; comments as heartbeats. It ends when the key is revoked or the server stops.", content_type = "text/event-stream", body = String)),
+    security(("apiKey" = [])),
+)]
 async fn stream_task_counts(
     State(state): State<Arc<AppState>>,
     ClientKey { tenant, key }: ClientKey,
@@ -239,6 +266,16 @@ impl CountsCursor {
     }
 }
 
+/// The caller's webhook backlog and the pull workers seen in the last 24 h (taskgate
+/// extension; the dashboard's operator view).
+#[utoipa::path(
+    get,
+    path = "/api/v1/operator",
+    tag = "operator",
+    operation_id = "operatorView",
+    responses((status = 200, description = "The caller's webhook deliveries waiting, by kind, and the pull workers the cluster has seen (every tenant sees the same workers).", body = Envelope<OperatorView>)),
+    security(("apiKey" = [])),
+)]
 async fn operator(
     State(state): State<Arc<AppState>>,
     ClientTenant(tenant): ClientTenant,
@@ -275,18 +312,7 @@ pub(super) fn worker_seen(state: &AppState, name: &str, models: Vec<String>) {
 /// Whether a statusTask request asks for the task's attempts (`attempts=true`); a bad value is
 /// a 400 naming it.
 pub(super) fn wants_attempts(uri: &Uri) -> Result<bool, ApiError> {
-    // The hottest read: a query without the word is not parsed again.
-    if !uri.query().is_some_and(|q| q.contains("attempts")) {
-        return Ok(false);
-    }
-    match super::query_param(uri, "attempts").as_deref() {
-        None | Some("false") => Ok(false),
-        Some("true") => Ok(true),
-        Some(other) => Err(ApiError::new(
-            ErrorCode::InvalidInput,
-            format!("the attempts query parameter must be true or false, got {other:?}"),
-        )),
-    }
+    super::flag_param(uri, "attempts")
 }
 
 /// Every attempt of `task`, oldest first: the earlier ones from its history, then the current
@@ -345,6 +371,9 @@ mod tests {
             .unwrap_err()
             .contains("future"));
         assert!(since("since=1&since=2").unwrap_err().contains("twice"));
+        assert!(since(&format!("since=&since={now}"))
+            .unwrap_err()
+            .contains("twice"));
         assert!(since("from=1")
             .unwrap_err()
             .contains("unknown query parameter"));

@@ -423,6 +423,8 @@ async fn submit_one(
         ("taskId" = String, Query, description = "The id generateTask answered.", example = "task_01jd5v9k2r8m3q4w5e6r7t8y9u"),
         ("logs" = Option<bool>, Query, description = "taskgate extension: `true` adds the task's log lines (`logs`, the newest 100)."),
         ("logsAfter" = Option<u64>, Query, description = "taskgate extension: the lines after this `seq` (implies `logs=true`)."),
+        ("attempts" = Option<bool>, Query, description = "taskgate extension: `true` adds every attempt of the task, oldest first (`attempts`)."),
+        ("input" = Option<bool>, Query, description = "taskgate extension: `true` adds the task's `input` object exactly as the submit was accepted (`input`)."),
         ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the task is final or N seconds (at most 60) pass; `Preference-Applied` says it was honoured. Unreadable preferences are ignored.", example = "wait=10"),
     ),
     responses((status = 200, description = "The task's status.", body = Envelope<TaskStatus>, headers(("Preference-Applied" = String, description = "`wait=N`, present when the request asked to wait.")))),
@@ -442,6 +444,12 @@ async fn status_task(
     let not_found = || task_not_found(&task_id, &model);
     let logs = LogsQuery::from_uri(&uri)?;
     let attempts = operator::wants_attempts(&uri)?;
+    let input = super::flag_param(&uri, "input")?;
+    let extras = Extras {
+        logs,
+        attempts,
+        input,
+    };
     if let Some(wait) = wait::preference(&headers) {
         let task = wait::until_final(&state, &task_id, wait, |t| {
             t.tenant_id == tenant.id && t.model == model
@@ -450,16 +458,12 @@ async fn status_task(
         let Some(task) = task else {
             return Err(runtime.err().unwrap_or_else(not_found));
         };
-        let body = render_status_with(&state, task, logs, attempts).await?;
+        let body = render_status_with(&state, task, extras).await?;
         return Ok(([wait::applied(wait)], json_bytes(body)).into_response());
     }
     // Another tenant's task, or one of another model, does not exist as far as this key knows.
-    // (A cached view has no logs or attempts: a request for them reads the store.)
-    if let Some(view) = state
-        .views
-        .get(&task_id)
-        .filter(|_| logs.is_none() && !attempts)
-    {
+    // (A cached view has no logs, attempts or input: a request for them reads the store.)
+    if let Some(view) = state.views.get(&task_id).filter(|_| extras.is_none()) {
         if view.tenant_id != tenant.id || view.model != model {
             return Err(runtime.err().unwrap_or_else(not_found));
         }
@@ -472,9 +476,7 @@ async fn status_task(
     if task.tenant_id != tenant.id || task.model != model {
         return Err(runtime.err().unwrap_or_else(not_found));
     }
-    Ok(json_bytes(
-        render_status_with(&state, task, logs, attempts).await?,
-    ))
+    Ok(json_bytes(render_status_with(&state, task, extras).await?))
 }
 
 /// Longest `taskId` looked up; ours are 31 bytes.
@@ -520,17 +522,39 @@ pub(super) fn task_not_found(task_id: &str, model: &str) -> ApiError {
 /// The statusTask answer of `task` (its owner checked by the caller), kept in the node's views
 /// where it can no longer change.
 async fn render_status(state: &AppState, task: crate::domain::Task) -> Result<Bytes, ApiError> {
-    render_status_with(state, task, None, false).await
+    render_status_with(state, task, Extras::default()).await
+}
+
+/// What a statusTask request asks for beyond the status: its extensions.
+#[derive(Default)]
+struct Extras {
+    /// `logs=true` / `logsAfter=`.
+    logs: Option<LogsQuery>,
+    /// `attempts=true`.
+    attempts: bool,
+    /// `input=true`.
+    input: bool,
+}
+
+impl Extras {
+    fn is_none(&self) -> bool {
+        self.logs.is_none() && !self.attempts && !self.input
+    }
 }
 
 /// [`render_status`] with the live fields (`queuePosition`, and the logs when asked for) and,
-/// when asked for, the attempts; an answer with logs or attempts is not kept.
+/// when asked for, the attempts and the input; an answer with any of the extras is not kept.
 async fn render_status_with(
     state: &AppState,
     task: crate::domain::Task,
-    logs: Option<LogsQuery>,
-    attempts: bool,
+    extras: Extras,
 ) -> Result<Bytes, ApiError> {
+    let keep_view = extras.is_none();
+    let Extras {
+        logs,
+        attempts,
+        input,
+    } = extras;
     let mut status = state
         .links
         .status_of(&task)
@@ -540,11 +564,18 @@ async fn render_status_with(
     if attempts {
         status.attempts = Some(operator::attempts_of(state, &task).await?);
     }
+    if input {
+        // The stored text was checked as an object at submit; anything else is our fault.
+        let object = task
+            .parse_input()
+            .map_err(|e| ApiError::Internal(format!("task {}: {e}", task.id).into()))?;
+        status.input = Some(serde_json::Value::Object(object));
+    }
     let body =
         Bytes::from(serde_json::to_vec(&Envelope::success(status)).map_err(ApiError::internal)?);
     // A failure's view has no URLs; a success's is kept only where its URLs stay valid.
     let keep = match task.state {
-        _ if logs.is_some() || attempts => false,
+        _ if !keep_view => false,
         taskgate_proto::TaskState::Failed => true,
         taskgate_proto::TaskState::Success => state.links.store.stable_urls(),
         _ => false,

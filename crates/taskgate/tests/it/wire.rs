@@ -271,3 +271,61 @@ async fn result_urls_are_built_from_the_public_url_when_one_is_set() {
     let local = url.replace("https://tasks.example.com", &app.api.base);
     assert_eq!(reqwest::get(&local).await.unwrap().status(), StatusCode::OK);
 }
+
+/// statusTask with extra query parameters (beyond `taskId`).
+async fn status_with(api: &Api, id: &str, extra: &[(&str, &str)]) -> (StatusCode, Value) {
+    let resp = api
+        .request(reqwest::Method::GET, "/api/v1/statusTask/echo")
+        .query(&[("taskId", id)])
+        .query(extra)
+        .send()
+        .await
+        .unwrap();
+    envelope(resp).await
+}
+
+#[tokio::test]
+async fn status_with_input_true_returns_the_input_as_submitted_and_leaves_it_out_otherwise() {
+    let app = TestApp::start().await;
+    let input = json!({
+        "prompt": "a fox 🦊 in \"quotes\"",
+        "size": {"width": 64, "height": 48, "scale": 1.5},
+        "tags": ["a", 2, null, true, {"deep": [[], {}]}],
+        "empty": {},
+    });
+    let id = app.api.submit_ok("echo", input.clone()).await;
+    let done = app
+        .api
+        .wait_final("echo", &id, Duration::from_secs(10))
+        .await;
+    assert_eq!(done["state"], "success", "{done}");
+
+    // The default read (from the store, then from the node's views) has no input.
+    for _ in 0..2 {
+        let (status, body) = app.api.status("echo", &id).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["data"].get("input").is_none(), "{body}");
+    }
+    let (_, body) = status_with(&app.api, &id, &[("input", "false")]).await;
+    assert!(body["data"].get("input").is_none(), "{body}");
+
+    // Asked for, it is the input exactly as submitted, beside the usual fields.
+    let (status, body) = status_with(&app.api, &id, &[("input", "true")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["input"], input);
+    assert_eq!(body["data"]["taskId"], id.as_str());
+    assert_eq!(body["data"]["resultJson"], done["resultJson"]);
+
+    // A bad value is a 400 naming the parameter.
+    let (status, body) = status_with(&app.api, &id, &[("input", "yes")]).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, &["input", "yes"]);
+    assert_eq!(error_code(&body), "invalid_input");
+
+    // Another tenant's key cannot read it: the task does not exist for it.
+    let other = create_key(&app.data_dir, "other-tenant", None).await;
+    let (status, body) =
+        status_with(&app.api.with_key(&other.key), &id, &[("input", "true")]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(error_code(&body), "task_not_found");
+    assert!(!body.to_string().contains("fox"), "{body}");
+}
