@@ -21,6 +21,11 @@ use crate::store::{Store, StoreError};
 pub const COUNTS_TTL: Duration = Duration::from_secs(1);
 /// A pull worker is recorded as seen at most this often per node.
 pub const WORKER_RECORD_EVERY: Duration = Duration::from_secs(10);
+/// Count reads this node runs at once, for every tenant and stream together: a count walks the
+/// tenant's tasks of the window, so a tenant with many tasks (or many open dashboards, or
+/// windows chosen to miss the cache) waits for its turn instead of taking every store
+/// connection the API's reads need.
+pub const MAX_COUNT_READS: usize = 2;
 /// Entries past which the maps drop what is stale.
 const PRUNE_AT: usize = 4096;
 
@@ -29,6 +34,7 @@ pub struct Dashboard {
     pub node: String,
     counts: Mutex<HashMap<(String, i64), Arc<CountsEntry>>>,
     workers: Mutex<HashMap<String, Instant>>,
+    reads: tokio::sync::Semaphore,
 }
 
 struct CountsEntry {
@@ -43,6 +49,7 @@ impl Dashboard {
             node,
             counts: Mutex::default(),
             workers: Mutex::default(),
+            reads: tokio::sync::Semaphore::new(MAX_COUNT_READS),
         }
     }
 
@@ -77,6 +84,8 @@ impl Dashboard {
         entry
             .value
             .get_or_try_init(|| async {
+                // Never closed, so acquiring cannot fail; a closed one would only skip the cap.
+                let _permit = self.reads.acquire().await.ok();
                 let rows = store.count_tasks(tenant_id, since).await?;
                 Ok(Arc::new(tally(since, rows)))
             })

@@ -451,11 +451,12 @@ impl Metrics {
         {
             let mut read_at = self.queue_read_at.lock().await;
             if read_at.is_none_or(|at| at.elapsed() >= QUEUE_READ_EVERY) {
-                match tokio::time::timeout(QUEUE_READ_TIMEOUT, store.queue_depths()).await {
-                    Ok(Ok(depths)) => {
-                        self.set_depths(depths);
-                        *read_at = Some(Instant::now());
-                    }
+                let read = tokio::time::timeout(QUEUE_READ_TIMEOUT, store.queue_depths()).await;
+                // A failed or slow read counts as a read too: the next scrape within
+                // QUEUE_READ_EVERY shows the last depths rather than starting another count.
+                *read_at = Some(Instant::now());
+                match read {
+                    Ok(Ok(depths)) => self.set_depths(depths),
                     Ok(Err(e)) => {
                         self.queue_read_failures.inc();
                         tracing::warn!(error = %error_chain(&e), "metrics: cannot read the queue depths; showing the last ones");

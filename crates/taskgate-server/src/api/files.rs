@@ -131,6 +131,17 @@ async fn serve_file(
         h.insert(header::CONTENT_TYPE, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // A result is whatever a model wrote, served on the origin where the dashboard keeps its
+    // key: no sniffing, and a sandbox (an opaque origin, no scripts) for whatever a browser
+    // opens directly, an HTML or SVG output included. Embedding it (<img>, <video>) is unaffected.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'; img-src 'self' data:; media-src 'self'; style-src 'unsafe-inline'"),
+    );
     let max_age = (expires - now_ms() / 1000).max(0);
     if let Ok(v) = HeaderValue::from_str(&format!("private, max-age={max_age}")) {
         h.insert(header::CACHE_CONTROL, v);

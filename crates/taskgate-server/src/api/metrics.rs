@@ -77,8 +77,11 @@ fn check_token(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
     let given = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110), as for API keys.
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
         .unwrap_or_default();
     let digest = |s: &str| sha2::Sha256::digest(s.as_bytes());
     if bool::from(digest(given).ct_eq(&digest(token))) {

@@ -58,6 +58,8 @@ const DEFAULT_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub(super) const MAX_WINDOW_MS: i64 = 31 * 24 * 3600 * 1000;
 /// Fewest milliseconds between two count events of one stream.
 const THROTTLE: Duration = Duration::from_secs(1);
+/// How long before a stream woke a shared count read may have started and still be taken.
+const SHARE_READ: Duration = Duration::from_millis(100);
 /// How often a count stream looks again without a nudge.
 const REFRESH: Duration = Duration::from_secs(10);
 
@@ -162,6 +164,7 @@ async fn stream_task_counts(
     // Before the first read, so that no change falls between it and the first wait.
     let any = state.dispatcher.events().subscribe_any();
     let first = read_counts(&state, &tenant.id, since, Instant::now()).await?;
+    let read_at = Some(Instant::now());
     let cursor = CountsCursor {
         state,
         key,
@@ -170,7 +173,7 @@ async fn stream_task_counts(
         any,
         next: Some(first),
         last: None,
-        last_at: None,
+        read_at,
     };
     Ok(
         Sse::new(futures::stream::unfold(cursor, CountsCursor::next_event))
@@ -205,7 +208,9 @@ struct CountsCursor {
     any: AnyWatch,
     next: Option<Arc<TaskCounts>>,
     last: Option<Arc<TaskCounts>>,
-    last_at: Option<Instant>,
+    /// When the last read finished: reads, not only sends, are throttled, since a nudge about
+    /// another tenant's task wakes every stream and changes nothing it would send.
+    read_at: Option<Instant>,
 }
 
 impl CountsCursor {
@@ -227,14 +232,20 @@ impl CountsCursor {
                         continue;
                     }
                     // At most one event a second: changes meanwhile are read together after.
-                    if let Some(at) = self.last_at {
+                    let woke = Instant::now();
+                    if let Some(at) = self.read_at {
                         tokio::time::sleep_until(at + THROTTLE).await;
                     }
                     // Every change so far is covered by the read that starts now.
                     self.any.mark_seen();
-                    match read_counts(&self.state, &self.tenant_id, self.since, Instant::now())
-                        .await
-                    {
+                    // Streams of one tenant woken by the same nudge share one read: a read
+                    // that started up to SHARE_READ before this stream woke is taken (a
+                    // change it missed is caught by the next nudge or REFRESH).
+                    let fresh_after = woke.checked_sub(SHARE_READ).unwrap_or(woke);
+                    let read =
+                        read_counts(&self.state, &self.tenant_id, self.since, fresh_after).await;
+                    self.read_at = Some(Instant::now());
+                    match read {
                         Ok(c) => c,
                         Err(e) => {
                             // The client reconnects and is sent the counts at once.
@@ -260,7 +271,6 @@ impl CountsCursor {
                 }
             };
             self.last = Some(counts);
-            self.last_at = Some(Instant::now());
             return Some((Ok(Event::default().event("counts").data(data)), self));
         }
     }

@@ -145,7 +145,9 @@ pub fn parse_history(text: Option<&str>) -> Result<Vec<AttemptInfo>, StoreError>
 
 /// The webhook backlog of tenant `{t}` (the placeholder): not-yet-attempted, retrying and
 /// failed deliveries, each counted up to [`MAX_BACKLOG_COUNT`] along the
-/// `webhook_deliveries_backlog` index, and the earliest due time of the waiting ones.
+/// `webhook_deliveries_backlog` index, and the earliest due time of the waiting ones. Each
+/// subquery repeats the index's `state <> 'succeeded'`: SQLite uses a partial index only for a
+/// query that states its condition, and otherwise walked every tenant's due deliveries.
 pub fn backlog_sql(t: &str) -> String {
     let count = |cond: &str| {
         format!(
@@ -155,7 +157,7 @@ pub fn backlog_sql(t: &str) -> String {
     };
     format!(
         "SELECT {}, {}, {}, (SELECT min(next_attempt_at) FROM webhook_deliveries \
-         WHERE tenant_id = {t} AND state = 'pending')",
+         WHERE tenant_id = {t} AND state <> 'succeeded' AND state = 'pending')",
         count("state IN ('pending', 'delivering') AND attempts = 0"),
         count("state IN ('pending', 'delivering') AND attempts > 0"),
         count("state = 'failed'"),
@@ -167,13 +169,15 @@ pub fn worker_upsert_sql(d: Dialect) -> &'static str {
     match d {
         Dialect::Sqlite => {
             "INSERT INTO pull_workers (name, node, models, last_seen_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (name) DO UPDATE SET node = excluded.node, \
+             ON CONFLICT (name) DO UPDATE SET node = CASE WHEN excluded.last_seen_at >= pull_workers.last_seen_at \
+             THEN excluded.node ELSE pull_workers.node END, \
              last_seen_at = max(pull_workers.last_seen_at, excluded.last_seen_at), \
              models = CASE WHEN excluded.models = '[]' THEN pull_workers.models ELSE excluded.models END"
         }
         Dialect::Postgres => {
             "INSERT INTO pull_workers (name, node, models, last_seen_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name) DO UPDATE SET node = excluded.node, \
+             ON CONFLICT (name) DO UPDATE SET node = CASE WHEN excluded.last_seen_at >= pull_workers.last_seen_at \
+             THEN excluded.node ELSE pull_workers.node END, \
              last_seen_at = GREATEST(pull_workers.last_seen_at, excluded.last_seen_at), \
              models = CASE WHEN excluded.models = '[]' THEN pull_workers.models ELSE excluded.models END"
         }

@@ -77,6 +77,11 @@ async fn a_result_url_works_without_a_key_and_says_how_long_to_cache() {
     assert_eq!(resp.status(), StatusCode::OK);
     let cache = resp.headers()["cache-control"].to_str().unwrap().to_owned();
     assert!(cache.starts_with("private"), "{cache}");
+    // Opened directly, a result runs nothing on the dashboard's origin.
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("sandbox;"), "{csp}");
+    assert!(csp.contains("default-src 'none'"), "{csp}");
     let expires: i64 = link.expires.parse().unwrap();
     let now = taskgate_server::domain::now_ms() / 1000;
     assert!(
