@@ -164,6 +164,30 @@ pub fn backlog_sql(t: &str) -> String {
     )
 }
 
+/// A backlog row (`backlog_sql`'s four columns) as the wire type.
+pub fn backlog_of(row: (i64, i64, i64, Option<i64>)) -> taskgate_proto::WebhookBacklog {
+    let (pending, retrying, failed, oldest_due_at) = row;
+    taskgate_proto::WebhookBacklog {
+        pending: pending.max(0) as u64,
+        retrying: retrying.max(0) as u64,
+        failed: failed.max(0) as u64,
+        oldest_due_at,
+    }
+}
+
+/// The row of `SELECT attempt_history, runner FROM tasks WHERE id = …`, if the task exists.
+pub fn attempt_record_of(
+    row: Option<(Option<String>, Option<String>)>,
+) -> Result<Option<AttemptRecord>, StoreError> {
+    row.map(|(history, runner)| {
+        Ok(AttemptRecord {
+            history: parse_history(history.as_deref())?,
+            runner,
+        })
+    })
+    .transpose()
+}
+
 /// The upsert of a worker seen: an empty `models` (a heartbeat's) keeps the models recorded.
 pub fn worker_upsert_sql(d: Dialect) -> &'static str {
     match d {

@@ -4,9 +4,9 @@
 //! one its start time was stamped with.
 
 use super::super::dashboard::{
-    append_attempt_sql, backlog_sql, count_rows, count_sql, history_msg, id_floor, models_json,
-    parse_history, worker_rows, worker_upsert_sql, workers_sql, AttemptEnd, AttemptRecord,
-    CountRow,
+    append_attempt_sql, attempt_record_of, backlog_of, backlog_sql, count_rows, count_sql,
+    history_msg, id_floor, models_json, worker_rows, worker_upsert_sql, workers_sql, AttemptEnd,
+    AttemptRecord, CountRow,
 };
 use super::super::rows::Dialect;
 use super::super::StoreError;
@@ -65,30 +65,18 @@ impl PostgresStore {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|(history, runner)| {
-            Ok(AttemptRecord {
-                history: parse_history(history.as_deref())?,
-                runner,
-            })
-        })
-        .transpose()
+        attempt_record_of(row)
     }
 
     pub(super) async fn backlog(
         &self,
         tenant_id: &str,
     ) -> Result<taskgate_proto::WebhookBacklog, StoreError> {
-        let (pending, retrying, failed, oldest): (i64, i64, i64, Option<i64>) =
-            sqlx::query_as(&backlog_sql("$1"))
-                .bind(tenant_id)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(taskgate_proto::WebhookBacklog {
-            pending: pending.max(0) as u64,
-            retrying: retrying.max(0) as u64,
-            failed: failed.max(0) as u64,
-            oldest_due_at: oldest,
-        })
+        let row = sqlx::query_as(&backlog_sql("$1"))
+            .bind(tenant_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(backlog_of(row))
     }
 
     pub(super) async fn upsert_worker(
