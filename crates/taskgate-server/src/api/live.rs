@@ -39,22 +39,16 @@ impl LogsQuery {
         if !uri.query().is_some_and(|q| q.contains("logs")) {
             return Ok(None);
         }
-        let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
-        let wanted = match query_param(uri, "logs").as_deref() {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(bad(format!(
-                    "the logs query parameter must be true or false, got {other:?}"
-                )))
-            }
-        };
+        let wanted = super::flag_param(uri, "logs")?;
         let after = match query_param(uri, "logsAfter") {
             None => None,
             Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
-                bad(format!(
+                ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!(
                     "logsAfter must be the seq of a log line (a non-negative integer), got {raw:?}"
-                ))
+                ),
+                )
             })?),
         };
         // logsAfter alone asks for logs too: it cannot mean anything else.

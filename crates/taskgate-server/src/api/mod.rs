@@ -143,9 +143,9 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
     )
 }
 
-/// A `true`/`false` query parameter of a statusTask extension (`attempts`, `input`): absent,
-/// empty or `false` is false, `true` is true, anything else a 400 naming it. The status read is
-/// the hottest: a query without the name is not parsed again.
+/// A `true`/`false` query parameter of a statusTask extension (`logs`, `attempts`, `input`):
+/// absent, empty or `false` is false, `true` is true, anything else a 400 naming it. The status
+/// read is the hottest: a query without the name is not parsed again.
 pub(super) fn flag_param(uri: &Uri, name: &str) -> Result<bool, ApiError> {
     if !uri.query().is_some_and(|q| q.contains(name)) {
         return Ok(false);

@@ -319,12 +319,6 @@ pub(super) fn worker_seen(state: &AppState, name: &str, models: Vec<String>) {
     });
 }
 
-/// Whether a statusTask request asks for the task's attempts (`attempts=true`); a bad value is
-/// a 400 naming it.
-pub(super) fn wants_attempts(uri: &Uri) -> Result<bool, ApiError> {
-    super::flag_param(uri, "attempts")
-}
-
 /// Every attempt of `task`, oldest first: the earlier ones from its history, then the current
 /// or last one from the row (unless the history holds it already: the task went back to
 /// pending after it).
@@ -400,6 +394,7 @@ mod tests {
     #[test]
     fn attempts_is_read_only_when_asked_for() {
         let uri = |q: &str| format!("/x?taskId=t{q}").parse::<Uri>().unwrap();
+        let wants_attempts = |u: &Uri| super::super::flag_param(u, "attempts");
         assert!(!wants_attempts(&uri("")).unwrap());
         assert!(!wants_attempts(&uri("&attempts=false")).unwrap());
         assert!(wants_attempts(&uri("&attempts=true")).unwrap());

@@ -443,7 +443,7 @@ async fn status_task(
     let task_id = required_task_id(&state, &uri, "statusTask", &model)?;
     let not_found = || task_not_found(&task_id, &model);
     let logs = LogsQuery::from_uri(&uri)?;
-    let attempts = operator::wants_attempts(&uri)?;
+    let attempts = super::flag_param(&uri, "attempts")?;
     let input = super::flag_param(&uri, "input")?;
     let extras = Extras {
         logs,

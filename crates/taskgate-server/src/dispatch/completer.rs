@@ -87,13 +87,13 @@ impl Dispatcher {
                     .retry
                     .delay(task.attempts)
                     .unwrap_or(Duration::from_secs(1));
-                warn!(%code, reason = %clean_text(&message, MAX_FAIL_MSG), retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
-                let (code, message) = cleaned(&code, &message);
+                let (fail_code, fail_msg) = cleaned(&code, &message);
+                warn!(%code, reason = %fail_msg, retry_in = %humantime::format_duration(delay), "attempt failed; will retry");
                 Write::Requeue {
                     run_after: now_ms() + delay.as_millis() as i64,
                     ended: AttemptEnd {
-                        fail_code: code,
-                        fail_msg: message,
+                        fail_code,
+                        fail_msg,
                         runner,
                     },
                 }
