@@ -9,7 +9,6 @@
 //! ends with the result object, which is then read as a JSON answer. The lines are read as they
 //! arrive and reported through the job's [`super::Progress`].
 
-use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,8 +16,11 @@ use base64::Engine;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::Value;
 
+use super::download::{
+    file_name, status_error, transport_error, Download, DEFAULT_MAX_OUTPUT_BYTES,
+};
 use super::progress::{report_object, LineSplitter};
-use super::{human, Backend, BackendError, Job, Produced};
+use super::{Backend, BackendError, Job, Produced};
 use crate::config::{HttpBackendConfig, HttpResponseKind};
 use crate::domain::fail_code;
 
@@ -27,6 +29,7 @@ pub struct HttpBackend {
     client: reqwest::Client,
     headers: HeaderMap,
     timeout: Duration,
+    download: Download,
 }
 
 impl HttpBackend {
@@ -46,69 +49,19 @@ impl HttpBackend {
                 ))
             })
             .collect();
+        let download = Download {
+            client: client.clone(),
+            timeout,
+            max_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+        };
         HttpBackend {
             cfg,
             client,
             headers,
             timeout,
+            download,
         }
     }
-}
-
-fn transport_error(what: &str, e: &reqwest::Error, timeout: Duration) -> BackendError {
-    let message = if e.is_timeout() {
-        format!("{what} timed out after {}", human(timeout))
-    } else {
-        format!("{what} failed: {}", crate::report::error_chain(e))
-    };
-    BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
-}
-
-/// 5xx and 429 may pass; other 4xx will not.
-fn status_error(what: &str, status: reqwest::StatusCode, body: &[u8]) -> BackendError {
-    let snippet: String = String::from_utf8_lossy(body).chars().take(500).collect();
-    let message = format!("{what} answered {status}: {}", snippet.trim());
-    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
-    } else {
-        BackendError::fatal(fail_code::GENERATION_FAILED, message)
-    }
-}
-
-/// `output-{i}.{ext}` with the extension the content type usually has.
-fn file_name(index: usize, content_type: Option<&str>, url_path: Option<&str>) -> String {
-    let from_type = content_type
-        .and_then(|ct| ct.split(';').next())
-        .map(|ct| ct.trim().to_ascii_lowercase())
-        .and_then(|ct| extension_for(&ct));
-    let from_url = url_path
-        .and_then(|p| Path::new(p).extension())
-        .and_then(|e| e.to_str())
-        .filter(|e| e.len() <= 8 && e.bytes().all(|b| b.is_ascii_alphanumeric()));
-    let ext = from_url.or(from_type).unwrap_or("bin");
-    format!("output-{index}.{ext}")
-}
-
-/// The usual extension of a media type. mime_guess lists extensions alphabetically (image/jpeg
-/// would become `.jfif`), so the common generation outputs are named first.
-fn extension_for(content_type: &str) -> Option<&'static str> {
-    let common = match content_type {
-        "image/jpeg" => "jpg",
-        "image/png" => "png",
-        "image/webp" => "webp",
-        "image/gif" => "gif",
-        "video/mp4" => "mp4",
-        "video/webm" => "webm",
-        "audio/mpeg" => "mp3",
-        "audio/wav" | "audio/x-wav" => "wav",
-        "audio/ogg" => "ogg",
-        "application/json" => "json",
-        "text/plain" => "txt",
-        other => {
-            return mime_guess::get_mime_extensions_str(other).and_then(|e| e.first().copied())
-        }
-    };
-    Some(common)
 }
 
 /// The strings at `pointer`: one string, or an array of strings.
@@ -142,21 +95,7 @@ impl HttpBackend {
     }
 
     async fn fetch(&self, job: &Job, index: usize, url: &str) -> Result<(), BackendError> {
-        let what = format!("download of {url}");
-        let answer = self.send(self.client.get(url), &what).await?;
-        let name = file_name(index, answer.content_type.as_deref(), Some(&answer.path));
-        self.write(job, name, &answer.body).await
-    }
-
-    /// Sends `request` within the request timeout; a non-2xx answer is an error, retryable or
-    /// not by its status.
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        what: &str,
-    ) -> Result<Answer, BackendError> {
-        let resp = self.start(request, what).await?;
-        self.answer(resp, what).await
+        self.download.to_dir(url, job.dir()?, index).await.map(drop)
     }
 
     /// Sends `request` within the request timeout (which also bounds reading the answer).
@@ -180,7 +119,6 @@ impl HttpBackend {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let path = resp.url().path().to_owned();
         let body = resp
             .bytes()
             .await
@@ -188,11 +126,7 @@ impl HttpBackend {
         if !status.is_success() {
             return Err(status_error(what, status, &body));
         }
-        Ok(Answer {
-            content_type,
-            path,
-            body,
-        })
+        Ok(Answer { content_type, body })
     }
 }
 
@@ -219,7 +153,6 @@ impl HttpBackend {
         if !streams || !resp.status().is_success() {
             return self.answer(resp, WHAT).await;
         }
-        let path = resp.url().path().to_owned();
         let mut resp = resp;
         // No cap on a line: the result line may carry base64 outputs (an answer read whole is
         // not capped either).
@@ -257,7 +190,6 @@ impl HttpBackend {
         })?;
         Ok(Answer {
             content_type: Some("application/json".to_owned()),
-            path,
             body: bytes::Bytes::from(body),
         })
     }
@@ -266,8 +198,6 @@ impl HttpBackend {
 /// A successful upstream answer.
 struct Answer {
     content_type: Option<String>,
-    /// The URL path answered (after any redirect), which may carry a file extension.
-    path: String,
     body: bytes::Bytes,
 }
 
@@ -327,21 +257,5 @@ impl Backend for HttpBackend {
                 Ok(Produced::Files)
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_names_take_their_extension_from_the_url_or_the_content_type() {
-        assert_eq!(file_name(0, Some("image/png"), None), "output-0.png");
-        assert_eq!(
-            file_name(1, Some("text/plain; charset=utf-8"), Some("/a/b.mp4")),
-            "output-1.mp4"
-        );
-        assert_eq!(file_name(2, None, None), "output-2.bin");
-        assert_eq!(file_name(3, Some("image/jpeg"), None), "output-3.jpg");
     }
 }

@@ -6,6 +6,7 @@
 
 mod builtin;
 mod command;
+pub mod download;
 mod http;
 mod process_tree;
 pub mod progress;
