@@ -24,21 +24,31 @@ pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {
-            // IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96)
-            // forms reach the embedded IPv4 address: judge that one.
+            // Forms that carry an IPv4 address reach that address (or may): judge that one.
+            // IPv4-mapped (::ffff:a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d, SIIT),
+            // IPv4-compatible (::a.b.c.d) and well-known NAT64 (64:ff9b::/96).
+            let seg = v6.segments();
+            let embedded = || Ipv4Addr::from((u32::from(seg[6]) << 16) | u32::from(seg[7]));
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public_v4(v4);
             }
-            let seg = v6.segments();
+            if seg[..4] == [0, 0, 0, 0] && seg[4] == 0xffff && seg[5] == 0 {
+                return is_public_v4(embedded());
+            }
             if seg[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
-                return is_public_v4(Ipv4Addr::from(
-                    (u32::from(seg[6]) << 16) | u32::from(seg[7]),
-                ));
+                return is_public_v4(embedded());
             }
             if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
-                return is_public_v4(Ipv4Addr::from(
-                    (u32::from(seg[6]) << 16) | u32::from(seg[7]),
-                ));
+                return is_public_v4(embedded());
+            }
+            // Transition forms whose IPv4 end a relay picks, or that are for local use only,
+            // are refused outright: 6to4 (2002::/16), Teredo (2001::/32) and local-use NAT64
+            // (64:ff9b:1::/48, RFC 8215), whose translators sit inside operators' networks.
+            if seg[0] == 0x2002 || (seg[0] == 0x2001 && seg[1] == 0) {
+                return false;
+            }
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+                return false;
             }
             is_public_v6(v6)
         }
@@ -67,7 +77,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (first & 0xfe00) == 0xfc00 // fc00::/7, unique local
         || (first & 0xffc0) == 0xfe80 // fe80::/10, link-local
-        || (first & 0xffc0) == 0xfec0) // fec0::/10, deprecated site-local
+        || (first & 0xffc0) == 0xfec0 // fec0::/10, deprecated site-local
+        || (first == 0x2001 && ip.segments()[1] == 0x0db8) // 2001:db8::/32, documentation
+        || ip.segments()[..4] == [0x100, 0, 0, 0]) // 100::/64, discard-only
 }
 
 /// Why a callback URL is refused.
@@ -193,6 +205,17 @@ mod tests {
             "http://[fe80::1]/h",
             "http://[ff02::1]/h",
             "http://100.64.0.1/h",
+            // IPv6 transition forms: SIIT, local-use NAT64, 6to4 (of loopback and of a public
+            // address alike), Teredo, documentation and discard prefixes.
+            "http://[::ffff:0:7f00:1]/h",
+            "http://[::ffff:0:a00:1]/h",
+            "http://[64:ff9b:1::a00:1]/h",
+            "http://[64:ff9b:1::5db8:d822]/h",
+            "http://[2002:7f00:1::1]/h",
+            "http://[2002:5db8:d822::1]/h",
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/h",
+            "http://[2001:db8::1]/h",
+            "http://[100::1]/h",
         ] {
             assert!(refused(u), "{u} should be refused");
         }
@@ -205,6 +228,9 @@ mod tests {
             "http://93.184.216.34/h",
             "http://[2606:2800:220:1::1]/h",
             "http://172.32.0.1/h",
+            "http://[::ffff:5db8:d822]/h",
+            "http://[64:ff9b::5db8:d822]/h",
+            "http://[2001:4860::8888]/h",
         ] {
             assert!(!refused(u), "{u} should pass");
         }
