@@ -183,6 +183,75 @@ pub fn clean_text(raw: &str, max: usize) -> String {
     out
 }
 
+/// A failure message with the secrets a URL in it may carry taken out: the user and password
+/// of `scheme://user:pass@host`, and the values of query parameters whose names say they are
+/// secret (`key`, `token`, `secret`, `password`, `sig`, `auth`, `credential` anywhere in the
+/// name). Messages come from backends and upstreams and are shown to the tenant, who must not
+/// learn the operator's upstream credentials from them.
+pub fn scrub_secrets(message: &str) -> String {
+    const SECRET_NAMES: [&str; 7] = [
+        "key",
+        "token",
+        "secret",
+        "password",
+        "sig",
+        "auth",
+        "credential",
+    ];
+    let ends_url = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`');
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after.find(ends_url).unwrap_or(after.len());
+        let (url, tail) = after.split_at(end);
+        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+        let (authority, path) = url.split_at(authority_end);
+        match authority.rfind('@') {
+            Some(i) => {
+                out.push_str("***");
+                out.push_str(&authority[i..]);
+            }
+            None => out.push_str(authority),
+        }
+        match path.split_once('?') {
+            Some((p, query)) => {
+                out.push_str(p);
+                out.push('?');
+                let (query, fragment) = match query.split_once('#') {
+                    Some((q, f)) => (q, Some(f)),
+                    None => (query, None),
+                };
+                for (n, pair) in query.split('&').enumerate() {
+                    if n > 0 {
+                        out.push('&');
+                    }
+                    match pair.split_once('=') {
+                        Some((name, _))
+                            if SECRET_NAMES
+                                .iter()
+                                .any(|s| name.to_ascii_lowercase().contains(s)) =>
+                        {
+                            out.push_str(name);
+                            out.push_str("=***");
+                        }
+                        _ => out.push_str(pair),
+                    }
+                }
+                if let Some(f) = fragment {
+                    out.push('#');
+                    out.push_str(f);
+                }
+            }
+            None => out.push_str(path),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The name under which one attempt's outputs are staged: derived from its claim token (unique
 /// per claim), without revealing the token, which proves the claim to the worker API.
 pub fn attempt_tag(token: &str) -> String {
@@ -305,6 +374,27 @@ impl EventMask {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn failure_messages_lose_the_secrets_of_the_urls_in_them() {
+        let m = scrub_secrets(
+            "download of https://bob:hunter2@cdn.example/a.png?X-Amz-Signature=abc&size=2&api_key=zz#f failed; see http://x/y",
+        );
+        assert!(
+            !m.contains("hunter2") && !m.contains("bob") && !m.contains("abc") && !m.contains("zz"),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                "https://***@cdn.example/a.png?X-Amz-Signature=***&size=2&api_key=***#f failed"
+            ),
+            "{m}"
+        );
+        assert!(m.ends_with("see http://x/y"), "{m}");
+        assert_eq!(scrub_secrets("no url here"), "no url here");
+        assert_eq!(scrub_secrets("odd ://@"), "odd ://***@");
+    }
+
     use super::*;
 
     const STATES: [TaskState; 4] = [

@@ -27,7 +27,8 @@ pub(crate) fn transport_error(what: &str, e: &reqwest::Error, timeout: Duration)
 
 /// 5xx and 429 may pass; other 4xx will not.
 pub(crate) fn status_error(what: &str, status: reqwest::StatusCode, body: &[u8]) -> BackendError {
-    let snippet: String = String::from_utf8_lossy(body).chars().take(500).collect();
+    // A short snippet: enough to show the upstream's reason, not a page of its internals.
+    let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
     let message = format!("{what} answered {status}: {}", snippet.trim());
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)

@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Dispatcher;
 use crate::backends::BackendError;
-use crate::domain::{clean_text, now_ms, MAX_FAIL_CODE, MAX_FAIL_MSG};
+use crate::domain::{clean_text, now_ms, scrub_secrets, MAX_FAIL_CODE, MAX_FAIL_MSG};
 use crate::report::error_chain;
 use crate::store::{AttemptEnd, Blob, Claim, Outcome, StoreError};
 
@@ -230,7 +230,7 @@ fn cleaned(code: &str, message: &str) -> (String, String) {
     } else {
         code
     };
-    (code, clean_text(message, MAX_FAIL_MSG))
+    (code, clean_text(&scrub_secrets(message), MAX_FAIL_MSG))
 }
 
 fn log_outcome(outcome: &Outcome, elapsed: Duration) {
