@@ -124,11 +124,28 @@ async fn serve_file(
         }
         Err(e) => return Err(ApiError::internal(e)),
     };
-    let content_type = mime_guess::from_path(&name).first_or_octet_stream();
     let mut response = body.into_response();
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(content_type.as_ref()) {
-        h.insert(header::CONTENT_TYPE, v);
+    match passive_type(&name) {
+        Some(content_type) => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
+        None => {
+            // Anything a browser might run (HTML, SVG, XML, scripts, PDF) or that we cannot
+            // name is served as bytes to save, never rendered on this origin.
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+                h.insert(header::CONTENT_DISPOSITION, v);
+            } else {
+                h.insert(
+                    header::CONTENT_DISPOSITION,
+                    HeaderValue::from_static("attachment"),
+                );
+            }
+        }
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     // A result is whatever a model wrote, served on the origin where the dashboard keeps its
@@ -147,4 +164,34 @@ async fn serve_file(
         h.insert(header::CACHE_CONTROL, v);
     }
     Ok(response)
+}
+
+/// The content type of a result a browser may show inline: media and plain data that run
+/// nothing. Every other name gets `None` (served as an attachment).
+fn passive_type(name: &str) -> Option<&'static str> {
+    let ext = std::path::Path::new(name)
+        .extension()?
+        .to_str()?
+        .to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "avif" => "image/avif",
+        "bmp" => "image/bmp",
+        "mp4" | "m4v" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "ogv" => "video/ogg",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "ogg" | "oga" => "audio/ogg",
+        "flac" => "audio/flac",
+        "m4a" | "aac" => "audio/aac",
+        "json" => "application/json",
+        "txt" | "log" => "text/plain; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        _ => return None,
+    })
 }

@@ -43,7 +43,7 @@ async fn every_file_a_command_leaves_becomes_a_result_url_with_its_content_type(
             "picture.png"
         ]
     );
-    assert_eq!(files["greeting.txt"].0, "text/plain");
+    assert_eq!(files["greeting.txt"].0, "text/plain; charset=utf-8");
     assert_eq!(files["greeting.txt"].1, b"hello from a command model\n");
     assert_eq!(files["data.json"].0, "application/json");
     assert_eq!(files["picture.png"].0, "image/png");

@@ -155,3 +155,47 @@ async fn an_expired_link_is_refused() {
 
     assert_refused(&url).await;
 }
+
+#[tokio::test]
+async fn outputs_a_browser_would_run_are_served_as_attachments_and_media_inline() {
+    let app =
+        TestApp::start_with_models(&command_model("active", "active_outputs.sh", &[], "")).await;
+
+    let data = app.api.run_to_end("active", json!({})).await;
+
+    assert_eq!(data["state"], "success", "{data}");
+    let mut seen = 0;
+    for url in result_urls(&data) {
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let name = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+        assert_eq!(h("x-content-type-options"), "nosniff", "{name}");
+        match name.rsplit('.').next().unwrap() {
+            "html" | "svg" | "js" | "xml" => {
+                assert_eq!(h("content-type"), "application/octet-stream", "{name}");
+                assert_eq!(
+                    h("content-disposition"),
+                    format!("attachment; filename=\"{name}\""),
+                    "{name}"
+                );
+            }
+            "png" => {
+                assert_eq!(h("content-type"), "image/png", "{name}");
+                assert_eq!(h("content-disposition"), "", "{name}");
+            }
+            "txt" => {
+                assert_eq!(h("content-type"), "text/plain; charset=utf-8", "{name}");
+                assert_eq!(h("content-disposition"), "", "{name}");
+            }
+            other => panic!("unexpected output {other}"),
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 6, "{data}");
+}
