@@ -77,19 +77,7 @@ async fn generate_tasks(
 fn parse_batch(bytes: &[u8]) -> Result<Vec<Map<String, Value>>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let example = "{\"tasks\": [{\"input\": {\"prompt\": \"...\"}}, ...]}";
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        bad(format!(
-            "the request body is not valid UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
-    if text.trim().is_empty() {
-        return Err(bad(format!(
-            "the request body is empty; send JSON like {example}"
-        )));
-    }
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    let value = super::tasks::parse_json_body(bytes, example)?;
     let Value::Object(mut body) = value else {
         return Err(bad(format!(
             "the request body must be a JSON object like {example}, got {}",

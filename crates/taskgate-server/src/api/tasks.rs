@@ -125,19 +125,7 @@ fn parse_scheduling(body: &Map<String, Value>) -> Result<(i32, Option<Duration>)
 
 fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        bad(format!(
-            "the request body is not valid UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
-    if text.trim().is_empty() {
-        return Err(bad(
-            "the request body is empty; send JSON like {\"input\": {\"prompt\": \"...\"}}".into(),
-        ));
-    }
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    let value = parse_json_body(bytes, "{\"input\": {\"prompt\": \"...\"}}")?;
     let Value::Object(body) = value else {
         return Err(bad(format!(
             "the request body must be a JSON object, got {}",
@@ -145,6 +133,74 @@ fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, Api
         )));
     };
     submission_from_object(body, allow_private)
+}
+
+/// Deepest nesting of arrays and objects a request body may have.
+pub(super) const MAX_JSON_DEPTH: usize = 64;
+/// Most values (containers and the items in them) a request body may hold: a 10 MiB array of
+/// zeros would otherwise become about 160 MB of parsed values.
+pub(super) const MAX_JSON_ELEMENTS: usize = 250_000;
+
+/// A request body as JSON: UTF-8, not empty, within [`MAX_JSON_DEPTH`] and
+/// [`MAX_JSON_ELEMENTS`] (checked on the text before anything is allocated for it), parsed.
+/// `example` shows the caller what an empty body should have held.
+pub(super) fn parse_json_body(bytes: &[u8], example: &str) -> Result<Value, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        bad(format!(
+            "the request body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(bad(format!(
+            "the request body is empty; send JSON like {example}"
+        )));
+    }
+    json_shape_within(text.as_bytes(), MAX_JSON_DEPTH, MAX_JSON_ELEMENTS).map_err(bad)?;
+    serde_json::from_str(text).map_err(|e| bad(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Refuses JSON text nested deeper than `max_depth` or holding more than `max_elements`
+/// values, by one pass over the bytes (strings skipped), before it is parsed. Counts are upper
+/// bounds (every comma and container counts), so text it accepts parses within them.
+fn json_shape_within(text: &[u8], max_depth: usize, max_elements: usize) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut elements = 1usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                elements += 1;
+                if depth > max_depth {
+                    return Err(format!(
+                        "the request body nests arrays and objects deeper than {max_depth} levels"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => elements += 1,
+            _ => {}
+        }
+        if elements > max_elements {
+            return Err(format!(
+                "the request body holds more than {max_elements} JSON values"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks one generateTask body, already parsed: the whole body of generateTask, or one item
@@ -722,6 +778,38 @@ mod tests {
             Err(ApiError::Refused { code, message, .. }) if code.status() == 400 => message,
             _ => panic!("expected a 400 for {body}"),
         }
+    }
+
+    #[test]
+    fn deep_or_huge_json_is_refused_before_it_is_parsed() {
+        let deep = format!(
+            "{{\"input\": {{\"a\": {}1{}}}}}",
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        assert!(
+            err(&deep).contains("deeper than 64 levels"),
+            "{}",
+            err(&deep)
+        );
+        let wide = format!(
+            "{{\"input\": {{\"a\": [{}0]}}}}",
+            "0,".repeat(MAX_JSON_ELEMENTS)
+        );
+        assert!(err(&wide).contains("more than 250000 JSON values"));
+        // Brackets and commas inside strings are text, not structure.
+        let quoted = format!(
+            "{{\"input\": {{\"prompt\": \"{}\\\"{}\"}}}}",
+            "[".repeat(100),
+            ",".repeat(MAX_JSON_ELEMENTS + 1)
+        );
+        assert!(parse_submission(quoted.as_bytes(), false).is_ok());
+        let nested_ok = format!(
+            "{{\"input\": {{\"a\": {}1{}}}}}",
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        assert!(parse_submission(nested_ok.as_bytes(), false).is_ok());
     }
 
     #[test]

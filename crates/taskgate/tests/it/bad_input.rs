@@ -461,3 +461,30 @@ async fn each_refusal_names_its_reason_in_data_error_code() {
         assert_eq!(error_code(&body), want, "{status} {body}");
     }
 }
+
+#[tokio::test]
+async fn deeply_nested_or_huge_json_is_400_and_the_server_stays_up() {
+    let app = TestApp::start().await;
+    let deep = format!(
+        "{{\"input\": {{\"a\": {}1{}}}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let (status, env) = app.api.submit_raw("echo", deep.clone().into_bytes()).await;
+    assert_error(status, &env, StatusCode::BAD_REQUEST, &["deeper than 64"]);
+    // 4 MiB of zeros: under the body limit, over the element cap.
+    let wide = format!("{{\"input\": {{\"a\": [{}0]}}}}", "0,".repeat(2 << 20));
+    let (status, env) = app.api.submit_raw("echo", wide.into_bytes()).await;
+    assert_error(status, &env, StatusCode::BAD_REQUEST, &["more than 250000"]);
+    // The batch endpoint reads its body through the same check.
+    let resp = app
+        .api
+        .request(reqwest::Method::POST, "/api/v1/generateTasks/echo")
+        .body(format!("{{\"tasks\": [{deep}]}}"))
+        .send()
+        .await
+        .unwrap();
+    let (status, env) = envelope(resp).await;
+    assert_error(status, &env, StatusCode::BAD_REQUEST, &["deeper than 64"]);
+    app.api.submit_ok("echo", json!({})).await;
+}
