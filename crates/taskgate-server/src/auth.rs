@@ -31,10 +31,21 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// The start of a key, safe to show in listings.
+/// What listings show of a key. A generated key (`tg_`/`tgw_` and 43 random characters) shows
+/// its first ten characters, which leave over 200 random bits unknown. A key chosen by the
+/// operator (`TASKGATE_API_KEY`) may be short, and its start may be most of it: it shows a
+/// fingerprint of its hash instead, which tells two keys apart and reveals nothing of either.
 pub fn key_prefix(key: &str) -> String {
-    key.chars().take(10).collect()
+    let generated = (key.starts_with("tg_") || key.starts_with("tgw_")) && key.len() >= 40;
+    if generated {
+        key.chars().take(10).collect()
+    } else {
+        format!("sha256:{}", hex::encode(&hash_key(key)[..4]))
+    }
 }
+
+/// The name the bootstrap key (`TASKGATE_API_KEY`) is registered under.
+const BOOTSTRAP_KEY_NAME: &str = "TASKGATE_API_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -82,34 +93,57 @@ pub async fn create_key(
     Ok((record, key))
 }
 
-/// Registers a key given from outside (`TASKGATE_API_KEY`) in the default tenant, once.
+/// Registers a key given from outside (`TASKGATE_API_KEY`) in the default tenant, and revokes
+/// the bootstrap keys registered before it: changing the variable replaces the key rather than
+/// adding one, so a leaked bootstrap key is retired by setting a new one.
 ///
 /// Idempotent under concurrent starts: nodes starting together on one fresh database all find
 /// no key and all insert it; the unique index on the hash lets one win, and the others take the
-/// conflict as "registered already" (as [`ensure_tenant`] does for the tenant).
+/// conflict as "registered already" (as [`ensure_tenant`] does for the tenant). A key that was
+/// revoked stays revoked, and then retires nothing (a node restarted with an old value cannot
+/// revoke the newer key).
 pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), StoreError> {
     let hash = hash_key(key);
-    if let Some(existing) = store.key_by_hash(&hash).await? {
-        if existing.revoked_at.is_some() {
+    let current = match store.key_by_hash(&hash).await? {
+        Some(existing) if existing.revoked_at.is_some() => {
             tracing::warn!(key_id = %existing.id, "TASKGATE_API_KEY names a revoked key; it stays revoked");
+            return Ok(());
         }
-        return Ok(());
+        Some(existing) => existing,
+        None => {
+            let tenant = ensure_tenant(store, DEFAULT_TENANT).await?;
+            let inserted = store
+                .insert_key(
+                    KeyKind::Client,
+                    &tenant,
+                    BOOTSTRAP_KEY_NAME,
+                    &key_prefix(key),
+                    &hash,
+                )
+                .await;
+            match inserted {
+                Ok(record) => record,
+                Err(StoreError::Conflict(_)) => match store.key_by_hash(&hash).await? {
+                    Some(record) => record,
+                    None => return Err(StoreError::Invalid("the bootstrap key vanished".into())),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let now = crate::domain::now_ms();
+    for old in store.list_keys().await? {
+        let previous_bootstrap = old.name == BOOTSTRAP_KEY_NAME
+            && old.tenant.id == current.tenant.id
+            && old.kind == KeyKind::Client
+            && old.revoked_at.is_none()
+            && old.id != current.id
+            && old.created_at <= current.created_at;
+        if previous_bootstrap && store.revoke_key(&old.id, now).await? {
+            tracing::info!(key_id = %old.id, "revoked the previous TASKGATE_API_KEY");
+        }
     }
-    let tenant = ensure_tenant(store, DEFAULT_TENANT).await?;
-    let inserted = store
-        .insert_key(
-            KeyKind::Client,
-            &tenant,
-            "TASKGATE_API_KEY",
-            &key_prefix(key),
-            &hash,
-        )
-        .await;
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(StoreError::Conflict(_)) if store.key_by_hash(&hash).await?.is_some() => Ok(()),
-        Err(e) => Err(e),
-    }
+    Ok(())
 }
 
 /// The tenant named `name`, created if missing (racing nodes agree on one).
@@ -301,5 +335,13 @@ mod tests {
         assert!(a.starts_with("tg_"));
         assert_eq!(a.len(), 3 + 43);
         assert_eq!(key_prefix(&a).len(), 10);
+    }
+
+    #[test]
+    fn a_short_key_is_shown_as_a_fingerprint_of_its_hash() {
+        let shown = key_prefix("letmein");
+        assert!(shown.starts_with("sha256:") && shown.len() == 15, "{shown}");
+        assert!(!shown.contains("letme"));
+        assert_ne!(shown, key_prefix("letmeout"));
     }
 }

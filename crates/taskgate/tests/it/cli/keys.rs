@@ -351,3 +351,38 @@ async fn a_failed_keys_command_under_json_prints_an_error_document_and_exits_1()
     );
     assert!(run.error_line().contains("key_nonexistent"), "{run}");
 }
+
+#[tokio::test]
+async fn a_new_bootstrap_key_replaces_the_old_one_and_listings_show_neither() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let first = "boot-first-short";
+    let second = "boot-second-short";
+    let app = TestApp::start_in(dir.clone(), |c| c.bootstrap_api_key = Some(first.into())).await;
+    app.api.with_key(first).submit_ok("echo", json!({})).await;
+    app.stop().await.unwrap();
+
+    let app = TestApp::start_in(dir.clone(), |c| c.bootstrap_api_key = Some(second.into())).await;
+
+    let (status, body) = app.api.with_key(first).status("echo", "task_x").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "key_revoked", "{body}");
+    app.api.with_key(second).submit_ok("echo", json!({})).await;
+    // A restart with the same key keeps it.
+    app.stop().await.unwrap();
+    let app = TestApp::start_in(dir.clone(), |c| c.bootstrap_api_key = Some(second.into())).await;
+    app.api.with_key(second).submit_ok("echo", json!({})).await;
+
+    let out = taskgate(&[
+        "keys",
+        "list",
+        "--data-dir",
+        &app.data_dir.to_string_lossy(),
+    ])
+    .await;
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    assert!(listed.contains("sha256:"), "{listed}");
+    for secret in [first, second] {
+        assert!(!listed.contains(&secret[..6]), "{listed}");
+    }
+}
