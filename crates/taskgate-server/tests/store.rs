@@ -1822,13 +1822,15 @@ conformance! {
         s.insert_task(tenant_task(&id_at(T0, 1), "ten_1", "a", T0)).await.unwrap();
         s.insert_task(tenant_task(&id_at(T0 + 1, 1), "ten_1", "a", T0 + 1)).await.unwrap();
         s.insert_task(tenant_task(&id_at(T0 + 2, 1), "ten_1", "b", T0 + 2)).await.unwrap();
-        s.insert_task(tenant_task(&id_at(T0 + 3, 1), "ten_2", "a", T0 + 3)).await.unwrap();
         let c = s.claim("a", T0 + 10, LEASE, 10).await.unwrap().unwrap();
         assert_eq!(c.task.id, id_at(T0 - 60_000, 1), "the oldest is claimed first");
         let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
         assert!(s.finish(&c.task.id, &c.token, &ok, T0 + 11).await.unwrap());
         let c = s.claim("a", T0 + 12, LEASE, 10).await.unwrap().unwrap();
         assert_eq!(c.task.id, id_at(T0, 1));
+        // Inserted after the claims: with it pending, fair sharing would have given the second
+        // claim to this tenant.
+        s.insert_task(tenant_task(&id_at(T0 + 3, 1), "ten_2", "a", T0 + 3)).await.unwrap();
 
         let got = counts_of(s.count_tasks("ten_1", T0).await.unwrap());
         assert_eq!(got, vec![
