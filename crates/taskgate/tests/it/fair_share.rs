@@ -22,11 +22,11 @@ fn one_at_a_time(c: &mut Config) {
     c.models = FileConfig::parse(ONE_AT_A_TIME).unwrap().models.unwrap();
 }
 
-/// A client key of tenant `tenant` (`taskgate keys create`), on the node's SQLite data dir or
-/// on the shared database.
+/// A client key of a new tenant named `tenant` (`taskgate keys create` names it after the
+/// key), on the node's SQLite data dir or on the shared database.
 async fn tenant_key(data_dir: &Path, database_url: Option<&str>, tenant: &str) -> String {
     let dir = data_dir.to_str().unwrap();
-    let mut args = vec!["keys", "create", "--name", tenant, "--tenant", tenant, "--data-dir", dir];
+    let mut args = vec!["keys", "create", "--name", tenant, "--data-dir", dir];
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
