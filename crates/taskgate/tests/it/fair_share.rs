@@ -32,7 +32,11 @@ async fn tenant_key(data_dir: &Path, database_url: Option<&str>, tenant: &str) -
     }
     let out = taskgate(&args).await;
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = stdout.split_whitespace().last().unwrap().to_owned();
     assert!(key.starts_with("tg_"), "{stdout}");
     key
@@ -42,7 +46,10 @@ async fn tenant_key(data_dir: &Path, database_url: Option<&str>, tenant: &str) -
 async fn started(api: &Api) -> usize {
     let mut n = 0;
     for state in ["processing", "success", "failed"] {
-        n += api.list_all_ids(&[("model", "slow"), ("state", state)]).await.len();
+        n += api
+            .list_all_ids(&[("model", "slow"), ("state", state)])
+            .await
+            .len();
     }
     n
 }
@@ -51,18 +58,26 @@ async fn started(api: &Api) -> usize {
 /// other task of the one-slot model starts while it runs). B's task must start before more than
 /// three of A's tasks that were still waiting at B's submit.
 async fn a_flood_does_not_starve(flood: &Api, victim: &Api) {
-    let tasks: Vec<Value> = (0..1000).map(|i| json!({ "input": { "n": i, "delay_ms": 20 } })).collect();
+    let tasks: Vec<Value> = (0..1000)
+        .map(|i| json!({ "input": { "n": i, "delay_ms": 20 } }))
+        .collect();
     let (status, body) = flood.submit_batch("slow", json!({ "tasks": tasks })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let first = body["data"]["taskIds"][0].as_str().unwrap().to_owned();
     flood
-        .wait_for("slow", &first, Duration::from_secs(30), |d| d["state"] != "pending")
+        .wait_for("slow", &first, Duration::from_secs(30), |d| {
+            d["state"] != "pending"
+        })
         .await;
 
     let before = started(flood).await;
-    let b = victim.submit_ok("slow", json!({ "n": "b", "delay_ms": 2000 })).await;
+    let b = victim
+        .submit_ok("slow", json!({ "n": "b", "delay_ms": 2000 }))
+        .await;
     victim
-        .wait_for("slow", &b, Duration::from_secs(30), |d| d["state"] != "pending")
+        .wait_for("slow", &b, Duration::from_secs(30), |d| {
+            d["state"] != "pending"
+        })
         .await;
     // While b runs nothing else of the model can start, so this counts a's claims up to b's.
     let after = started(flood).await;
@@ -71,7 +86,10 @@ async fn a_flood_does_not_starve(flood: &Api, victim: &Api) {
         "b's task waited for {} of a's tasks submitted before it ({before} had started at b's submit)",
         after - before
     );
-    assert!(after < 100, "a's flood was nearly drained before b's turn ({after} started)");
+    assert!(
+        after < 100,
+        "a's flood was nearly drained before b's turn ({after} started)"
+    );
     let done = victim.wait_final("slow", &b, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "success", "{done}");
 }
@@ -79,8 +97,12 @@ async fn a_flood_does_not_starve(flood: &Api, victim: &Api) {
 #[tokio::test]
 async fn a_tenants_single_task_starts_within_a_few_tasks_of_another_tenants_flood() {
     let app = TestApp::start_with(one_at_a_time).await;
-    let flood = app.api.with_key(&tenant_key(&app.data_dir, None, "flood").await);
-    let victim = app.api.with_key(&tenant_key(&app.data_dir, None, "victim").await);
+    let flood = app
+        .api
+        .with_key(&tenant_key(&app.data_dir, None, "flood").await);
+    let victim = app
+        .api
+        .with_key(&tenant_key(&app.data_dir, None, "victim").await);
     a_flood_does_not_starve(&flood, &victim).await;
 }
 
@@ -91,8 +113,12 @@ async fn a_flood_on_one_postgres_node_does_not_starve_a_tenant_submitting_to_ano
     };
     let node_a = TestApp::node_on(&db, one_at_a_time).await;
     let node_b = TestApp::node_on(&db, one_at_a_time).await;
-    let flood = node_a.api.with_key(&tenant_key(&node_a.data_dir, Some(&db.url), "flood").await);
-    let victim = node_b.api.with_key(&tenant_key(&node_b.data_dir, Some(&db.url), "victim").await);
+    let flood = node_a
+        .api
+        .with_key(&tenant_key(&node_a.data_dir, Some(&db.url), "flood").await);
+    let victim = node_b
+        .api
+        .with_key(&tenant_key(&node_b.data_dir, Some(&db.url), "victim").await);
     a_flood_does_not_starve(&flood, &victim).await;
     drop((node_a, node_b));
     db.drop_db().await;
