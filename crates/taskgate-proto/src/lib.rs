@@ -191,8 +191,10 @@ pub struct TaskStatus {
     /// APIXO clients ignore unknown fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
-    /// taskgate extension: while pending, how many due tasks of the same model would be claimed
-    /// before this one (0: it is next), capped at [`MAX_QUEUE_POSITION`]. Shown on answers read
+    /// taskgate extension: while pending, an estimate of how many tasks of the same model will
+    /// start before this one (0: it is next): those ahead in its tenant's own queue, plus what
+    /// the other waiting tenants start meanwhile at their fair share, capped at
+    /// [`MAX_QUEUE_POSITION`]. Shown on answers read
     /// from the store (docs/api.md says when a fresh submit's answer leaves it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,

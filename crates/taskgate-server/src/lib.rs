@@ -197,6 +197,7 @@ pub async fn run_with(
     if let Some(wrap) = &hooks.wrap_store {
         store = wrap(store);
     }
+    store.set_tenant_weights(config.tenant_weights());
 
     if let Some(key) = &config.bootstrap_api_key {
         auth::register_bootstrap_key(store.as_ref(), key).await?;

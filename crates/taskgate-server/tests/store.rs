@@ -1822,13 +1822,15 @@ conformance! {
         s.insert_task(tenant_task(&id_at(T0, 1), "ten_1", "a", T0)).await.unwrap();
         s.insert_task(tenant_task(&id_at(T0 + 1, 1), "ten_1", "a", T0 + 1)).await.unwrap();
         s.insert_task(tenant_task(&id_at(T0 + 2, 1), "ten_1", "b", T0 + 2)).await.unwrap();
-        s.insert_task(tenant_task(&id_at(T0 + 3, 1), "ten_2", "a", T0 + 3)).await.unwrap();
         let c = s.claim("a", T0 + 10, LEASE, 10).await.unwrap().unwrap();
         assert_eq!(c.task.id, id_at(T0 - 60_000, 1), "the oldest is claimed first");
         let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
         assert!(s.finish(&c.task.id, &c.token, &ok, T0 + 11).await.unwrap());
         let c = s.claim("a", T0 + 12, LEASE, 10).await.unwrap().unwrap();
         assert_eq!(c.task.id, id_at(T0, 1));
+        // Inserted after the claims: with it pending, fair sharing would have given the second
+        // claim to this tenant.
+        s.insert_task(tenant_task(&id_at(T0 + 3, 1), "ten_2", "a", T0 + 3)).await.unwrap();
 
         let got = counts_of(s.count_tasks("ten_1", T0).await.unwrap());
         assert_eq!(got, vec![
@@ -1939,5 +1941,137 @@ conformance! {
         assert_eq!(got[1].models, ["c"]);
         assert_eq!(s.workers_seen(250, 10).await.unwrap().len(), 1, "only the recently seen");
         assert_eq!(s.workers_seen(0, 1).await.unwrap().len(), 1, "at most the limit");
+    }
+}
+
+/// The tenant of each of `n` claims of one slot of model `m` at `now`, `None` once nothing is due.
+async fn claim_tenants(s: &dyn Store, n: usize, now: i64) -> Vec<Option<String>> {
+    let mut tenants = Vec::new();
+    for _ in 0..n {
+        let c = s.claim("m", now, LEASE, 1000).await.unwrap();
+        tenants.push(c.map(|c| c.task.tenant_id));
+    }
+    tenants
+}
+
+fn count_of(tenants: &[Option<String>], tenant: &str) -> usize {
+    tenants
+        .iter()
+        .filter(|t| t.as_deref() == Some(tenant))
+        .count()
+}
+
+// Fair sharing between the tenants of a model (store::fair, docs/gateway.md).
+conformance! {
+    a_flooding_tenant_cannot_starve_another_within_a_model(s) {
+        for i in 0..50 {
+            s.insert_task(tenant_task(&format!("task_a{i:03}"), "ten_a", "m", 1)).await.unwrap();
+        }
+        s.insert_task(tenant_task("task_b", "ten_b", "m", 1)).await.unwrap();
+        let first = s.claim("m", 10, LEASE, 1000).await.unwrap().unwrap();
+        assert_eq!(first.task.id, "task_a000", "a tie goes to the smaller tenant id");
+        let second = s.claim("m", 10, LEASE, 1000).await.unwrap().unwrap();
+        assert_eq!(second.task.id, "task_b", "b's one task comes right after a's first");
+        // Then a has the model to itself again, in its own order.
+        let rest = s.claim_batch("m", 10, LEASE, 1000, 5, Runner::Worker).await.unwrap();
+        let ids: Vec<&str> = rest.iter().map(|c| c.task.id.as_str()).collect();
+        assert_eq!(ids, ["task_a001", "task_a002", "task_a003", "task_a004", "task_a005"]);
+    }
+
+    a_tenant_arriving_behind_a_flood_waits_for_at_most_one_more_of_its_tasks(s) {
+        for i in 0..50 {
+            s.insert_task(tenant_task(&format!("task_a{i:03}"), "ten_a", "m", 1)).await.unwrap();
+        }
+        // a alone: the plain claim, nothing written for the passes.
+        assert_eq!(count_of(&claim_tenants(s.as_ref(), 5, 10).await, "ten_a"), 5);
+        s.insert_task(tenant_task("task_b", "ten_b", "m", 1)).await.unwrap();
+        let next = claim_tenants(s.as_ref(), 2, 10).await;
+        assert_eq!(count_of(&next, "ten_b"), 1, "{next:?}");
+    }
+
+    weights_share_a_model_three_to_one(s) {
+        let heavy = s.create_tenant("heavy").await.unwrap();
+        let light = s.create_tenant("light").await.unwrap();
+        s.set_tenant_weights(taskgate_server::store::TenantWeights::new(
+            [("heavy".to_owned(), 3)].into_iter().collect(),
+        ));
+        for i in 0..40 {
+            s.insert_task(tenant_task(&format!("task_h{i:03}"), &heavy.id, "m", 1)).await.unwrap();
+            s.insert_task(tenant_task(&format!("task_l{i:03}"), &light.id, "m", 1)).await.unwrap();
+        }
+        let one_at_a_time = claim_tenants(s.as_ref(), 16, 10).await;
+        assert_eq!(count_of(&one_at_a_time, &heavy.id), 12, "{one_at_a_time:?}");
+        assert_eq!(count_of(&one_at_a_time, &light.id), 4, "{one_at_a_time:?}");
+        // A claim of many slots shares them the same way.
+        let batch = s.claim_batch("m", 10, LEASE, 1000, 8, Runner::Local).await.unwrap();
+        let heavy_n = batch.iter().filter(|c| c.task.tenant_id == heavy.id).count();
+        assert_eq!((heavy_n, batch.len()), (6, 8));
+    }
+
+    priority_still_orders_a_tenants_own_tasks(s) {
+        for (id, tenant, priority) in [
+            ("task_a1", "ten_a", 0), ("task_a2", "ten_a", 9), ("task_a3", "ten_a", 5),
+            ("task_b1", "ten_b", 0), ("task_b2", "ten_b", 1),
+        ] {
+            s.insert_task(NewTask { priority, ..tenant_task(id, tenant, "m", 1) }).await.unwrap();
+        }
+        let mut ids = Vec::new();
+        while let Some(c) = s.claim("m", 10, LEASE, 1000).await.unwrap() {
+            ids.push(c.task.id);
+        }
+        // Between tenants the fair order; within each, priority then age.
+        assert_eq!(ids, ["task_a2", "task_b2", "task_a3", "task_b1", "task_a1"]);
+    }
+
+    an_idle_tenant_does_not_bank_credit(s) {
+        for i in 0..40 {
+            s.insert_task(tenant_task(&format!("task_a{i:03}"), "ten_a", "m", 1)).await.unwrap();
+            s.insert_task(tenant_task(&format!("task_c{i:03}"), "ten_c", "m", 1)).await.unwrap();
+        }
+        // a and c share the model for a while; b has nothing waiting.
+        let shared = claim_tenants(s.as_ref(), 20, 10).await;
+        assert_eq!(count_of(&shared, "ten_a"), 10, "{shared:?}");
+        for i in 0..10 {
+            s.insert_task(tenant_task(&format!("task_b{i:03}"), "ten_b", "m", 1)).await.unwrap();
+        }
+        // b joins at the model's virtual time: a third of the slots, not ten in a row.
+        let after = claim_tenants(s.as_ref(), 9, 10).await;
+        let b = count_of(&after, "ten_b");
+        assert!((3..=4).contains(&b), "b took {b} of 9: {after:?}");
+    }
+
+    retries_in_backoff_and_expired_tasks_are_still_passed_over(s) {
+        for i in 0..5 {
+            s.insert_task(tenant_task(&format!("task_a{i:03}"), "ten_a", "m", 1)).await.unwrap();
+        }
+        s.insert_task(NewTask { expires_at: Some(5), ..tenant_task("task_b_late", "ten_b", "m", 1) })
+            .await
+            .unwrap();
+        s.insert_task(tenant_task("task_c", "ten_c", "m", 1)).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 1000).await.unwrap().unwrap();
+        assert_eq!(c.task.id, "task_a000");
+        let c2 = s.claim("m", 10, LEASE, 1000).await.unwrap().unwrap();
+        assert_eq!(c2.task.id, "task_c", "b's only task is past its deadline");
+        // c's task fails and waits out a backoff: a has the model meanwhile.
+        assert!(s.requeue("task_c", &c2.token, 1000, false).await.unwrap());
+        let during = claim_tenants(s.as_ref(), 3, 20).await;
+        assert_eq!(count_of(&during, "ten_a"), 3, "{during:?}");
+        let after = claim_tenants(s.as_ref(), 2, 1000).await;
+        assert_eq!(count_of(&after, "ten_c"), 1, "{after:?}");
+        assert_eq!(s.get_task("task_b_late").await.unwrap().unwrap().state, TaskState::Pending);
+    }
+
+    a_queue_position_counts_the_other_tenants_share(s) {
+        for i in 0..10 {
+            s.insert_task(tenant_task(&format!("task_a{i:03}"), "ten_a", "m", 1)).await.unwrap();
+        }
+        for i in 0..3 {
+            s.insert_task(tenant_task(&format!("task_b{i:03}"), "ten_b", "m", 1)).await.unwrap();
+        }
+        // b's third task has two of b's ahead, and a starts about two meanwhile.
+        assert_eq!(s.queue_position("task_b002", 10).await.unwrap(), Some(4));
+        assert_eq!(s.queue_position("task_b000", 10).await.unwrap(), Some(0));
+        // a's last task: nine of a's, and b's three (all b has) meanwhile.
+        assert_eq!(s.queue_position("task_a009", 10).await.unwrap(), Some(12));
     }
 }

@@ -58,6 +58,23 @@ pub struct FileConfig {
     pub storage: StorageLayer,
     /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
     pub models: Option<BTreeMap<String, ModelConfig>>,
+    /// Per-tenant settings by tenant name (`[tenants.NAME]`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// One tenant's settings, by its name (`taskgate keys create --tenant NAME`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Its share of each model against other tenants with waiting tasks (docs/gateway.md,
+    /// "Fair sharing between tenants"); 1 when not set.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 impl FileConfig {
@@ -285,6 +302,20 @@ pub struct Config {
     /// tests.
     pub bootstrap_api_key: Option<String>,
     pub models: BTreeMap<String, ModelConfig>,
+    /// `[tenants.NAME]` tables; a name no tenant has yet applies once it is created.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+impl Config {
+    /// The fair-share weights claims use, by tenant name.
+    pub fn tenant_weights(&self) -> crate::store::TenantWeights {
+        crate::store::TenantWeights::new(
+            self.tenants
+                .iter()
+                .map(|(name, t)| (name.clone(), t.weight))
+                .collect(),
+        )
+    }
 }
 
 /// Where result files live.
@@ -377,6 +408,7 @@ impl std::fmt::Debug for Config {
                 &self.bootstrap_api_key.as_ref().map(|_| "<redacted>"),
             )
             .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("tenants", &self.tenants)
             .finish()
     }
 }
@@ -393,6 +425,7 @@ impl Config {
             artifacts: ArtifactsConfig::Local,
             bootstrap_api_key: None,
             models: default_models(),
+            tenants: BTreeMap::new(),
         }
     }
 
@@ -471,6 +504,17 @@ impl Config {
         }
         if let ArtifactsConfig::S3(s3) = &self.artifacts {
             validate_s3(s3, self.server.result_url_ttl)?;
+        }
+        for (name, tenant) in &self.tenants {
+            if !(1..=crate::store::fair::MAX_WEIGHT).contains(&tenant.weight) {
+                return Err(invalid(
+                    format!("tenants.{name}.weight"),
+                    format!(
+                        "must be between 1 and {}; it is this tenant's share of a model against the other tenants with waiting tasks",
+                        crate::store::fair::MAX_WEIGHT
+                    ),
+                ));
+            }
         }
         if self.models.is_empty() {
             return Err(invalid(
@@ -918,5 +962,25 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(setting), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn tenant_weights_parse_and_a_bad_one_is_refused_with_the_setting_named() {
+        let f = FileConfig::parse("[tenants.acme]\nweight = 3\n[tenants.other]\n").unwrap();
+        let mut c = Config::new("/tmp/x");
+        c.tenants = f.tenants;
+        c.validate().unwrap();
+        let weights = c.tenant_weights();
+        assert_eq!(weights.weight(Some("acme")), 3);
+        assert_eq!(weights.weight(Some("other")), 1);
+        assert_eq!(weights.weight(Some("not-yet-created")), 1);
+        for toml in ["weight = 0", "weight = 1001"] {
+            let f = FileConfig::parse(&format!("[tenants.acme]\n{toml}\n")).unwrap();
+            c.tenants = f.tenants;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("tenants.acme.weight"), "{toml}: {err}");
+        }
+        let typo = FileConfig::parse("[tenants.acme]\nwieght = 3\n").unwrap_err();
+        assert!(typo.contains("wieght"), "{typo}");
     }
 }

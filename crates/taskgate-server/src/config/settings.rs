@@ -257,6 +257,7 @@ pub fn layered(
     if let Some(models) = file.models {
         config.models = models;
     }
+    config.tenants = file.tenants;
     config.artifacts = artifacts(storage)?;
     config.bootstrap_api_key = api_key.map(str::to_owned).filter(|k| !k.trim().is_empty());
     if let Some(key) = &config.bootstrap_api_key {

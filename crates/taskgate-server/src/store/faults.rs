@@ -567,6 +567,10 @@ impl Store for FaultyStore {
         self.inner.exclusive()
     }
 
+    fn set_tenant_weights(&self, weights: super::TenantWeights) {
+        self.inner.set_tenant_weights(weights);
+    }
+
     async fn listen(&self, events: tokio::sync::mpsc::UnboundedSender<StoreEvent>) {
         self.inner.listen(events).await
     }

@@ -7,6 +7,7 @@
 
 mod batch;
 pub mod dashboard;
+pub mod fair;
 pub mod faults;
 pub mod postgres;
 mod rows;
@@ -14,6 +15,7 @@ pub mod sqlite;
 
 pub use batch::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
 pub use dashboard::{AttemptEnd, AttemptRecord, CountRow};
+pub use fair::TenantWeights;
 
 use std::time::Duration;
 
@@ -487,6 +489,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         runner: Runner,
     ) -> Result<Vec<Claim>, StoreError>;
+
+    /// The fair-share weights claims use between tenants of a model (`store::fair`), set at
+    /// start from the config's `[tenants.NAME]` tables; until then every tenant weighs 1.
+    fn set_tenant_weights(&self, weights: TenantWeights);
 
     /// Whether [`Store::claim_parked`] waits inside the store (SQLite's writer thread does):
     /// the local loops then park their free slots there instead of waiting for a wake-up.

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
+use super::fair::{passes_sql, plan, tenants_sql, Share, WeightCell};
 use super::rows::{
     asks, claim_returning, delivery_claim_returning, insert_start_events_sql, owes_progress_event,
     start_event_ids, status_snapshot, ClaimedDeliveryRow, ClaimedRow, Dialect,
@@ -64,6 +65,8 @@ pub struct PostgresStore {
     inserts: mpsc::Sender<InsertRequest>,
     finishes: mpsc::Sender<FinishRequest>,
     closing: CancellationToken,
+    /// Fair-share weights by tenant name (`store::fair`).
+    weights: WeightCell,
 }
 
 impl PostgresStore {
@@ -117,6 +120,7 @@ impl PostgresStore {
             inserts: tx,
             finishes,
             closing: CancellationToken::new(),
+            weights: WeightCell::default(),
         })
     }
 }
@@ -600,26 +604,38 @@ impl Store for PostgresStore {
             .bind(model)
             .execute(&mut *tx)
             .await?;
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tasks WHERE model = $1 AND state = 'processing'",
-        )
-        .bind(model)
-        .fetch_one(&mut *tx)
-        .await?;
+        // The tenants with pending tasks (a loose index scan), their passes, and the room the
+        // model's count leaves; then each tenant's share (`store::fair`).
+        let shares: Vec<Share> =
+            sqlx::query_as(&tenants_sql(Dialect::Postgres, |n| format!("${n}")))
+                .bind(model)
+                .bind(now)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind(i64::try_from(max_running).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+        let Some(first) = shares.first() else {
+            return Ok(Vec::new());
+        };
         let room = i64::try_from(max_running)
             .unwrap_or(i64::MAX)
-            .saturating_sub(running)
+            .saturating_sub(first.running)
             .min(i64::try_from(limit).unwrap_or(i64::MAX));
         if room <= 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query_as::<_, ClaimedRow>(&format!(
+        let plan = plan(
+            &shares,
+            &self.weights.get(),
+            usize::try_from(room).unwrap_or(0),
+        );
+        let claim = format!(
             "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
              lease_token = $1 || id, lease_expires_at = {DB_NOW_MS} + $2, \
              expires_at = NULL, \
              start_time = {DB_NOW_MS}, \
              runner = $6, claim_acked = $7 \
-             WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND {guard} \
+             WHERE id IN (SELECT id FROM tasks WHERE model = $4 AND tenant_id = $8 AND {guard} \
                           AND run_after <= $3 AND {live} \
                           ORDER BY priority DESC, id LIMIT $5 \
                           FOR UPDATE SKIP LOCKED) \
@@ -628,16 +644,30 @@ impl Store for PostgresStore {
             guard = Transition::Claim.guard(),
             live = not_expired("$3"),
             returning = claim_returning(),
-        ))
-        .bind(&prefix)
-        .bind(lease.as_millis() as i64)
-        .bind(now)
-        .bind(model)
-        .bind(room)
-        .bind(runner.as_str())
-        .bind(runner == Runner::Local)
-        .fetch_all(&mut *tx)
-        .await?;
+        );
+        let mut rows = Vec::new();
+        for (tenant, take) in &plan.take {
+            let claimed = sqlx::query_as::<_, ClaimedRow>(&claim)
+                .bind(&prefix)
+                .bind(lease.as_millis() as i64)
+                .bind(now)
+                .bind(model)
+                .bind(i64::try_from(*take).unwrap_or(i64::MAX))
+                .bind(runner.as_str())
+                .bind(runner == Runner::Local)
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
+            rows.extend(claimed);
+        }
+        if !plan.passes.is_empty() {
+            let sql = passes_sql(plan.passes.len(), |n| format!("${n}"));
+            let mut q = sqlx::query(&sql).bind(model);
+            for (tenant, pass) in &plan.passes {
+                q = q.bind(tenant).bind(pass);
+            }
+            q.execute(&mut *tx).await?;
+        }
         insert_start_events(&mut tx, &rows, now).await?;
         tx.commit().await?;
         claims_from_rows(rows.into_iter().map(|r| r.task).collect(), &prefix)
@@ -1400,6 +1430,10 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<taskgate_proto::WorkerSeen>, StoreError> {
         self.workers(since, limit).await
+    }
+
+    fn set_tenant_weights(&self, weights: super::TenantWeights) {
+        self.weights.set(weights);
     }
 
     fn exclusive(&self) -> bool {

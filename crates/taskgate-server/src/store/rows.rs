@@ -478,28 +478,42 @@ pub fn log_lines(rows: Vec<LogRow>) -> Vec<taskgate_proto::TaskLogLine> {
         .collect()
 }
 
-/// A pending task's place in its model's queue: the pending tasks a claim would consider first
-/// (`ORDER BY priority DESC, id`), as two ranges of the `tasks_ready` index (higher priority;
-/// same priority and older), each walked to at most `MAX_QUEUE_POSITION` index entries so the
-/// work is bounded however long the queue. Tasks waiting out a retry's backoff count as ahead:
-/// filtering them (`run_after`, `expires_at` are not in the index) made the walk unbounded, a
-/// review measured 42 ms per poll behind 300k tasks in backoff. No row when the task is not
-/// pending. Placeholders: 1 the task id, 2 now (unused, kept for the callers' binds).
+/// A pending task's place in its *tenant's* queue of its model: the tenant's pending tasks a
+/// claim would take first (`ORDER BY priority DESC, id`), as two ranges of the `tasks_ready`
+/// index (higher priority; same priority and older), each walked to at most
+/// `MAX_QUEUE_POSITION` index entries so the work is bounded however long the queue; with the
+/// task's tenant and its name, from which `store::fair::queue_estimate` adds the other tenants'
+/// shares. Tasks waiting out a retry's backoff count as ahead: filtering them (`run_after`,
+/// `expires_at` are not in the index) made the walk unbounded, a review measured 42 ms per poll
+/// behind 300k tasks in backoff. No row when the task is not pending. Placeholders: 1 the task
+/// id, 2 now (unused, kept for the callers' binds).
 pub fn queue_position_sql(p: impl Fn(u32) -> String) -> String {
     let cap = taskgate_proto::MAX_QUEUE_POSITION;
     let (id, now) = (p(1), p(2));
     let ahead = |order: &str| {
         format!(
             "(SELECT count(*) FROM (SELECT 1 FROM tasks o, me WHERE o.model = me.model \
-             AND o.state = 'pending' AND {order} AND {now} = {now} LIMIT {cap}) ahead)"
+             AND o.tenant_id = me.tenant_id AND o.state = 'pending' AND {order} \
+             AND {now} = {now} LIMIT {cap}) ahead)"
         )
     };
     format!(
-        "WITH me AS (SELECT model, priority, id FROM tasks WHERE id = {id} AND state = 'pending') \
-         SELECT {} + {} FROM me",
+        "WITH me AS (SELECT model, tenant_id, priority, id FROM tasks \
+                     WHERE id = {id} AND state = 'pending') \
+         SELECT {} + {} AS ahead, me.model AS model, me.tenant_id AS tenant_id, \
+                (SELECT name FROM tenants WHERE id = me.tenant_id) AS name FROM me",
         ahead("o.priority > me.priority"),
         ahead("o.priority = me.priority AND o.id < me.id"),
     )
+}
+
+/// A pending task's row of [`queue_position_sql`].
+#[derive(Debug, sqlx::FromRow)]
+pub struct QueuePlace {
+    pub ahead: i64,
+    pub model: String,
+    pub tenant_id: String,
+    pub name: Option<String>,
 }
 
 /// `(model, state, count)` of pending and processing tasks, for both dialects. Each half is

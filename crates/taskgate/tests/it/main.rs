@@ -12,6 +12,7 @@ mod config;
 mod connections;
 mod dashboard;
 mod dispatch;
+mod fair_share;
 mod faults;
 mod hot_paths;
 mod http_backend;

@@ -6,8 +6,10 @@
 //! trigger does not send for a table other than `tasks`: streams of the task on every node then
 //! send the lines.
 
+use super::super::fair::{other_queue_cap, other_queues_sql, queue_estimate};
 use super::super::rows::{
-    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QUEUE_DEPTHS_SQL,
+    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QueuePlace,
+    QUEUE_DEPTHS_SQL,
 };
 use super::super::{queue_depths_from, QueueDepth, StoreError};
 use super::{notify, PostgresStore};
@@ -82,15 +84,23 @@ impl PostgresStore {
         task_id: &str,
         now: i64,
     ) -> Result<Option<u64>, StoreError> {
-        let ahead: Option<i64> = sqlx::query_scalar(&queue_position_sql(|n| format!("${n}")))
+        let Some(me) = sqlx::query_as::<_, QueuePlace>(&queue_position_sql(|n| format!("${n}")))
             .bind(task_id)
             .bind(now)
             .fetch_optional(&self.pool)
-            .await?;
-        Ok(ahead.map(|n| {
-            u64::try_from(n)
-                .unwrap_or(0)
-                .min(taskgate_proto::MAX_QUEUE_POSITION)
-        }))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let weights = self.weights.get();
+        let mine = weights.weight(me.name.as_deref());
+        let others: Vec<(Option<String>, i64)> =
+            sqlx::query_as(&other_queues_sql(|n| format!("${n}")))
+                .bind(&me.model)
+                .bind(&me.tenant_id)
+                .bind(other_queue_cap(me.ahead, mine, &weights))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Some(queue_estimate(me.ahead, mine, &others, &weights)))
     }
 }

@@ -6,8 +6,10 @@
 //! through the writer thread, whose rounds (submits, claims, final states) stay as they were;
 //! tasks that log nothing never call it. Reads go through the API's read-only pool.
 
+use super::super::fair::{other_queue_cap, other_queues_sql, queue_estimate};
 use super::super::rows::{
-    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QUEUE_DEPTHS_SQL,
+    log_lines, log_tail_sql, queue_position_sql, trim_logs_sql, LogRow, QueuePlace,
+    QUEUE_DEPTHS_SQL,
 };
 use super::super::{queue_depths_from, QueueDepth, StoreError};
 use super::SqliteStore;
@@ -82,16 +84,24 @@ impl SqliteStore {
         task_id: &str,
         now: i64,
     ) -> Result<Option<u64>, StoreError> {
-        let ahead: Option<i64> = sqlx::query_scalar(&queue_position_sql(|n| format!("?{n}")))
+        let Some(me) = sqlx::query_as::<_, QueuePlace>(&queue_position_sql(|n| format!("?{n}")))
             .bind(task_id)
             .bind(now)
             .fetch_optional(&self.reader)
-            .await?;
-        Ok(ahead.map(|n| {
-            u64::try_from(n)
-                .unwrap_or(0)
-                .min(taskgate_proto::MAX_QUEUE_POSITION)
-        }))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let weights = self.weights.get();
+        let mine = weights.weight(me.name.as_deref());
+        let others: Vec<(Option<String>, i64)> =
+            sqlx::query_as(&other_queues_sql(|n| format!("?{n}")))
+                .bind(&me.model)
+                .bind(&me.tenant_id)
+                .bind(other_queue_cap(me.ahead, mine, &weights))
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(Some(queue_estimate(me.ahead, mine, &others, &weights)))
     }
 }
 
@@ -106,23 +116,27 @@ mod tests {
     async fn the_queue_position_walks_the_ready_index() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        let sql = queue_position_sql(|n| format!("?{n}"));
-        let plan: Vec<(i64, i64, i64, String)> =
-            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .fetch_all(&store.reader)
-                .await
-                .unwrap();
-        let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
-        assert!(
-            !steps
-                .iter()
-                .any(|s| s.starts_with("SCAN tasks") || s.starts_with("SCAN o")),
-            "{sql}\nscans the table: {steps:?}"
-        );
-        assert!(
-            steps.iter().any(|s| s.contains("tasks_ready")),
-            "{sql}\ndoes not use tasks_ready: {steps:?}"
-        );
+        for sql in [
+            queue_position_sql(|n| format!("?{n}")),
+            crate::store::fair::other_queues_sql(|n| format!("?{n}")),
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(&store.reader)
+                    .await
+                    .unwrap();
+            let steps: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+            assert!(
+                !steps
+                    .iter()
+                    .any(|s| s.starts_with("SCAN tasks") || s.starts_with("SCAN o")),
+                "{sql}\nscans the table: {steps:?}"
+            );
+            assert!(
+                steps.iter().any(|s| s.contains("tasks_ready")),
+                "{sql}\ndoes not use tasks_ready: {steps:?}"
+            );
+        }
     }
 
     /// The scrape's queue depths walk the two partial indexes, never the table of (mostly

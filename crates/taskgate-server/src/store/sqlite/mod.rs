@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
 use super::dashboard::{SERVER_RESTARTED, SERVER_RESTARTED_MSG};
+use super::fair::WeightCell;
 use super::rows::{
     asks, claim_returning, delivery_claim_returning, owes_progress_event, status_snapshot,
     ClaimedDeliveryRow, Dialect,
@@ -73,6 +74,8 @@ pub struct SqliteStore {
     deliveries: Arc<Notify>,
     /// Ends `listen` at close.
     closing: CancellationToken,
+    /// Fair-share weights by tenant name, sent with each claim to the writer thread.
+    weights: WeightCell,
 }
 
 impl SqliteStore {
@@ -117,20 +120,22 @@ impl SqliteStore {
             write_lock,
             deliveries,
             closing: CancellationToken::new(),
+            weights: WeightCell::default(),
         })
     }
 }
 
-/// The claim: up to `?6` due pending tasks of model `?4`, best priority first, no more than
-/// leave `?5` running. It must walk the `tasks_ready` index, never scan the table (a test checks
-/// its query plan).
+/// The claim of one tenant's tasks: up to `?6` due pending tasks of model `?4` and tenant `?9`,
+/// best priority first, no more than leave `?5` running (`store::fair` says how many each tenant
+/// gets). It must walk the `tasks_ready` index, never scan the table (a test checks its query
+/// plan).
 pub(super) fn claim_sql() -> String {
     format!(
         "UPDATE tasks SET {set}, attempts = attempts + 1, progress = NULL, \
          lease_token = ?1 || id, lease_expires_at = ?2, start_time = ?3, runner = ?7, \
          expires_at = NULL, \
          claim_acked = ?8 \
-         WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND {guard} \
+         WHERE id IN (SELECT id FROM tasks WHERE model = ?4 AND tenant_id = ?9 AND {guard} \
                       AND run_after <= ?3 AND {live} ORDER BY priority DESC, id \
                       LIMIT max(0, min(?6, ?5 - (SELECT count(*) FROM tasks \
                                                 WHERE model = ?4 AND state = 'processing')))) \
@@ -166,6 +171,7 @@ impl SqliteStore {
             max_running,
             limit,
             runner,
+            weights: self.weights.get(),
             reply,
         };
         let withdrawn = || async move {
@@ -452,6 +458,10 @@ impl Store for SqliteStore {
 
     fn parks_claims(&self) -> bool {
         true
+    }
+
+    fn set_tenant_weights(&self, weights: super::TenantWeights) {
+        self.weights.set(weights);
     }
 
     async fn claim_parked(
@@ -1245,6 +1255,7 @@ impl Store for SqliteStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::store::fair::tenants_sql;
 
     /// The hot statements walk an index: a table scan per claim or per sweep makes every claim
     /// cost as much as the table is large (as it did while the guard read `state IN (…)`).
@@ -1256,7 +1267,8 @@ mod tests {
             "SELECT id FROM tasks WHERE {} AND lease_expires_at <= ?1",
             Transition::Requeue.guard()
         );
-        for sql in [claim_sql(), sweep] {
+        let tenants = tenants_sql(Dialect::Sqlite, |n| format!("?{n}"));
+        for sql in [claim_sql(), sweep, tenants] {
             let plan: Vec<(i64, i64, i64, String)> =
                 sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
                     .fetch_all(&store.writer)

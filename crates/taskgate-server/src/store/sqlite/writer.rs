@@ -22,6 +22,7 @@ use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use taskgate_proto::WebhookEvent;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::super::fair::{passes_sql, plan, tenants_sql, Share, TenantWeights};
 use super::super::rows::{
     asks, claims_from_rows, insert_start_events_sql, outcome_columns, start_event_ids, ClaimedRow,
     Dialect, TaskRow, NEW_TASK_COLUMNS,
@@ -56,6 +57,8 @@ pub(super) struct ClaimRequest {
     pub max_running: usize,
     pub limit: usize,
     pub runner: Runner,
+    /// Fair-share weights, for a claim that chooses between tenants.
+    pub weights: TenantWeights,
     pub reply: oneshot::Sender<Result<Vec<Claim>, StoreError>>,
 }
 
@@ -304,23 +307,7 @@ fn write_round(
         // Each claim's token is its prefix and the task id: distinct, one statement.
         let prefix = format!("{}_", new_id("att"));
         let now = c.now.unwrap_or_else(now_ms);
-        let mut stmt = tx.prepare_cached(&claim_sql()).map_err(sqlite_error)?;
-        let rows = stmt
-            .query_map(
-                rusqlite::params![
-                    prefix,
-                    now + c.lease_ms,
-                    now,
-                    c.model,
-                    i64::try_from(c.max_running).unwrap_or(i64::MAX),
-                    i64::try_from(c.limit).unwrap_or(i64::MAX),
-                    c.runner.as_str(),
-                    c.runner == Runner::Local,
-                ],
-                ClaimedRow::from_sqlite,
-            )
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(sqlite_error)?;
+        let rows = claim_fair(&tx, c, &prefix, now)?;
         started |= insert_start_events(&tx, &rows, now)?;
         claimed.push((prefix, rows.into_iter().map(|r| r.task).collect()));
     }
@@ -330,6 +317,69 @@ fn write_round(
         deliveries.notify_one();
     }
     Ok((written, claimed))
+}
+
+/// One claim, shared between the model's tenants (`store::fair`): the loose scan of the tenants
+/// with pending tasks, then the per-tenant claim of each tenant's share, then (only when it chose
+/// between tenants) their passes.
+fn claim_fair(
+    tx: &Connection,
+    c: &ClaimRequest,
+    prefix: &str,
+    now: i64,
+) -> Result<Vec<ClaimedRow>, StoreError> {
+    let max_running = i64::try_from(c.max_running).unwrap_or(i64::MAX);
+    let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
+    let shares: Vec<Share> = tx
+        .prepare_cached(&tenants_sql(Dialect::Sqlite, |n| format!("?{n}")))
+        .and_then(|mut s| {
+            s.query_map(
+                rusqlite::params![c.model, now, limit, max_running],
+                Share::from_sqlite,
+            )?
+            .collect()
+        })
+        .map_err(sqlite_error)?;
+    let Some(first) = shares.first() else {
+        return Ok(Vec::new());
+    };
+    let room = usize::try_from((max_running - first.running).min(limit)).unwrap_or(0);
+    if room == 0 {
+        return Ok(Vec::new());
+    }
+    let plan = plan(&shares, &c.weights, room);
+    let mut rows = Vec::new();
+    let mut stmt = tx.prepare_cached(&claim_sql()).map_err(sqlite_error)?;
+    for (tenant, take) in &plan.take {
+        let claimed = stmt
+            .query_map(
+                rusqlite::params![
+                    prefix,
+                    now + c.lease_ms,
+                    now,
+                    c.model,
+                    max_running,
+                    i64::try_from(*take).unwrap_or(i64::MAX),
+                    c.runner.as_str(),
+                    c.runner == Runner::Local,
+                    tenant,
+                ],
+                ClaimedRow::from_sqlite,
+            )
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(sqlite_error)?;
+        rows.extend(claimed);
+    }
+    if !plan.passes.is_empty() {
+        let mut params: Vec<&dyn ToSql> = vec![&c.model];
+        for (tenant, pass) in &plan.passes {
+            params.extend_from_slice(&[tenant as &dyn ToSql, pass]);
+        }
+        tx.prepare_cached(&passes_sql(plan.passes.len(), |n| format!("?{n}")))
+            .and_then(|mut s| s.execute(params.as_slice()))
+            .map_err(sqlite_error)?;
+    }
+    Ok(rows)
 }
 
 /// The start deliveries of a claim's tasks that asked for them, in the claim's transaction;
