@@ -72,11 +72,7 @@ pub fn window(
                 .into(),
         ));
     }
-    Ok(UsageWindow {
-        from,
-        to,
-        group_by,
-    })
+    Ok(UsageWindow { from, to, group_by })
 }
 
 /// A time parameter: Unix ms (an integer), a `YYYY-MM-DD` date (UTC midnight), or an RFC 3339
@@ -207,13 +203,32 @@ mod tests {
     fn times_are_read_as_unix_ms_rfc3339_with_any_offset_or_a_date() {
         assert_eq!(parse_time("from", "1764547200000").unwrap(), NOW);
         assert_eq!(parse_time("from", "2025-12-01T00:00:00Z").unwrap(), NOW);
-        assert_eq!(parse_time("from", "2025-12-01T00:00:00.250Z").unwrap(), NOW + 250);
-        assert_eq!(parse_time("from", "2025-12-01T02:30:00+02:30").unwrap(), NOW);
-        assert_eq!(parse_time("from", "2025-11-30T23:00:00-01:00").unwrap(), NOW);
+        assert_eq!(
+            parse_time("from", "2025-12-01T00:00:00.250Z").unwrap(),
+            NOW + 250
+        );
+        assert_eq!(
+            parse_time("from", "2025-12-01T02:30:00+02:30").unwrap(),
+            NOW
+        );
+        assert_eq!(
+            parse_time("from", "2025-11-30T23:00:00-01:00").unwrap(),
+            NOW
+        );
         assert_eq!(parse_time("from", "2025-12-01").unwrap(), NOW);
-        for bad in ["yesterday", "2025-13-01", "2025-12-01T00:00:00+25:00", "1e3", "", "é"] {
+        for bad in [
+            "yesterday",
+            "2025-13-01",
+            "2025-12-01T00:00:00+25:00",
+            "1e3",
+            "",
+            "é",
+        ] {
             let e = parse_time("from", bad).unwrap_err();
-            assert!(e.0.starts_with("from must be an RFC 3339 time"), "{bad}: {e}");
+            assert!(
+                e.0.starts_with("from must be an RFC 3339 time"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -229,13 +244,17 @@ mod tests {
             }
         );
         let w = window(None, Some("1000000000000"), Some("day"), NOW).unwrap();
-        assert_eq!((w.from, w.to), (1_000_000_000_000 - DEFAULT_WINDOW_MS, 1_000_000_000_000));
+        assert_eq!(
+            (w.from, w.to),
+            (1_000_000_000_000 - DEFAULT_WINDOW_MS, 1_000_000_000_000)
+        );
         assert_eq!(w.group_by, UsageGroupBy::Day);
     }
 
     #[test]
     fn empty_reversed_or_too_long_windows_and_unknown_groupings_are_refused() {
-        let e = |f: Option<&str>, t: Option<&str>, g: Option<&str>| window(f, t, g, NOW).unwrap_err().0;
+        let e =
+            |f: Option<&str>, t: Option<&str>, g: Option<&str>| window(f, t, g, NOW).unwrap_err().0;
         assert!(e(Some("5"), Some("5"), None).contains("must be before"));
         assert!(e(Some("6"), Some("5"), None).contains("must be before"));
         assert!(e(Some("2024-01-01"), Some("2025-12-01"), None).contains("366 days"));

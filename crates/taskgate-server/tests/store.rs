@@ -1951,14 +1951,42 @@ async fn claim_of(s: &dyn Store, model: &str, id: &str, now: i64) -> taskgate_se
     c
 }
 
-fn usage_query(tenant: &str, from: i64, to: i64, group_by: taskgate_proto::UsageGroupBy) -> taskgate_server::store::UsageQuery {
-    taskgate_server::store::UsageQuery { tenant_id: tenant.into(), from, to, group_by }
+fn usage_query(
+    tenant: &str,
+    from: i64,
+    to: i64,
+    group_by: taskgate_proto::UsageGroupBy,
+) -> taskgate_server::store::UsageQuery {
+    taskgate_server::store::UsageQuery {
+        tenant_id: tenant.into(),
+        from,
+        to,
+        group_by,
+    }
 }
 
 /// The aggregates sorted by group, as (group, [pending, processing, success, failed], run ms).
-async fn usage_of(s: &dyn Store, q: taskgate_server::store::UsageQuery) -> Vec<(String, [u64; 4], i64)> {
-    let mut v: Vec<_> = s.usage(&q).await.unwrap().into_iter()
-        .map(|a| (a.group, [a.counts.pending, a.counts.processing, a.counts.success, a.counts.failed], a.run_ms))
+async fn usage_of(
+    s: &dyn Store,
+    q: taskgate_server::store::UsageQuery,
+) -> Vec<(String, [u64; 4], i64)> {
+    let mut v: Vec<_> = s
+        .usage(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| {
+            (
+                a.group,
+                [
+                    a.counts.pending,
+                    a.counts.processing,
+                    a.counts.success,
+                    a.counts.failed,
+                ],
+                a.run_ms,
+            )
+        })
         .collect();
     v.sort();
     v

@@ -26,10 +26,9 @@ use taskgate_proto::{
     AttemptInfo, ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelCounts,
     ModelInfo, ModelList, OperatorView, RequestType, ResultJson, StateCounts, TaskCounts,
     TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState, TaskStatus, TasksCreated,
-    UsageFigures, UsageGroupBy, UsageReport, UsageRow,
-    WebhookAttempt, WebhookBacklog, WebhookDeliveries, WebhookDelivery, WebhookEvent,
-    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen,
-    WorkerTask,
+    UsageFigures, UsageGroupBy, UsageReport, UsageRow, WebhookAttempt, WebhookBacklog,
+    WebhookDeliveries, WebhookDelivery, WebhookEvent, WebhookSecretData, WorkerClaimRequest,
+    WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen, WorkerTask,
 };
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{

@@ -18,7 +18,7 @@ use crate::state::AppState;
 const ROUTE: &str = "/api/v1/usage";
 
 pub(super) fn router() -> Router<Arc<AppState>> {
-    Router::new().route(ROUTE, get(usage))
+    Router::new().route("/api/v1/usage", get(usage))
 }
 
 /// The caller's tenant's usage: tasks created in `[from, to)`, grouped, by state, with their

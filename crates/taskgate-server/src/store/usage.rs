@@ -86,7 +86,8 @@ pub fn usage_sql(d: Dialect, g: UsageGroupBy) -> Result<String, StoreError> {
         Dialect::Sqlite => format!("?{n}"),
         Dialect::Postgres => format!("${n}"),
     };
-    let per_state = |s: TaskState| format!("sum(CASE WHEN state = '{}' THEN 1 ELSE 0 END)", s.as_str());
+    let per_state =
+        |s: TaskState| format!("sum(CASE WHEN state = '{}' THEN 1 ELSE 0 END)", s.as_str());
     Ok(format!(
         "SELECT {group} AS grp, {}, {}, {}, {}, CAST(COALESCE(sum({}), 0) AS BIGINT) \
          FROM tasks WHERE tenant_id = {} AND id >= {} AND id < {} \
