@@ -1373,18 +1373,7 @@ impl Store for PostgresStore {
         &self,
         query: &super::UsageQuery,
     ) -> Result<Vec<super::UsageAggregate>, StoreError> {
-        use super::usage::{usage_bounds, usage_rows, usage_sql, UsageSqlRow};
-        let (floor, ceiling, from, to) = usage_bounds(query);
-        let rows: Vec<UsageSqlRow> =
-            sqlx::query_as(&usage_sql(super::rows::Dialect::Postgres, query.group_by)?)
-                .bind(&query.tenant_id)
-                .bind(floor)
-                .bind(ceiling)
-                .bind(from)
-                .bind(to)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(usage_rows(rows))
+        super::usage::read_usage!(&self.pool, super::rows::Dialect::Postgres, query)
     }
 
     async fn requeue_failed(

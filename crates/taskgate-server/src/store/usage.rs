@@ -110,6 +110,25 @@ pub fn usage_bounds(q: &UsageQuery) -> (String, String, i64, i64) {
     (id_floor(q.from), id_ceiling(q.to), q.from, q.to)
 }
 
+/// Runs [`usage_sql`] for `$query` on `$pool` in `$dialect`: one text for both dialects' impls
+/// (a macro, since the two pools' types differ and sqlx's generic bounds would outweigh it).
+macro_rules! read_usage {
+    ($pool:expr, $dialect:expr, $query:expr) => {{
+        use $crate::store::usage::{usage_bounds, usage_rows, usage_sql, UsageSqlRow};
+        let (floor, ceiling, from, to) = usage_bounds($query);
+        let rows: Vec<UsageSqlRow> = sqlx::query_as(&usage_sql($dialect, $query.group_by)?)
+            .bind(&$query.tenant_id)
+            .bind(floor)
+            .bind(ceiling)
+            .bind(from)
+            .bind(to)
+            .fetch_all($pool)
+            .await?;
+        Ok(usage_rows(rows))
+    }};
+}
+pub(crate) use read_usage;
+
 /// A row of [`usage_sql`].
 pub type UsageSqlRow = (String, i64, i64, i64, i64, i64);
 
