@@ -8,12 +8,14 @@ use serde::{Deserialize, Serialize};
 
 pub mod dashboard;
 pub mod error_code;
+pub mod usage;
 pub mod webhook;
 
 pub use dashboard::{
     AttemptInfo, ModelCounts, OperatorView, StateCounts, TaskCounts, WebhookBacklog, WorkerSeen,
 };
 pub use error_code::{ErrorCode, ErrorData};
+pub use usage::{UsageFigures, UsageGroupBy, UsageReport, UsageRow};
 
 /// The envelope every response is wrapped in: `code` mirrors the HTTP status.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

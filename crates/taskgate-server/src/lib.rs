@@ -22,6 +22,7 @@ pub mod serve;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod views;
 pub mod webhooks;
 

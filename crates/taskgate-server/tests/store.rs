@@ -2075,3 +2075,123 @@ conformance! {
         assert_eq!(s.queue_position("task_a009", 10).await.unwrap(), Some(12));
     }
 }
+
+const DAY: i64 = 86_400_000;
+
+/// A claim of `model` that must find `id`.
+async fn claim_of(s: &dyn Store, model: &str, id: &str, now: i64) -> taskgate_server::store::Claim {
+    let c = s.claim(model, now, LEASE, 10).await.unwrap().unwrap();
+    assert_eq!(c.task.id, id);
+    c
+}
+
+fn usage_query(
+    tenant: &str,
+    from: i64,
+    to: i64,
+    group_by: taskgate_proto::UsageGroupBy,
+) -> taskgate_server::store::UsageQuery {
+    taskgate_server::store::UsageQuery {
+        tenant_id: tenant.into(),
+        from,
+        to,
+        group_by,
+    }
+}
+
+/// The aggregates sorted by group, as (group, [pending, processing, success, failed], run ms).
+async fn usage_of(
+    s: &dyn Store,
+    q: taskgate_server::store::UsageQuery,
+) -> Vec<(String, [u64; 4], i64)> {
+    let mut v: Vec<_> = s
+        .usage(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| {
+            (
+                a.group,
+                [
+                    a.counts.pending,
+                    a.counts.processing,
+                    a.counts.success,
+                    a.counts.failed,
+                ],
+                a.run_ms,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+conformance! {
+    usage_counts_a_tenants_tasks_created_in_the_window_by_state_with_every_ended_attempts_run_time(s) {
+        use taskgate_proto::UsageGroupBy::{Day, Model};
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        let boom = Outcome::Failure { code: "BOOM".into(), message: "no".into() };
+        // Before the window: counted by nothing below.
+        let early = id_at(T0 - 1, 1);
+        s.insert_task(tenant_task(&early, "ten_1", "a", T0 - 1)).await.unwrap();
+        let c = claim_of(s.as_ref(), "a", &early, T0 + 10).await;
+        assert!(s.finish(&early, &c.token, &ok, c.task.start_time.unwrap() + 99_000).await.unwrap());
+        // Another tenant's, in the window.
+        let other = id_at(T0 + 3, 1);
+        s.insert_task(tenant_task(&other, "ten_2", "a", T0 + 3)).await.unwrap();
+        let c = claim_of(s.as_ref(), "a", &other, T0 + 10).await;
+        assert!(s.finish(&other, &c.token, &ok, c.task.start_time.unwrap() + 77_000).await.unwrap());
+        // a1: one attempt of 1.5 s, a success (the start is the store's: PostgreSQL stamps
+        // claims with its own clock).
+        let a1 = id_at(T0, 1);
+        s.insert_task(tenant_task(&a1, "ten_1", "a", T0)).await.unwrap();
+        let c = claim_of(s.as_ref(), "a", &a1, T0 + 10).await;
+        assert!(s.finish(&a1, &c.token, &ok, c.task.start_time.unwrap() + 1_500).await.unwrap());
+        // a2: a retried attempt (in its history), then a failure after 0.7 s.
+        let a2 = id_at(T0 + 1, 1);
+        s.insert_task(tenant_task(&a2, "ten_1", "a", T0 + 1)).await.unwrap();
+        let c = claim_of(s.as_ref(), "a", &a2, T0 + 10).await;
+        let ended = taskgate_server::store::AttemptEnd { fail_code: "TEMPORARY".into(), fail_msg: "x".into(), runner: None };
+        assert!(s.requeue_failed(&a2, &c.token, T0 + 20, &ended).await.unwrap());
+        let c = claim_of(s.as_ref(), "a", &a2, T0 + 30).await;
+        assert!(s.finish(&a2, &c.token, &boom, c.task.start_time.unwrap() + 700).await.unwrap());
+        let history = s.attempt_record(&a2).await.unwrap().unwrap().history;
+        assert_eq!(history.len(), 1);
+        let retried = history[0].ended_at.unwrap() - history[0].started_at.unwrap();
+        // a3: claimed, handed back with its attempt refunded (as at shutdown), then cancelled
+        // while pending: its start time is left from the refunded claim, and counts nothing.
+        let a3 = id_at(T0 + 2, 1);
+        s.insert_task(tenant_task(&a3, "ten_1", "a", T0 + 2)).await.unwrap();
+        let c = claim_of(s.as_ref(), "a", &a3, T0 + 10).await;
+        assert!(s.requeue(&a3, &c.token, T0 + 10, true).await.unwrap());
+        s.cancel_task(&a3, "ten_1", "a", T0 + 10_000_000).await.unwrap();
+        assert_eq!(s.get_task(&a3).await.unwrap().unwrap().state, TaskState::Failed);
+        // b1 running and b2 pending, the next day; one more at the window's (exclusive) end.
+        let (b1, b2, late) = (id_at(T0 + DAY, 1), id_at(T0 + DAY + 5, 1), id_at(T0 + 2 * DAY, 1));
+        s.insert_task(tenant_task(&b1, "ten_1", "b", T0 + DAY)).await.unwrap();
+        claim_of(s.as_ref(), "b", &b1, T0 + DAY + 1).await;
+        s.insert_task(tenant_task(&b2, "ten_1", "b", T0 + DAY + 5)).await.unwrap();
+        s.insert_task(tenant_task(&late, "ten_1", "b", T0 + 2 * DAY)).await.unwrap();
+
+        let a_run = 1_500 + retried + 700;
+        assert_eq!(usage_of(s.as_ref(), usage_query("ten_1", T0, T0 + 2 * DAY, Model)).await, vec![
+            ("a".to_string(), [0, 0, 1, 2], a_run),
+            ("b".to_string(), [1, 1, 0, 0], 0),
+        ], "a running attempt counts nothing until it ends");
+        let (day1, day2) = ((T0 / DAY).to_string(), (T0 / DAY + 1).to_string());
+        assert_eq!(usage_of(s.as_ref(), usage_query("ten_1", T0, T0 + 2 * DAY, Day)).await, vec![
+            (day1.clone(), [0, 0, 1, 2], a_run),
+            (day2, [1, 1, 0, 0], 0),
+        ]);
+        assert_eq!(usage_of(s.as_ref(), usage_query("ten_1", T0 - 1, T0 + 1, Day)).await, vec![
+            ((T0 / DAY - 1).to_string(), [0, 0, 1, 0], 99_000),
+            (day1, [0, 0, 1, 0], 1_500),
+        ], "from is inclusive and to exclusive, by creation time");
+        assert_eq!(usage_of(s.as_ref(), usage_query("ten_2", T0, T0 + DAY, Model)).await, vec![
+            ("a".to_string(), [0, 0, 1, 0], 77_000),
+        ], "only the tenant's own tasks");
+        assert!(usage_of(s.as_ref(), usage_query("ten_1", T0 + 3 * DAY, T0 + 4 * DAY, Model)).await.is_empty());
+        assert!(s.usage(&usage_query("ten_1", T0, T0 + DAY, taskgate_proto::UsageGroupBy::Key)).await.is_err(),
+            "no key column yet: refused, not answered wrong");
+    }
+}

@@ -1,6 +1,7 @@
 //! `taskgate keys create|list|revoke`: API keys and worker tokens, made and revoked in the
 //! server's store directly (SQLite in the data dir, or PostgreSQL), so they work while the server
-//! runs and need no key to begin with.
+//! runs and need no key to begin with. `taskgate keys usage`: a tenant's usage report, read from
+//! the same store by the same code as `GET /api/v1/usage` (`taskgate_server::usage`).
 //!
 //! Text for people by default; with `--json`, one document on stdout (a failure's document has
 //! the client commands' shape, kind `keys`). Which store was opened always goes to stderr, so it
@@ -55,6 +56,28 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A tenant's usage: its tasks created in a window, per model or day, by state, with the
+    /// seconds their attempts ran (the figures of GET /api/v1/usage).
+    Usage {
+        /// The tenant's name, as `keys list` shows it.
+        #[arg(long)]
+        tenant: String,
+        /// Start of the window (inclusive): RFC 3339, a date (UTC midnight) or Unix ms.
+        /// Default: 30 days before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the window (exclusive), in the same forms. Default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// One row per `model` or per UTC `day` of creation.
+        #[arg(long, default_value = "model")]
+        group_by: String,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print the report as GET /api/v1/usage's `data` on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a key by its id (key_...).
     Revoke {
         /// The key's id as `keys list` shows it (key_… or wkr_…), not the key itself.
@@ -72,6 +95,7 @@ impl KeysCommand {
         match self {
             KeysCommand::Create { json, .. }
             | KeysCommand::List { json, .. }
+            | KeysCommand::Usage { json, .. }
             | KeysCommand::Revoke { json, .. } => *json,
         }
     }
@@ -211,6 +235,41 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        KeysCommand::Usage {
+            tenant,
+            from,
+            to,
+            group_by,
+            data_dir,
+            json,
+        } => {
+            // The window is checked before the store is opened: a typo costs no open.
+            let window = taskgate_server::usage::window(
+                from.as_deref(),
+                to.as_deref(),
+                Some(group_by.as_str()),
+                taskgate_server::domain::now_ms(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}", e.0.replace("groupBy", "--group-by")))?;
+            let store = open_store(&data_dir, false).await?;
+            let found = store.tenant_by_name(&tenant).await;
+            let report = match found {
+                Ok(Some(t)) => taskgate_server::usage::report(store.as_ref(), &t.id, &window)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Ok(None) => Err(anyhow::anyhow!(
+                    "no tenant named {tenant:?}; see the TENANT column of `taskgate keys list`"
+                )),
+                Err(e) => Err(e.into()),
+            };
+            store.close().await;
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_usage(&tenant, &report);
+            }
+        }
         KeysCommand::Revoke { id, data_dir, json } => {
             let store = open_store(&data_dir, false).await?;
             let done = store
@@ -228,4 +287,46 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The report as a table: one line per group and a total line.
+fn print_usage(tenant: &str, r: &taskgate_proto::UsageReport) {
+    println!(
+        "Usage of tenant {tenant:?}: tasks created from {} to {} (exclusive), per {}.",
+        format_time(r.from),
+        format_time(r.to),
+        r.group_by.as_str()
+    );
+    println!(
+        "{:<32}  {:>9}  {:>9}  {:>9}  {:>10}  {:>9}  {:>12}",
+        r.group_by.as_str().to_ascii_uppercase(),
+        "SUCCESS",
+        "FAILED",
+        "PENDING",
+        "PROCESSING",
+        "TOTAL",
+        "RUN SECONDS"
+    );
+    let line = |name: &str, f: &taskgate_proto::UsageFigures| {
+        println!(
+            "{:<32}  {:>9}  {:>9}  {:>9}  {:>10}  {:>9}  {:>12.3}",
+            name,
+            f.counts.success,
+            f.counts.failed,
+            f.counts.pending,
+            f.counts.processing,
+            f.total,
+            f.run_seconds
+        )
+    };
+    for row in &r.rows {
+        let name = row
+            .model
+            .as_deref()
+            .or(row.day.as_deref())
+            .or(row.key.as_deref())
+            .unwrap_or("");
+        line(name, &row.figures);
+    }
+    line("(total)", &r.total);
 }

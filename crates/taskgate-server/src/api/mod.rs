@@ -24,6 +24,7 @@ mod stream;
 mod task_list;
 mod tasks;
 mod trace;
+mod usage;
 mod wait;
 mod webhooks;
 mod worker;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(worker::router())
         .merge(openapi::router())
         .merge(operator::router())
+        .merge(usage::router())
         .merge(dashboard::router())
         // After the merges: these apply to every route registered before them.
         .fallback(not_found)
@@ -158,6 +160,32 @@ pub(super) fn flag_param(uri: &Uri, name: &str) -> Result<bool, ApiError> {
             format!("the {name} query parameter must be true or false, got {other:?}"),
         )),
     }
+}
+
+/// The query parameters of a route that takes exactly `names`, in that order: each at most once
+/// (which of two was meant is ambiguous), empty counted as absent, any other name refused so
+/// that a misspelt parameter is not silently ignored.
+pub(super) fn known_params<const N: usize>(
+    uri: &Uri,
+    route: &str,
+    names: [&str; N],
+) -> Result<[Option<String>; N], ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    let mut seen = [false; N];
+    for (name, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        let i = names.iter().position(|n| *n == name).ok_or_else(|| {
+            bad(format!(
+                "unknown query parameter {name:?}; {route} takes {}",
+                names.join(", ")
+            ))
+        })?;
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(bad(format!("the {name} query parameter is given twice")));
+        }
+        values[i] = Some(value.into_owned()).filter(|v| !v.is_empty());
+    }
+    Ok(values)
 }
 
 pub fn query_param(uri: &Uri, name: &str) -> Option<String> {

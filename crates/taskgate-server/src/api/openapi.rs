@@ -26,9 +26,9 @@ use taskgate_proto::{
     AttemptInfo, ErrorCode, ErrorData, GenerateTaskRequest, GenerateTasksRequest, ModelCounts,
     ModelInfo, ModelList, OperatorView, RequestType, ResultJson, StateCounts, TaskCounts,
     TaskCreated, TaskList, TaskListItem, TaskLogLine, TaskState, TaskStatus, TasksCreated,
-    WebhookAttempt, WebhookBacklog, WebhookDeliveries, WebhookDelivery, WebhookEvent,
-    WebhookSecretData, WorkerClaimRequest, WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen,
-    WorkerTask,
+    UsageFigures, UsageGroupBy, UsageReport, UsageRow, WebhookAttempt, WebhookBacklog,
+    WebhookDeliveries, WebhookDelivery, WebhookEvent, WebhookSecretData, WorkerClaimRequest,
+    WorkerComplete, WorkerFail, WorkerHeartbeat, WorkerSeen, WorkerTask,
 };
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{
@@ -75,6 +75,7 @@ use crate::state::AppState;
         super::worker::fail,
         super::operator::task_counts,
         super::operator::stream_task_counts,
+        super::usage::usage,
         super::operator::operator,
         super::metrics::metrics,
         super::healthz,
@@ -87,7 +88,7 @@ use crate::state::AppState;
         ModelInfo, ModelList, WebhookEvent, WebhookSecretData, WebhookDelivery, WebhookAttempt,
         WebhookDeliveries, WorkerClaimRequest, WorkerTask, WorkerHeartbeat, WorkerComplete,
         WorkerFail, Submitted, Health, TaskCounts, ModelCounts, StateCounts, AttemptInfo,
-        OperatorView, WebhookBacklog, WorkerSeen,
+        OperatorView, WebhookBacklog, WorkerSeen, UsageReport, UsageRow, UsageFigures, UsageGroupBy,
     )),
     modifiers(&Security, &ErrorResponses, &EventStreams, &ParametersNotNull),
     tags(
@@ -255,6 +256,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
         ),
         ("taskCounts", &[InvalidInput, Unavailable]),
         ("streamTaskCounts", &[InvalidInput, Unavailable]),
+        ("usage", &[InvalidInput, Unavailable]),
         ("operatorView", &[Unavailable]),
         // The metrics token's refusals reuse the API key's codes (api/metrics.rs).
         ("metrics", &[MissingApiKey, InvalidApiKey]),

@@ -64,9 +64,18 @@ const ID_CLOCK_SLACK_MS: i64 = 5_000;
 /// The smallest task id a task created at `since` may have (ids are `task_` + a lowercase ULID,
 /// which starts with its time), less the clock slack.
 pub fn id_floor(since: i64) -> String {
-    let ms = u64::try_from(since.saturating_sub(ID_CLOCK_SLACK_MS))
-        .unwrap_or(0)
-        .min((1 << 48) - 1);
+    smallest_id_at(since.saturating_sub(ID_CLOCK_SLACK_MS))
+}
+
+/// An id every task created before `before` sorts below (the clock slack added): the top of an
+/// id range whose `create_time < before` is the exact test.
+pub fn id_ceiling(before: i64) -> String {
+    smallest_id_at(before.saturating_add(ID_CLOCK_SLACK_MS))
+}
+
+/// The smallest task id of millisecond `ms`, clamped to the ids' 48-bit time.
+fn smallest_id_at(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0).min((1 << 48) - 1);
     format!(
         "task_{}",
         ulid::Ulid::from_parts(ms, 0)

@@ -520,6 +520,15 @@ impl Store for FaultyStore {
         self.plan.leave("count_tasks", entered, result)
     }
 
+    async fn usage(
+        &self,
+        query: &super::UsageQuery,
+    ) -> Result<Vec<super::UsageAggregate>, StoreError> {
+        let entered = self.plan.enter("usage").await?;
+        let result = self.inner.usage(query).await;
+        self.plan.leave("usage", entered, result)
+    }
+
     async fn requeue_failed(
         &self,
         id: &str,

@@ -12,10 +12,12 @@ pub mod faults;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+pub mod usage;
 
 pub use batch::{IdempotencyKey, KeyedInsert, TaskPage, TaskQuery};
 pub use dashboard::{AttemptEnd, AttemptRecord, CountRow};
 pub use fair::TenantWeights;
+pub use usage::{UsageAggregate, UsageQuery};
 
 use std::time::Duration;
 
@@ -778,6 +780,11 @@ pub trait Store: Send + Sync + 'static {
     /// per model: a walk of the `(tenant_id, id)` index from the id of `since`, never the
     /// tenant's whole history.
     async fn count_tasks(&self, tenant_id: &str, since: i64) -> Result<Vec<CountRow>, StoreError>;
+
+    /// The usage report's figures: one grouped aggregate over the tenant's tasks created in
+    /// `[from, to)`, a walk of the `(tenant_id, id)` index over the window's id range
+    /// (`store/usage.rs`). Groups come in no particular order.
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageAggregate>, StoreError>;
 
     /// [`Store::requeue`] of an attempt that failed and will be retried (no refund), which also
     /// appends the attempt to the task's history in the same statement.

@@ -1399,6 +1399,13 @@ impl Store for PostgresStore {
         self.count(tenant_id, since).await
     }
 
+    async fn usage(
+        &self,
+        query: &super::UsageQuery,
+    ) -> Result<Vec<super::UsageAggregate>, StoreError> {
+        super::usage::read_usage!(&self.pool, super::rows::Dialect::Postgres, query)
+    }
+
     async fn requeue_failed(
         &self,
         id: &str,

@@ -1188,6 +1188,13 @@ impl Store for SqliteStore {
         self.count(tenant_id, since).await
     }
 
+    async fn usage(
+        &self,
+        query: &super::UsageQuery,
+    ) -> Result<Vec<super::UsageAggregate>, StoreError> {
+        super::usage::read_usage!(&self.reader, super::rows::Dialect::Sqlite, query)
+    }
+
     async fn requeue_failed(
         &self,
         id: &str,
