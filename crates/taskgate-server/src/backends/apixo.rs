@@ -318,26 +318,27 @@ mod tests {
 
     #[test]
     fn transient_upstream_fail_codes_are_retried_and_foreign_ones_become_generation_failed() {
-        assert_eq!(
-            map_fail_code(Some("MODEL_UNAVAILABLE")),
-            (fail_code::MODEL_UNAVAILABLE, true)
-        );
-        assert_eq!(
-            map_fail_code(Some("PROCESSING_TIMEOUT")),
-            (fail_code::PROCESSING_TIMEOUT, true)
-        );
-        assert_eq!(
-            map_fail_code(Some("INVALID_INPUT")),
-            (fail_code::INVALID_INPUT, false)
-        );
-        assert_eq!(
-            map_fail_code(Some("CONTENT_VIOLATION")),
-            (fail_code::GENERATION_FAILED, false)
-        );
-        assert_eq!(
-            map_fail_code(Some("CANCELLED")),
-            (fail_code::GENERATION_FAILED, false)
-        );
-        assert_eq!(map_fail_code(None), (fail_code::GENERATION_FAILED, false));
+        for (upstream, ours, retryable) in [
+            (
+                Some("MODEL_UNAVAILABLE"),
+                fail_code::MODEL_UNAVAILABLE,
+                true,
+            ),
+            (
+                Some("PROCESSING_TIMEOUT"),
+                fail_code::PROCESSING_TIMEOUT,
+                true,
+            ),
+            (Some("INVALID_INPUT"), fail_code::INVALID_INPUT, false),
+            (
+                Some("CONTENT_VIOLATION"),
+                fail_code::GENERATION_FAILED,
+                false,
+            ),
+            (Some("CANCELLED"), fail_code::GENERATION_FAILED, false),
+            (None, fail_code::GENERATION_FAILED, false),
+        ] {
+            assert_eq!(map_fail_code(upstream), (ours, retryable), "{upstream:?}");
+        }
     }
 }

@@ -143,13 +143,9 @@ async fn an_upstream_failure_fails_our_task_with_its_code_and_message() {
     ))
     .await;
 
-    let task_id = ours
-        .api
-        .submit_ok("gen", json!({ "fail": "the moon is made of cheese" }))
-        .await;
     let done = ours
         .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
+        .run_to_end("gen", json!({ "fail": "the moon is made of cheese" }))
         .await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["failCode"], "GENERATION_FAILED", "{done}");
@@ -209,11 +205,7 @@ async fn a_refused_upstream_key_fails_the_task_saying_so_without_showing_the_key
     ))
     .await;
 
-    let task_id = ours.api.submit_ok("gen", json!({})).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({})).await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["failCode"], "MODEL_UNAVAILABLE", "{done}");
     let msg = done["failMsg"].as_str().unwrap();
@@ -369,11 +361,7 @@ async fn fake_and_ours(model: &str, extra: &str) -> (Fake, TestApp) {
 async fn a_429_with_retry_after_is_waited_out_and_the_submit_repeated_under_the_same_key() {
     let (fake, ours) = fake_and_ours("ratelimited", "max_attempts = 1").await;
 
-    let task_id = ours.api.submit_ok("gen", json!({ "prompt": "hi" })).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({ "prompt": "hi" })).await;
     assert_eq!(done["state"], "success", "{done}");
     let urls = result_urls(&done);
     assert_eq!(urls.len(), 1);
@@ -388,7 +376,8 @@ async fn a_429_with_retry_after_is_waited_out_and_the_submit_repeated_under_the_
     );
     let key = |s: &Submit| s.headers["idempotency-key"].to_str().unwrap().to_owned();
     assert_eq!(key(&submits[0]), key(&submits[1]));
-    assert!(key(&submits[0]).contains(&task_id), "{}", key(&submits[0]));
+    let task_id = done["taskId"].as_str().unwrap();
+    assert!(key(&submits[0]).contains(task_id), "{}", key(&submits[0]));
     // The input is forwarded as given, in async mode.
     assert_eq!(submits[0].body["input"], json!({ "prompt": "hi" }));
     assert_eq!(submits[0].body["request_type"], "async");
@@ -399,11 +388,7 @@ async fn a_429_with_retry_after_is_waited_out_and_the_submit_repeated_under_the_
 async fn an_upstream_that_keeps_answering_503_fails_the_task_as_unavailable() {
     let (fake, ours) = fake_and_ours("down", "max_attempts = 1").await;
 
-    let task_id = ours.api.submit_ok("gen", json!({})).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({})).await;
     assert_eq!(done["failCode"], "MODEL_UNAVAILABLE", "{done}");
     assert!(done["failMsg"].as_str().unwrap().contains("503"), "{done}");
     // The request was retried with backoff before the attempt gave up.
@@ -414,11 +399,7 @@ async fn an_upstream_that_keeps_answering_503_fails_the_task_as_unavailable() {
 async fn a_transient_upstream_failure_is_retried_as_a_new_upstream_task() {
     let (fake, ours) = fake_and_ours("flaky", "max_attempts = 2").await;
 
-    let task_id = ours.api.submit_ok("gen", json!({})).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({})).await;
     assert_eq!(done["state"], "success", "{done}");
     let submits = fake.submits("flaky");
     assert_eq!(submits.len(), 2);
@@ -432,11 +413,7 @@ async fn a_transient_upstream_failure_is_retried_as_a_new_upstream_task() {
 async fn a_foreign_fail_code_becomes_generation_failed_and_is_not_retried() {
     let (fake, ours) = fake_and_ours("violation", "max_attempts = 3").await;
 
-    let task_id = ours.api.submit_ok("gen", json!({})).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({})).await;
     assert_eq!(done["failCode"], "GENERATION_FAILED", "{done}");
     let msg = done["failMsg"].as_str().unwrap();
     assert!(msg.contains("CONTENT_VIOLATION"), "{msg}");
@@ -466,11 +443,7 @@ async fn the_upstreams_progress_shows_in_our_status() {
 async fn an_output_over_max_output_bytes_fails_the_task_and_leaves_no_file() {
     let (_fake, ours) = fake_and_ours("big", "max_output_bytes = 1000").await;
 
-    let task_id = ours.api.submit_ok("gen", json!({})).await;
-    let done = ours
-        .api
-        .wait_final("gen", &task_id, Duration::from_secs(20))
-        .await;
+    let done = ours.api.run_to_end("gen", json!({})).await;
     assert_eq!(done["failCode"], "GENERATION_FAILED", "{done}");
     assert!(
         done["failMsg"]
