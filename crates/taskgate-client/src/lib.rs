@@ -306,6 +306,24 @@ impl Client {
         &self.base
     }
 
+    /// This client (sharing its connection pool) with another [`RetryPolicy`], e.g. one whose
+    /// `max_retry_after` is the time a caller has left.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use taskgate_client::{Client, RetryPolicy};
+    /// let client = Client::new("http://127.0.0.1:8080", "tg_key").unwrap();
+    /// let hurried = client.with_retry(RetryPolicy {
+    ///     max_retry_after: Duration::from_secs(5),
+    ///     ..RetryPolicy::default()
+    /// });
+    /// # let _ = hurried;
+    /// ```
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
     /// Submits a task: `POST /api/v1/generateTask/{model}` with `input` (a JSON object), and
     /// returns its `taskId`.
     ///

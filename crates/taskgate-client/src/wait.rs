@@ -32,6 +32,9 @@ pub struct WaitProgress {
     pub next_poll: Option<Duration>,
     /// Polls made so far.
     pub polls: u32,
+    /// The task's `progress` (0..1) from the latest poll, when the server reports one (taskgate
+    /// does for models that report it; APIXO does not).
+    pub progress: Option<f64>,
 }
 
 /// How [`Client::wait`] polls. The default is APIXO's recommended practice.
@@ -189,6 +192,7 @@ impl Client {
             elapsed: Duration::ZERO,
             next_poll: Some(next.min(opts.timeout)),
             polls,
+            progress: None,
         });
 
         loop {
@@ -207,6 +211,7 @@ impl Client {
                     elapsed,
                     next_poll: None,
                     polls,
+                    progress: status.progress,
                 });
                 if status.state == TaskState::Failed {
                     return Err(Error::TaskFailed {
@@ -239,6 +244,7 @@ impl Client {
                 elapsed,
                 next_poll: Some(next.min(remaining)),
                 polls,
+                progress: status.progress,
             });
         }
     }

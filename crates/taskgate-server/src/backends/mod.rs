@@ -4,6 +4,7 @@
 //! no-op task then touches no file system at all. Later kinds (pull workers, upstream
 //! providers) implement the same trait and need no change to dispatch.
 
+mod apixo;
 mod builtin;
 mod command;
 pub mod download;
@@ -21,6 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{BackendConfig, ConfigError, InputSchema, ModelConfig};
 
+pub use apixo::ApixoBackend;
 pub use builtin::{DemoImage, Echo};
 pub use command::CommandBackend;
 pub use http::HttpBackend;
@@ -172,6 +174,7 @@ pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
         BackendConfig::Http(cfg) => {
             Arc::new(HttpBackend::new(cfg.clone(), http.clone(), model.timeout))
         }
+        BackendConfig::Apixo(cfg) => Arc::new(ApixoBackend::new(cfg, http.clone(), model.timeout)),
     }
 }
 

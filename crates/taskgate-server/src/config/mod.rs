@@ -6,10 +6,12 @@
 //! the file format, the model tables, and the validation that stops a bad start with a message
 //! saying what to change. It depends on nothing else in the crate.
 
+mod apixo;
 pub mod defaults;
 pub mod schema;
 pub mod settings;
 
+pub use apixo::ApixoBackendConfig;
 pub use schema::{InputSchema, SchemaSource};
 
 pub use settings::{
@@ -204,6 +206,7 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
             "base64_pointers",
             "base64_content_type",
         ],
+        Some("apixo") => apixo::KEYS,
         _ => return Ok(()),
     };
     for key in table.keys() {
@@ -246,6 +249,8 @@ pub enum BackendConfig {
     Http(HttpBackendConfig),
     /// Remote pull workers (`taskgate worker`) claim this model's tasks over HTTP.
     Worker {},
+    /// Another APIXO-compatible service (APIXO, or another taskgate) runs the task.
+    Apixo(ApixoBackendConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -550,6 +555,7 @@ impl Config {
                         ));
                     }
                 }
+                BackendConfig::Apixo(apixo) => apixo.validate(name)?,
                 BackendConfig::Http(http) => {
                     let parsed = url::Url::parse(&http.url).map_err(|e| {
                         invalid(

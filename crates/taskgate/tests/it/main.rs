@@ -32,6 +32,7 @@ mod scheduling;
 mod signed_urls;
 mod smoke;
 mod support;
+mod upstream_apixo;
 mod usage;
 mod wait_stream;
 mod webhook_events;
