@@ -31,6 +31,7 @@ mod scheduling;
 mod signed_urls;
 mod smoke;
 mod support;
+mod upstream_providers;
 mod wait_stream;
 mod webhook_events;
 mod webhooks;
