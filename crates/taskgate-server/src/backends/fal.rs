@@ -136,14 +136,14 @@ impl Backend for FalBackend {
             }
             logs_seen = logs_seen.max(logs.len());
             match status.status.as_str() {
-                "IN_QUEUE" => {
-                    if status.queue_position.is_some() && status.queue_position != position {
-                        position = status.queue_position;
-                        job.progress.log(&format!(
-                            "waiting in fal's queue at position {}",
-                            status.queue_position.unwrap_or_default()
-                        ));
-                    }
+                "IN_QUEUE"
+                    if status.queue_position.is_some() && status.queue_position != position =>
+                {
+                    position = status.queue_position;
+                    job.progress.log(&format!(
+                        "waiting in fal's queue at position {}",
+                        status.queue_position.unwrap_or_default()
+                    ));
                 }
                 "COMPLETED" => {
                     guard.disarm();

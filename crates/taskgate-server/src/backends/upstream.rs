@@ -167,12 +167,13 @@ impl Upstream {
                 .await
                 .map_err(|e| transport_error(&what, &e, self.request_timeout))?;
             let status = resp.status();
-            let wait = retry_after(resp.headers()).unwrap_or_else(|| backoff.next());
+            let wait = (status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| retry_after(resp.headers()).unwrap_or_else(|| backoff.next()));
             let bytes = resp
                 .bytes()
                 .await
                 .map_err(|e| transport_error(&what, &e, self.request_timeout))?;
-            if status == StatusCode::TOO_MANY_REQUESTS && Instant::now() + wait < deadline {
+            if let Some(wait) = wait.filter(|w| Instant::now() + *w < deadline) {
                 progress.log(&format!(
                     "{} is rate limiting us (429); asking again in {}",
                     self.provider,

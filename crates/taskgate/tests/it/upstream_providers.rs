@@ -121,8 +121,16 @@ fn prediction(fake: &Fake, id: &str, status: &str, extra: Value) -> Value {
     p
 }
 
-fn replicate_create(fake: &Fake, scenario: &str, body: Value) -> Response {
+fn replicate_create(fake: &Fake, scenario: &str, headers: &HeaderMap, body: Value) -> Response {
     let (id, n) = fake.new_id(scenario, body);
+    let expected = format!("Bearer {REPLICATE_KEY}");
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401 })),
+        )
+            .into_response();
+    }
     if scenario == "flaky" && n == 1 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -147,7 +155,7 @@ async fn replicate_create_by_model(
         format!("POST /v1/models/{owner}/{name}/predictions"),
         &headers,
     );
-    replicate_create(&fake, &name, body)
+    replicate_create(&fake, &name, &headers, body)
 }
 
 async fn replicate_create_by_version(
@@ -157,7 +165,7 @@ async fn replicate_create_by_version(
 ) -> Response {
     fake.record("POST /v1/predictions".into(), &headers);
     let version = body["version"].as_str().unwrap().to_owned();
-    replicate_create(&fake, &version, body)
+    replicate_create(&fake, &version, &headers, body)
 }
 
 async fn replicate_get(
@@ -501,11 +509,6 @@ async fn a_replicate_prediction_is_polled_to_success_and_its_outputs_are_served_
         fake.count("ok_1") >= 3,
         "the prediction was polled to its end"
     );
-    assert_eq!(
-        output_files(app.dir().path()).len(),
-        4,
-        "both tasks' two outputs are stored under their own names"
-    );
     let lines = wait_for_log_line(&app.api, "official", &id, "step 2").await;
     assert_eq!(
         lines.iter().filter(|l| *l == "step 1").count(),
@@ -718,4 +721,29 @@ async fn an_output_over_max_output_bytes_fails_the_task_and_leaves_no_file() {
     assert_eq!(fake.count("big"), 1, "too large is not retried");
     let left = output_files(app.dir().path());
     assert!(left.is_empty(), "no partial output may remain: {left:?}");
+}
+
+#[tokio::test]
+async fn a_refused_key_fails_the_task_at_once_naming_where_the_key_came_from_but_not_the_key() {
+    let (fake, _cancels, base) = start_fake(Provider::Replicate).await;
+    let app = TestApp::start_with_models(&format!(
+        "[models.wrong]\nbackend = \"replicate\"\nmodel = \"acme/ok\"\nurl = {}\napi_key = \"r8_wrong_key\"\nmax_attempts = 3\n",
+        toml_str(&base)
+    ))
+    .await;
+
+    let data = app.api.run_to_end("wrong", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "MODEL_UNAVAILABLE", "{data}");
+    let msg = data["failMsg"].as_str().unwrap();
+    assert!(
+        msg.contains("refused the API key (401 Unauthorized); check api_key"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("r8_wrong_key"),
+        "the key is never shown: {msg}"
+    );
+    assert_eq!(fake.count("ok"), 1, "a refused key is not retried");
 }
