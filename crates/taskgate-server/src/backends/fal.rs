@@ -118,14 +118,7 @@ impl Backend for FalBackend {
             const STATUS: &str = "request status";
             let doc = self
                 .api
-                .call(
-                    Method::GET,
-                    status_url.as_str(),
-                    None,
-                    STATUS,
-                    deadline,
-                    &job.progress,
-                )
+                .get(status_url.as_str(), STATUS, deadline, &job.progress)
                 .await?;
             let status: Status =
                 serde_json::from_value(doc).map_err(|e| self.api.malformed(STATUS, e))?;
@@ -155,14 +148,7 @@ impl Backend for FalBackend {
                     const RESULT: &str = "request result";
                     let result = self
                         .api
-                        .call(
-                            Method::GET,
-                            &response_url,
-                            None,
-                            RESULT,
-                            deadline,
-                            &job.progress,
-                        )
+                        .get(&response_url, RESULT, deadline, &job.progress)
                         .await?;
                     let urls = url_fields(&result);
                     return self.api.save_outputs(job, &urls, &result).await;

@@ -137,10 +137,7 @@ impl Backend for ReplicateBackend {
             }
             tokio::time::sleep(backoff.next()).await;
             const GET: &str = "get prediction";
-            let doc = self
-                .api
-                .call(Method::GET, &get_url, None, GET, deadline, &job.progress)
-                .await?;
+            let doc = self.api.get(&get_url, GET, deadline, &job.progress).await?;
             prediction = self.prediction(GET, doc)?;
         }
     }

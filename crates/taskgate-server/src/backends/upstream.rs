@@ -203,6 +203,18 @@ impl Upstream {
         }
     }
 
+    /// A `GET` through [`Upstream::call`].
+    pub async fn get(
+        &self,
+        url: &str,
+        what: &str,
+        deadline: Instant,
+        progress: &Progress,
+    ) -> Result<Value, BackendError> {
+        self.call(Method::GET, url, None, what, deadline, progress)
+            .await
+    }
+
     /// A guard that, unless disarmed, sends `method url` (the provider's cancel) when dropped.
     pub fn cancel_on_drop(&self, method: Method, url: String) -> CancelOnDrop {
         let request = self.auth().ok().and_then(|auth| {

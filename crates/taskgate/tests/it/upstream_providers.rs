@@ -7,7 +7,6 @@
 //! scenario), and serves the output files itself.
 
 use std::collections::HashMap;
-use std::path::Path as FsPath;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -387,6 +386,23 @@ fn fal_model(name: &str, base: &str, scenario: &str, extra: &str) -> String {
     )
 }
 
+/// Both fakes, and a server with model `r` on the Replicate fake and `f` on the fal one, each
+/// asking for `scenario` with the extra keys `extra`.
+async fn both_providers(
+    scenario: &str,
+    extra: &str,
+) -> (TestApp, [(Fake, mpsc::UnboundedReceiver<String>); 2]) {
+    let (replicate, r_cancels, rbase) = start_fake(Provider::Replicate).await;
+    let (fal, f_cancels, fbase) = start_fake(Provider::Fal).await;
+    let app = TestApp::start_with_models(&format!(
+        "{}{}",
+        replicate_model("r", &rbase, scenario, extra),
+        fal_model("f", &fbase, scenario, extra)
+    ))
+    .await;
+    (app, [(replicate, r_cancels), (fal, f_cancels)])
+}
+
 async fn fetch_all(data: &Value) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for url in result_urls(data) {
@@ -442,26 +458,6 @@ fn gap_after_first(fake: &Fake, first: &str) -> Duration {
     let seen = fake.seen();
     let i = seen.iter().position(|s| s.path.starts_with(first)).unwrap();
     seen[i + 1].at - seen[i].at
-}
-
-/// Files named like outputs anywhere under `dir`.
-fn output_files(dir: &FsPath) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if e.file_name().to_string_lossy().starts_with("output-") {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
 }
 
 #[tokio::test]
@@ -572,14 +568,7 @@ async fn a_fal_request_is_polled_through_the_queue_and_every_url_in_its_result_i
 
 #[tokio::test]
 async fn a_429_with_retry_after_is_waited_out_and_the_task_succeeds() {
-    let (replicate, _c1, rbase) = start_fake(Provider::Replicate).await;
-    let (fal, _c2, fbase) = start_fake(Provider::Fal).await;
-    let app = TestApp::start_with_models(&format!(
-        "{}{}",
-        replicate_model("r", &rbase, "limited", "max_attempts = 1"),
-        fal_model("f", &fbase, "limited", "max_attempts = 1")
-    ))
-    .await;
+    let (app, [(replicate, _), (fal, _)]) = both_providers("limited", "max_attempts = 1").await;
 
     let r = app.api.run_to_end("r", json!({})).await;
     let f = app.api.run_to_end("f", json!({})).await;
@@ -602,14 +591,7 @@ async fn a_429_with_retry_after_is_waited_out_and_the_task_succeeds() {
 
 #[tokio::test]
 async fn a_provider_5xx_is_retryable_and_the_next_attempt_succeeds() {
-    let (replicate, _c1, rbase) = start_fake(Provider::Replicate).await;
-    let (fal, _c2, fbase) = start_fake(Provider::Fal).await;
-    let app = TestApp::start_with_models(&format!(
-        "{}{}",
-        replicate_model("r", &rbase, "flaky", "max_attempts = 2"),
-        fal_model("f", &fbase, "flaky", "max_attempts = 2")
-    ))
-    .await;
+    let (app, [(replicate, _), (fal, _)]) = both_providers("flaky", "max_attempts = 2").await;
 
     let r = app.api.run_to_end("r", json!({})).await;
     let f = app.api.run_to_end("f", json!({})).await;
@@ -622,14 +604,7 @@ async fn a_provider_5xx_is_retryable_and_the_next_attempt_succeeds() {
 
 #[tokio::test]
 async fn a_failed_prediction_fails_the_task_with_the_providers_error() {
-    let (replicate, _c1, rbase) = start_fake(Provider::Replicate).await;
-    let (fal, _c2, fbase) = start_fake(Provider::Fal).await;
-    let app = TestApp::start_with_models(&format!(
-        "{}{}",
-        replicate_model("r", &rbase, "fails", "max_attempts = 3"),
-        fal_model("f", &fbase, "fails", "max_attempts = 3")
-    ))
-    .await;
+    let (app, [(replicate, _), (fal, _)]) = both_providers("fails", "max_attempts = 3").await;
 
     let r = app.api.run_to_end("r", json!({})).await;
     let f = app.api.run_to_end("f", json!({})).await;
@@ -650,14 +625,8 @@ async fn a_failed_prediction_fails_the_task_with_the_providers_error() {
 
 #[tokio::test]
 async fn cancelling_a_running_task_cancels_the_prediction_upstream() {
-    let (replicate, mut r_cancels, rbase) = start_fake(Provider::Replicate).await;
-    let (fal, mut f_cancels, fbase) = start_fake(Provider::Fal).await;
-    let app = TestApp::start_with_models(&format!(
-        "{}{}",
-        replicate_model("r", &rbase, "slow", ""),
-        fal_model("f", &fbase, "slow", "")
-    ))
-    .await;
+    let (app, [(replicate, mut r_cancels), (fal, mut f_cancels)]) =
+        both_providers("slow", "").await;
     let r = app.api.submit_ok("r", json!({})).await;
     let f = app.api.submit_ok("f", json!({})).await;
     // Running upstream: polled at least once.
@@ -719,7 +688,15 @@ async fn an_output_over_max_output_bytes_fails_the_task_and_leaves_no_file() {
         "{msg}"
     );
     assert_eq!(fake.count("big"), 1, "too large is not retried");
-    let left = output_files(app.dir().path());
+    let left: Vec<_> = files_under(app.dir().path())
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("output-")
+        })
+        .collect();
     assert!(left.is_empty(), "no partial output may remain: {left:?}");
 }
 
