@@ -181,6 +181,9 @@ async fn replicate_get(
     });
     let p = match (scenario_of(&id), n) {
         ("limited", 1) => return throttled(),
+        ("pollfails", _) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
         ("fails", 1) | ("slow", _) => {
             prediction(&fake, &id, "processing", json!({ "logs": "step 1\n" }))
         }
@@ -723,4 +726,29 @@ async fn a_refused_key_fails_the_task_at_once_naming_where_the_key_came_from_but
         "the key is never shown: {msg}"
     );
     assert_eq!(fake.count("ok"), 1, "a refused key is not retried");
+}
+
+#[tokio::test]
+async fn a_poll_answered_5xx_fails_the_attempt_as_retryable_and_cancels_the_prediction() {
+    let (_fake, mut cancels, base) = start_fake(Provider::Replicate).await;
+    let app = TestApp::start_with_models(&replicate_model(
+        "r",
+        &base,
+        "pollfails",
+        "max_attempts = 1",
+    ))
+    .await;
+
+    let data = app.api.run_to_end("r", json!({})).await;
+
+    assert_eq!(data["state"], "failed", "{data}");
+    assert_eq!(data["failCode"], "MODEL_UNAVAILABLE", "{data}");
+    let msg = data["failMsg"].as_str().unwrap();
+    assert!(msg.contains("500"), "{msg}");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), cancels.recv()).await;
+    assert_eq!(
+        cancelled.unwrap().as_deref(),
+        Some("pollfails_1"),
+        "a prediction left running upstream is cancelled"
+    );
 }
