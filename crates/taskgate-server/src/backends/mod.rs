@@ -8,9 +8,12 @@ mod apixo;
 mod builtin;
 mod command;
 pub mod download;
+pub(crate) mod fal;
 mod http;
 mod process_tree;
 pub mod progress;
+pub(crate) mod replicate;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,6 +178,16 @@ pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
             Arc::new(HttpBackend::new(cfg.clone(), http.clone(), model.timeout))
         }
         BackendConfig::Apixo(cfg) => Arc::new(ApixoBackend::new(cfg, http.clone(), model.timeout)),
+        BackendConfig::Replicate(cfg) => Arc::new(replicate::ReplicateBackend::new(
+            cfg.clone(),
+            http.clone(),
+            model.timeout,
+        )),
+        BackendConfig::Fal(cfg) => Arc::new(fal::FalBackend::new(
+            cfg.clone(),
+            http.clone(),
+            model.timeout,
+        )),
     }
 }
 

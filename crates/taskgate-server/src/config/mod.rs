@@ -198,6 +198,8 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
         Some("builtin") => &["builtin"],
         Some("command") => &["command", "env", "working_dir"],
         Some("worker") => &[],
+        Some("replicate") => &["model", "version"],
+        Some("fal") => &["model"],
         Some("http") => &[
             "url",
             "headers",
@@ -209,9 +211,15 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
         Some("apixo") => apixo::KEYS,
         _ => return Ok(()),
     };
+    let upstream: &[&str] = match table.get("backend").and_then(|b| b.as_str()) {
+        Some("replicate" | "fal") => UPSTREAM_KEYS,
+        _ => &[],
+    };
     for key in table.keys() {
-        if !COMMON.contains(&key.as_str()) && !own.contains(&key.as_str()) {
-            let mut allowed: Vec<&str> = COMMON.iter().chain(own).copied().collect();
+        let key = key.as_str();
+        if !COMMON.contains(&key) && !own.contains(&key) && !upstream.contains(&key) {
+            let mut allowed: Vec<&str> =
+                COMMON.iter().chain(own).chain(upstream).copied().collect();
             allowed.sort_unstable();
             return Err(format!(
                 "unknown key {key:?} in [models.{name}]; this backend takes: {}",
@@ -251,6 +259,120 @@ pub enum BackendConfig {
     Worker {},
     /// Another APIXO-compatible service (APIXO, or another taskgate) runs the task.
     Apixo(ApixoBackendConfig),
+    /// Replicate's predictions API (`backends/replicate.rs`).
+    Replicate(ReplicateConfig),
+    /// fal's queue API (`backends/fal.rs`).
+    Fal(FalConfig),
+}
+
+/// `backend = "replicate"`: one of `model` (`owner/name`, an official model) or `version`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReplicateConfig {
+    pub model: Option<String>,
+    pub version: Option<String>,
+    #[serde(flatten)]
+    pub upstream: UpstreamSettings,
+}
+
+/// `backend = "fal"`: `model` is the endpoint id, e.g. `fal-ai/flux/dev`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FalConfig {
+    pub model: String,
+    #[serde(flatten)]
+    pub upstream: UpstreamSettings,
+}
+
+/// What every rented provider's table takes besides its model.
+#[derive(Clone, Deserialize)]
+pub struct UpstreamSettings {
+    /// The API's base URL; the provider's own when absent (tests point it at a fake).
+    pub url: Option<String>,
+    /// The environment variable holding the key (each provider has its usual default).
+    pub api_key_env: Option<String>,
+    /// The key itself, for a config file kept as secret as the key; never printed.
+    pub api_key: Option<String>,
+    /// One downloaded output larger than this fails the task.
+    pub max_output_bytes: Option<u64>,
+    /// The first wait between two status polls; it doubles up to ten times this.
+    #[serde(default, with = "humantime_serde::option")]
+    pub upstream_poll_interval: Option<Duration>,
+}
+
+impl std::fmt::Debug for UpstreamSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSettings")
+            .field("url", &self.url)
+            .field("api_key_env", &self.api_key_env)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("upstream_poll_interval", &self.upstream_poll_interval)
+            .finish()
+    }
+}
+
+/// The keys an upstream provider's table takes besides `model`/`version`.
+const UPSTREAM_KEYS: &[&str] = &[
+    "url",
+    "api_key_env",
+    "api_key",
+    "max_output_bytes",
+    "upstream_poll_interval",
+];
+
+impl UpstreamSettings {
+    /// The API key: `api_key`, else the variable `api_key_env` (or `default_env`) names. The
+    /// error names the variable, never a value.
+    pub fn key(&self, default_env: &str) -> Result<String, String> {
+        if let Some(key) = &self.api_key {
+            return Ok(key.clone());
+        }
+        let var = self.api_key_env.as_deref().unwrap_or(default_env);
+        match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
+            _ => Err(format!(
+                "the environment variable {var} (the API key) is not set; set it, or name another with api_key_env"
+            )),
+        }
+    }
+
+    fn validate(&self, at: &dyn Fn(&str) -> String, default_env: &str) -> Result<(), ConfigError> {
+        if let Some(url) = &self.url {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| invalid(at("url"), format!("{url:?} is not an absolute URL ({e})")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid(at("url"), "must start with http:// or https://"));
+            }
+        }
+        if self.max_output_bytes == Some(0) {
+            return Err(invalid(at("max_output_bytes"), "must be at least 1"));
+        }
+        if self.upstream_poll_interval.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(
+                at("upstream_poll_interval"),
+                "must be longer than 0s",
+            ));
+        }
+        if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err(invalid(at("api_key"), "is empty"));
+        }
+        self.key(default_env)
+            .map(drop)
+            .map_err(|message| invalid(at("api_key_env"), message))
+    }
+}
+
+/// `owner/name`: two non-empty segments of what a URL path takes without escaping.
+fn owner_slash_name(s: &str, min_segments: usize) -> bool {
+    let segments: Vec<&str> = s.split('/').collect();
+    segments.len() >= min_segments
+        && segments.iter().all(|seg| {
+            !seg.is_empty()
+                && seg != &"."
+                && seg != &".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -547,6 +669,41 @@ impl Config {
             validate_listing(name, model)?;
             match &model.backend {
                 BackendConfig::Builtin { .. } | BackendConfig::Worker {} => {}
+                BackendConfig::Replicate(r) => {
+                    match (&r.model, &r.version) {
+                        (Some(_), Some(_)) | (None, None) => {
+                            return Err(invalid(
+                                at("model"),
+                                "a replicate model names exactly one of model = \"owner/name\" or version = \"VERSION_ID\"",
+                            ))
+                        }
+                        (Some(m), None) if !owner_slash_name(m, 2) || m.split('/').count() != 2 => {
+                            return Err(invalid(
+                                at("model"),
+                                format!("{m:?} is not owner/name, e.g. \"black-forest-labs/flux-schnell\""),
+                            ))
+                        }
+                        (None, Some(v)) if v.trim().is_empty() => {
+                            return Err(invalid(at("version"), "is empty"))
+                        }
+                        _ => {}
+                    }
+                    r.upstream
+                        .validate(&at, crate::backends::replicate::DEFAULT_KEY_ENV)?;
+                }
+                BackendConfig::Fal(f) => {
+                    if !owner_slash_name(&f.model, 2) {
+                        return Err(invalid(
+                            at("model"),
+                            format!(
+                                "{:?} is not a fal endpoint id, e.g. \"fal-ai/flux/dev\"",
+                                f.model
+                            ),
+                        ));
+                    }
+                    f.upstream
+                        .validate(&at, crate::backends::fal::DEFAULT_KEY_ENV)?;
+                }
                 BackendConfig::Command { command, .. } => {
                     if command.is_empty() || command[0].is_empty() {
                         return Err(invalid(
@@ -793,6 +950,65 @@ mod tests {
         assert_eq!(f.storage.s3_bucket.as_deref(), Some("b"));
         let err = FileConfig::parse("[storage]\ns3_bukket = \"b\"\n").unwrap_err();
         assert!(err.contains("s3_bukket"), "{err}");
+    }
+
+    #[test]
+    fn bad_provider_tables_are_refused_with_the_setting_named_and_keys_are_never_printed() {
+        let check = |table: &str, expected: &str| {
+            let mut c = Config::new("/tmp/x");
+            c.models = FileConfig::parse(&format!("[models.m]\n{table}"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .models
+                .unwrap();
+            let err = c.validate().map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{table}: {err}");
+        };
+        let key = "api_key = \"r8_secret\"\n";
+        check(
+            &format!("backend = \"replicate\"\n{key}"),
+            "models.m.model: a replicate model names exactly one of",
+        );
+        check(
+            &format!("backend = \"replicate\"\nmodel = \"a/b\"\nversion = \"v\"\n{key}"),
+            "models.m.model",
+        );
+        check(
+            &format!("backend = \"replicate\"\nmodel = \"flux\"\n{key}"),
+            "\"flux\" is not owner/name",
+        );
+        check(
+            &format!("backend = \"fal\"\nmodel = \"fal-ai/../x\"\n{key}"),
+            "models.m.model",
+        );
+        check(
+            &format!("backend = \"fal\"\nmodel = \"fal-ai/x\"\nurl = \"queue.fal.run\"\n{key}"),
+            "models.m.url",
+        );
+        check(
+            &format!("backend = \"fal\"\nmodel = \"fal-ai/x\"\nmax_output_bytes = 0\n{key}"),
+            "models.m.max_output_bytes",
+        );
+        check(
+            "backend = \"fal\"\nmodel = \"fal-ai/x\"\napi_key_env = \"TASKGATE_TEST_NEVER_SET_KEY\"\n",
+            "models.m.api_key_env: the environment variable TASKGATE_TEST_NEVER_SET_KEY (the API key) is not set",
+        );
+        let err =
+            FileConfig::parse("[models.m]\nbackend = \"fal\"\nmodel = \"a/b\"\nversion = \"v\"\n")
+                .unwrap_err();
+        assert!(err.contains("unknown key \"version\""), "{err}");
+
+        let ok = FileConfig::parse(&format!(
+            "[models.m]\nbackend = \"fal\"\nmodel = \"fal-ai/flux/dev\"\n{key}"
+        ))
+        .unwrap();
+        let mut c = Config::new("/tmp/x");
+        c.models = ok.models.unwrap();
+        c.validate().unwrap();
+        let shown = format!("{:?}", c.models["m"]);
+        assert!(
+            !shown.contains("r8_secret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]

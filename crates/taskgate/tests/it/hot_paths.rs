@@ -17,26 +17,6 @@ use crate::support::*;
 /// Every wait for a task in this file is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Every file under `dir`, at any depth (none when `dir` does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 /// The files under `DATA_DIR/files` that belong to `task_id`.
 fn files_of(data_dir: &Path, task_id: &str) -> Vec<PathBuf> {
     files_under(&data_dir.join("files"))

@@ -33,6 +33,7 @@ mod signed_urls;
 mod smoke;
 mod support;
 mod upstream_apixo;
+mod upstream_providers;
 mod usage;
 mod wait_stream;
 mod webhook_events;
