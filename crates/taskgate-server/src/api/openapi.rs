@@ -149,7 +149,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 PayloadTooLarge,
                 IdempotencyKeyReused,
-                Unavailable,
+                ModelNotAllowed, ReadOnlyKey, Unavailable,
             ],
         ),
         (
@@ -160,16 +160,16 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 PayloadTooLarge,
                 IdempotencyKeyReused,
-                Unavailable,
+                ModelNotAllowed, ReadOnlyKey, Unavailable,
             ],
         ),
         (
             "statusTask",
-            &[InvalidInput, ModelNotFound, TaskNotFound, Unavailable],
+            &[InvalidInput, ModelNotFound, TaskNotFound, ModelNotAllowed, Unavailable],
         ),
         (
             "streamTask",
-            &[InvalidInput, ModelNotFound, TaskNotFound, Unavailable],
+            &[InvalidInput, ModelNotFound, TaskNotFound, ModelNotAllowed, Unavailable],
         ),
         (
             "cancelTask",
@@ -178,13 +178,13 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 TaskNotFound,
                 TaskAlreadyFinal,
-                Unavailable,
+                ModelNotAllowed, ReadOnlyKey, Unavailable,
             ],
         ),
         ("listTasks", &[InvalidInput, Unavailable]),
         ("listModels", &[Unavailable]),
         ("getWebhookSecret", &[Unavailable]),
-        ("rotateWebhookSecret", &[SecretRotationPending, Unavailable]),
+        ("rotateWebhookSecret", &[SecretRotationPending, ReadOnlyKey, Unavailable]),
         (
             "listWebhookDeliveries",
             &[InvalidInput, TaskNotFound, Unavailable],
@@ -195,7 +195,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 DeliveryNotFound,
                 DeliveryInFlight,
                 RetryTooSoon,
-                Unavailable,
+                ReadOnlyKey, Unavailable,
             ],
         ),
         ("getFile", &[LinkInvalid, FileNotFound, Unavailable]),
@@ -338,6 +338,10 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
     if takes_key(op) {
         codes.extend_from_slice(CLIENT_AUTH);
     }
+    // Every client-key request counts against the key's requests per minute.
+    if takes_scheme(op, &[CLIENT_KEY]) {
+        codes.push(ErrorCode::RateLimited);
+    }
     codes.push(ErrorCode::InternalError);
     codes
 }
@@ -345,11 +349,16 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
 /// Whether `op` requires a client key or a worker token (the keys' store, so [`CLIENT_AUTH`]);
 /// the metrics token is not one (its refusals are in [`ERRORS`]).
 fn takes_key(op: &Operation) -> bool {
+    takes_scheme(op, &[CLIENT_KEY, WORKER_TOKEN])
+}
+
+/// Whether `op` requires one of `schemes`.
+fn takes_scheme(op: &Operation, schemes: &[&str]) -> bool {
     op.security.iter().flatten().any(|requirement| {
         // A requirement's schemes are private in utoipa; its JSON is `{scheme: [scopes]}`.
         serde_json::to_value(requirement).is_ok_and(|v| {
             v.as_object()
-                .is_some_and(|o| o.contains_key(CLIENT_KEY) || o.contains_key(WORKER_TOKEN))
+                .is_some_and(|o| schemes.iter().any(|s| o.contains_key(*s)))
         })
     })
 }
@@ -413,7 +422,7 @@ fn add_error_responses(op: &mut Operation) {
                     .build(),
             );
         }
-        if codes.contains(&ErrorCode::RetryTooSoon) {
+        if codes.contains(&ErrorCode::RetryTooSoon) || codes.contains(&ErrorCode::RateLimited) {
             response = response.header(
                 "Retry-After",
                 utoipa::openapi::HeaderBuilder::new()
