@@ -970,7 +970,7 @@ impl Store for PostgresStore {
 
     async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
         Ok(sqlx::query_as(
-            "SELECT count(revoked_at) + COALESCE(sum(changes), 0), \
+            "SELECT count(revoked_at) + CAST(COALESCE(sum(changes), 0) AS BIGINT), \
              COALESCE(max(revoked_at), 0) FROM api_keys",
         )
         .fetch_one(&self.engine)

@@ -130,7 +130,7 @@ where
 /// Other nodes' counts per key and bucket: `(node, oldest bucket)`.
 pub fn others_key_usage_sql(param: impl Fn(usize) -> String) -> String {
     format!(
-        "SELECT key_id, bucket, sum(count) FROM key_usage WHERE node <> {} AND bucket >= {} \
+        "SELECT key_id, bucket, CAST(sum(count) AS BIGINT) FROM key_usage WHERE node <> {} AND bucket >= {} \
          GROUP BY key_id, bucket",
         param(1),
         param(2)

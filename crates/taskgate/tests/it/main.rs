@@ -16,6 +16,7 @@ mod faults;
 mod hot_paths;
 mod http_backend;
 mod idempotency;
+mod limits;
 mod list;
 mod metrics;
 mod models;

@@ -782,7 +782,7 @@ impl Store for SqliteStore {
         // On the engine's connection: behind a flood of API reads the check would time out,
         // and a timeout empties the key cache (more reads still).
         Ok(sqlx::query_as(
-            "SELECT count(revoked_at) + COALESCE(sum(changes), 0), \
+            "SELECT count(revoked_at) + CAST(COALESCE(sum(changes), 0) AS BIGINT), \
              COALESCE(max(revoked_at), 0) FROM api_keys",
         )
         .fetch_one(&self.engine_reader)
