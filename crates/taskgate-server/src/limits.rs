@@ -35,7 +35,9 @@ const WINDOW: i64 = 7;
 const SLOTS: usize = 8;
 /// How often a node writes its counts and reads the other nodes' (when it shares the store).
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(500);
-/// How often the unfinished tasks of every key are counted from the store.
+/// How often the unfinished tasks of every key are counted from the store, at most: a count
+/// that took longer than a tenth of this waits ten times its own length before the next, so
+/// the count never takes more than a tenth of a database connection's time.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The server's defaults (`[limits]`), for keys that set none; 0 is unlimited.
@@ -228,11 +230,12 @@ impl Limiter {
     pub fn release_tasks(&self, key: &ApiKeyRecord, n: u64) {
         if let Some(state) = self.existing(&key.id) {
             // Never below 0: a refresh may have taken the reservation into its count already.
-            let _ = state
-                .unfinished_local
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(n))
-                });
+            let _ =
+                state
+                    .unfinished_local
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(n))
+                    });
         }
     }
 
@@ -291,7 +294,11 @@ async fn sync_usage(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
             store.sync_key_usage(&limiter.node, &mine, oldest),
         )
         .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable("the key usage sync timed out".into())));
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the key usage sync timed out".into(),
+            ))
+        });
         match read {
             Ok(others) => {
                 failing = false;
@@ -301,7 +308,10 @@ async fn sync_usage(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
                 }
                 let mut by_key: HashMap<String, Vec<(i64, u64)>> = HashMap::new();
                 for u in others {
-                    by_key.entry(u.key_id).or_default().push((u.bucket, u.count));
+                    by_key
+                        .entry(u.key_id)
+                        .or_default()
+                        .push((u.bucket, u.count));
                 }
                 // Keys busy elsewhere get a state here, so a key's first request on this node
                 // already sees what the others spent.
@@ -339,8 +349,9 @@ async fn sync_usage(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
 /// node has keys to limit.
 async fn refresh_unfinished(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
     let mut failing = false;
+    let mut pause = REFRESH_INTERVAL;
     loop {
-        tokio::time::sleep(REFRESH_INTERVAL).await;
+        tokio::time::sleep(pause).await;
         let Some(limiter) = limiter.upgrade() else {
             return;
         };
@@ -357,13 +368,15 @@ async fn refresh_unfinished(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
                 (s, n)
             })
             .collect();
-        let read = tokio::time::timeout(REFRESH_INTERVAL * 4, store.unfinished_by_key())
+        let started = std::time::Instant::now();
+        let read = tokio::time::timeout(REFRESH_INTERVAL * 30, store.unfinished_by_key())
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
                     "the unfinished tasks' count timed out".into(),
                 ))
             });
+        pause = REFRESH_INTERVAL.max(started.elapsed() * 10);
         match read {
             Ok(rows) => {
                 failing = false;

@@ -13,8 +13,9 @@ use taskgate_server::domain::{EventMask, Transition};
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
-    Blob, CancelOutcome, KeyPolicy, KeyUsage, DeliveryAttempt, DeliveryNext, HostRoom, IdempotencyKey, KeyKind,
-    KeyedInsert, NewTask, Outcome, Redeliver, Rotation, Runner, Store, StoreEvent, TaskQuery,
+    Blob, CancelOutcome, DeliveryAttempt, DeliveryNext, HostRoom, IdempotencyKey, KeyKind,
+    KeyPolicy, KeyUsage, KeyedInsert, NewTask, Outcome, Redeliver, Rotation, Runner, Store,
+    StoreEvent, TaskQuery,
 };
 
 const LEASE: Duration = Duration::from_secs(30);

@@ -245,7 +245,11 @@ fn policy_text(p: &KeyPolicy) -> String {
     format!(
         "models: {}; {}; requests/min: {}; tasks at once: {}",
         p.models.as_ref().map_or("all".to_owned(), |m| m.join(",")),
-        if p.read_only { "read-only" } else { "read-write" },
+        if p.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
         limit(p.requests_per_minute),
         limit(p.concurrent_tasks)
     )

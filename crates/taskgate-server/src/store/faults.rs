@@ -17,9 +17,9 @@ use super::{
     Finished, HostRoom, KeyKind, NewTask, Outcome, Recovered, Redeliver, Rotation, Runner, Store,
     StoreError, StoreEvent, Tenant, WebhookSecrets,
 };
-use super::{KeyPolicy, KeyUsage};
 use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{IdempotencyKey, KeyedInsert, QueueDepth, TaskPage, TaskQuery};
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::Task;
 
 /// What an injected fault does.

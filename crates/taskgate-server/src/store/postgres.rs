@@ -20,10 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
 use super::rows::{
-    key_usage_from, models_column, others_key_usage_sql, upsert_key_usage, UNFINISHED_BY_KEY_SQL,
-};
-use super::{KeyPolicy, KeyUsage};
-use super::rows::{
     asks, claim_returning, delivery_claim_returning, insert_start_events_sql, owes_progress_event,
     start_event_ids, status_snapshot, ClaimedDeliveryRow, ClaimedRow, Dialect,
 };
@@ -36,6 +32,9 @@ use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, Fini
 use super::rows::{
     insert_tasks, not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
 };
+use super::rows::{
+    key_usage_from, models_column, others_key_usage_sql, upsert_key_usage, UNFINISHED_BY_KEY_SQL,
+};
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
@@ -46,6 +45,7 @@ use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, TaskPage, TaskQuery,
     MAX_UNACKED_REFUNDS,
 };
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -1000,7 +1000,10 @@ impl Store for PostgresStore {
         oldest: i64,
     ) -> Result<Vec<KeyUsage>, StoreError> {
         if !mine.is_empty() {
-            upsert_key_usage(node, mine).build().execute(&self.pool).await?;
+            upsert_key_usage(node, mine)
+                .build()
+                .execute(&self.pool)
+                .await?;
         }
         sqlx::query("DELETE FROM key_usage WHERE bucket < $1")
             .bind(oldest)

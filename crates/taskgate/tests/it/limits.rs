@@ -130,16 +130,20 @@ async fn a_key_with_two_unfinished_tasks_is_refused_a_third_until_one_finishes()
     let (status, body) = api.cancel("echo", &first).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let third = std::sync::Arc::new(std::sync::Mutex::new(None));
-    wait_until(Duration::from_secs(10), "a place frees once a task ends", || {
-        let (api, third) = (api.clone(), third.clone());
-        async move {
-            let (status, body) = api.submit("echo", json!({"input": {}})).await;
-            if status == StatusCode::OK {
-                *third.lock().unwrap() = body["data"]["taskId"].as_str().map(str::to_owned);
+    wait_until(
+        Duration::from_secs(10),
+        "a place frees once a task ends",
+        || {
+            let (api, third) = (api.clone(), third.clone());
+            async move {
+                let (status, body) = api.submit("echo", json!({"input": {}})).await;
+                if status == StatusCode::OK {
+                    *third.lock().unwrap() = body["data"]["taskId"].as_str().map(str::to_owned);
+                }
+                status == StatusCode::OK
             }
-            status == StatusCode::OK
-        }
-    })
+        },
+    )
     .await;
     assert!(third.lock().unwrap().is_some());
     api.cancel("echo", &second).await;
@@ -213,7 +217,12 @@ async fn client_operations(app: &TestApp, task_id: &str) -> Vec<(String, String)
 #[tokio::test]
 async fn a_read_only_key_is_refused_every_write_with_403_and_may_read() {
     let app = TestApp::start().await;
-    let reader = key_with(&app.data_dir, "reader", &["--tenant", "default", "--read-only"]).await;
+    let reader = key_with(
+        &app.data_dir,
+        "reader",
+        &["--tenant", "default", "--read-only"],
+    )
+    .await;
     let api = app.api.with_key(&reader.key);
     let task = app.api.submit_ok("echo", json!({})).await;
     app.api
@@ -258,11 +267,22 @@ async fn keys_update_reaches_a_running_server_within_seconds() {
 
     let dir = app.data_dir.to_str().unwrap();
     let out = taskgate(&[
-        "keys", "update", &key.id, "--models", "echo", "--read-only", "--data-dir", dir,
+        "keys",
+        "update",
+        &key.id,
+        "--models",
+        "echo",
+        "--read-only",
+        "--data-dir",
+        dir,
     ])
     .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("models: echo; read-only"), "{stdout}");
 
     wait_until(Duration::from_secs(5), "the new scope applies", || {
@@ -275,26 +295,75 @@ async fn keys_update_reaches_a_running_server_within_seconds() {
     .await;
     let (status, body) = envelope(get(&api, "/api/v1/models").await).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["data"]["models"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(
+        body["data"]["models"].as_array().unwrap().len(),
+        1,
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn keys_create_and_update_refuse_bad_limits_and_list_shows_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let out = taskgate(&["keys", "create", "--name", "x", "--requests-per-minute", "lots", "--data-dir", d]).await;
+    let out = taskgate(&[
+        "keys",
+        "create",
+        "--name",
+        "x",
+        "--requests-per-minute",
+        "lots",
+        "--data-dir",
+        d,
+    ])
+    .await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a whole number"), "{err}");
-    let out = taskgate(&["keys", "create", "--name", "w", "--worker", "--models", "echo", "--data-dir", d]).await;
+    let out = taskgate(&[
+        "keys",
+        "create",
+        "--name",
+        "w",
+        "--worker",
+        "--models",
+        "echo",
+        "--data-dir",
+        d,
+    ])
+    .await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("client keys") || String::from_utf8_lossy(&out.stderr).contains("client keys"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("client keys")
+            || String::from_utf8_lossy(&out.stderr).contains("client keys")
+    );
 
-    let k = key_with(dir.path(), "k", &["--models", "echo,demo-image", "--concurrent-tasks", "5"]).await;
-    let out = taskgate(&["keys", "update", &k.id, "--requests-per-minute", "60", "--data-dir", d]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let k = key_with(
+        dir.path(),
+        "k",
+        &["--models", "echo,demo-image", "--concurrent-tasks", "5"],
+    )
+    .await;
+    let out = taskgate(&[
+        "keys",
+        "update",
+        &k.id,
+        "--requests-per-minute",
+        "60",
+        "--data-dir",
+        d,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = taskgate(&["keys", "update", &k.id, "--data-dir", d]).await;
-    assert!(!out.status.success(), "an update with nothing to change is refused");
+    assert!(
+        !out.status.success(),
+        "an update with nothing to change is refused"
+    );
     let out = taskgate(&["keys", "update", "key_nope", "--read-only", "--data-dir", d]).await;
     assert!(!out.status.success());
 

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 use super::dashboard::{append_attempt_sql, LEASE_EXPIRED, LEASE_EXPIRED_MSG};
 use super::dashboard::{SERVER_RESTARTED, SERVER_RESTARTED_MSG};
 use super::rows::{
-    key_usage_from, models_column, others_key_usage_sql, upsert_key_usage, UNFINISHED_BY_KEY_SQL,
-};
-use super::{KeyPolicy, KeyUsage};
-use super::rows::{
     asks, claim_returning, delivery_claim_returning, owes_progress_event, status_snapshot,
     ClaimedDeliveryRow, Dialect,
 };
@@ -36,6 +32,9 @@ use super::rows::{
     TenantRow, DELIVERY_COLUMNS, KEY_SELECT, TASK_COLUMNS,
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
+use super::rows::{
+    key_usage_from, models_column, others_key_usage_sql, upsert_key_usage, UNFINISHED_BY_KEY_SQL,
+};
 use super::rows::{
     not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
 };
@@ -49,6 +48,7 @@ use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, StoreEvent, TaskPage, TaskQuery,
 };
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -812,7 +812,10 @@ impl Store for SqliteStore {
         oldest: i64,
     ) -> Result<Vec<KeyUsage>, StoreError> {
         if !mine.is_empty() {
-            upsert_key_usage(node, mine).build().execute(&mut *self.write_conn().await?).await?;
+            upsert_key_usage(node, mine)
+                .build()
+                .execute(&mut *self.write_conn().await?)
+                .await?;
         }
         sqlx::query("DELETE FROM key_usage WHERE bucket < ?")
             .bind(oldest)
