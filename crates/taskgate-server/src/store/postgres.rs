@@ -33,7 +33,8 @@ use super::rows::{
     insert_tasks, not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
 };
 use super::rows::{
-    key_usage_from, models_column, others_key_usage_sql, upsert_key_usage, UNFINISHED_BY_KEY_SQL,
+    key_usage_from, models_column, others_key_usage_sql, unfinished_from, upsert_key_usage,
+    UNFINISHED_BY_KEY_SQL,
 };
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
@@ -1018,13 +1019,10 @@ impl Store for PostgresStore {
     }
 
     async fn unfinished_by_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(UNFINISHED_BY_KEY_SQL)
+        let rows = sqlx::query_as(UNFINISHED_BY_KEY_SQL)
             .fetch_all(&self.engine)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
-            .collect())
+        Ok(unfinished_from(rows))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {

@@ -157,6 +157,13 @@ pub const UNFINISHED_BY_KEY_SQL: &str = "SELECT key_id, count(*) FROM \
       UNION ALL SELECT key_id FROM tasks WHERE state = 'processing') unfinished \
      WHERE key_id IS NOT NULL GROUP BY key_id";
 
+/// Rows of [`UNFINISHED_BY_KEY_SQL`] as counts.
+pub fn unfinished_from(rows: Vec<(String, i64)>) -> Vec<(String, u64)> {
+    rows.into_iter()
+        .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+        .collect()
+}
+
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
     id: String,
