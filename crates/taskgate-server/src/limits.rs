@@ -355,6 +355,9 @@ async fn refresh_unfinished(limiter: Weak<Limiter>, store: Arc<dyn Store>) {
         let Some(limiter) = limiter.upgrade() else {
             return;
         };
+        // Keys quiet for a whole window are forgotten here too (SQLite runs no sync), so a
+        // node whose keys all went quiet stops counting.
+        limiter.drop_idle(now_ms().div_euclid(BUCKET_MS));
         let before = limiter.snapshot();
         if before.is_empty() {
             continue;
