@@ -62,6 +62,8 @@ error_codes! {
     InvalidApiKey = "invalid_api_key", 401, "The header is malformed, or the key is unknown.";
     KeyRevoked = "key_revoked", 401, "The key has been revoked.";
     WrongKeyKind = "wrong_key_kind", 401, "A worker token used on the client API, or a client key on the worker API.";
+    ModelNotAllowed = "model_not_allowed", 403, "The key's scope does not include this model (`taskgate keys update --models`); the message names the models it may use.";
+    ReadOnlyKey = "read_only_key", 403, "The key is read-only: it may read, but not submit, cancel, rotate a secret or re-send a delivery.";
     LinkInvalid = "link_invalid", 403, "A result link whose signature does not match, or that has expired.";
     EndpointNotFound = "endpoint_not_found", 404, "No such path.";
     ModelNotFound = "model_not_found", 404, "No model of that name on this server.";
@@ -75,6 +77,7 @@ error_codes! {
     DeliveryInFlight = "delivery_in_flight", 409, "The webhook delivery is being sent right now.";
     PayloadTooLarge = "payload_too_large", 413, "The request body, or an uploaded output, is over the server's limit.";
     IdempotencyKeyReused = "idempotency_key_reused", 422, "The `Idempotency-Key` was used by this tenant in the last 24 h for a different request (another endpoint, model or body); nothing was created. Use a new key for a new request.";
+    RateLimited = "rate_limited", 429, "The key is over its requests per minute or its unfinished tasks at once (the message says which); `Retry-After` says when to ask again.";
     RetryTooSoon = "retry_too_soon", 429, "Asked again too soon; `Retry-After` says when it may be asked again.";
     InternalError = "internal_error", 500, "A fault on the server's side; it is logged there.";
     Unavailable = "unavailable", 503, "The database cannot be reached, or the server is stopping: retry shortly.";

@@ -13,7 +13,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::store::{ApiKeyRecord, KeyKind, Store, StoreError, Tenant};
+use crate::store::{ApiKeyRecord, KeyKind, KeyPolicy, Store, StoreError, Tenant};
 
 /// Tenant that the `TASKGATE_API_KEY` key belongs to.
 pub const DEFAULT_TENANT: &str = "default";
@@ -67,6 +67,17 @@ pub async fn create_key(
     name: &str,
     tenant: Option<&str>,
 ) -> Result<(ApiKeyRecord, String), KeyError> {
+    create_key_with(store, kind, name, tenant, &KeyPolicy::default()).await
+}
+
+/// [`create_key`] with a scope and limits (client keys; a worker token's are ignored).
+pub async fn create_key_with(
+    store: &dyn Store,
+    kind: KeyKind,
+    name: &str,
+    tenant: Option<&str>,
+    policy: &KeyPolicy,
+) -> Result<(ApiKeyRecord, String), KeyError> {
     if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(KeyError::BadName);
     }
@@ -88,7 +99,14 @@ pub async fn create_key(
         KeyKind::Worker => generate_key().replacen("tg_", "tgw_", 1),
     };
     let record = store
-        .insert_key(kind, &tenant, name, &key_prefix(&key), &hash_key(&key))
+        .insert_key(
+            kind,
+            &tenant,
+            name,
+            &key_prefix(&key),
+            &hash_key(&key),
+            policy,
+        )
         .await?;
     Ok((record, key))
 }
@@ -119,6 +137,7 @@ pub async fn register_bootstrap_key(store: &dyn Store, key: &str) -> Result<(), 
                     BOOTSTRAP_KEY_NAME,
                     &key_prefix(key),
                     &hash,
+                    &KeyPolicy::default(),
                 )
                 .await;
             match inserted {
@@ -167,8 +186,9 @@ pub const WORKER_TENANT: &str = "workers";
 /// Most keys one node keeps in memory.
 const KEY_CACHE_ENTRIES: usize = 10_000;
 
-/// How often a node asks the store whether any key was revoked: the longest a key revoked
-/// elsewhere (another node, `taskgate keys revoke`) keeps working on this node.
+/// How often a node asks the store whether any key was revoked or changed: the longest a key
+/// revoked elsewhere (another node, `taskgate keys revoke`) keeps working on this node, and
+/// the longest an old scope or limit (`taskgate keys update`) holds on it.
 pub const REVOCATION_CHECK: Duration = Duration::from_secs(1);
 
 /// Turns an `Authorization` header into the tenant it acts for.
@@ -184,7 +204,8 @@ pub struct Authenticator {
 }
 
 struct KeyCache {
-    keys: quick_cache::sync::Cache<[u8; 32], ApiKeyRecord>,
+    /// Shared records: a hit costs a reference count, not a copy of the key's model list.
+    keys: quick_cache::sync::Cache<[u8; 32], Arc<ApiKeyRecord>>,
     /// Bumped (under the write lock) whenever the cache is emptied. A lookup that missed
     /// inserts what it read only if the generation did not move while it read, so a record
     /// read before a revocation cannot land in the cache after the watcher emptied it.
@@ -212,9 +233,14 @@ impl Authenticator {
 
     /// A client key's tenant; worker tokens are refused.
     pub async fn client_tenant(&self, key: &str) -> Result<Tenant, AuthError> {
+        Ok(self.client(key).await?.tenant.clone())
+    }
+
+    /// A client key's record (its tenant, scope and limits); worker tokens are refused.
+    pub async fn client(&self, key: &str) -> Result<Arc<ApiKeyRecord>, AuthError> {
         let record = self.lookup(key).await?;
         match record.kind {
-            KeyKind::Client => Ok(record.tenant),
+            KeyKind::Client => Ok(record),
             KeyKind::Worker => Err(AuthError::WrongKind {
                 expected: KeyKind::Client,
             }),
@@ -225,14 +251,14 @@ impl Authenticator {
     pub async fn worker(&self, key: &str) -> Result<ApiKeyRecord, AuthError> {
         let record = self.lookup(key).await?;
         match record.kind {
-            KeyKind::Worker => Ok(record),
+            KeyKind::Worker => Ok(ApiKeyRecord::clone(&record)),
             KeyKind::Client => Err(AuthError::WrongKind {
                 expected: KeyKind::Worker,
             }),
         }
     }
 
-    async fn lookup(&self, key: &str) -> Result<ApiKeyRecord, AuthError> {
+    async fn lookup(&self, key: &str) -> Result<Arc<ApiKeyRecord>, AuthError> {
         let hash = hash_key(key);
         // The cache is keyed by the full hash of a key already proven valid; the constant-time
         // comparison below guards the store's lookup by hash.
@@ -247,6 +273,7 @@ impl Authenticator {
         let record = self.store.key_by_hash(&hash).await?;
         match record {
             Some(r) if bool::from(r.key_hash.ct_eq(&hash)) && r.revoked_at.is_none() => {
+                let r = Arc::new(r);
                 let now = self
                     .cache
                     .generation

@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod report;
 pub mod retention;
@@ -336,9 +337,15 @@ pub async fn run_with(
 
     let authenticator = auth::Authenticator::new(store.clone());
     authenticator.watch_revocations();
+    let limiter = limits::Limiter::new(limits::Defaults {
+        requests_per_minute: config.limits.requests_per_minute,
+        concurrent_tasks: config.limits.concurrent_tasks,
+    });
+    limiter.start(store.clone());
     let state = state::AppState {
         store: store.clone(),
         auth: authenticator,
+        limits: limiter,
         views: views.clone(),
         live_views: store.exclusive(),
         retention,

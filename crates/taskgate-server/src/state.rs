@@ -16,6 +16,8 @@ use crate::webhooks::Deliverer;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Authenticator,
+    /// Per-key limits (`limits` module).
+    pub limits: std::sync::Arc<crate::limits::Limiter>,
     pub dispatcher: Arc<Dispatcher>,
     pub links: ResultLinks,
     pub local_files: Option<Arc<LocalArtifacts>>,

@@ -14,7 +14,8 @@ use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
     Blob, CancelOutcome, DeliveryAttempt, DeliveryNext, HostRoom, IdempotencyKey, KeyKind,
-    KeyedInsert, NewTask, Outcome, Redeliver, Rotation, Runner, Store, StoreEvent, TaskQuery,
+    KeyPolicy, KeyUsage, KeyedInsert, NewTask, Outcome, Redeliver, Rotation, Runner, Store,
+    StoreEvent, TaskQuery,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -95,6 +96,7 @@ fn new_task(id: &str, model: &str, now: i64) -> NewTask {
         expires_at: None,
         webhook_events: EventMask::DEFAULT,
         trace_parent: None,
+        key_id: None,
     }
 }
 
@@ -263,19 +265,75 @@ conformance! {
         let t = s.create_tenant("acme").await.unwrap();
         assert!(s.create_tenant("acme").await.is_err());
         assert_eq!(s.tenant_by_name("acme").await.unwrap(), Some(t.clone()));
-        let k = s.insert_key(KeyKind::Client, &t, "ci", "tg_abcdefg", &[1, 2, 3]).await.unwrap();
+        let k = s.insert_key(KeyKind::Client, &t, "ci", "tg_abcdefg", &[1, 2, 3], &KeyPolicy::default()).await.unwrap();
         let found = s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap();
         assert_eq!(found.tenant, t);
         assert_eq!(found.revoked_at, None);
         assert!(s.revoke_key(&k.id, 5).await.unwrap());
         assert!(!s.revoke_key(&k.id, 6).await.unwrap());
         assert_eq!(s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap().revoked_at, Some(5));
-        let w = s.insert_key(KeyKind::Worker, &t, "gpu", "tgw_abcdef", &[4]).await.unwrap();
+        let w = s.insert_key(KeyKind::Worker, &t, "gpu", "tgw_abcdef", &[4], &KeyPolicy::default()).await.unwrap();
         assert_eq!(s.key_by_hash(&[4]).await.unwrap().unwrap().kind, KeyKind::Worker);
         assert_eq!(s.key_by_hash(&[1, 2, 3]).await.unwrap().unwrap().kind, KeyKind::Client);
         assert!(w.id.starts_with("wkr_"));
         assert_eq!(s.list_keys().await.unwrap().len(), 2);
         assert!(s.key_by_hash(&[9]).await.unwrap().is_none());
+    }
+
+    a_keys_scope_and_limits_round_trip_and_an_update_moves_the_revision(s) {
+        let t = s.create_tenant("acme").await.unwrap();
+        let policy = KeyPolicy {
+            models: Some(vec!["echo".into(), "sd".into()]),
+            read_only: true,
+            requests_per_minute: Some(60),
+            concurrent_tasks: Some(0),
+        };
+        let k = s.insert_key(KeyKind::Client, &t, "ci", "tg_abc", &[1], &policy).await.unwrap();
+        assert_eq!(k.policy, policy);
+        assert_eq!(s.key_by_hash(&[1]).await.unwrap().unwrap().policy, policy);
+        let plain = s.insert_key(KeyKind::Client, &t, "p", "tg_p", &[2], &KeyPolicy::default()).await.unwrap();
+        assert_eq!(s.key_by_hash(&[2]).await.unwrap().unwrap().policy, KeyPolicy::default());
+
+        let before = s.keys_revision().await.unwrap();
+        let widened = KeyPolicy { models: None, read_only: false, ..policy.clone() };
+        assert!(s.update_key_policy(&k.id, &widened).await.unwrap());
+        assert_eq!(s.key_by_hash(&[1]).await.unwrap().unwrap().policy, widened);
+        let after = s.keys_revision().await.unwrap();
+        assert_ne!(before, after, "an update must reach the nodes' key caches");
+        assert!(!s.update_key_policy("key_none", &widened).await.unwrap());
+        assert!(s.revoke_key(&plain.id, 5).await.unwrap());
+        assert!(!s.update_key_policy(&plain.id, &widened).await.unwrap(), "a revoked key stays as it was");
+        assert_ne!(s.keys_revision().await.unwrap(), after);
+    }
+
+    unfinished_tasks_are_counted_by_the_key_that_submitted_them(s) {
+        let by = |id: &str, key: Option<&str>| NewTask { key_id: key.map(str::to_owned), ..new_task(id, "m", 1) };
+        s.insert_task(by("task_a", Some("key_1"))).await.unwrap();
+        s.insert_tasks(vec![by("task_b", Some("key_1")), by("task_c", Some("key_2")), by("task_d", None)]).await.unwrap();
+        let c = s.claim("m", 10, LEASE, 10).await.unwrap().unwrap();
+        let mut counts = s.unfinished_by_key().await.unwrap();
+        counts.sort();
+        assert_eq!(counts, vec![("key_1".to_owned(), 2), ("key_2".to_owned(), 1)]);
+        // A final task no longer counts.
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        assert!(s.finish(&c.task.id, &c.token, &ok, 20).await.unwrap());
+        let total: u64 = s.unfinished_by_key().await.unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 2);
+    }
+
+    key_usage_sums_the_other_nodes_and_forgets_old_buckets(s) {
+        let u = |key: &str, bucket: i64, count: u64| KeyUsage { key_id: key.into(), bucket, count };
+        assert!(s.sync_key_usage("node_a", &[u("k", 10, 3), u("k", 11, 1)], 5).await.unwrap().is_empty());
+        // Absolute counts: a node writing its bucket again replaces its count.
+        s.sync_key_usage("node_a", &[u("k", 11, 4)], 5).await.unwrap();
+        let seen = s.sync_key_usage("node_b", &[u("k", 11, 2)], 5).await.unwrap();
+        let mut seen: Vec<_> = seen.into_iter().map(|x| (x.key_id, x.bucket, x.count)).collect();
+        seen.sort();
+        assert_eq!(seen, vec![("k".into(), 10, 3), ("k".into(), 11, 4)]);
+        let seen = s.sync_key_usage("node_c", &[], 11).await.unwrap();
+        let mut seen: Vec<_> = seen.into_iter().map(|x| (x.bucket, x.count)).collect();
+        seen.sort();
+        assert_eq!(seen, vec![(11, 6)], "bucket 10 is gone; node a and b summed");
     }
 
     a_final_callback_task_leaves_exactly_one_pending_delivery(s) {
@@ -962,9 +1020,9 @@ conformance! {
     the_keys_revision_moves_on_every_revocation_and_only_then(s) {
         let t = s.create_tenant("acme").await.unwrap();
         let r0 = s.keys_revision().await.unwrap();
-        let k1 = s.insert_key(KeyKind::Client, &t, "one", "tg_one", &[1]).await.unwrap();
-        let k2 = s.insert_key(KeyKind::Worker, &t, "two", "tgw_two", &[2]).await.unwrap();
-        let k3 = s.insert_key(KeyKind::Client, &t, "three", "tg_three", &[3]).await.unwrap();
+        let k1 = s.insert_key(KeyKind::Client, &t, "one", "tg_one", &[1], &KeyPolicy::default()).await.unwrap();
+        let k2 = s.insert_key(KeyKind::Worker, &t, "two", "tgw_two", &[2], &KeyPolicy::default()).await.unwrap();
+        let k3 = s.insert_key(KeyKind::Client, &t, "three", "tg_three", &[3], &KeyPolicy::default()).await.unwrap();
         assert_eq!(s.keys_revision().await.unwrap(), r0, "creating keys revoked nothing");
         let mut seen = vec![r0];
         assert!(s.revoke_key(&k1.id, 100).await.unwrap());
@@ -980,7 +1038,7 @@ conformance! {
         // Nothing revoked, nothing moves: a refused revocation, a new key, reads.
         let last = *seen.last().unwrap();
         assert!(!s.revoke_key(&k1.id, 200).await.unwrap());
-        s.insert_key(KeyKind::Client, &t, "four", "tg_four", &[4]).await.unwrap();
+        s.insert_key(KeyKind::Client, &t, "four", "tg_four", &[4], &KeyPolicy::default()).await.unwrap();
         s.list_keys().await.unwrap();
         assert_eq!(s.keys_revision().await.unwrap(), last);
     }
@@ -1514,6 +1572,7 @@ fn events_task(id: &str, events: &[WebhookEvent]) -> NewTask {
     NewTask {
         webhook_events: EventMask::of(events.iter().copied()),
         trace_parent: None,
+        key_id: None,
         ..callback_task(id)
     }
 }

@@ -1,4 +1,4 @@
-//! `taskgate keys create|list|revoke`: API keys and worker tokens, made and revoked in the
+//! `taskgate keys create|list|update|revoke`: API keys and worker tokens, made and revoked in the
 //! server's store directly (SQLite in the data dir, or PostgreSQL), so they work while the server
 //! runs and need no key to begin with. `taskgate keys usage`: a tenant's usage report, read from
 //! the same store by the same code as `GET /api/v1/usage` (`taskgate_server::usage`).
@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use taskgate_server::store::{ApiKeyRecord, KeyKind, Store};
+use taskgate_server::store::{ApiKeyRecord, KeyKind, KeyPolicy, Store};
 
 use crate::client_cli;
 
@@ -27,6 +27,87 @@ pub struct DataDirArg {
     /// The server's PostgreSQL URL, when it runs on PostgreSQL.
     #[arg(long, env = "TASKGATE_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+}
+
+/// A client key's scope and limits, as `create` and `update` take them.
+#[derive(Args, Default)]
+pub struct PolicyArgs {
+    /// The models the key may use, comma-separated (default: every model).
+    #[arg(long, value_delimiter = ',', conflicts_with = "all_models")]
+    models: Option<Vec<String>>,
+    /// Let the key use every model (undoes --models).
+    #[arg(long)]
+    all_models: bool,
+    /// The key may read (status, lists, streams, models) but not submit, cancel or change
+    /// anything.
+    #[arg(long, conflicts_with = "read_write")]
+    read_only: bool,
+    /// The key may write again (undoes --read-only).
+    #[arg(long)]
+    read_write: bool,
+    /// Requests per minute over every node: a number (0: unlimited), or `default` for the
+    /// server's `[limits]` setting.
+    #[arg(long, value_name = "N|default", value_parser = parse_limit)]
+    requests_per_minute: Option<Limit>,
+    /// Unfinished tasks at once: a number (0: unlimited), or `default` for the server's
+    /// `[limits]` setting.
+    #[arg(long, value_name = "N|default", value_parser = parse_limit)]
+    concurrent_tasks: Option<Limit>,
+}
+
+/// A limit given on the command line: `None` is the server's default.
+#[derive(Clone, Copy)]
+struct Limit(Option<u32>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s == "default" {
+        return Ok(Limit(None));
+    }
+    s.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("{s:?} is not a whole number from 0 to 4294967295 or `default`"))
+}
+
+impl PolicyArgs {
+    fn is_empty(&self) -> bool {
+        self.models.is_none()
+            && !self.all_models
+            && !self.read_only
+            && !self.read_write
+            && self.requests_per_minute.is_none()
+            && self.concurrent_tasks.is_none()
+    }
+
+    /// `policy` with what these arguments change.
+    fn apply(&self, mut policy: KeyPolicy) -> anyhow::Result<KeyPolicy> {
+        if let Some(models) = &self.models {
+            let models: Vec<String> = models
+                .iter()
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect();
+            if models.is_empty() {
+                bail!("--models needs at least one model name (or use --all-models)");
+            }
+            policy.models = Some(models);
+        }
+        if self.all_models {
+            policy.models = None;
+        }
+        if self.read_only {
+            policy.read_only = true;
+        }
+        if self.read_write {
+            policy.read_only = false;
+        }
+        if let Some(Limit(n)) = self.requests_per_minute {
+            policy.requests_per_minute = n;
+        }
+        if let Some(Limit(n)) = self.concurrent_tasks {
+            policy.concurrent_tasks = n;
+        }
+        Ok(policy)
+    }
 }
 
 #[derive(Subcommand)]
@@ -42,6 +123,8 @@ pub enum KeysCommand {
         /// Make a worker token (for `taskgate worker`), which claims work instead of submitting it.
         #[arg(long)]
         worker: bool,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         data_dir: DataDirArg,
         /// Print {"id","kind","name","tenant","apiKey"} on stdout instead of text.
@@ -78,6 +161,18 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a client key's scope and limits; every node applies it within a second.
+    Update {
+        /// The key's id as `keys list` shows it (key_…).
+        id: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print the key as `keys list --json` shows it on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a key by its id (key_...).
     Revoke {
         /// The key's id as `keys list` shows it (key_… or wkr_…), not the key itself.
@@ -96,6 +191,7 @@ impl KeysCommand {
             KeysCommand::Create { json, .. }
             | KeysCommand::List { json, .. }
             | KeysCommand::Usage { json, .. }
+            | KeysCommand::Update { json, .. }
             | KeysCommand::Revoke { json, .. } => *json,
         }
     }
@@ -156,7 +252,31 @@ fn key_json(k: &ApiKeyRecord) -> serde_json::Value {
         "prefix": k.prefix,
         "createdAt": k.created_at,
         "revokedAt": k.revoked_at,
+        "models": k.policy.models,
+        "readOnly": k.policy.read_only,
+        "requestsPerMinute": k.policy.requests_per_minute,
+        "concurrentTasks": k.policy.concurrent_tasks,
     })
+}
+
+/// A client key's scope and limits in words, for `keys list` and `keys update`.
+fn policy_text(p: &KeyPolicy) -> String {
+    let limit = |n: Option<u32>| match n {
+        None => "default".to_owned(),
+        Some(0) => "unlimited".to_owned(),
+        Some(n) => n.to_string(),
+    };
+    format!(
+        "models: {}; {}; requests/min: {}; tasks at once: {}",
+        p.models.as_ref().map_or("all".to_owned(), |m| m.join(",")),
+        if p.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        limit(p.requests_per_minute),
+        limit(p.concurrent_tasks)
+    )
 }
 
 async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
@@ -165,6 +285,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             name,
             tenant,
             worker,
+            policy,
             data_dir,
             json,
         } => {
@@ -173,10 +294,19 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             } else {
                 KeyKind::Client
             };
+            if worker && !policy.is_empty() {
+                bail!("scopes and limits apply to client keys; a worker token serves every model");
+            }
+            let policy = policy.apply(KeyPolicy::default())?;
             let store = open_store(&data_dir, true).await?;
-            let (record, key) =
-                taskgate_server::auth::create_key(store.as_ref(), kind, &name, tenant.as_deref())
-                    .await?;
+            let (record, key) = taskgate_server::auth::create_key_with(
+                store.as_ref(),
+                kind,
+                &name,
+                tenant.as_deref(),
+                &policy,
+            )
+            .await?;
             store.close().await;
             if json {
                 println!(
@@ -232,6 +362,31 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     k.tenant.name,
                     format!("{}…", k.prefix),
                     format_time(k.created_at)
+                );
+                if k.kind == KeyKind::Client && k.policy != KeyPolicy::default() {
+                    println!("    {}", policy_text(&k.policy));
+                }
+            }
+        }
+        KeysCommand::Update {
+            id,
+            policy,
+            data_dir,
+            json,
+        } => {
+            if policy.is_empty() {
+                bail!("nothing to change: pass --models, --all-models, --read-only, --read-write, --requests-per-minute or --concurrent-tasks");
+            }
+            let store = open_store(&data_dir, false).await?;
+            let updated = update_key(store.as_ref(), &id, &policy).await;
+            store.close().await;
+            let record = updated?;
+            if json {
+                println!("{}", key_json(&record));
+            } else {
+                println!(
+                    "Updated key {id}: {}. Every node applies it within a second.",
+                    policy_text(&record.policy)
                 );
             }
         }
@@ -329,4 +484,25 @@ fn print_usage(tenant: &str, r: &taskgate_proto::UsageReport) {
         line(name, &row.figures);
     }
     line("(total)", &r.total);
+}
+
+/// Applies `args` to the client key `id`'s policy; the key as it is now.
+async fn update_key(
+    store: &dyn Store,
+    id: &str,
+    args: &PolicyArgs,
+) -> anyhow::Result<ApiKeyRecord> {
+    let Some(mut record) = store
+        .list_keys()
+        .await?
+        .into_iter()
+        .find(|k| k.id == id && k.kind == KeyKind::Client && k.revoked_at.is_none())
+    else {
+        bail!("no active client key with id {id:?}; see `taskgate keys list`");
+    };
+    record.policy = args.apply(record.policy)?;
+    if !store.update_key_policy(id, &record.policy).await? {
+        bail!("no active client key with id {id:?}; see `taskgate keys list`");
+    }
+    Ok(record)
 }

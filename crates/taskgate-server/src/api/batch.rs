@@ -16,10 +16,12 @@ use axum::{Json, Router};
 use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, GenerateTasksRequest, TasksCreated, MAX_BATCH_TASKS};
 
-use super::extract::ClientTenant;
+use super::extract::Writer;
 use super::idempotency::{self, IdempotencyHeader, GENERATE_TASKS};
 use super::models;
-use super::tasks::{json_type_name, model_or_404, new_task, read_body, submission_from_object};
+use super::tasks::{
+    json_type_name, model_or_404, new_task, read_body, submission_from_object, within_task_limit,
+};
 use crate::domain::{new_task_ids, now_ms};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -41,11 +43,12 @@ pub(super) fn router() -> Router<Arc<AppState>> {
 )]
 async fn generate_tasks(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    Writer(caller): Writer,
     Path(model): Path<String>,
     idempotency: IdempotencyHeader,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<TasksCreated>>, ApiError> {
+    caller.may_use(&model)?;
     let runtime = model_or_404(&state, &model)?;
     let body = read_body(&state, body)?;
     let key = idempotency.key()?;
@@ -61,14 +64,18 @@ async fn generate_tasks(
             .backend
             .validate(&submission.input)
             .map_err(|m| at_item(i, ApiError::new(ErrorCode::InvalidInput, m)))?;
-        tasks.push(new_task(runtime, tenant.id.clone(), submission, id, now));
+        tasks.push(new_task(runtime, &caller, submission, id, now));
     }
-    let task_ids = match key {
-        Some(key) => {
-            idempotency::submit(&state, runtime, key, GENERATE_TASKS, &body, tasks).await?
+    let n = tasks.len() as u64;
+    let task_ids = within_task_limit(&state, &caller, n, async {
+        match key {
+            Some(key) => {
+                idempotency::submit(&state, runtime, key, GENERATE_TASKS, &body, tasks).await
+            }
+            None => idempotency::insert_all(&state, runtime, tasks).await,
         }
-        None => idempotency::insert_all(&state, runtime, tasks).await?,
-    };
+    })
+    .await?;
     Ok(Json(Envelope::success(TasksCreated { task_ids })))
 }
 

@@ -4,6 +4,11 @@
 //!
 //! Reading the `Authorization` header is HTTP and lives here; deciding what a key is worth is
 //! `auth`'s, which knows nothing of HTTP.
+//!
+//! Every client-key extractor also counts the request against the key's requests per minute
+//! (`limits`): a 429 comes before the body is read, like the 401. A handler takes exactly one
+//! of them, so a request is counted once. Which routes write (and refuse read-only keys) is
+//! said by the extractor they take: [`Writer`].
 
 use std::sync::Arc;
 
@@ -19,11 +24,92 @@ use crate::store::{ApiKeyRecord, Tenant};
 /// The tenant of the client key the request carries; worker tokens are refused.
 pub struct ClientTenant(pub Tenant);
 
+/// The client key the request carries, as cached: its tenant, scope and limits.
+pub struct Caller(pub Arc<ApiKeyRecord>);
+
+impl Caller {
+    pub fn tenant(&self) -> &Tenant {
+        &self.0.tenant
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// A 403 unless the key's scope lets it use `model` (checked before the model is looked
+    /// up, so a scoped key learns nothing of the models it may not use).
+    pub fn may_use(&self, model: &str) -> Result<(), ApiError> {
+        if self.0.policy.allows(model) {
+            return Ok(());
+        }
+        let allowed = self.0.policy.models.as_deref().unwrap_or_default();
+        Err(ApiError::new(
+            ErrorCode::ModelNotAllowed,
+            if allowed.is_empty() {
+                format!("this key may not use model {model:?}: its scope lists no models")
+            } else {
+                format!(
+                    "this key may not use model {model:?}: it may use only {}",
+                    allowed.join(", ")
+                )
+            },
+        ))
+    }
+}
+
+/// A [`Caller`] that may change something (submit, cancel, rotate, re-send): read-only keys
+/// are refused with a 403 before the body is read.
+pub struct Writer(pub Caller);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Caller(client(parts, state).await?.0))
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Writer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let (record, _) = client(parts, state).await?;
+        if record.policy.read_only {
+            return Err(ApiError::new(
+                ErrorCode::ReadOnlyKey,
+                "this key is read-only: it may read tasks, models and webhook deliveries but not submit, cancel or change anything; use a key without --read-only",
+            ));
+        }
+        Ok(Writer(Caller(record)))
+    }
+}
+
+/// The client key's record and the key itself, the request counted against its limit.
+async fn client<'a>(
+    parts: &'a Parts,
+    state: &Arc<AppState>,
+) -> Result<(Arc<ApiKeyRecord>, &'a str), ApiError> {
+    let key = bearer_key(&parts.headers)?;
+    let record = state.auth.client(key).await?;
+    state
+        .limits
+        .admit_request(&record)
+        .map_err(|r| ApiError::too_soon(ErrorCode::RateLimited, r.message, r.retry_after))?;
+    Ok((record, key))
+}
+
 /// [`ClientTenant`], keeping the key itself for a response that outlives the request's first
 /// moment (a stream checks it again, so a revoked key stops it as it stops every request).
 pub struct ClientKey {
     pub tenant: Tenant,
     pub key: String,
+    pub record: Arc<ApiKeyRecord>,
 }
 
 impl FromRequestParts<Arc<AppState>> for ClientKey {
@@ -33,11 +119,11 @@ impl FromRequestParts<Arc<AppState>> for ClientKey {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let key = bearer_key(&parts.headers)?;
-        let tenant = state.auth.client_tenant(key).await?;
+        let (record, key) = client(parts, state).await?;
         Ok(ClientKey {
-            tenant,
+            tenant: record.tenant.clone(),
             key: key.to_owned(),
+            record,
         })
     }
 }
@@ -52,8 +138,7 @@ impl FromRequestParts<Arc<AppState>> for ClientTenant {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let key = bearer_key(&parts.headers)?;
-        Ok(ClientTenant(state.auth.client_tenant(key).await?))
+        Ok(ClientTenant(client(parts, state).await?.0.tenant.clone()))
     }
 }
 

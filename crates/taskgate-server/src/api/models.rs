@@ -9,11 +9,10 @@ use axum::{Json, Router};
 use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, ModelInfo, ModelList};
 
-use super::extract::ClientTenant;
+use super::extract::Caller;
 use crate::dispatch::ModelRuntime;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::Tenant;
 
 pub(super) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/v1/models", get(list_models))
@@ -30,20 +29,23 @@ pub(super) fn router() -> Router<Arc<AppState>> {
 )]
 async fn list_models(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    caller: Caller,
 ) -> Json<Envelope<ModelList>> {
-    let models = usable_models(&state, &tenant).map(|m| info(m)).collect();
+    let models = usable_models(&state, &caller).map(|m| info(m)).collect();
     Json(Envelope::success(ModelList { models }))
 }
 
-/// The models `tenant`'s keys may use, sorted by name. Every key may use every model today; key
-/// scopes (a later issue) narrow this list, and generateTask's model lookup with it.
+/// The models `caller` may use, sorted by name: those of its key's scope. Every route about a
+/// model checks the same scope ([`Caller::may_use`]) before looking the model up.
 fn usable_models<'a>(
     state: &'a AppState,
-    _tenant: &Tenant,
+    caller: &'a Caller,
 ) -> impl Iterator<Item = &'a Arc<ModelRuntime>> {
     // The dispatcher keeps its models in a BTreeMap: the order is the names'.
-    state.dispatcher.models()
+    state
+        .dispatcher
+        .models()
+        .filter(|m| caller.0.policy.allows(&m.name))
 }
 
 fn info(model: &ModelRuntime) -> ModelInfo {

@@ -150,6 +150,8 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 PayloadTooLarge,
                 IdempotencyKeyReused,
+                ModelNotAllowed,
+                ReadOnlyKey,
                 Unavailable,
             ],
         ),
@@ -161,16 +163,30 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 PayloadTooLarge,
                 IdempotencyKeyReused,
+                ModelNotAllowed,
+                ReadOnlyKey,
                 Unavailable,
             ],
         ),
         (
             "statusTask",
-            &[InvalidInput, ModelNotFound, TaskNotFound, Unavailable],
+            &[
+                InvalidInput,
+                ModelNotFound,
+                TaskNotFound,
+                ModelNotAllowed,
+                Unavailable,
+            ],
         ),
         (
             "streamTask",
-            &[InvalidInput, ModelNotFound, TaskNotFound, Unavailable],
+            &[
+                InvalidInput,
+                ModelNotFound,
+                TaskNotFound,
+                ModelNotAllowed,
+                Unavailable,
+            ],
         ),
         (
             "cancelTask",
@@ -179,13 +195,18 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotFound,
                 TaskNotFound,
                 TaskAlreadyFinal,
+                ModelNotAllowed,
+                ReadOnlyKey,
                 Unavailable,
             ],
         ),
         ("listTasks", &[InvalidInput, Unavailable]),
         ("listModels", &[Unavailable]),
         ("getWebhookSecret", &[Unavailable]),
-        ("rotateWebhookSecret", &[SecretRotationPending, Unavailable]),
+        (
+            "rotateWebhookSecret",
+            &[SecretRotationPending, ReadOnlyKey, Unavailable],
+        ),
         (
             "listWebhookDeliveries",
             &[InvalidInput, TaskNotFound, Unavailable],
@@ -196,6 +217,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 DeliveryNotFound,
                 DeliveryInFlight,
                 RetryTooSoon,
+                ReadOnlyKey,
                 Unavailable,
             ],
         ),
@@ -340,6 +362,10 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
     if takes_key(op) {
         codes.extend_from_slice(CLIENT_AUTH);
     }
+    // Every client-key request counts against the key's requests per minute.
+    if takes_scheme(op, &[CLIENT_KEY]) {
+        codes.push(ErrorCode::RateLimited);
+    }
     codes.push(ErrorCode::InternalError);
     codes
 }
@@ -347,11 +373,16 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
 /// Whether `op` requires a client key or a worker token (the keys' store, so [`CLIENT_AUTH`]);
 /// the metrics token is not one (its refusals are in [`ERRORS`]).
 fn takes_key(op: &Operation) -> bool {
+    takes_scheme(op, &[CLIENT_KEY, WORKER_TOKEN])
+}
+
+/// Whether `op` requires one of `schemes`.
+fn takes_scheme(op: &Operation, schemes: &[&str]) -> bool {
     op.security.iter().flatten().any(|requirement| {
         // A requirement's schemes are private in utoipa; its JSON is `{scheme: [scopes]}`.
         serde_json::to_value(requirement).is_ok_and(|v| {
             v.as_object()
-                .is_some_and(|o| o.contains_key(CLIENT_KEY) || o.contains_key(WORKER_TOKEN))
+                .is_some_and(|o| schemes.iter().any(|s| o.contains_key(*s)))
         })
     })
 }
@@ -415,7 +446,7 @@ fn add_error_responses(op: &mut Operation) {
                     .build(),
             );
         }
-        if codes.contains(&ErrorCode::RetryTooSoon) {
+        if codes.contains(&ErrorCode::RetryTooSoon) || codes.contains(&ErrorCode::RateLimited) {
             response = response.header(
                 "Retry-After",
                 utoipa::openapi::HeaderBuilder::new()

@@ -157,7 +157,7 @@ async fn task_counts(
 )]
 async fn stream_task_counts(
     State(state): State<Arc<AppState>>,
-    ClientKey { tenant, key }: ClientKey,
+    ClientKey { tenant, key, .. }: ClientKey,
     uri: Uri,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let since = parse_since(&uri, "/api/v1/streamTaskCounts")?;

@@ -67,11 +67,16 @@ const QUEUE_RECHECK: Duration = Duration::from_secs(5);
 )]
 async fn stream_task(
     State(state): State<Arc<AppState>>,
-    ClientKey { tenant, key }: ClientKey,
+    ClientKey {
+        tenant,
+        key,
+        record,
+    }: ClientKey,
     Path(model): Path<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    super::extract::Caller(record).may_use(&model)?;
     let runtime = model_or_404(&state, &model);
     let task_id = required_task_id(&state, &uri, "streamTask", &model)?;
     // Before the first read, so that no change falls between it and the stream's first wait.

@@ -20,7 +20,7 @@ use taskgate_proto::{
     Envelope, ErrorCode, GenerateTaskRequest, RequestType, TaskCreated, TaskStatus, WebhookEvent,
 };
 
-use super::extract::ClientTenant;
+use super::extract::{Caller, Writer};
 use super::idempotency::{self, IdempotencyHeader};
 use super::live::{add_live_fields, LogsQuery, PENDING_VIEW_FRESH_MS};
 use super::{models, operator, query_param, wait};
@@ -373,12 +373,13 @@ pub(super) fn read_body(
 )]
 async fn generate_task(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    Writer(caller): Writer,
     Path(model): Path<String>,
     idempotency: IdempotencyHeader,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.may_use(&model)?;
     let runtime = model_or_404(&state, &model)?;
     let body = read_body(&state, body)?;
     let key = idempotency.key()?;
@@ -388,14 +389,17 @@ async fn generate_task(
         .backend
         .validate(&submission.input)
         .map_err(|m| ApiError::new(ErrorCode::InvalidInput, m))?;
-    let tenant_id = tenant.id.clone();
-    let task = new_task(runtime, tenant.id, submission, new_task_id(), now_ms());
-    let task_id = if let Some(key) = key {
-        // The slower path: the key's row is read and written in the task's transaction.
-        idempotency::submit_one(&state, runtime, key, &body, task).await?
-    } else {
-        submit_one(&state, runtime, task).await?
-    };
+    let tenant_id = caller.tenant().id.clone();
+    let task = new_task(runtime, &caller, submission, new_task_id(), now_ms());
+    let task_id = within_task_limit(&state, &caller, 1, async {
+        if let Some(key) = key {
+            // The slower path: the key's row is read and written in the task's transaction.
+            idempotency::submit_one(&state, runtime, key, &body, task).await
+        } else {
+            submit_one(&state, runtime, task).await
+        }
+    })
+    .await?;
     let Some(wait) = wait::preference(&headers) else {
         return Ok(Json(Envelope::success(TaskCreated { task_id })).into_response());
     };
@@ -412,17 +416,37 @@ async fn generate_task(
     }
 }
 
-/// The task a checked submission makes, created at `create_time`.
+/// Runs `submit` of `n` tasks within the caller's limit of unfinished tasks: a 429 when they
+/// would pass it, and their places given back when the submit fails.
+pub(super) async fn within_task_limit<T>(
+    state: &AppState,
+    caller: &Caller,
+    n: u64,
+    submit: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    state
+        .limits
+        .reserve_tasks(&caller.0, n)
+        .map_err(|r| ApiError::too_soon(ErrorCode::RateLimited, r.message, r.retry_after))?;
+    let submitted = submit.await;
+    if submitted.is_err() {
+        state.limits.release_tasks(&caller.0, n);
+    }
+    submitted
+}
+
+/// The task a checked submission of `caller` makes, created at `create_time`.
 pub(super) fn new_task(
     runtime: &ModelRuntime,
-    tenant_id: String,
+    caller: &Caller,
     submission: Submission,
     id: String,
     create_time: i64,
 ) -> NewTask {
     NewTask {
         id,
-        tenant_id,
+        tenant_id: caller.tenant().id.clone(),
+        key_id: Some(caller.key_id().to_owned()),
         model: runtime.name.clone(),
         input: submission.input,
         callback_url: submission.callback_url,
@@ -488,11 +512,13 @@ async fn submit_one(
 )]
 async fn status_task(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    caller: Caller,
     Path(model): Path<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    caller.may_use(&model)?;
+    let tenant = caller.tenant();
     // A model removed from the configuration has no runtime, but its tasks (failed with
     // MODEL_REMOVED) still answer; an unknown model with no such task is a 404 naming the model.
     let runtime = model_or_404(&state, &model);
@@ -671,10 +697,12 @@ async fn render_status_with(
 )]
 async fn cancel_task(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    Writer(caller): Writer,
     Path(model): Path<String>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
+    caller.may_use(&model)?;
+    let tenant = caller.tenant();
     // As in statusTask: a removed model's tasks still answer (they are final, so 409).
     let runtime = model_or_404(&state, &model);
     let task_id = required_task_id(&state, &uri, "cancelTask", &model)?;

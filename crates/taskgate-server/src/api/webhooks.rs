@@ -12,7 +12,7 @@ use taskgate_proto::{
     WebhookSecretData,
 };
 
-use super::extract::ClientTenant;
+use super::extract::{ClientTenant, Writer};
 use super::query_param;
 use crate::domain::now_ms;
 use crate::error::ApiError;
@@ -68,8 +68,9 @@ async fn webhook_secret(
 )]
 async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    Writer(caller): Writer,
 ) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
+    let tenant = caller.tenant();
     // Make sure a first secret exists, so that rotation always has one to overlap with.
     state
         .store
@@ -176,9 +177,10 @@ async fn list_deliveries(
 )]
 async fn retry_delivery(
     State(state): State<Arc<AppState>>,
-    ClientTenant(tenant): ClientTenant,
+    Writer(caller): Writer,
     Path(id): Path<String>,
 ) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
+    let tenant = caller.tenant();
     let not_found = || {
         ApiError::new(
             ErrorCode::DeliveryNotFound,

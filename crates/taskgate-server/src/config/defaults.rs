@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::settings::{Delays, ServerSettings, StorageSettings, WebhookSettings};
+use super::settings::{Delays, LimitSettings, ServerSettings, StorageSettings, WebhookSettings};
 
 pub fn server() -> ServerSettings {
     ServerSettings {
@@ -50,6 +50,14 @@ pub fn webhooks() -> WebhookSettings {
         max_per_host: 8,
         breaker_threshold: 5,
         breaker_cooldown: Duration::from_secs(30),
+    }
+}
+
+/// APIXO's per-key limits.
+pub fn limits() -> LimitSettings {
+    LimitSettings {
+        requests_per_minute: 10_000,
+        concurrent_tasks: 1000,
     }
 }
 

@@ -15,8 +15,8 @@ pub use apixo::ApixoBackendConfig;
 pub use schema::{InputSchema, SchemaSource};
 
 pub use settings::{
-    layered, DatabaseUrl, Delays, Layers, MetricsToken, ServerLayer, ServerSettings, StorageLayer,
-    StorageSettings, WebhookLayer, WebhookSettings,
+    layered, DatabaseUrl, Delays, Layers, LimitLayer, LimitSettings, MetricsToken, ServerLayer,
+    ServerSettings, StorageLayer, StorageSettings, WebhookLayer, WebhookSettings,
 };
 
 use std::collections::BTreeMap;
@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub webhooks: WebhookLayer,
     #[serde(default)]
     pub storage: StorageLayer,
+    #[serde(default)]
+    pub limits: LimitLayer,
     /// When absent, `serve` offers the two builtin models `echo` and `demo-image`.
     pub models: Option<BTreeMap<String, ModelConfig>>,
     /// Per-tenant settings by tenant name (`[tenants.NAME]`).
@@ -423,6 +425,8 @@ pub fn default_models() -> BTreeMap<String, ModelConfig> {
 pub struct Config {
     pub server: ServerSettings,
     pub webhooks: WebhookSettings,
+    /// Each client key's default limits (`[limits]`).
+    pub limits: LimitSettings,
     /// Where result files are kept and who serves them (from the `[storage]` table).
     pub artifacts: ArtifactsConfig,
     /// A key registered at start (`serve --api-key` / `TASKGATE_API_KEY`), for local use and
@@ -529,6 +533,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("server", &self.server)
             .field("webhooks", &self.webhooks)
+            .field("limits", &self.limits)
             .field("artifacts", &self.artifacts)
             .field(
                 "bootstrap_api_key",
@@ -549,6 +554,7 @@ impl Config {
                 ..defaults::server()
             },
             webhooks: defaults::webhooks(),
+            limits: defaults::limits(),
             artifacts: ArtifactsConfig::Local,
             bootstrap_api_key: None,
             models: default_models(),

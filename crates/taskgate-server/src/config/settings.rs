@@ -195,6 +195,19 @@ settings_table! {
 }
 
 settings_table! {
+    /// `[limits]`: each client key's limits, unless the key sets its own (`taskgate keys`).
+    pub struct LimitSettings / LimitLayer {
+        /// Requests a key may make per minute, over every node (0: unlimited).
+        #[arg(long = "key-requests-per-minute", env = "TASKGATE_KEY_REQUESTS_PER_MINUTE")]
+        requests_per_minute: u32,
+        /// Unfinished (pending or processing) tasks a key may have at once (0: unlimited).
+        #[arg(long = "key-concurrent-tasks", env = "TASKGATE_KEY_CONCURRENT_TASKS")]
+        concurrent_tasks: u32,
+    }
+    optional {}
+}
+
+settings_table! {
     /// `[storage]`: where result files live. S3 credentials are deliberately not settable
     /// here: they come from the standard AWS environment.
     pub struct StorageSettings / StorageLayer {
@@ -226,6 +239,8 @@ pub struct Layers {
     pub webhooks: WebhookLayer,
     #[command(flatten)]
     pub storage: StorageLayer,
+    #[command(flatten)]
+    pub limits: LimitLayer,
 }
 
 impl Layers {
@@ -234,6 +249,7 @@ impl Layers {
         let mut texts = ServerLayer::default_texts(&defaults::server());
         texts.extend(WebhookLayer::default_texts(&defaults::webhooks()));
         texts.extend(StorageLayer::default_texts(&defaults::storage()));
+        texts.extend(LimitLayer::default_texts(&defaults::limits()));
         texts
     }
 }
@@ -254,6 +270,7 @@ pub fn layered(
     let mut config = Config::new(server.data_dir.clone());
     config.server = server;
     config.webhooks = webhooks;
+    config.limits = flags.limits.or(file.limits).resolve(defaults::limits());
     if let Some(models) = file.models {
         config.models = models;
     }

@@ -19,6 +19,7 @@ use super::{
 };
 use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{IdempotencyKey, KeyedInsert, QueueDepth, TaskPage, TaskQuery};
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::Task;
 
 /// What an injected fault does.
@@ -296,11 +297,35 @@ impl Store for FaultyStore {
         name: &str,
         prefix: &str,
         key_hash: &[u8],
+        policy: &KeyPolicy,
     ) -> Result<ApiKeyRecord, StoreError> {
         self.plan.enter("insert_key").await?;
         self.inner
-            .insert_key(kind, tenant, name, prefix, key_hash)
+            .insert_key(kind, tenant, name, prefix, key_hash, policy)
             .await
+    }
+
+    async fn update_key_policy(&self, id: &str, policy: &KeyPolicy) -> Result<bool, StoreError> {
+        let after = self.plan.enter("update_key_policy").await?;
+        let result = self.inner.update_key_policy(id, policy).await;
+        self.plan.leave("update_key_policy", after, result)
+    }
+
+    async fn sync_key_usage(
+        &self,
+        node: &str,
+        mine: &[KeyUsage],
+        oldest: i64,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
+        let after = self.plan.enter("sync_key_usage").await?;
+        let result = self.inner.sync_key_usage(node, mine, oldest).await;
+        self.plan.leave("sync_key_usage", after, result)
+    }
+
+    async fn unfinished_by_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let after = self.plan.enter("unfinished_by_key").await?;
+        let result = self.inner.unfinished_by_key().await;
+        self.plan.leave("unfinished_by_key", after, result)
     }
 
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {

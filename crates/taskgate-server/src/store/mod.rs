@@ -95,6 +95,8 @@ pub struct NewTask {
     /// The submit request's W3C `traceparent`, kept while trace export is on so the attempt's
     /// span can link to it (`telemetry`); `None` otherwise.
     pub trace_parent: Option<String>,
+    /// The client key that submitted it (per-key limits and the usage report count by it).
+    pub key_id: Option<String>,
 }
 
 /// A claimed task and the token that proves the claim.
@@ -236,6 +238,37 @@ pub struct ApiKeyRecord {
     pub created_at: i64,
     pub revoked_at: Option<i64>,
     pub key_hash: Vec<u8>,
+    pub policy: KeyPolicy,
+}
+
+/// A client key's scope and limits (docs/gateway.md, "Per-key limits and scopes").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPolicy {
+    /// The models the key may use; `None`: every model.
+    pub models: Option<Vec<String>>,
+    /// Reads only: every submit, cancel or change is refused.
+    pub read_only: bool,
+    /// `None` takes the server's `[limits]` default; 0 is unlimited.
+    pub requests_per_minute: Option<u32>,
+    /// `None` takes the server's `[limits]` default; 0 is unlimited.
+    pub concurrent_tasks: Option<u32>,
+}
+
+impl KeyPolicy {
+    /// Whether the key may use `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|name| name == model))
+    }
+}
+
+/// One node's count of a key's requests in one bucket of time (`limits` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: String,
+    pub bucket: i64,
+    pub count: u64,
 }
 
 /// A tenant's webhook signing secrets: during a rotation the previous one still signs.
@@ -664,14 +697,32 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         prefix: &str,
         key_hash: &[u8],
+        policy: &KeyPolicy,
     ) -> Result<ApiKeyRecord, StoreError>;
     async fn key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// Changes whenever a key is revoked (anywhere, by any process): nodes that cache keys
-    /// compare it in the background and forget what they cached when it moves.
+    /// Replaces an unrevoked client key's scope and limits; false when there is no such key.
+    /// Moves [`Store::keys_revision`], so every node drops its cached record.
+    async fn update_key_policy(&self, id: &str, policy: &KeyPolicy) -> Result<bool, StoreError>;
+    /// Changes whenever a key is revoked or its policy changed (anywhere, by any process): nodes
+    /// that cache keys compare it in the background and forget what they cached when it moves.
     async fn keys_revision(&self) -> Result<(i64, i64), StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Revokes by key id; false when no such unrevoked key exists.
     async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+
+    /// Stores this node's request counts (`mine`, absolute per key and bucket, so a repeated
+    /// write is harmless), deletes every node's counts older than `oldest` and answers the
+    /// other nodes' summed counts per key and bucket from `oldest` on (`limits` module).
+    async fn sync_key_usage(
+        &self,
+        node: &str,
+        mine: &[KeyUsage],
+        oldest: i64,
+    ) -> Result<Vec<KeyUsage>, StoreError>;
+
+    /// Each key's unfinished (`pending` or `processing`) tasks, over the whole store; keys
+    /// with none, and tasks with no key, are left out.
+    async fn unfinished_by_key(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Returns the setting `name`, first storing `init` if it has none (atomically, so that nodes
     /// racing at first start agree on one value).

@@ -33,6 +33,10 @@ use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, Fini
 use super::rows::{
     insert_tasks, not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
 };
+use super::rows::{
+    key_usage_from, models_column, others_key_usage_sql, unfinished_from, upsert_key_usage,
+    UNFINISHED_BY_KEY_SQL,
+};
 use super::{
     cancelled_message, ApiKeyRecord, CancelOutcome, Claim, Delivery, DeliveryAttempt,
     DeliveryClaim, DeliveryNext, FinishRequest, HostRoom, KeyKind, NewTask, Outcome, Recovered,
@@ -43,6 +47,7 @@ use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, TaskPage, TaskQuery,
     MAX_UNACKED_REFUNDS,
 };
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -939,6 +944,7 @@ impl Store for PostgresStore {
         name: &str,
         prefix: &str,
         key_hash: &[u8],
+        policy: &KeyPolicy,
     ) -> Result<ApiKeyRecord, StoreError> {
         let record = ApiKeyRecord {
             id: new_id(if kind == KeyKind::Worker {
@@ -953,10 +959,12 @@ impl Store for PostgresStore {
             created_at: crate::domain::now_ms(),
             revoked_at: None,
             key_hash: key_hash.to_vec(),
+            policy: policy.clone(),
         };
         let r = sqlx::query(
-            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at, kind) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, prefix, created_at, kind, \
+             models, read_only, requests_per_minute, concurrent_tasks) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&record.id)
         .bind(&tenant.id)
@@ -965,6 +973,10 @@ impl Store for PostgresStore {
         .bind(prefix)
         .bind(record.created_at)
         .bind(kind.as_str())
+        .bind(models_column(policy))
+        .bind(policy.read_only)
+        .bind(policy.requests_per_minute.map(i64::from))
+        .bind(policy.concurrent_tasks.map(i64::from))
         .execute(&self.pool)
         .await;
         match r {
@@ -989,11 +1001,58 @@ impl Store for PostgresStore {
 
     async fn keys_revision(&self) -> Result<(i64, i64), StoreError> {
         Ok(sqlx::query_as(
-            "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
-             WHERE revoked_at IS NOT NULL",
+            "SELECT count(revoked_at) + CAST(COALESCE(sum(changes), 0) AS BIGINT), \
+             COALESCE(max(revoked_at), 0) FROM api_keys",
         )
         .fetch_one(&self.engine)
         .await?)
+    }
+
+    async fn update_key_policy(&self, id: &str, policy: &KeyPolicy) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE api_keys SET models = $1, read_only = $2, requests_per_minute = $3, \
+             concurrent_tasks = $4, changes = changes + 1 \
+             WHERE id = $5 AND kind = 'client' AND revoked_at IS NULL",
+        )
+        .bind(models_column(policy))
+        .bind(policy.read_only)
+        .bind(policy.requests_per_minute.map(i64::from))
+        .bind(policy.concurrent_tasks.map(i64::from))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn sync_key_usage(
+        &self,
+        node: &str,
+        mine: &[KeyUsage],
+        oldest: i64,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
+        if !mine.is_empty() {
+            upsert_key_usage(node, mine)
+                .build()
+                .execute(&self.pool)
+                .await?;
+        }
+        sqlx::query("DELETE FROM key_usage WHERE bucket < $1")
+            .bind(oldest)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query_as(&others_key_usage_sql(|n| format!("${n}")))
+            .bind(node)
+            .bind(oldest)
+            .fetch_all(&self.engine)
+            .await?;
+        Ok(key_usage_from(rows))
+    }
+
+    async fn unfinished_by_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query_as(UNFINISHED_BY_KEY_SQL)
+            .fetch_all(&self.engine)
+            .await?;
+        Ok(unfinished_from(rows))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {

@@ -4,7 +4,10 @@
 
 use taskgate_proto::{TaskState, WebhookEvent};
 
-use super::{ApiKeyRecord, Delivery, DeliveryAttempt, KeyKind, StoreError, Tenant, WebhookSecrets};
+use super::{
+    ApiKeyRecord, Delivery, DeliveryAttempt, KeyKind, KeyPolicy, KeyUsage, StoreError, Tenant,
+    WebhookSecrets,
+};
 use crate::domain::{EventMask, Task};
 
 pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
@@ -90,7 +93,76 @@ impl TryFrom<TaskRow> for Task {
 
 pub const KEY_SELECT: &str =
     "SELECT k.id, k.kind, k.tenant_id, t.name AS tenant_name, k.name, k.prefix, \
-     k.created_at, k.revoked_at, k.key_hash FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
+     k.created_at, k.revoked_at, k.key_hash, k.models, k.read_only, k.requests_per_minute, \
+     k.concurrent_tasks FROM api_keys k JOIN tenants t ON t.id = k.tenant_id";
+
+/// A stored limit; out of range (only by hand) clamps.
+fn limit_from(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+/// The `models` column of a policy: NULL for every model, else a JSON array.
+pub fn models_column(policy: &KeyPolicy) -> Option<String> {
+    policy
+        .models
+        .as_ref()
+        .map(|m| serde_json::Value::from(m.clone()).to_string())
+}
+
+/// The multi-row upsert of one node's key usage counts (`Store::sync_key_usage`).
+pub fn upsert_key_usage<'a, DB>(node: &'a str, mine: &'a [KeyUsage]) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut qb = sqlx::QueryBuilder::new("INSERT INTO key_usage (key_id, node, bucket, count) ");
+    qb.push_values(mine, |mut b, u| {
+        b.push_bind(u.key_id.as_str())
+            .push_bind(node)
+            .push_bind(u.bucket)
+            .push_bind(i64::try_from(u.count).unwrap_or(i64::MAX));
+    });
+    qb.push(" ON CONFLICT (key_id, node, bucket) DO UPDATE SET count = excluded.count");
+    qb
+}
+
+/// Other nodes' counts per key and bucket: `(node, oldest bucket)`.
+pub fn others_key_usage_sql(param: impl Fn(usize) -> String) -> String {
+    format!(
+        "SELECT key_id, bucket, CAST(sum(count) AS BIGINT) FROM key_usage WHERE node <> {} AND bucket >= {} \
+         GROUP BY key_id, bucket",
+        param(1),
+        param(2)
+    )
+}
+
+/// Rows of [`others_key_usage_sql`] as usage.
+pub fn key_usage_from(rows: Vec<(String, i64, i64)>) -> Vec<KeyUsage> {
+    rows.into_iter()
+        .map(|(key_id, bucket, count)| KeyUsage {
+            key_id,
+            bucket,
+            count: u64::try_from(count).unwrap_or(0),
+        })
+        .collect()
+}
+
+/// Each key's unfinished tasks: one branch per state, so that each walks its state's partial
+/// index (`tasks_ready`, `tasks_leased`); `state IN (…)` matches neither and scans the table.
+/// `key_id` is then read from each row: the cost grows with the unfinished tasks, not the
+/// table (docs/gateway.md gives the measurements).
+pub const UNFINISHED_BY_KEY_SQL: &str = "SELECT key_id, count(*) FROM \
+     (SELECT key_id FROM tasks WHERE state = 'pending' \
+      UNION ALL SELECT key_id FROM tasks WHERE state = 'processing') unfinished \
+     WHERE key_id IS NOT NULL GROUP BY key_id";
+
+/// Rows of [`UNFINISHED_BY_KEY_SQL`] as counts.
+pub fn unfinished_from(rows: Vec<(String, i64)>) -> Vec<(String, u64)> {
+    rows.into_iter()
+        .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+        .collect()
+}
 
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
@@ -103,6 +175,10 @@ pub struct KeyRow {
     created_at: i64,
     revoked_at: Option<i64>,
     key_hash: Vec<u8>,
+    models: Option<String>,
+    read_only: bool,
+    requests_per_minute: Option<i64>,
+    concurrent_tasks: Option<i64>,
 }
 
 impl From<KeyRow> for ApiKeyRecord {
@@ -123,6 +199,15 @@ impl From<KeyRow> for ApiKeyRecord {
             created_at: r.created_at,
             revoked_at: r.revoked_at,
             key_hash: r.key_hash,
+            policy: KeyPolicy {
+                // A list that cannot be read allows nothing rather than everything.
+                models: r
+                    .models
+                    .map(|m| serde_json::from_str(&m).unwrap_or_default()),
+                read_only: r.read_only,
+                requests_per_minute: r.requests_per_minute.map(limit_from),
+                concurrent_tasks: r.concurrent_tasks.map(limit_from),
+            },
         }
     }
 }
@@ -320,7 +405,8 @@ pub const EXHAUSTED_SQL: &str = "'the task was interrupted ' || attempts || ' ti
 
 /// The columns a new task's row is written with, in this order, by both stores' group commits.
 pub const NEW_TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, \
-     max_attempts, run_after, create_time, priority, expires_at, webhook_events, trace_parent";
+     max_attempts, run_after, create_time, priority, expires_at, webhook_events, trace_parent, \
+     key_id";
 
 /// The multi-row `INSERT` of new tasks (state `pending`, due at creation) through sqlx: the
 /// PostgreSQL group commit writes a batch of submits with it. (SQLite's writer thread writes the
@@ -356,7 +442,8 @@ where
             .push_bind(i64::from(t.priority))
             .push_bind(t.expires_at)
             .push_bind(t.webhook_events.bits())
-            .push_bind(t.trace_parent.as_deref());
+            .push_bind(t.trace_parent.as_deref())
+            .push_bind(t.key_id.as_deref());
     });
     Ok(qb)
 }

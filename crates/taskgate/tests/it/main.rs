@@ -17,6 +17,7 @@ mod faults;
 mod hot_paths;
 mod http_backend;
 mod idempotency;
+mod limits;
 mod list;
 mod metrics;
 mod models;

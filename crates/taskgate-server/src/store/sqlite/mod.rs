@@ -34,6 +34,10 @@ use super::rows::{
 };
 use super::rows::{delete_tasks_sql, finished_from_rows, finished_tasks_sql, FinishedRow};
 use super::rows::{
+    key_usage_from, models_column, others_key_usage_sql, unfinished_from, upsert_key_usage,
+    UNFINISHED_BY_KEY_SQL,
+};
+use super::rows::{
     not_expired, removed_message, withdraw_start_sql, EXHAUSTED_SQL, EXPIRED_MESSAGE,
 };
 use super::MAX_UNACKED_REFUNDS;
@@ -46,6 +50,7 @@ use super::{AttemptEnd, AttemptRecord, CountRow};
 use super::{
     Finished, IdempotencyKey, KeyedInsert, QueueDepth, Runner, StoreEvent, TaskPage, TaskQuery,
 };
+use super::{KeyPolicy, KeyUsage};
 use crate::domain::{fail_code, new_id, Task, Transition};
 
 mod batch;
@@ -730,6 +735,7 @@ impl Store for SqliteStore {
         name: &str,
         prefix: &str,
         key_hash: &[u8],
+        policy: &KeyPolicy,
     ) -> Result<ApiKeyRecord, StoreError> {
         let record = ApiKeyRecord {
             id: new_id(if kind == KeyKind::Worker {
@@ -744,10 +750,12 @@ impl Store for SqliteStore {
             created_at: crate::domain::now_ms(),
             revoked_at: None,
             key_hash: key_hash.to_vec(),
+            policy: policy.clone(),
         };
         let r = sqlx::query(
-            "INSERT INTO api_keys (id, kind, tenant_id, name, key_hash, prefix, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, kind, tenant_id, name, key_hash, prefix, created_at, \
+             models, read_only, requests_per_minute, concurrent_tasks) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&record.id)
         .bind(kind.as_str())
@@ -756,6 +764,10 @@ impl Store for SqliteStore {
         .bind(key_hash)
         .bind(prefix)
         .bind(record.created_at)
+        .bind(models_column(policy))
+        .bind(policy.read_only)
+        .bind(policy.requests_per_minute.map(i64::from))
+        .bind(policy.concurrent_tasks.map(i64::from))
         .execute(&mut *self.write_conn().await?)
         .await;
         match r {
@@ -781,11 +793,58 @@ impl Store for SqliteStore {
         // On the engine's connection: behind a flood of API reads the check would time out,
         // and a timeout empties the key cache (more reads still).
         Ok(sqlx::query_as(
-            "SELECT count(*), COALESCE(max(revoked_at), 0) FROM api_keys \
-             WHERE revoked_at IS NOT NULL",
+            "SELECT count(revoked_at) + CAST(COALESCE(sum(changes), 0) AS BIGINT), \
+             COALESCE(max(revoked_at), 0) FROM api_keys",
         )
         .fetch_one(&self.engine_reader)
         .await?)
+    }
+
+    async fn update_key_policy(&self, id: &str, policy: &KeyPolicy) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE api_keys SET models = ?, read_only = ?, requests_per_minute = ?, \
+             concurrent_tasks = ?, changes = changes + 1 \
+             WHERE id = ? AND kind = 'client' AND revoked_at IS NULL",
+        )
+        .bind(models_column(policy))
+        .bind(policy.read_only)
+        .bind(policy.requests_per_minute.map(i64::from))
+        .bind(policy.concurrent_tasks.map(i64::from))
+        .bind(id)
+        .execute(&mut *self.write_conn().await?)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn sync_key_usage(
+        &self,
+        node: &str,
+        mine: &[KeyUsage],
+        oldest: i64,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
+        if !mine.is_empty() {
+            upsert_key_usage(node, mine)
+                .build()
+                .execute(&mut *self.write_conn().await?)
+                .await?;
+        }
+        sqlx::query("DELETE FROM key_usage WHERE bucket < ?")
+            .bind(oldest)
+            .execute(&mut *self.write_conn().await?)
+            .await?;
+        let rows = sqlx::query_as(&others_key_usage_sql(|n| format!("?{n}")))
+            .bind(node)
+            .bind(oldest)
+            .fetch_all(&self.engine_reader)
+            .await?;
+        Ok(key_usage_from(rows))
+    }
+
+    async fn unfinished_by_key(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query_as(UNFINISHED_BY_KEY_SQL)
+            .fetch_all(&self.engine_reader)
+            .await?;
+        Ok(unfinished_from(rows))
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {

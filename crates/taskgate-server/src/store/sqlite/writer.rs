@@ -465,7 +465,7 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
         .collect();
     let priorities: Vec<i64> = batch.iter().map(|(t, _)| i64::from(t.priority)).collect();
     let events: Vec<i16> = batch.iter().map(|(t, _)| t.webhook_events.bits()).collect();
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 13);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 14);
     for (((((t, _), input), max_attempts), priority), events) in batch
         .iter()
         .zip(&inputs)
@@ -487,9 +487,10 @@ fn insert_in(tx: &Connection, batch: &[InsertRequest]) -> Result<(), StoreError>
             &t.expires_at,
             events,
             &t.trace_parent,
+            &t.key_id,
         ]);
     }
-    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 13, &params)
+    insert_rows(tx, &format!("tasks ({NEW_TASK_COLUMNS})"), 14, &params)
 }
 
 /// One `UPDATE … FROM (VALUES …)` for the whole batch, each row still guarded by its own token;

@@ -300,11 +300,15 @@ async fn keys_commands_with_json_print_one_document_each_and_name_the_store_on_s
     assert_eq!(
         fields(&ci),
         [
+            "concurrentTasks",
             "createdAt",
             "id",
             "kind",
+            "models",
             "name",
             "prefix",
+            "readOnly",
+            "requestsPerMinute",
             "revokedAt",
             "tenant"
         ],
