@@ -191,6 +191,11 @@ pub struct TaskStatus {
     /// APIXO clients ignore unknown fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// taskgate extension: for a model with routes (failover between backends), the name of
+    /// the route that served the task (for a failed task, the last route tried); set with the
+    /// final state, absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// taskgate extension: while pending, how many due tasks of the same model would be claimed
     /// before this one (0: it is next), capped at [`MAX_QUEUE_POSITION`]. Shown on answers read
     /// from the store (docs/api.md says when a fresh submit's answer leaves it out).
@@ -537,6 +542,7 @@ mod tests {
             fail_code: None,
             fail_msg: None,
             progress: None,
+            route: None,
             queue_position: None,
             logs: None,
             attempts: None,
@@ -570,6 +576,8 @@ mod tests {
                     fail_code: None,
                     fail_msg: None,
                     progress: None,
+                    route: None,
+                    route: None,
                     queue_position: None,
                     logs: None,
                     attempts: None,
