@@ -86,13 +86,7 @@ impl FileConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut raw: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
         let routed = tag_routed_models(&mut raw)?;
-        // A file without routes is read from its text, so that errors keep their line numbers.
-        let mut config: FileConfig = if routed.is_empty() {
-            toml::from_str(text)
-        } else {
-            raw.clone().try_into()
-        }
-        .map_err(|e| e.to_string())?;
+        // Keys first: a typo in a route is then named by its route, not by serde's model.
         if let Some(toml::Value::Table(models)) = raw.get("models") {
             for (name, table) in models {
                 if let toml::Value::Table(t) = table {
@@ -100,6 +94,13 @@ impl FileConfig {
                 }
             }
         }
+        // A file without routes is read from its text, so that errors keep their line numbers.
+        let mut config: FileConfig = if routed.is_empty() {
+            toml::from_str(text)
+        } else {
+            raw.try_into()
+        }
+        .map_err(|e| e.to_string())?;
         if let Some(models) = &mut config.models {
             for (name, set) in routed {
                 if let Some(model) = models.get_mut(&name) {
@@ -665,6 +666,9 @@ impl Config {
                     "model names use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
                 ));
             }
+            // The backend first: a routed model's own limits are its routes' sums, so a bad
+            // route is named as itself.
+            validate_backend(name, &model.backend, &at)?;
             if model.concurrency == 0 {
                 return Err(invalid(at("concurrency"), "must be at least 1"));
             }
@@ -675,7 +679,6 @@ impl Config {
                 return Err(invalid(at("timeout"), "must be longer than 0s"));
             }
             validate_listing(name, model)?;
-            validate_backend(name, &model.backend, &at)?;
         }
         Ok(())
     }
