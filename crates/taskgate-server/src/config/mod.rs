@@ -946,6 +946,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_routed_model_takes_its_routes_sums_and_default_route_names_unless_set() {
+        let f = FileConfig::parse(
+            r#"
+            [models.sum]
+            routes = [
+                { backend = "http", url = "http://127.0.0.1:1/", concurrency = 2, timeout = "60s" },
+                { name = "cloud", backend = "builtin", builtin = "echo", timeout = "30s" },
+            ]
+            [models.set]
+            concurrency = 1
+            timeout = "5s"
+            [[models.set.routes]]
+            backend = "builtin"
+            builtin = "echo"
+            "#,
+        )
+        .unwrap();
+        let models = f.models.unwrap();
+        let sum = &models["sum"];
+        assert_eq!(sum.concurrency, 2 + defaults::MODEL_CONCURRENCY);
+        assert_eq!(sum.timeout, Duration::from_secs(90));
+        let BackendConfig::Routes { routes } = &sum.backend else {
+            panic!("not routed: {:?}", sum.backend);
+        };
+        let names: Vec<String> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.name_at(i))
+            .collect();
+        assert_eq!(names, ["http-1", "cloud"]);
+        assert_eq!(routes[0].breaker_failures, defaults::ROUTE_BREAKER_FAILURES);
+        assert_eq!(routes[1].breaker_cooldown, defaults::ROUTE_BREAKER_COOLDOWN);
+        let set = &models["set"];
+        assert_eq!((set.concurrency, set.timeout), (1, Duration::from_secs(5)));
+    }
+
+    #[test]
     fn a_model_table_parses_with_defaults() {
         let f = FileConfig::parse(
             r#"
