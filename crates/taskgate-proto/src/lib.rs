@@ -577,7 +577,6 @@ mod tests {
                     fail_msg: None,
                     progress: None,
                     route: None,
-                    route: None,
                     queue_position: None,
                     logs: None,
                     attempts: None,

@@ -380,6 +380,7 @@ impl Backend for Routed {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const COOLDOWN: Duration = Duration::from_secs(30);
