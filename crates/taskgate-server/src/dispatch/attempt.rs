@@ -145,7 +145,7 @@ impl Dispatcher {
         self.give_back(dir, reusable).await;
         let succeeded = result.is_ok();
         let settled = self
-            .settle_with(
+            .settle_as(
                 &model.name,
                 &claim,
                 result,

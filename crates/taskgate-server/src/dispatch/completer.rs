@@ -58,29 +58,15 @@ impl Dispatcher {
         elapsed: Duration,
         lease_until: Instant,
     ) -> Settled {
-        self.settle_as(model, claim, result, elapsed, lease_until, None)
+        self.settle_as(model, claim, result, elapsed, lease_until, None, None)
             .await
     }
 
     /// [`Dispatcher::settle`], naming who ran the attempt (`worker:<name>`) for the task's
-    /// attempt history when it is retried (`None`: the runner the task's row records).
-    pub async fn settle_as(
-        &self,
-        model: &str,
-        claim: &Claim,
-        result: Result<(Vec<String>, Vec<Blob>), BackendError>,
-        elapsed: Duration,
-        lease_until: Instant,
-        runner: Option<String>,
-    ) -> Settled {
-        self.settle_with(model, claim, result, elapsed, lease_until, runner, None)
-            .await
-    }
-
-    /// [`Dispatcher::settle_as`], with the route of a routed model that ran the attempt, which
-    /// a final state records.
+    /// attempt history when it is retried (`None`: the runner the task's row records), and
+    /// the route of a routed model that ran it, which a final state records.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn settle_with(
+    pub async fn settle_as(
         &self,
         model: &str,
         claim: &Claim,

@@ -89,6 +89,21 @@ fn routed_model(base: &str, model: &str, local: &str) -> String {
     )
 }
 
+/// The upstream answering `local` and `cloud` as told, and a server with model `m` on it
+/// ([`routed_model`]'s `model` and `local` lines).
+async fn start(
+    local: Answer,
+    cloud: Answer,
+    model: &str,
+    local_extra: &str,
+) -> (Upstream, TestApp) {
+    let (up, base) = start_upstream().await;
+    up.answer("local", local);
+    up.answer("cloud", cloud);
+    let app = TestApp::start_with_models(&routed_model(&base, model, local_extra)).await;
+    (up, app)
+}
+
 /// The value of one series of `/metrics` (`name{labels}` exactly as rendered), if shown.
 async fn metric(app: &TestApp, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("{}/metrics", app.api.base))
@@ -119,10 +134,7 @@ async fn files_of(data: &Value) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn a_503_from_the_first_route_fails_over_to_the_second_which_serves_the_task() {
-    let (up, base) = start_upstream().await;
-    up.answer("local", Answer::Unavailable);
-    up.answer("cloud", Answer::Png(CLOUD_PNG));
-    let app = TestApp::start_with_models(&routed_model(&base, "", "")).await;
+    let (up, app) = start(Answer::Unavailable, Answer::Png(CLOUD_PNG), "", "").await;
 
     let data = app.api.run_to_end("m", json!({ "prompt": "a cat" })).await;
 
@@ -136,14 +148,12 @@ async fn a_503_from_the_first_route_fails_over_to_the_second_which_serves_the_ta
 
 #[tokio::test]
 async fn once_its_breaker_opens_the_first_route_is_not_called_and_tasks_go_to_the_second() {
-    let (up, base) = start_upstream().await;
-    up.answer("local", Answer::Unavailable);
-    up.answer("cloud", Answer::Png(CLOUD_PNG));
-    let app = TestApp::start_with_models(&routed_model(
-        &base,
+    let (up, app) = start(
+        Answer::Unavailable,
+        Answer::Png(CLOUD_PNG),
         "",
         "breaker_failures = 2\nbreaker_cooldown = \"1h\"",
-    ))
+    )
     .await;
 
     for _ in 0..2 {
@@ -168,14 +178,12 @@ async fn once_its_breaker_opens_the_first_route_is_not_called_and_tasks_go_to_th
 #[tokio::test]
 async fn after_the_cool_down_one_probe_reaches_the_first_route_and_its_success_closes_the_breaker()
 {
-    let (up, base) = start_upstream().await;
-    up.answer("local", Answer::Unavailable);
-    up.answer("cloud", Answer::Png(CLOUD_PNG));
-    let app = TestApp::start_with_models(&routed_model(
-        &base,
+    let (up, app) = start(
+        Answer::Unavailable,
+        Answer::Png(CLOUD_PNG),
         "",
         "breaker_failures = 1\nbreaker_cooldown = \"200ms\"",
-    ))
+    )
     .await;
     let data = app.api.run_to_end("m", json!({})).await;
     assert_eq!(data["route"], "cloud", "{data}");
@@ -216,14 +224,12 @@ async fn after_the_cool_down_one_probe_reaches_the_first_route_and_its_success_c
 
 #[tokio::test]
 async fn a_fatal_4xx_from_the_first_route_neither_fails_over_nor_counts_against_its_breaker() {
-    let (up, base) = start_upstream().await;
-    up.answer("local", Answer::BadRequest);
-    up.answer("cloud", Answer::Png(CLOUD_PNG));
-    let app = TestApp::start_with_models(&routed_model(
-        &base,
+    let (up, app) = start(
+        Answer::BadRequest,
+        Answer::Png(CLOUD_PNG),
         "",
         "breaker_failures = 1\nbreaker_cooldown = \"1h\"",
-    ))
+    )
     .await;
 
     let data = app.api.run_to_end("m", json!({ "prompt": "" })).await;
@@ -248,10 +254,13 @@ async fn a_fatal_4xx_from_the_first_route_neither_fails_over_nor_counts_against_
 
 #[tokio::test]
 async fn when_every_route_fails_the_task_fails_after_its_retries_naming_each_route() {
-    let (up, base) = start_upstream().await;
-    up.answer("local", Answer::Unavailable);
-    up.answer("cloud", Answer::Unavailable);
-    let app = TestApp::start_with_models(&routed_model(&base, "max_attempts = 2", "")).await;
+    let (up, app) = start(
+        Answer::Unavailable,
+        Answer::Unavailable,
+        "max_attempts = 2",
+        "",
+    )
+    .await;
 
     let data = app.api.run_to_end("m", json!({})).await;
 
