@@ -387,7 +387,7 @@ impl Metrics {
 
     /// The handles of route `route` of `model`, made once when the model's backend is built
     /// (its series show from the start).
-    pub fn route(&self, model: &str, route: &str) -> RouteMetrics {
+    pub fn route_handles(&self, model: &str, route: &str) -> RouteMetrics {
         let labels = ModelRouteLabels {
             model: model.to_owned(),
             route: route.to_owned(),

@@ -196,7 +196,7 @@ pub fn build(
                 .enumerate()
                 .map(|(i, route)| {
                     let route_name = route.name_at(i);
-                    let handles = metrics.route(name, &route_name);
+                    let handles = metrics.route_handles(name, &route_name);
                     let backend = build(name, &route.as_model(), http, metrics);
                     routes::Route::new(route_name, route, backend, handles)
                 })
