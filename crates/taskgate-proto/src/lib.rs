@@ -193,6 +193,11 @@ pub struct TaskStatus {
     /// APIXO clients ignore unknown fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+    /// taskgate extension: for a model with routes (failover between backends), the name of
+    /// the route that served the task (for a failed task, the last route tried); set with the
+    /// final state, absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// taskgate extension: while pending, an estimate of how many tasks of the same model will
     /// start before this one (0: it is next): those ahead in its tenant's own queue, plus what
     /// the other waiting tenants start meanwhile at their fair share, capped at
@@ -541,6 +546,7 @@ mod tests {
             fail_code: None,
             fail_msg: None,
             progress: None,
+            route: None,
             queue_position: None,
             logs: None,
             attempts: None,
@@ -574,6 +580,7 @@ mod tests {
                     fail_code: None,
                     fail_msg: None,
                     progress: None,
+                    route: None,
                     queue_position: None,
                     logs: None,
                     attempts: None,

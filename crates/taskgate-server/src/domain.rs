@@ -284,6 +284,8 @@ pub struct Task {
     pub progress: Option<f64>,
     /// The submit request's W3C `traceparent`, when trace export was on at submit.
     pub trace_parent: Option<String>,
+    /// The route of a routed model that ran the last attempt, written with the final state.
+    pub route: Option<String>,
 }
 
 impl Task {
@@ -329,6 +331,7 @@ impl Task {
             progress: (self.state == TaskState::Processing)
                 .then_some(self.progress)
                 .flatten(),
+            route: self.route.clone(),
             // Live fields the API adds where it reads them (`api/live.rs`).
             queue_position: None,
             logs: None,
@@ -500,6 +503,7 @@ mod tests {
             fail_msg: Some("y".into()),
             progress: None,
             trace_parent: None,
+            route: None,
         }
     }
 

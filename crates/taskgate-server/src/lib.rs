@@ -257,11 +257,20 @@ pub async fn run_with(
         .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+    // Before the models: a routed model's backend takes its routes' metric handles.
+    let metrics = Arc::new(metrics::Metrics::new(
+        config.models.keys().map(String::as_str),
+        config
+            .server
+            .metrics_token
+            .as_ref()
+            .map(|t| t.as_str().trim().to_owned()),
+    ));
     let models: BTreeMap<String, Arc<ModelRuntime>> = config
         .models
         .iter()
         .map(|(name, cfg)| {
-            let backend = backends::build(cfg, &http);
+            let backend = backends::build(name, cfg, &http, &metrics);
             (
                 name.clone(),
                 Arc::new(
@@ -279,14 +288,6 @@ pub async fn run_with(
         store: artifacts.clone(),
         ttl_secs: config.server.result_url_ttl.as_secs() as i64,
     };
-    let metrics = Arc::new(metrics::Metrics::new(
-        config.models.keys().map(String::as_str),
-        config
-            .server
-            .metrics_token
-            .as_ref()
-            .map(|t| t.as_str().trim().to_owned()),
-    ));
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = webhooks::Deliverer::new(
         store.clone(),

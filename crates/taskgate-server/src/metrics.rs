@@ -96,6 +96,22 @@ struct FinishedLabels {
     fail_code: &'static str,
 }
 
+/// A route of a routed model (not an HTTP route): both from the configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelRouteLabels {
+    model: String,
+    route: String,
+}
+
+/// One route's handles, resolved when its model's backend is built.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Gauge,
+    /// Attempts that left this route for the next one.
+    pub failovers: Counter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailCodeLabels {
     fail_code: &'static str,
@@ -190,6 +206,8 @@ pub struct Metrics {
     webhook_latency: Histogram,
     pending: Family<ModelLabels, Gauge>,
     running: Family<ModelLabels, Gauge>,
+    route_breaker_state: Family<ModelRouteLabels, Gauge>,
+    route_failovers: Family<ModelRouteLabels, Counter>,
     queue_read_failures: Counter,
     /// When the queue depths were last read (`None`: never). Held across the read, so that
     /// concurrent scrapes wait for one read instead of each making their own.
@@ -263,6 +281,18 @@ impl Metrics {
             "tasks_running",
             "Tasks running (processing), by model, cluster-wide (read from the store, at most 1 s old)",
             running.clone(),
+        );
+        let route_breaker_state = Family::<ModelRouteLabels, Gauge>::default();
+        registry.register(
+            "route_breaker_state",
+            "The circuit breaker of each route of a routed model, on this node: 0 closed, 1 open (attempts skip the route), 2 half-open (one probe may try it)",
+            route_breaker_state.clone(),
+        );
+        let route_failovers = Family::<ModelRouteLabels, Counter>::default();
+        registry.register(
+            "route_failovers",
+            "Attempts that left a route of a routed model for the next one (a retryable failure, the route's timeout, or its open breaker), by model and route",
+            route_failovers.clone(),
         );
         let queue_read_failures = Counter::default();
         registry.register(
@@ -340,6 +370,8 @@ impl Metrics {
             webhook_latency,
             pending,
             running,
+            route_breaker_state,
+            route_failovers,
             queue_read_failures,
             queue_read_at: tokio::sync::Mutex::new(None),
             unconfigured_seen: std::sync::Mutex::new(BTreeSet::new()),
@@ -351,6 +383,19 @@ impl Metrics {
     /// The bearer token `GET /metrics` requires, if one is set.
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    /// The handles of route `route` of `model`, made once when the model's backend is built
+    /// (its series show from the start).
+    pub fn route_handles(&self, model: &str, route: &str) -> RouteMetrics {
+        let labels = ModelRouteLabels {
+            model: model.to_owned(),
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            breaker_state: self.route_breaker_state.get_or_create_owned(&labels),
+            failovers: self.route_failovers.get_or_create_owned(&labels),
+        }
     }
 
     /// `n` tasks of `model` were accepted.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Map;
 use taskgate_proto::{TaskState, WebhookEvent};
 use taskgate_server::domain::fail_code;
-use taskgate_server::domain::{EventMask, Transition};
+use taskgate_server::domain::{EventMask, Task, Transition};
 use taskgate_server::store::postgres::PostgresStore;
 use taskgate_server::store::sqlite::SqliteStore;
 use taskgate_server::store::{
@@ -1850,6 +1850,30 @@ conformance! {
         assert_eq!(deliveries.len(), 1);
         assert_eq!(deliveries[0].delivery.task_id, "task_a");
         assert_eq!(deliveries[0].model.as_deref(), Some("m"));
+    }
+
+    a_final_state_records_the_route_that_ran_it_and_other_final_states_none(s) {
+        s.insert_tasks(vec![new_task("task_a", "m", 1), new_task("task_b", "m", 1), new_task("task_c", "m", 1)])
+            .await
+            .unwrap();
+        let mut claims = s.claim_batch("m", 10, LEASE, 10, 10, Runner::Local).await.unwrap();
+        claims.sort_by(|a, b| a.task.id.cmp(&b.task.id));
+        assert!(claims.iter().all(|c| c.task.route.is_none()));
+        let ok = Outcome::Success { outputs: vec![], blobs: vec![] };
+        let fail = Outcome::Failure { code: "GENERATION_FAILED".into(), message: "every route failed".into() };
+        // Together, so that the group commit writes routed and plain outcomes in one batch.
+        let (a, b, c) = tokio::join!(
+            s.finish_routed("task_a", &claims[0].token, &ok, Some("cloud"), 20),
+            s.finish_routed("task_b", &claims[1].token, &fail, Some("local"), 20),
+            s.finish("task_c", &claims[2].token, &ok, 20),
+        );
+        assert!(a.unwrap() && b.unwrap() && c.unwrap());
+        let route = |t: Option<Task>| t.unwrap().route;
+        assert_eq!(route(s.get_task("task_a").await.unwrap()).as_deref(), Some("cloud"));
+        assert_eq!(route(s.get_task("task_b").await.unwrap()).as_deref(), Some("local"));
+        assert_eq!(route(s.get_task("task_c").await.unwrap()), None);
+        let view = s.get_task("task_a").await.unwrap().unwrap().status(|k| k.to_owned());
+        assert_eq!(view.route.as_deref(), Some("cloud"));
     }
 }
 

@@ -253,6 +253,7 @@ async fn attempt(
         output_dir: Some(output_dir.to_owned()),
         // The program's stdout reports are not forwarded in heartbeats yet: they go nowhere.
         progress: Default::default(),
+        route: Default::default(),
     };
     let timeout = Duration::from_millis(task.timeout_ms);
     let result = match tokio::time::timeout(timeout, backend.run(&job)).await {

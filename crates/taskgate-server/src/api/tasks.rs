@@ -773,6 +773,7 @@ pub(super) fn pending_view(task: &NewTask) -> Option<CachedView> {
         fail_msg: None,
         progress: None,
         trace_parent: None,
+        route: None,
     }
     .status(|_| String::new());
     let body = serde_json::to_vec(&Envelope::success(view)).ok()?;

@@ -562,6 +562,7 @@ async fn settle(
             elapsed,
             lease_deadline(state),
             Some(format!("worker:{worker}")),
+            None,
         )
         .instrument(info_span!("attempt", taskId = %claim.task.id, model = %model.name, attempt = claim.task.attempts))
         .await

@@ -13,17 +13,19 @@ mod http;
 mod process_tree;
 pub mod progress;
 pub(crate) mod replicate;
+pub mod routes;
 mod upstream;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::config::{BackendConfig, ConfigError, InputSchema, ModelConfig};
+use crate::metrics::Metrics;
 
 pub use apixo::ApixoBackend;
 pub use builtin::{DemoImage, Echo};
@@ -44,6 +46,30 @@ pub struct Job {
     pub output_dir: Option<PathBuf>,
     /// Where the attempt reports progress and log lines while it runs (never blocks).
     pub progress: Progress,
+    /// Which route of a routed model ran the attempt; untouched for other models.
+    pub route: ServedBy,
+}
+
+/// The route a routed model's attempt ran on (the last one tried, when all failed), written by
+/// the routed backend and read by dispatch for the final state. Other backends leave it empty,
+/// and an empty one costs nothing (no allocation).
+#[derive(Debug, Default)]
+pub struct ServedBy(Mutex<Option<Arc<str>>>);
+
+impl ServedBy {
+    pub fn set(&self, route: &Arc<str>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(route.clone());
+    }
+
+    pub fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Clone for ServedBy {
+    fn clone(&self) -> Self {
+        ServedBy(Mutex::new(self.get()))
+    }
 }
 
 impl Job {
@@ -63,6 +89,10 @@ impl Job {
 pub enum Produced {
     /// The files the backend left in the job's output directory.
     Files,
+    /// The files in this directory instead, one the backend made inside the job's output
+    /// directory (a routed model's try after a failover: the failed route's files, or a writer
+    /// it left behind, stay outside it).
+    FilesIn(PathBuf),
     /// The outputs themselves, by name, held in memory (no file was written).
     InMemory(Vec<(String, Vec<u8>)>),
 }
@@ -157,9 +187,26 @@ impl Backend for PullWorkers {
     }
 }
 
-/// Builds the backend a model's configuration names.
-pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Backend> {
+/// Builds the backend model `name`'s configuration names (a routed model's routes get their
+/// metric handles from `metrics`).
+pub fn build(
+    name: &str,
+    model: &ModelConfig,
+    http: &reqwest::Client,
+    metrics: &Metrics,
+) -> Arc<dyn Backend> {
     match &model.backend {
+        BackendConfig::Routes { routes: list } => Arc::new(routes::Routed::new(
+            list.iter()
+                .enumerate()
+                .map(|(i, route)| {
+                    let route_name = route.name_at(i);
+                    let handles = metrics.route_handles(name, &route_name);
+                    let backend = build(name, &route.as_model(), http, metrics);
+                    routes::Route::new(route_name, route, backend, handles)
+                })
+                .collect(),
+        )),
         BackendConfig::Builtin { builtin } => match builtin {
             crate::config::BuiltinKind::Echo => Arc::new(Echo),
             crate::config::BuiltinKind::DemoImage => Arc::new(DemoImage),

@@ -83,6 +83,10 @@ pub const MODEL_POLL_INTERVAL: Duration = Duration::from_secs(3);
 pub const BUILTIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// A model table's `modes`: APIXO's two request types, which every model takes.
 pub const MODEL_MODES: &[&str] = &["async", "callback"];
+/// A route's `breaker_failures`: consecutive retryable failures that open its circuit breaker.
+pub const ROUTE_BREAKER_FAILURES: u32 = 5;
+/// A route's `breaker_cooldown`: how long an open breaker refuses before one probe may pass.
+pub const ROUTE_BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 
 fn secs(list: &[u64]) -> Vec<Duration> {
     list.iter().copied().map(Duration::from_secs).collect()

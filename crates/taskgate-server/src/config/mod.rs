@@ -105,8 +105,9 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let config: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let raw: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut raw: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let routed = tag_routed_models(&mut raw)?;
+        // Keys first: a typo in a route is then named by its route, not by serde's model.
         if let Some(toml::Value::Table(models)) = raw.get("models") {
             for (name, table) in models {
                 if let toml::Value::Table(t) = table {
@@ -114,8 +115,87 @@ impl FileConfig {
                 }
             }
         }
+        // A file without routes is read from its text, so that errors keep their line numbers.
+        let mut config: FileConfig = if routed.is_empty() {
+            toml::from_str(text)
+        } else {
+            raw.try_into()
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(models) = &mut config.models {
+            for (name, set) in routed {
+                if let Some(model) = models.get_mut(&name) {
+                    model.sum_routes(set);
+                }
+            }
+        }
         Ok(config)
     }
+}
+
+/// Which of a routed model's own settings its table set (the rest are its routes' sums).
+#[derive(Debug, Clone, Copy)]
+struct RoutedSet {
+    concurrency: bool,
+    timeout: bool,
+}
+
+/// Gives each model table that lists `routes` instead of a `backend` the tag `backend =
+/// "routes"`, and each route without a `name` its default (its kind and 1-based position,
+/// `http-1`), so that serde reads them; refuses what a route cannot be (a pull-worker model, a
+/// route of routes, a route without a kind). Answers the routed models.
+fn tag_routed_models(raw: &mut toml::Table) -> Result<Vec<(String, RoutedSet)>, String> {
+    let mut routed = Vec::new();
+    let Some(toml::Value::Table(models)) = raw.get_mut("models") else {
+        return Ok(routed);
+    };
+    for (name, table) in models.iter_mut() {
+        let toml::Value::Table(t) = table else {
+            continue;
+        };
+        let Some(routes) = t.get_mut("routes") else {
+            continue;
+        };
+        let toml::Value::Array(routes) = routes else {
+            return Err(format!(
+                "models.{name}.routes must be an array of backend tables, e.g. routes = [{{ backend = \"http\", url = \"...\" }}]"
+            ));
+        };
+        for (i, route) in routes.iter_mut().enumerate() {
+            let at = format!("models.{name}.routes[{i}]");
+            let toml::Value::Table(route) = route else {
+                return Err(format!("{at} must be a backend table"));
+            };
+            let kind = match route.get("backend").and_then(|b| b.as_str()) {
+                Some(kind @ ("worker" | "routes")) => {
+                    return Err(format!(
+                        "{at}.backend: a route cannot be {kind:?}; routes run here (a pull-worker model has no failover) and do not nest"
+                    ))
+                }
+                Some(kind) => kind.to_owned(),
+                None => return Err(format!("{at}: every route needs backend = \"...\"")),
+            };
+            if !route.contains_key("name") {
+                route.insert("name".into(), format!("{kind}-{}", i + 1).into());
+            }
+        }
+        if let Some(kind) = t.get("backend").and_then(|b| b.as_str()) {
+            if kind != "routes" {
+                return Err(format!(
+                    "models.{name} has both backend = {kind:?} and routes; use one: routes lists each backend"
+                ));
+            }
+        }
+        routed.push((
+            name.clone(),
+            RoutedSet {
+                concurrency: t.contains_key("concurrency"),
+                timeout: t.contains_key("timeout"),
+            },
+        ));
+        t.insert("backend".into(), "routes".into());
+    }
+    Ok(routed)
 }
 
 /// One model: which backend runs it and how much of it may run at once.
@@ -172,6 +252,20 @@ impl ModelConfig {
         })
     }
 
+    /// A routed model's `concurrency` and `timeout` that its table left out: the sums of its
+    /// routes' (every route may run at once; an attempt may try each route in turn).
+    fn sum_routes(&mut self, set: RoutedSet) {
+        let BackendConfig::Routes { routes } = &self.backend else {
+            return;
+        };
+        if !set.concurrency {
+            self.concurrency = routes.iter().map(|r| r.concurrency).sum();
+        }
+        if !set.timeout {
+            self.timeout = routes.iter().map(|r| r.timeout).sum();
+        }
+    }
+
     /// `modes`, or what every model supports: APIXO's two request types.
     pub fn listed_modes(&self) -> Vec<String> {
         match &self.modes {
@@ -196,7 +290,29 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
         "modes",
         "description",
     ];
+    /// What every route table takes besides its backend's own keys.
+    const ROUTE: &[&str] = &[
+        "backend",
+        "name",
+        "concurrency",
+        "timeout",
+        "breaker_failures",
+        "breaker_cooldown",
+    ];
+    if let Some(toml::Value::Array(routes)) = table.get("routes") {
+        for (i, route) in routes.iter().enumerate() {
+            if let toml::Value::Table(route) = route {
+                check_backend_keys(&format!("models.{name}.routes[{i}]"), ROUTE, route)?;
+            }
+        }
+    }
+    check_backend_keys(&format!("models.{name}"), COMMON, table)
+}
+
+/// Refuses keys of `table` (named `at`) that are neither `common` nor its backend's own.
+fn check_backend_keys(at: &str, common: &[&str], table: &toml::Table) -> Result<(), String> {
     let own: &[&str] = match table.get("backend").and_then(|b| b.as_str()) {
+        Some("routes") => &["routes"],
         Some("builtin") => &["builtin"],
         Some("command") => &["command", "env", "working_dir"],
         Some("worker") => &[],
@@ -219,12 +335,12 @@ fn check_model_keys(name: &str, table: &toml::Table) -> Result<(), String> {
     };
     for key in table.keys() {
         let key = key.as_str();
-        if !COMMON.contains(&key) && !own.contains(&key) && !upstream.contains(&key) {
+        if !common.contains(&key) && !own.contains(&key) && !upstream.contains(&key) {
             let mut allowed: Vec<&str> =
-                COMMON.iter().chain(own).chain(upstream).copied().collect();
+                common.iter().chain(own).chain(upstream).copied().collect();
             allowed.sort_unstable();
             return Err(format!(
-                "unknown key {key:?} in [models.{name}]; this backend takes: {}",
+                "unknown key {key:?} in [{at}]; this backend takes: {}",
                 allowed.join(", ")
             ));
         }
@@ -240,6 +356,12 @@ fn default_timeout() -> Duration {
 }
 fn default_max_attempts() -> u32 {
     defaults::MODEL_MAX_ATTEMPTS
+}
+fn default_breaker_failures() -> u32 {
+    defaults::ROUTE_BREAKER_FAILURES
+}
+fn default_breaker_cooldown() -> Duration {
+    defaults::ROUTE_BREAKER_COOLDOWN
 }
 
 /// The kind of backend and its own settings, tagged by `backend = "..."`.
@@ -265,6 +387,9 @@ pub enum BackendConfig {
     Replicate(ReplicateConfig),
     /// fal's queue API (`backends/fal.rs`).
     Fal(FalConfig),
+    /// Several backends tried in order, with failover (`routes = [...]` in place of `backend`;
+    /// [`FileConfig::parse`] fills in this tag).
+    Routes { routes: Vec<RouteConfig> },
 }
 
 /// `backend = "replicate"`: one of `model` (`owner/name`, an official model) or `version`.
@@ -375,6 +500,61 @@ fn owner_slash_name(s: &str, min_segments: usize) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
+}
+
+/// One route of a routed model: a whole backend table (any kind but `worker`), with its own
+/// concurrency, timeout and circuit breaker.
+// Like `ModelConfig`, unknown keys are refused by `check_model_keys`, not serde.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteConfig {
+    /// Shown in statusTask's `route` and in metrics; default `KIND-POSITION` (`http-1` for the
+    /// first route), filled in by [`FileConfig::parse`].
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub backend: BackendConfig,
+    /// Attempts this route may run at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Longest one try on this route may take; then the attempt moves to the next route.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive retryable failures that open the route's circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker turns attempts away before one probe may try the route.
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+impl RouteConfig {
+    /// A route of `backend` with every other setting at its default.
+    pub fn new(backend: BackendConfig) -> Self {
+        RouteConfig {
+            name: None,
+            backend,
+            concurrency: default_concurrency(),
+            timeout: default_timeout(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
+        }
+    }
+
+    /// The route's name; `route-N` (1-based) for a route built in code without one.
+    pub fn name_at(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("route-{}", index + 1))
+    }
+
+    /// The route as a model of its own, for building its backend.
+    pub fn as_model(&self) -> ModelConfig {
+        ModelConfig {
+            concurrency: self.concurrency,
+            timeout: self.timeout,
+            ..ModelConfig::new(self.backend.clone())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -663,6 +843,9 @@ impl Config {
                     "model names use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
                 ));
             }
+            // The backend first: a routed model's own limits are its routes' sums, so a bad
+            // route is named as itself.
+            validate_backend(name, &model.backend, &at)?;
             if model.concurrency == 0 {
                 return Err(invalid(at("concurrency"), "must be at least 1"));
             }
@@ -673,99 +856,160 @@ impl Config {
                 return Err(invalid(at("timeout"), "must be longer than 0s"));
             }
             validate_listing(name, model)?;
-            match &model.backend {
-                BackendConfig::Builtin { .. } | BackendConfig::Worker {} => {}
-                BackendConfig::Replicate(r) => {
-                    match (&r.model, &r.version) {
-                        (Some(_), Some(_)) | (None, None) => {
-                            return Err(invalid(
-                                at("model"),
-                                "a replicate model names exactly one of model = \"owner/name\" or version = \"VERSION_ID\"",
-                            ))
-                        }
-                        (Some(m), None) if !owner_slash_name(m, 2) || m.split('/').count() != 2 => {
-                            return Err(invalid(
-                                at("model"),
-                                format!("{m:?} is not owner/name, e.g. \"black-forest-labs/flux-schnell\""),
-                            ))
-                        }
-                        (None, Some(v)) if v.trim().is_empty() => {
-                            return Err(invalid(at("version"), "is empty"))
-                        }
-                        _ => {}
-                    }
-                    r.upstream
-                        .validate(&at, crate::backends::replicate::DEFAULT_KEY_ENV)?;
-                }
-                BackendConfig::Fal(f) => {
-                    if !owner_slash_name(&f.model, 2) {
-                        return Err(invalid(
-                            at("model"),
-                            format!(
-                                "{:?} is not a fal endpoint id, e.g. \"fal-ai/flux/dev\"",
-                                f.model
-                            ),
-                        ));
-                    }
-                    f.upstream
-                        .validate(&at, crate::backends::fal::DEFAULT_KEY_ENV)?;
-                }
-                BackendConfig::Command { command, .. } => {
-                    if command.is_empty() || command[0].is_empty() {
-                        return Err(invalid(
-                            at("command"),
-                            "must name a program, e.g. command = [\"python3\", \"model.py\"]",
-                        ));
-                    }
-                }
-                BackendConfig::Apixo(apixo) => apixo.validate(name)?,
-                BackendConfig::Http(http) => {
-                    let parsed = url::Url::parse(&http.url).map_err(|e| {
-                        invalid(
-                            at("url"),
-                            format!("{:?} is not an absolute URL ({e})", http.url),
-                        )
-                    })?;
-                    if !matches!(parsed.scheme(), "http" | "https") {
-                        return Err(invalid(at("url"), "must start with http:// or https://"));
-                    }
-                    let pointers = http
-                        .url_pointers
-                        .iter()
-                        .map(|p| ("url_pointers", p))
-                        .chain(http.base64_pointers.iter().map(|p| ("base64_pointers", p)));
-                    for (key, pointer) in pointers {
-                        if !pointer.is_empty() && !pointer.starts_with('/') {
-                            return Err(invalid(
-                                at(key),
-                                format!("{pointer:?} is not a JSON pointer; they start with '/', e.g. \"/images/0\""),
-                            ));
-                        }
-                    }
-                    if http.response == HttpResponseKind::Json
-                        && http.url_pointers.is_empty()
-                        && http.base64_pointers.is_empty()
-                    {
-                        return Err(invalid(
-                            at("response"),
-                            "response = \"json\" needs url_pointers or base64_pointers",
-                        ));
-                    }
-                    for (k, v) in &http.headers {
-                        if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
-                            || reqwest::header::HeaderValue::from_str(v).is_err()
-                        {
-                            return Err(invalid(
-                                at("headers"),
-                                format!("header {k:?} is not a valid HTTP header"),
-                            ));
-                        }
-                    }
-                }
-            }
         }
         Ok(())
     }
+}
+
+/// Checks one backend table's own settings; `at` names a setting of it for messages.
+fn validate_backend(
+    name: &str,
+    backend: &BackendConfig,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    match backend {
+        BackendConfig::Builtin { .. } | BackendConfig::Worker {} => {}
+        BackendConfig::Command { command, .. } => {
+            if command.is_empty() || command[0].is_empty() {
+                return Err(invalid(
+                    at("command"),
+                    "must name a program, e.g. command = [\"python3\", \"model.py\"]",
+                ));
+            }
+        }
+        BackendConfig::Http(http) => {
+            let parsed = url::Url::parse(&http.url).map_err(|e| {
+                invalid(
+                    at("url"),
+                    format!("{:?} is not an absolute URL ({e})", http.url),
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid(at("url"), "must start with http:// or https://"));
+            }
+            let pointers = http
+                .url_pointers
+                .iter()
+                .map(|p| ("url_pointers", p))
+                .chain(http.base64_pointers.iter().map(|p| ("base64_pointers", p)));
+            for (key, pointer) in pointers {
+                if !pointer.is_empty() && !pointer.starts_with('/') {
+                    return Err(invalid(
+                        at(key),
+                        format!("{pointer:?} is not a JSON pointer; they start with '/', e.g. \"/images/0\""),
+                    ));
+                }
+            }
+            if http.response == HttpResponseKind::Json
+                && http.url_pointers.is_empty()
+                && http.base64_pointers.is_empty()
+            {
+                return Err(invalid(
+                    at("response"),
+                    "response = \"json\" needs url_pointers or base64_pointers",
+                ));
+            }
+            for (k, v) in &http.headers {
+                if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(v).is_err()
+                {
+                    return Err(invalid(
+                        at("headers"),
+                        format!("header {k:?} is not a valid HTTP header"),
+                    ));
+                }
+            }
+        }
+        BackendConfig::Routes { routes } => validate_routes(name, routes)?,
+        BackendConfig::Apixo(apixo) => apixo.validate(name)?,
+        BackendConfig::Replicate(r) => {
+            match (&r.model, &r.version) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        at("model"),
+                        "a replicate model names exactly one of model = \"owner/name\" or version = \"VERSION_ID\"",
+                    ))
+                }
+                (Some(m), None) if !owner_slash_name(m, 2) || m.split('/').count() != 2 => {
+                    return Err(invalid(
+                        at("model"),
+                        format!("{m:?} is not owner/name, e.g. \"black-forest-labs/flux-schnell\""),
+                    ))
+                }
+                (None, Some(v)) if v.trim().is_empty() => {
+                    return Err(invalid(at("version"), "is empty"))
+                }
+                _ => {}
+            }
+            r.upstream
+                .validate(at, crate::backends::replicate::DEFAULT_KEY_ENV)?;
+        }
+        BackendConfig::Fal(f) => {
+            if !owner_slash_name(&f.model, 2) {
+                return Err(invalid(
+                    at("model"),
+                    format!(
+                        "{:?} is not a fal endpoint id, e.g. \"fal-ai/flux/dev\"",
+                        f.model
+                    ),
+                ));
+            }
+            f.upstream
+                .validate(at, crate::backends::fal::DEFAULT_KEY_ENV)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a routed model's routes: each a backend that runs here, with its own limits, and
+/// names unique within the model (they are what statusTask and metrics show).
+fn validate_routes(name: &str, routes: &[RouteConfig]) -> Result<(), ConfigError> {
+    if routes.is_empty() {
+        return Err(invalid(
+            format!("models.{name}.routes"),
+            "must list at least one route",
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, route) in routes.iter().enumerate() {
+        let at = |k: &str| format!("models.{name}.routes[{i}].{k}");
+        let route_name = route.name_at(i);
+        if !valid_model_name(&route_name) {
+            return Err(invalid(
+                at("name"),
+                "route names use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
+            ));
+        }
+        if !names.insert(route_name.clone()) {
+            return Err(invalid(
+                at("name"),
+                format!("{route_name:?} names two routes of the model; give each its own name"),
+            ));
+        }
+        if matches!(
+            route.backend,
+            BackendConfig::Worker {} | BackendConfig::Routes { .. }
+        ) {
+            return Err(invalid(
+                at("backend"),
+                "a route runs here: it cannot be a pull-worker backend or routes of its own",
+            ));
+        }
+        if route.concurrency == 0 {
+            return Err(invalid(at("concurrency"), "must be at least 1"));
+        }
+        if route.timeout.is_zero() {
+            return Err(invalid(at("timeout"), "must be longer than 0s"));
+        }
+        if route.breaker_failures == 0 {
+            return Err(invalid(at("breaker_failures"), "must be at least 1"));
+        }
+        if route.breaker_cooldown.is_zero() {
+            return Err(invalid(at("breaker_cooldown"), "must be longer than 0s"));
+        }
+        validate_backend(name, &route.backend, &at)?;
+    }
+    Ok(())
 }
 
 /// Checks what a model tells clients (`poll_interval`, `modes`). Its `input_schema` is compiled
@@ -913,6 +1157,43 @@ pub fn valid_model_name(name: &str) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_routed_model_takes_its_routes_sums_and_default_route_names_unless_set() {
+        let f = FileConfig::parse(
+            r#"
+            [models.sum]
+            routes = [
+                { backend = "http", url = "http://127.0.0.1:1/", concurrency = 2, timeout = "60s" },
+                { name = "cloud", backend = "builtin", builtin = "echo", timeout = "30s" },
+            ]
+            [models.set]
+            concurrency = 1
+            timeout = "5s"
+            [[models.set.routes]]
+            backend = "builtin"
+            builtin = "echo"
+            "#,
+        )
+        .unwrap();
+        let models = f.models.unwrap();
+        let sum = &models["sum"];
+        assert_eq!(sum.concurrency, 2 + defaults::MODEL_CONCURRENCY);
+        assert_eq!(sum.timeout, Duration::from_secs(90));
+        let BackendConfig::Routes { routes } = &sum.backend else {
+            panic!("not routed: {:?}", sum.backend);
+        };
+        let names: Vec<String> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.name_at(i))
+            .collect();
+        assert_eq!(names, ["http-1", "cloud"]);
+        assert_eq!(routes[0].breaker_failures, defaults::ROUTE_BREAKER_FAILURES);
+        assert_eq!(routes[1].breaker_cooldown, defaults::ROUTE_BREAKER_COOLDOWN);
+        let set = &models["set"];
+        assert_eq!((set.concurrency, set.timeout), (1, Duration::from_secs(5)));
+    }
 
     #[test]
     fn a_model_table_parses_with_defaults() {

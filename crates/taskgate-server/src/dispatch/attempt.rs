@@ -91,6 +91,7 @@ impl Dispatcher {
             attempt: claim.task.attempts,
             output_dir: dir.clone(),
             progress: Progress::new(),
+            route: Default::default(),
         };
         // Stores what the backend reports while it runs; dropped (stopped) on every early
         // return below.
@@ -144,7 +145,15 @@ impl Dispatcher {
         self.give_back(dir, reusable).await;
         let succeeded = result.is_ok();
         let settled = self
-            .settle(&model.name, &claim, result, started.elapsed(), lease.get())
+            .settle_as(
+                &model.name,
+                &claim,
+                result,
+                started.elapsed(),
+                lease.get(),
+                None,
+                job.route.get(),
+            )
             .await;
         // Staged files are taken back unless they may be the task's: after a failure (some may
         // have been staged before it), or when the claim was not ours. Not after `NotWritten`:
@@ -210,24 +219,8 @@ impl Dispatcher {
         let mut keys = Vec::new();
         let mut blobs = Vec::new();
         match produced {
-            Produced::Files => {
-                let dir = job.dir()?;
-                let files = collect_files(dir)
-                    .await
-                    .map_err(|e| internal(format!("cannot read the output directory: {e}")))?;
-                if files.is_empty() {
-                    return Err(BackendError::no_output());
-                }
-                for (name, path) in output_names(files) {
-                    let key = staged_key(&job.task_id, tag, &name);
-                    stage(&key);
-                    self.artifacts
-                        .put_file(&key, &path)
-                        .await
-                        .map_err(|e| internal(error_chain(&e)))?;
-                    keys.push(key);
-                }
-            }
+            Produced::Files => keys = self.stage_files(job.dir()?, job, tag, staged).await?,
+            Produced::FilesIn(dir) => keys = self.stage_files(&dir, job, tag, staged).await?,
             Produced::InMemory(outputs) => {
                 if outputs.is_empty() {
                     return Err(BackendError::no_output());
@@ -252,6 +245,37 @@ impl Dispatcher {
             }
         }
         Ok((keys, blobs))
+    }
+
+    /// Stages every file under `dir` (the attempt's outputs) under `tag`; answers their keys.
+    async fn stage_files(
+        &self,
+        dir: &Path,
+        job: &Job,
+        tag: &str,
+        staged: &Mutex<Vec<String>>,
+    ) -> Result<Vec<String>, BackendError> {
+        let internal = |e| BackendError::retryable(fail_code::INTERNAL_ERROR, e);
+        let files = collect_files(dir)
+            .await
+            .map_err(|e| internal(format!("cannot read the output directory: {e}")))?;
+        if files.is_empty() {
+            return Err(BackendError::no_output());
+        }
+        let mut keys = Vec::with_capacity(files.len());
+        for (name, path) in output_names(files) {
+            let key = staged_key(&job.task_id, tag, &name);
+            staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(key.clone());
+            self.artifacts
+                .put_file(&key, &path)
+                .await
+                .map_err(|e| internal(error_chain(&e)))?;
+            keys.push(key);
+        }
+        Ok(keys)
     }
 
     /// Renews the lease until it is lost; returns only then (with how it was lost).

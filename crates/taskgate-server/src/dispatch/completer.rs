@@ -8,6 +8,7 @@
 //! written is never reported as done. (The SQLite store group-commits these writes; see
 //! `store::sqlite`.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -57,12 +58,14 @@ impl Dispatcher {
         elapsed: Duration,
         lease_until: Instant,
     ) -> Settled {
-        self.settle_as(model, claim, result, elapsed, lease_until, None)
+        self.settle_as(model, claim, result, elapsed, lease_until, None, None)
             .await
     }
 
     /// [`Dispatcher::settle`], naming who ran the attempt (`worker:<name>`) for the task's
-    /// attempt history when it is retried (`None`: the runner the task's row records).
+    /// attempt history when it is retried (`None`: the runner the task's row records), and
+    /// the route of a routed model that ran it, which a final state records.
+    #[allow(clippy::too_many_arguments)]
     pub async fn settle_as(
         &self,
         model: &str,
@@ -71,6 +74,7 @@ impl Dispatcher {
         elapsed: Duration,
         lease_until: Instant,
         runner: Option<String>,
+        route: Option<Arc<str>>,
     ) -> Settled {
         let task = &claim.task;
         if let Err(e) = &result {
@@ -104,7 +108,9 @@ impl Dispatcher {
             )),
             Err(BackendError::Fatal { code, message }) => Write::Final(failure(&code, &message)),
         };
-        let settled = self.write(claim, &write, lease_until).await;
+        let settled = self
+            .write(claim, &write, route.as_deref(), lease_until)
+            .await;
         if matches!(settled, Settled::Written) {
             self.events.changed(&task.id);
             // Measured from the start the store stamped (on the clock the claim used), so an
@@ -147,7 +153,13 @@ impl Dispatcher {
     }
 
     /// Tries `write` until it lands, the claim turns out not to be ours, or the lease ends.
-    async fn write(&self, claim: &Claim, write: &Write, lease_until: Instant) -> Settled {
+    async fn write(
+        &self,
+        claim: &Claim,
+        write: &Write,
+        route: Option<&str>,
+        lease_until: Instant,
+    ) -> Settled {
         let mut pause = FIRST_WRITE_PAUSE;
         // A write that failed may have committed all the same (the connection dropped before
         // the reply): a later try then finds the token gone, which must not be taken for "not
@@ -157,7 +169,7 @@ impl Dispatcher {
             let r = match write {
                 Write::Final(outcome) => {
                     self.store
-                        .finish(&claim.task.id, &claim.token, outcome, now_ms())
+                        .finish_routed(&claim.task.id, &claim.token, outcome, route, now_ms())
                         .await
                 }
                 Write::Requeue { run_after, ended } => {

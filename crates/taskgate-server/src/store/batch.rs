@@ -72,7 +72,7 @@ pub enum KeyedInsert {
 /// its trace context, which only a claim uses.
 pub const LIST_COLUMNS: &str = "id, tenant_id, model, state, '' AS input, callback_url, \
      attempts, max_attempts, create_time, start_time, complete_time, outputs, fail_code, \
-     fail_msg, progress, CAST(NULL AS TEXT) AS trace_parent";
+     fail_msg, progress, CAST(NULL AS TEXT) AS trace_parent, route";
 
 /// The listing's statement, in either dialect (the builder writes `?` or `$n`). It walks the
 /// index `(tenant_id, id)` backwards from the cursor; the other filters are checked on the rows

@@ -219,15 +219,20 @@ impl Store for FaultyStore {
             .await
     }
 
-    async fn finish(
+    // Named `finish` in fault plans: it is the one final-state write, routed or not.
+    async fn finish_routed(
         &self,
         id: &str,
         token: &str,
         outcome: &Outcome,
+        route: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError> {
         let after = self.plan.enter("finish").await?;
-        let result = self.inner.finish(id, token, outcome, now).await;
+        let result = self
+            .inner
+            .finish_routed(id, token, outcome, route, now)
+            .await;
         self.plan.leave("finish", after, result)
     }
 

@@ -356,6 +356,8 @@ struct FinishRequest {
     id: String,
     token: String,
     outcome: Outcome,
+    /// The route that ran the attempt, for routed models.
+    route: Option<String>,
     now: i64,
     reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
@@ -365,6 +367,7 @@ impl FinishRequest {
         id: &str,
         token: &str,
         outcome: &Outcome,
+        route: Option<&str>,
         now: i64,
     ) -> (
         Self,
@@ -375,6 +378,7 @@ impl FinishRequest {
             id: id.to_owned(),
             token: token.to_owned(),
             outcome: outcome.clone(),
+            route: route.map(str::to_owned),
             now,
             reply,
         };
@@ -591,6 +595,20 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         token: &str,
         outcome: &Outcome,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.finish_routed(id, token, outcome, None, now).await
+    }
+
+    /// [`Store::finish`], also recording which route of a routed model ran the attempt
+    /// (`tasks.route`, shown as statusTask's `route`); `None` for other models. The same one
+    /// group-committed write: a route is one more column of it.
+    async fn finish_routed(
+        &self,
+        id: &str,
+        token: &str,
+        outcome: &Outcome,
+        route: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError>;
 

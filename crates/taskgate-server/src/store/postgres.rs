@@ -244,7 +244,7 @@ async fn finish_all(
     batch: &[FinishRequest],
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let (mut ids, mut tokens, mut states, mut nows) = (vec![], vec![], vec![], vec![]);
-    let (mut outputs, mut codes, mut messages) = (vec![], vec![], vec![]);
+    let (mut outputs, mut codes, mut messages, mut routes) = (vec![], vec![], vec![], vec![]);
     // Sorted by id so batches usually meet rows in the same order; the plan may still join in
     // another, and a deadlock with another node's batch is an error that sends the batch down
     // the one-outcome-at-a-time path.
@@ -259,6 +259,7 @@ async fn finish_all(
         outputs.push(out);
         codes.push(code);
         messages.push(message);
+        routes.push(req.route.as_deref());
     }
     let mut tx = pool.begin().await?;
     // Succeed and Fail share their guard (from `processing`, under the claim's token). The
@@ -267,9 +268,10 @@ async fn finish_all(
     // start or progress events alone).
     let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(&format!(
         "UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
-         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
+         fail_code = v.code, fail_msg = v.msg, route = v.route, lease_token = NULL, \
+         lease_expires_at = NULL \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
-                     $7::text[]) AS v(task, token, new_state, at, outs, code, msg) \
+                     $7::text[], $8::text[]) AS v(task, token, new_state, at, outs, code, msg, route) \
          WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
          RETURNING tasks.id, tasks.model, tasks.tenant_id, \
                    CASE WHEN {} THEN tasks.callback_url END",
@@ -283,6 +285,7 @@ async fn finish_all(
     .bind(&outputs)
     .bind(&codes)
     .bind(&messages)
+    .bind(&routes)
     .fetch_all(&mut *tx)
     .await?;
     let written: std::collections::HashSet<String> =
@@ -714,14 +717,15 @@ impl Store for PostgresStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn finish(
+    async fn finish_routed(
         &self,
         id: &str,
         token: &str,
         outcome: &Outcome,
+        route: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (req, answer) = FinishRequest::new(id, token, outcome, now);
+        let (req, answer) = FinishRequest::new(id, token, outcome, route, now);
         self.finishes
             .send(req)
             .await

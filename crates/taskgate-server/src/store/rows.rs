@@ -12,7 +12,9 @@ use crate::domain::{EventMask, Task};
 
 pub const TASK_COLUMNS: &str = "id, tenant_id, model, state, input, callback_url, attempts, \
      max_attempts, create_time, start_time, complete_time, outputs, fail_code, fail_msg, \
-     progress, trace_parent";
+     progress, trace_parent, route";
+/// How many columns [`TASK_COLUMNS`] names: a column selected after them is at this index.
+const TASK_COLUMNS_LEN: usize = 17;
 
 #[derive(sqlx::FromRow)]
 pub struct TaskRow {
@@ -32,6 +34,7 @@ pub struct TaskRow {
     fail_msg: Option<String>,
     progress: Option<f64>,
     trace_parent: Option<String>,
+    route: Option<String>,
 }
 
 impl TaskRow {
@@ -55,6 +58,7 @@ impl TaskRow {
             fail_msg: r.get(13)?,
             progress: r.get(14)?,
             trace_parent: r.get(15)?,
+            route: r.get(16)?,
         })
     }
 }
@@ -87,6 +91,7 @@ impl TryFrom<TaskRow> for Task {
             fail_msg: r.fail_msg,
             progress: r.progress,
             trace_parent: r.trace_parent,
+            route: r.route,
         })
     }
 }
@@ -655,7 +660,7 @@ impl ClaimedRow {
     pub fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(ClaimedRow {
             task: TaskRow::from_sqlite(r)?,
-            wants_start: r.get(16)?,
+            wants_start: r.get(TASK_COLUMNS_LEN)?,
         })
     }
 }

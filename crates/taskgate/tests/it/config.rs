@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::*;
 
 /// Runs `serve` with `config` (a TOML text); it must exit non-zero. Returns stderr.
-async fn serve_must_refuse(config: &str) -> String {
+pub async fn serve_must_refuse(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("taskgate.toml");
     std::fs::write(&path, config).unwrap();

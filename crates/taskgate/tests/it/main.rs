@@ -28,6 +28,7 @@ mod operator;
 mod progress;
 mod recovery;
 mod retention;
+mod routes;
 mod s3;
 mod scheduling;
 mod signed_urls;

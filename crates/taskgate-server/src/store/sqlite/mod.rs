@@ -530,14 +530,15 @@ impl Store for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn finish(
+    async fn finish_routed(
         &self,
         id: &str,
         token: &str,
         outcome: &Outcome,
+        route: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (req, answer) = FinishRequest::new(id, token, outcome, now);
+        let (req, answer) = FinishRequest::new(id, token, outcome, route, now);
         self.writes
             .send(Write::Finish(req))
             .await

@@ -502,7 +502,7 @@ fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, Stor
         .map(|req| outcome_columns(&req.outcome))
         .collect::<Result<Vec<_>, _>>()?;
     let states: Vec<&str> = columns.iter().map(|(s, ..)| s.as_str()).collect();
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 7);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(batch.len() * 8);
     for ((req, (_, outs, code, msg)), state) in batch.iter().zip(&columns).zip(&states) {
         params.extend_from_slice(&[
             &req.id as &dyn ToSql,
@@ -512,19 +512,21 @@ fn finish_in(tx: &Connection, batch: &[FinishRequest]) -> Result<Vec<bool>, Stor
             outs,
             code,
             msg,
+            &req.route,
         ]);
     }
     // Succeed and Fail share their guard (from `processing`, under the claim's token). The URL
     // comes back only where the task owes a final-state delivery (it may have asked for start
     // or progress events alone).
     let sql = format!(
-        "WITH v(task, token, new_state, at, outs, code, msg) AS (VALUES {}) \
+        "WITH v(task, token, new_state, at, outs, code, msg, route) AS (VALUES {}) \
          UPDATE tasks SET state = v.new_state, complete_time = v.at, outputs = v.outs, \
-         fail_code = v.code, fail_msg = v.msg, lease_token = NULL, lease_expires_at = NULL \
+         fail_code = v.code, fail_msg = v.msg, route = v.route, lease_token = NULL, \
+         lease_expires_at = NULL \
          FROM v WHERE tasks.id = v.task AND tasks.{} AND tasks.lease_token = v.token \
          RETURNING tasks.id, tasks.tenant_id, \
                    CASE WHEN {} THEN tasks.callback_url END",
-        values(batch.len(), 7),
+        values(batch.len(), 8),
         Transition::Succeed.guard(),
         asks(WebhookEvent::Completed, "tasks.")
     );
