@@ -64,14 +64,6 @@ pub fn window(
             UsageError(format!("groupBy must be one of model, day, key, got {g:?}"))
         })?,
     };
-    // The store's `group_sql` is where the key arm goes: this refusal goes with it.
-    if group_by == UsageGroupBy::Key {
-        return Err(UsageError(
-            "groupBy=key is not available yet: tasks do not record the key that submitted them; \
-             use model or day"
-                .into(),
-        ));
-    }
     Ok(UsageWindow { from, to, group_by })
 }
 
@@ -260,7 +252,7 @@ mod tests {
         assert!(e(Some("2024-01-01"), Some("2025-12-01"), None).contains("366 days"));
         assert!(window(Some("2024-12-01"), Some("2025-12-01"), None, NOW).is_ok());
         assert!(e(None, None, Some("tenant")).contains("one of model, day, key"));
-        assert!(e(None, None, Some("key")).contains("not available yet"));
+        assert!(window(None, None, Some("key"), NOW).is_ok());
     }
 
     #[test]

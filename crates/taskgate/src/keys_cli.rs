@@ -152,7 +152,7 @@ pub enum KeysCommand {
         /// End of the window (exclusive), in the same forms. Default: now.
         #[arg(long)]
         to: Option<String>,
-        /// One row per `model` or per UTC `day` of creation.
+        /// One row per `model`, per UTC `day` of creation, or per `key` (the id of the submitting key).
         #[arg(long, default_value = "model")]
         group_by: String,
         #[command(flatten)]

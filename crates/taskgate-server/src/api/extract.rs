@@ -21,8 +21,25 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{ApiKeyRecord, Tenant};
 
-/// The tenant of the client key the request carries; worker tokens are refused.
+/// The tenant of the client key the request carries, for routes that read or change the whole
+/// tenant (the task list, usage, counts, the webhook secret and deliveries); worker tokens are
+/// refused, and so are keys limited to some models (403): those routes would show them the
+/// tasks of models outside their scope.
 pub struct ClientTenant(pub Tenant);
+
+/// A 403 for a key limited to some models on a route about the whole tenant.
+pub(super) fn tenant_wide(record: &ApiKeyRecord) -> Result<(), ApiError> {
+    match record.policy.models.as_deref() {
+        None => Ok(()),
+        Some(models) => Err(ApiError::new(
+            ErrorCode::ModelNotAllowed,
+            format!(
+                "this key may use only {}: the task list, usage, counts, webhook secret and deliveries cover every model of the tenant, so they need a key without --models",
+                if models.is_empty() { "no model".to_owned() } else { models.join(", ") }
+            ),
+        )),
+    }
+}
 
 /// The client key the request carries, as cached: its tenant, scope and limits.
 pub struct Caller(pub Arc<ApiKeyRecord>);
@@ -138,7 +155,9 @@ impl FromRequestParts<Arc<AppState>> for ClientTenant {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        Ok(ClientTenant(client(parts, state).await?.0.tenant.clone()))
+        let (record, _) = client(parts, state).await?;
+        tenant_wide(&record)?;
+        Ok(ClientTenant(record.tenant.clone()))
     }
 }
 

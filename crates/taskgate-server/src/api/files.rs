@@ -137,7 +137,9 @@ async fn serve_file(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+            // Quotes and backslashes would end or escape the quoted name: left out.
+            let quoted: String = name.chars().filter(|c| !matches!(c, '"' | '\\')).collect();
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{quoted}\"")) {
                 h.insert(header::CONTENT_DISPOSITION, v);
             } else {
                 h.insert(

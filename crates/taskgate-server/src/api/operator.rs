@@ -157,9 +157,14 @@ async fn task_counts(
 )]
 async fn stream_task_counts(
     State(state): State<Arc<AppState>>,
-    ClientKey { tenant, key, .. }: ClientKey,
+    ClientKey {
+        tenant,
+        key,
+        record,
+    }: ClientKey,
     uri: Uri,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    super::extract::tenant_wide(&record)?;
     let since = parse_since(&uri, "/api/v1/streamTaskCounts")?;
     // Before the first read, so that no change falls between it and the first wait.
     let any = state.dispatcher.events().subscribe_any();

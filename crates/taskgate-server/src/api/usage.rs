@@ -31,7 +31,7 @@ pub(super) fn router() -> Router<Arc<AppState>> {
     params(
         ("from" = Option<String>, Query, description = "Start of the window (inclusive), by creation time: RFC 3339 (`2025-01-31T00:00:00Z`, any offset), a date (`2025-01-31`, UTC midnight) or Unix ms. Left out: 30 days before `to`."),
         ("to" = Option<String>, Query, description = "End of the window (exclusive), in the same forms. Left out: now. At most 366 days after `from`."),
-        ("groupBy" = Option<UsageGroupBy>, Query, description = "One row per `model` (the default) or per UTC `day` of creation. `key` is refused (400) until tasks record their key."),
+        ("groupBy" = Option<UsageGroupBy>, Query, description = "One row per `model` (the default), per UTC `day` of creation, or per `key` (the id of the API key that submitted the tasks; empty for tasks from before keys were recorded)."),
     ),
     responses((status = 200, description = "The caller's usage, one row per group (sorted) and the total.", body = Envelope<UsageReport>)),
     security(("apiKey" = [])),

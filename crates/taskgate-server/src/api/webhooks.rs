@@ -70,6 +70,7 @@ async fn rotate_webhook_secret(
     State(state): State<Arc<AppState>>,
     Writer(caller): Writer,
 ) -> Result<Json<Envelope<WebhookSecretData>>, ApiError> {
+    super::extract::tenant_wide(&caller.0)?;
     let tenant = caller.tenant();
     // Make sure a first secret exists, so that rotation always has one to overlap with.
     state
@@ -180,6 +181,7 @@ async fn retry_delivery(
     Writer(caller): Writer,
     Path(id): Path<String>,
 ) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
+    super::extract::tenant_wide(&caller.0)?;
     let tenant = caller.tenant();
     let not_found = || {
         ApiError::new(

@@ -16,8 +16,7 @@ use super::upstream::{url_fields, Upstream};
 use super::{Backend, BackendError, Job, Produced};
 use crate::config::FalConfig;
 
-/// Where the key is read from when the table names no variable (fal's own clients' name).
-pub const DEFAULT_KEY_ENV: &str = "FAL_KEY";
+pub use crate::config::defaults::FAL_KEY_ENV as DEFAULT_KEY_ENV;
 pub const DEFAULT_URL: &str = "https://queue.fal.run";
 
 pub struct FalBackend {

@@ -15,8 +15,7 @@ use super::upstream::{url_strings, Upstream};
 use super::{Backend, BackendError, Job, Produced, Progress};
 use crate::config::ReplicateConfig;
 
-/// Where the key is read from when the table names no variable (Replicate's own clients' name).
-pub const DEFAULT_KEY_ENV: &str = "REPLICATE_API_TOKEN";
+pub use crate::config::defaults::REPLICATE_KEY_ENV as DEFAULT_KEY_ENV;
 pub const DEFAULT_URL: &str = "https://api.replicate.com";
 
 pub struct ReplicateBackend {

@@ -343,6 +343,18 @@ impl Backend for Routed {
                         (produced, _) => produced,
                     });
                 }
+                Err(BackendError::Fatal { code, message })
+                    if code == fail_code::MODEL_UNAVAILABLE =>
+                {
+                    // Not the input's fault but the route's, and one retrying will not mend (the
+                    // upstream refused our key, has no such model, a key variable is unset):
+                    // another route may well serve it, and the breaker should keep attempts off
+                    // this one. Without routes the task fails at once, as before.
+                    pass.failed(Instant::now());
+                    route.show_state();
+                    route.passed_over(&message, &mut failures);
+                    last_code = Some(code);
+                }
                 Err(fatal @ BackendError::Fatal { .. }) => {
                     // The input's fault: another route would refuse it too, and the route is
                     // healthy, so nothing is counted (dropping the pass frees a probe slot).

@@ -167,8 +167,12 @@ impl Upstream {
                 .await
                 .map_err(|e| transport_error(&what, &e, self.request_timeout))?;
             let status = resp.status();
-            let wait = (status == StatusCode::TOO_MANY_REQUESTS)
-                .then(|| retry_after(resp.headers()).unwrap_or_else(|| backoff.next()));
+            // Never sooner than our own backoff: a `Retry-After: 0` would otherwise have us ask
+            // again back to back until the attempt's time ran out.
+            let wait = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+                let ours = backoff.next();
+                retry_after(resp.headers()).map_or(ours, |theirs| theirs.max(ours))
+            });
             let bytes = resp
                 .bytes()
                 .await

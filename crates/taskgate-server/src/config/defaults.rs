@@ -94,3 +94,10 @@ fn secs(list: &[u64]) -> Vec<Duration> {
 
 /// The `[storage]` table's `s3_region`, also where an `S3Config` is made in code.
 pub const S3_REGION: &str = "us-east-1";
+
+/// Where a `replicate` model's key is read from when its table names no variable (Replicate's
+/// own clients' name).
+pub const REPLICATE_KEY_ENV: &str = "REPLICATE_API_TOKEN";
+/// Where a `fal` model's key is read from when its table names no variable (fal's own clients'
+/// name).
+pub const FAL_KEY_ENV: &str = "FAL_KEY";

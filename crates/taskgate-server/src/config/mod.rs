@@ -941,8 +941,7 @@ fn validate_backend(
                 }
                 _ => {}
             }
-            r.upstream
-                .validate(at, crate::backends::replicate::DEFAULT_KEY_ENV)?;
+            r.upstream.validate(at, defaults::REPLICATE_KEY_ENV)?;
         }
         BackendConfig::Fal(f) => {
             if !owner_slash_name(&f.model, 2) {
@@ -954,8 +953,7 @@ fn validate_backend(
                     ),
                 ));
             }
-            f.upstream
-                .validate(at, crate::backends::fal::DEFAULT_KEY_ENV)?;
+            f.upstream.validate(at, defaults::FAL_KEY_ENV)?;
         }
     }
     Ok(())

@@ -34,17 +34,14 @@ pub struct UsageAggregate {
 }
 
 /// The SQL of a group's value, as text in both dialects; `None` for a grouping the schema cannot
-/// answer yet.
-///
-/// `key` goes here as one more arm, `UsageGroupBy::Key => Some("COALESCE(key_id, '')")`, once
-/// tasks record the key that submitted them (`tasks.key_id`); `usage::window` refuses it until
-/// then.
+/// answer. `key` groups by `tasks.key_id` (migration 0020); tasks from before it have none and
+/// group under the empty id.
 fn group_sql(g: UsageGroupBy) -> Option<&'static str> {
     match g {
         UsageGroupBy::Model => Some("model"),
         // Integer division: the UTC day of creation, the same in both dialects.
         UsageGroupBy::Day => Some("CAST(create_time / 86400000 AS TEXT)"),
-        UsageGroupBy::Key => None,
+        UsageGroupBy::Key => Some("COALESCE(key_id, '')"),
     }
 }
 

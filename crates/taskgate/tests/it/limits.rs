@@ -431,3 +431,42 @@ async fn a_keys_budget_spent_on_one_node_is_refused_on_another_within_a_few_sync
     b.terminate().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_key_scoped_to_other_models_is_refused_every_route_that_could_show_this_models_tasks() {
+    let app = TestApp::start().await;
+    let scoped = key_with(
+        &app.data_dir,
+        "scoped",
+        &["--tenant", "default", "--models", "demo-image"],
+    )
+    .await;
+    let api = app.api.with_key(&scoped.key);
+    // A task of the same tenant, of a model outside the key's scope.
+    let task = app.api.submit_ok("echo", json!({})).await;
+    app.api
+        .wait_final("echo", &task, Duration::from_secs(10))
+        .await;
+
+    let ops = client_operations(&app, &task).await;
+    assert!(ops.len() >= 10, "{ops:?}");
+    for (method, path) in &ops {
+        let url = format!("{}{path}", api.base);
+        let resp = api
+            .http
+            .request(method.parse().unwrap(), &url)
+            .bearer_auth(&api.key)
+            .json(&json!({"input": {}, "tasks": [{"input": {}}]}))
+            .send()
+            .await
+            .unwrap();
+        if path == "/api/v1/models" {
+            assert_eq!(resp.status(), StatusCode::OK, "{method} {path}");
+            continue;
+        }
+        let (status, body) = envelope(resp).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+        assert_eq!(error_code(&body), "model_not_allowed", "{method} {path}");
+        assert!(!body.to_string().contains(&task), "{method} {path}: {body}");
+    }
+}
