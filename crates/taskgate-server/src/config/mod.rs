@@ -1428,6 +1428,26 @@ mod tests {
     }
 
     #[test]
+    fn the_gateway_example_parses_into_three_routes_and_a_weight() {
+        let text = include_str!("../../../../examples/gateway.toml");
+        let file = FileConfig::parse(text).unwrap();
+        let flux = &file.models.unwrap()["flux"];
+        let BackendConfig::Routes { routes } = &flux.backend else {
+            panic!("flux should be routed: {:?}", flux.backend);
+        };
+        let names: Vec<String> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.name_at(i))
+            .collect();
+        assert_eq!(names, ["local", "fal", "replicate"]);
+        assert!(matches!(routes[1].backend, BackendConfig::Fal(_)));
+        assert!(matches!(routes[2].backend, BackendConfig::Replicate(_)));
+        assert_eq!(flux.concurrency, 18, "the sum of the routes'");
+        assert_eq!(file.tenants["acme"].weight, 3);
+    }
+
+    #[test]
     fn a_schema_path_is_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taskgate.toml");
