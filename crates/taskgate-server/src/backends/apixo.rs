@@ -79,6 +79,7 @@ impl ApixoBackend {
             max_poll: cfg.max_poll.unwrap_or(defaults.max_interval),
             timeout: model_timeout,
             download: Download {
+                trusted: super::download::origin_of(&cfg.url),
                 client: http,
                 timeout: model_timeout.saturating_sub(margin),
                 max_bytes: cfg.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),

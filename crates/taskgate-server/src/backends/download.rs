@@ -78,9 +78,18 @@ fn extension_for(content_type: &str) -> Option<&'static str> {
 }
 
 /// Where and how much an upstream's outputs may be downloaded.
+///
+/// An output URL comes from an upstream's answer, and a model's answer may carry text its
+/// tenant chose ("answer with http://169.254.169.254/…"), so it is not trusted like the
+/// operator's configuration: a URL on the `trusted` origin (the upstream's own base URL, which
+/// the operator configured, private or not) is fetched with `client`; any other only if it
+/// reaches a public address, through a client that checks every address it connects to and
+/// follows no redirect (the callback guard's, `webhooks::ssrf`).
 #[derive(Debug, Clone)]
 pub struct Download {
     pub client: reqwest::Client,
+    /// The origin of the upstream the operator configured.
+    pub trusted: Option<url::Origin>,
     /// Bounds each whole download (request and body).
     pub timeout: Duration,
     /// One output larger than this fails the attempt (`GENERATION_FAILED`, not retried: the
@@ -98,9 +107,30 @@ impl Download {
         index: usize,
     ) -> Result<String, BackendError> {
         let what = format!("download of {}", crate::config::redact_url(url));
-        let mut resp = self
-            .client
-            .get(url)
+        let parsed = url::Url::parse(url).map_err(|e| {
+            BackendError::fatal(
+                fail_code::GENERATION_FAILED,
+                format!("{what}: the upstream named an output that is not a URL ({e})"),
+            )
+        })?;
+        let client = if self.trusted.as_ref() == Some(&parsed.origin()) {
+            &self.client
+        } else {
+            crate::webhooks::ssrf::check_url(&parsed, false).map_err(|refused| {
+                BackendError::fatal(
+                    fail_code::GENERATION_FAILED,
+                    format!("{what} refused: the URL {refused}; only the upstream's own origin and public addresses are fetched"),
+                )
+            })?;
+            guarded_client().ok_or_else(|| {
+                BackendError::retryable(
+                    fail_code::INTERNAL_ERROR,
+                    format!("{what}: the guarded HTTP client could not be built"),
+                )
+            })?
+        };
+        let mut resp = client
+            .get(parsed)
             .timeout(self.timeout)
             .send()
             .await
@@ -151,6 +181,29 @@ impl Download {
             format!("{what} is larger than the {} byte limit", self.max_bytes),
         )
     }
+}
+
+/// The origin of a configured upstream URL, trusted for downloads.
+pub fn origin_of(url: &str) -> Option<url::Origin> {
+    url::Url::parse(url).ok().map(|u| u.origin())
+}
+
+/// The client for outputs outside the upstream's origin: every address it connects to is
+/// checked at resolution (no rebinding window), and a redirect is not followed.
+/// `None` only if the TLS backend cannot start, and then no fetch is made (never unguarded).
+fn guarded_client() -> Option<&'static reqwest::Client> {
+    static CLIENT: std::sync::OnceLock<Option<reqwest::Client>> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .dns_resolver(std::sync::Arc::new(crate::webhooks::ssrf::GuardedResolver))
+                .build()
+                .ok()
+        })
+        .as_ref()
 }
 
 fn write_error(e: std::io::Error) -> BackendError {

@@ -51,6 +51,7 @@ impl HttpBackend {
             .collect();
         let download = Download {
             client: client.clone(),
+            trusted: super::download::origin_of(&cfg.url),
             timeout,
             max_bytes: DEFAULT_MAX_OUTPUT_BYTES,
         };

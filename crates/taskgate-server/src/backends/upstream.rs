@@ -81,6 +81,7 @@ impl Upstream {
         };
         let download = Download {
             client: client.clone(),
+            trusted: Some(base.origin()),
             timeout: budget,
             max_bytes: settings
                 .max_output_bytes

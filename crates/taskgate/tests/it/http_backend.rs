@@ -67,6 +67,16 @@ async fn model(
             "data": { "images": [b64(PNG_BYTES), format!("data:image/jpeg;base64,{}", b64(JPEG_BYTES))] }
         }))
         .into_response(),
+        // Outputs named outside the upstream's origin: another loopback address (the same
+        // server, so only the guard can refuse it) and the cloud metadata address.
+        "foreign-url" => axum::Json(json!({
+            "output": { "urls": [format!("{base}/media/a.png").replace("127.0.0.1", "127.0.0.2")] },
+        }))
+        .into_response(),
+        "metadata-url" => axum::Json(json!({
+            "output": { "urls": ["http://169.254.169.254/latest/meta-data/iam/security-credentials/"] },
+        }))
+        .into_response(),
         "urls" => axum::Json(json!({
             "output": { "urls": [format!("{base}/media/a.png"), format!("{base}/media/b.mp4")] },
             "first": format!("{base}/media/c")
@@ -382,4 +392,30 @@ async fn an_upstream_timeout_is_retried_and_the_task_succeeds() {
         "an upstream timeout is retryable: {data}"
     );
     assert_eq!(up.calls("slow-then-fast").len(), 2);
+}
+
+#[tokio::test]
+async fn output_urls_outside_the_upstreams_origin_must_be_public() {
+    let (_up, base) = start_upstream().await;
+    let mut models = String::new();
+    for scenario in ["foreign-url", "metadata-url"] {
+        models += &http_model(
+            scenario,
+            &base,
+            scenario,
+            "response = \"json\"\nurl_pointers = [\"/output/urls\"]",
+        );
+    }
+    let app = TestApp::start_with_models(&models).await;
+
+    for model in ["foreign-url", "metadata-url"] {
+        let data = app.api.run_to_end(model, json!({})).await;
+        assert_eq!(data["state"], "failed", "{data}");
+        assert_eq!(data["failCode"], "GENERATION_FAILED", "{data}");
+        let msg = data["failMsg"].as_str().unwrap();
+        assert!(
+            msg.contains("refused") && msg.contains("not a public address"),
+            "{msg}"
+        );
+    }
 }
