@@ -206,6 +206,7 @@ pub fn build(
                     routes::Route::new(route_name, route, backend, handles)
                 })
                 .collect(),
+            model.timeout,
         )),
         BackendConfig::Builtin { builtin } => match builtin {
             crate::config::BuiltinKind::Echo => Arc::new(Echo),

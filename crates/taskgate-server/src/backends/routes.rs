@@ -224,11 +224,19 @@ impl Route {
 /// A model's routes, tried in order.
 pub struct Routed {
     routes: Vec<Route>,
+    /// How long an attempt waits for a permit when every route that would take it is full
+    /// (half the model's timeout): past it the attempt ends retryable, so a queue behind a
+    /// route whose breaker opened is retried later instead of failing `PROCESSING_TIMEOUT`
+    /// without having run.
+    max_wait: Duration,
 }
 
 impl Routed {
-    pub fn new(routes: Vec<Route>) -> Self {
-        Routed { routes }
+    pub fn new(routes: Vec<Route>, model_timeout: Duration) -> Self {
+        Routed {
+            routes,
+            max_wait: model_timeout / 2,
+        }
     }
 
     /// The first route in `left` (in order) whose breaker lets the attempt through and that has
@@ -238,7 +246,8 @@ impl Routed {
         &self,
         left: &mut Vec<usize>,
         failures: &mut Vec<String>,
-    ) -> Option<(usize, OwnedSemaphorePermit, Pass<'_>)> {
+        wait_until: tokio::time::Instant,
+    ) -> Result<Option<(usize, OwnedSemaphorePermit, Pass<'_>)>, BackendError> {
         loop {
             let mut busy = Vec::new();
             let mut k = 0;
@@ -253,7 +262,7 @@ impl Routed {
                 if let Ok(permit) = route.permits.clone().try_acquire_owned() {
                     if let Some(pass) = route.breaker.admit(now) {
                         route.show_state();
-                        return Some((left[k], permit, pass));
+                        return Ok(Some((left[k], permit, pass)));
                     }
                     // Another attempt took the probe between the two looks.
                     route.passed_over("circuit breaker open", failures);
@@ -264,7 +273,7 @@ impl Routed {
                 k += 1;
             }
             if busy.is_empty() {
-                return None;
+                return Ok(None);
             }
             // Every route that would take the attempt is full: the first permit to free wins.
             // It is given back at once and the routes looked at again in order, so a breaker
@@ -273,7 +282,16 @@ impl Routed {
                 let permits = self.routes[i].permits.clone();
                 Box::pin(async move { permits.acquire_owned().await })
             });
-            let (freed, ..) = select_all(waits).await;
+            let Ok((freed, ..)) = tokio::time::timeout_at(wait_until, select_all(waits)).await
+            else {
+                return Err(BackendError::retryable(
+                    fail_code::MODEL_UNAVAILABLE,
+                    format!(
+                        "no route had room for {} (every route that would take it was busy)",
+                        human(self.max_wait)
+                    ),
+                ));
+            };
             // Closed semaphores are never made; a closed one would only mean "look again".
             drop(freed);
         }
@@ -310,7 +328,11 @@ impl Backend for Routed {
         let mut failures = Vec::new();
         let mut last_code = None;
         let mut tries = 0;
-        while let Some((i, permit, pass)) = self.next_route(&mut left, &mut failures).await {
+        let wait_until = tokio::time::Instant::now() + self.max_wait;
+        while let Some((i, permit, pass)) = self
+            .next_route(&mut left, &mut failures, wait_until)
+            .await?
+        {
             left.retain(|&j| j != i);
             let route = &self.routes[i];
             job.route.set(&route.name);

@@ -26,6 +26,8 @@ enum Answer {
     Unavailable,
     Png(&'static [u8]),
     BadRequest,
+    /// No answer for a minute: the route is busy for the whole test.
+    Hang,
 }
 
 #[derive(Clone, Default)]
@@ -52,6 +54,10 @@ async fn route(State(up): State<Upstream>, Path(route): Path<String>) -> Respons
     let answer = up.answers.lock().unwrap().get(&route).copied();
     match answer {
         Some(Answer::Png(bytes)) => ([("content-type", "image/png")], bytes).into_response(),
+        Some(Answer::Hang) => {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
         Some(Answer::BadRequest) => {
             (StatusCode::BAD_REQUEST, "prompt must not be empty").into_response()
         }
@@ -346,4 +352,45 @@ async fn bad_routes_stop_the_start_naming_the_setting() {
             "{table}: stderr does not name {setting}: {stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_attempt_that_finds_every_route_full_ends_retryable_instead_of_timing_out() {
+    // The routes hold five attempts (local 1, cloud its default 4) and keep them; the model
+    // claims six at once, so the sixth finds both full and may wait half the model's timeout.
+    let (up, app) = start(
+        Answer::Hang,
+        Answer::Hang,
+        "max_attempts = 1\nconcurrency = 6\ntimeout = \"2s\"",
+        "concurrency = 1",
+    )
+    .await;
+
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(app.api.submit_ok("m", json!({})).await);
+    }
+    let mut codes = Vec::new();
+    for id in &ids {
+        let data = app.api.wait_final("m", id, Duration::from_secs(20)).await;
+        assert_eq!(data["state"], "failed", "{data}");
+        codes.push((
+            data["failCode"].as_str().unwrap().to_owned(),
+            data["failMsg"].as_str().unwrap().to_owned(),
+        ));
+    }
+    codes.sort();
+    assert_eq!(codes[0].0, "MODEL_UNAVAILABLE", "{codes:?}");
+    assert!(codes[0].1.contains("no route had room"), "{codes:?}");
+    assert!(
+        codes[1..]
+            .iter()
+            .all(|(code, _)| code == "PROCESSING_TIMEOUT"),
+        "{codes:?}"
+    );
+    assert_eq!(
+        up.calls("local") + up.calls("cloud"),
+        5,
+        "the sixth never ran"
+    );
 }
