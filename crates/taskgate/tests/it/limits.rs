@@ -210,6 +210,17 @@ async fn client_operations(app: &TestApp, task_id: &str) -> Vec<(String, String)
     ops
 }
 
+/// One operation of [`client_operations`] with `api`'s key and a body any submit would take.
+async fn call(api: &Api, method: &str, path: &str) -> reqwest::Response {
+    api.http
+        .request(method.parse().unwrap(), format!("{}{path}", api.base))
+        .bearer_auth(&api.key)
+        .json(&json!({"input": {}, "tasks": [{"input": {}}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_read_only_key_is_refused_every_write_with_403_and_may_read() {
     let app = TestApp::start().await;
@@ -229,15 +240,7 @@ async fn a_read_only_key_is_refused_every_write_with_403_and_may_read() {
     let writes: Vec<_> = ops.iter().filter(|(m, _)| m != "GET").collect();
     assert!(writes.len() >= 5, "{writes:?}");
     for (method, path) in &ops {
-        let url = format!("{}{path}", api.base);
-        let resp = api
-            .http
-            .request(method.parse().unwrap(), &url)
-            .bearer_auth(&api.key)
-            .json(&json!({"input": {}, "tasks": [{"input": {}}]}))
-            .send()
-            .await
-            .unwrap();
+        let resp = call(&api, method, path).await;
         let status = resp.status();
         if method == "GET" {
             // Headers are enough (a stream's body never ends): any answer but a refusal.
@@ -451,15 +454,7 @@ async fn a_key_scoped_to_other_models_is_refused_every_route_that_could_show_thi
     let ops = client_operations(&app, &task).await;
     assert!(ops.len() >= 10, "{ops:?}");
     for (method, path) in &ops {
-        let url = format!("{}{path}", api.base);
-        let resp = api
-            .http
-            .request(method.parse().unwrap(), &url)
-            .bearer_auth(&api.key)
-            .json(&json!({"input": {}, "tasks": [{"input": {}}]}))
-            .send()
-            .await
-            .unwrap();
+        let resp = call(&api, method, path).await;
         if path == "/api/v1/models" {
             assert_eq!(resp.status(), StatusCode::OK, "{method} {path}");
             continue;
