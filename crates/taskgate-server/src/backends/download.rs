@@ -194,15 +194,7 @@ pub fn origin_of(url: &str) -> Option<url::Origin> {
 fn guarded_client() -> Option<&'static reqwest::Client> {
     static CLIENT: std::sync::OnceLock<Option<reqwest::Client>> = std::sync::OnceLock::new();
     CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .dns_resolver(std::sync::Arc::new(crate::webhooks::ssrf::GuardedResolver))
-                .build()
-                .ok()
-        })
+        .get_or_init(|| crate::webhooks::ssrf::client_builder(false).build().ok())
         .as_ref()
 }
 

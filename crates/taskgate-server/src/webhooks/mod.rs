@@ -194,14 +194,7 @@ impl Deliverer {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, reqwest::Error> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout);
-        if !config.allow_private_callbacks {
-            builder = builder.dns_resolver(Arc::new(ssrf::GuardedResolver));
-        }
+        let builder = ssrf::client_builder(config.allow_private_callbacks).timeout(config.timeout);
         Ok(Arc::new(Deliverer {
             store,
             links,

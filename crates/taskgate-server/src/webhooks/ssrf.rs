@@ -95,6 +95,21 @@ pub enum UrlRefused {
     Localhost,
 }
 
+/// The HTTP client settings for URLs someone else chose (callbacks, upstream output URLs):
+/// no redirect followed, no proxy, and unless `allow_private`, every address checked by
+/// [`GuardedResolver`] as it is connected to.
+pub fn client_builder(allow_private: bool) -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder()
+        .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if allow_private {
+        builder
+    } else {
+        builder.dns_resolver(std::sync::Arc::new(GuardedResolver))
+    }
+}
+
 /// Checks what can be checked without DNS: scheme, host, literal addresses, localhost names.
 pub fn check_url(url: &Url, allow_private: bool) -> Result<(), UrlRefused> {
     if !matches!(url.scheme(), "http" | "https") {
