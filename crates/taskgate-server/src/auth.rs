@@ -352,6 +352,7 @@ async fn watch_revocations(store: Arc<dyn Store>, cache: Weak<KeyCache>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -362,6 +363,40 @@ mod tests {
         assert!(a.starts_with("tg_"));
         assert_eq!(a.len(), 3 + 43);
         assert_eq!(key_prefix(&a).len(), 10);
+    }
+
+    /// The stored hash is what is looked up and compared: the key opens, and nothing near it
+    /// does (what listings show of it, a changed last character, a differing case).
+    #[tokio::test]
+    async fn only_the_whole_key_matches_its_stored_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("t.db"))
+                .await
+                .unwrap(),
+        );
+        let (record, key) = create_key(store.as_ref(), KeyKind::Client, "a", None)
+            .await
+            .unwrap();
+        assert_eq!(record.key_hash, hash_key(&key).to_vec());
+        let auth = Authenticator::new(store);
+        assert_eq!(auth.client(&key).await.unwrap().id, record.id);
+        let mut last_changed = key.clone();
+        let last = last_changed.pop().unwrap();
+        last_changed.push(if last == 'A' { 'B' } else { 'A' });
+        for near in [
+            key_prefix(&key),
+            key[..key.len() - 1].to_owned(),
+            last_changed,
+            key.to_uppercase(),
+            format!("{key} "),
+            hex::encode(hash_key(&key)),
+        ] {
+            assert!(
+                matches!(auth.client(&near).await, Err(AuthError::Invalid)),
+                "{near:?} was let in"
+            );
+        }
     }
 
     #[test]

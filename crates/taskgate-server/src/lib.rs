@@ -255,6 +255,7 @@ pub async fn run_with(
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
+        .redirect(webhooks::ssrf::same_origin_redirects())
         .build()
         .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
     // Before the models: a routed model's backend takes its routes' metric handles.

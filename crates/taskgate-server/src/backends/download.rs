@@ -134,7 +134,18 @@ impl Download {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| transport_error(&what, &e, self.timeout))?;
+            .map_err(|e| {
+                // A name that resolves into a private network would resolve there again: the
+                // refusal is final, as the callback deliverer's is.
+                if crate::webhooks::ssrf::is_refused_address(&e) {
+                    BackendError::fatal(
+                        fail_code::GENERATION_FAILED,
+                        format!("{what} refused: {}", crate::report::error_chain(&e)),
+                    )
+                } else {
+                    transport_error(&what, &e, self.timeout)
+                }
+            })?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.bytes().await.unwrap_or_default();

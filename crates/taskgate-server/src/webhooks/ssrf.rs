@@ -110,6 +110,27 @@ pub fn client_builder(allow_private: bool) -> reqwest::ClientBuilder {
     }
 }
 
+/// The redirect policy of the client that calls the operator's upstreams: a redirect within the
+/// origin asked for is followed (up to ten), one to any other origin is not, and the 3xx is
+/// answered as it came. The upstream is trusted because the operator configured it; where its
+/// redirect points is the upstream's choice, and may come from a tenant's input (an output URL
+/// that redirects to the cloud metadata address).
+pub fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if attempt.previous().len() > 10 {
+            attempt.error("more than ten redirects")
+        } else if same_origin {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
 /// Checks what can be checked without DNS: scheme, host, literal addresses, localhost names.
 pub fn check_url(url: &Url, allow_private: bool) -> Result<(), UrlRefused> {
     if !matches!(url.scheme(), "http" | "https") {

@@ -182,7 +182,7 @@ async fn a_key_scoped_to_one_model_gets_403_on_another_and_lists_only_its_own() 
 /// Every client-key operation of the OpenAPI document, as (method, path) with path parameters
 /// filled in and a `taskId=` query where it takes one, so that a route added later is walked
 /// too.
-async fn client_operations(app: &TestApp, task_id: &str) -> Vec<(String, String)> {
+pub(crate) async fn client_operations(app: &TestApp, task_id: &str) -> Vec<(String, String)> {
     let doc: Value = reqwest::get(format!("{}/openapi.json", app.api.base))
         .await
         .unwrap()
@@ -211,7 +211,7 @@ async fn client_operations(app: &TestApp, task_id: &str) -> Vec<(String, String)
 }
 
 /// One operation of [`client_operations`] with `api`'s key and a body any submit would take.
-async fn call(api: &Api, method: &str, path: &str) -> reqwest::Response {
+pub(crate) async fn call(api: &Api, method: &str, path: &str) -> reqwest::Response {
     api.http
         .request(method.parse().unwrap(), format!("{}{path}", api.base))
         .bearer_auth(&api.key)

@@ -31,6 +31,7 @@ mod retention;
 mod routes;
 mod s3;
 mod scheduling;
+mod security;
 mod signed_urls;
 mod smoke;
 mod support;

@@ -84,6 +84,11 @@ impl Receiver {
         }
     }
 
+    /// How many requests have arrived so far.
+    pub(crate) fn count_now(&self) -> usize {
+        *self.count.borrow()
+    }
+
     /// Waits until at least `n` requests have arrived; returns them all.
     pub(crate) async fn wait_for(&mut self, n: usize, timeout: Duration) -> Vec<Received> {
         tokio::time::timeout(timeout, self.count.wait_for(|c| *c >= n))
@@ -547,7 +552,7 @@ async fn callback_urls_into_private_networks_are_refused_at_submit() {
 }
 
 /// A name other than localhost that /etc/hosts maps to a loopback address, if any.
-fn loopback_alias() -> Option<String> {
+pub(crate) fn loopback_alias() -> Option<String> {
     let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
     hosts.lines().find_map(|line| {
         let mut parts = line.split('#').next()?.split_whitespace();
