@@ -55,7 +55,7 @@ macro_rules! error_codes {
 
 error_codes! {
     InvalidInput = "invalid_input", 400, "The request body or a parameter is not what the endpoint takes (not JSON, a missing or malformed field, a missing query parameter).";
-    CallbackUrlRefused = "callback_url_refused", 400, "The `callback_url` is not an absolute http(s) URL this server will call (too long, credentials in it, or a private address).";
+    CallbackUrlRefused = "callback_url_refused", 400, "The `callback_url` is not an absolute http(s) URL this server will call (too long, not http(s), or a private address). A `user:password@` in it is allowed and kept out of logs.";
     ModelNotForWorkers = "model_not_for_workers", 400, "A pull worker asked for a model that this server runs itself, not through workers.";
     OutputNotUploaded = "output_not_uploaded", 400, "A worker completed a task naming an output it never uploaded in this attempt.";
     MissingApiKey = "missing_api_key", 401, "No `Authorization: Bearer …` header.";
