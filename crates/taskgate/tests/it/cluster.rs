@@ -2,13 +2,11 @@
 //! database and drops it). Without the variable these tests say they were skipped.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use crate::support::*;
 
@@ -117,49 +115,6 @@ async fn readyz(api: &Api) -> (u16, serde_json::Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
-}
-
-/// A TCP proxy to PostgreSQL that the test can cut and restore.
-struct Proxy {
-    port: u16,
-    accept: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(port: u16) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = {
-            let conns = conns.clone();
-            tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let h = tokio::spawn(async move {
-                        if let Ok(mut out) = TcpStream::connect("127.0.0.1:5432").await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                        }
-                    });
-                    conns.lock().unwrap().push(h);
-                }
-            })
-        };
-        Proxy {
-            port,
-            accept: Some(accept),
-            conns,
-        }
-    }
-
-    /// Refuses new connections and cuts open ones, as a database outage does.
-    fn cut(&mut self) {
-        if let Some(a) = self.accept.take() {
-            a.abort();
-        }
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
 }
 
 #[tokio::test]

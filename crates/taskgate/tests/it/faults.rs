@@ -143,11 +143,14 @@ fn ids(task: &Value) -> (String, String) {
 }
 
 /// What a task must look like at the end of a test.
-enum Want<'a> {
+pub(crate) enum Want<'a> {
     /// Success with exactly these outputs (file name, content).
     Success(&'a [(&'a str, &'a str)]),
     /// Failed with this failCode.
     Failed(&'a str),
+    /// Either of the two: for load under crashes, where an attempt interrupted too often may
+    /// legitimately end the task failed (with this failCode) instead of with these outputs.
+    SuccessOr(&'a [(&'a str, &'a str)], &'a str),
 }
 
 /// The file name a result URL serves.
@@ -159,11 +162,45 @@ fn file_name(url: &str) -> String {
         .to_owned()
 }
 
+/// Asserts a success with exactly `files` (name, content), each fetching 200.
+async fn assert_success_with(id: &str, data: &Value, files: &[(&str, &str)]) {
+    assert_eq!(data["state"], "success", "{data}");
+    assert!(data.get("failCode").is_none(), "{data}");
+    let urls = result_urls(data);
+    assert!(!urls.is_empty(), "a success without results: {data}");
+    let mut got: Vec<String> = urls.iter().map(|u| file_name(u)).collect();
+    got.sort();
+    let mut expected: Vec<String> = files.iter().map(|(n, _)| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(got, expected, "the outputs of task {id}: {data}");
+    for url in &urls {
+        let resp = reqwest::get(url).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        let content = resp.text().await.unwrap();
+        let name = file_name(url);
+        let (_, want_content) = files.iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!(content, *want_content, "content of {name} of task {id}");
+    }
+}
+
+/// Asserts a failure with failCode `code`, a message and no results.
+fn assert_failed_with(data: &Value, code: &str) {
+    assert_eq!(data["state"], "failed", "{data}");
+    let got = data["failCode"].as_str().unwrap_or_else(|| {
+        panic!("a failed task without failCode: {data}");
+    });
+    assert!(!got.is_empty(), "{data}");
+    assert_eq!(got, code, "{data}");
+    assert!(data["failMsg"].is_string(), "{data}");
+    assert!(data.get("resultJson").is_none(), "{data}");
+}
+
 /// The invariants every test ends with, for each `(model, task id, expectation)`: the task is in
 /// exactly one final state, the expected one, and stays there; a success has non-empty
 /// resultUrls, exactly the expected files, each fetching 200 with the expected content, and no
 /// failCode; a failure has a failCode (the expected one) and no results.
-async fn check_invariants(api: &Api, tasks: &[(&str, &str, Want<'_>)]) {
+pub(crate) async fn check_invariants(api: &Api, tasks: &[(&str, &str, Want<'_>)]) {
+    let mut seen = Vec::with_capacity(tasks.len());
     for (model, id, want) in tasks {
         let (status, body) = api.status(model, id).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -176,38 +213,19 @@ async fn check_invariants(api: &Api, tasks: &[(&str, &str, Want<'_>)]) {
         );
         assert!(data["completeTime"].is_i64(), "no completeTime: {data}");
         match want {
-            Want::Success(files) => {
-                assert_eq!(state, "success", "{data}");
-                assert!(data.get("failCode").is_none(), "{data}");
-                let urls = result_urls(&data);
-                assert!(!urls.is_empty(), "a success without results: {data}");
-                let mut got: Vec<String> = urls.iter().map(|u| file_name(u)).collect();
-                got.sort();
-                let mut expected: Vec<String> = files.iter().map(|(n, _)| n.to_string()).collect();
-                expected.sort();
-                assert_eq!(got, expected, "the outputs of task {id}: {data}");
-                for url in &urls {
-                    let resp = reqwest::get(url).await.unwrap();
-                    assert_eq!(resp.status(), StatusCode::OK, "{url}");
-                    let content = resp.text().await.unwrap();
-                    let name = file_name(url);
-                    let (_, want_content) = files.iter().find(|(n, _)| *n == name).unwrap();
-                    assert_eq!(content, *want_content, "content of {name} of task {id}");
-                }
-            }
-            Want::Failed(code) => {
-                assert_eq!(state, "failed", "{data}");
-                let got = data["failCode"].as_str().unwrap_or_else(|| {
-                    panic!("a failed task without failCode: {data}");
-                });
-                assert!(!got.is_empty(), "{data}");
-                assert_eq!(got, *code, "{data}");
-                assert!(data["failMsg"].is_string(), "{data}");
-                assert!(data.get("resultJson").is_none(), "{data}");
-            }
+            Want::Success(files) => assert_success_with(id, &data, files).await,
+            Want::Failed(code) => assert_failed_with(&data, code),
+            Want::SuccessOr(files, code) => match state {
+                "success" => assert_success_with(id, &data, files).await,
+                _ => assert_failed_with(&data, code),
+            },
         }
-        // Exactly one final state: it does not move on.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen.push(data);
+    }
+    // Exactly one final state: none moves on. One pause for all, so that a check over
+    // hundreds of tasks stays quick.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for ((model, id, _), data) in tasks.iter().zip(&seen) {
         let (_, again) = api.status(model, id).await;
         for field in ["state", "completeTime", "failCode", "failMsg"] {
             assert_eq!(again["data"][field], data[field], "{field} of {id} changed");

@@ -13,6 +13,7 @@ mod connections;
 mod dashboard;
 mod dispatch;
 mod fair_share;
+mod fault_suite;
 mod faults;
 mod hot_paths;
 mod http_backend;

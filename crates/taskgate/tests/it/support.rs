@@ -931,3 +931,53 @@ impl SseReader {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Database outages (cluster and fault tests).
+
+/// A TCP proxy to PostgreSQL that the test can cut and restore.
+pub struct Proxy {
+    pub port: u16,
+    accept: Option<JoinHandle<()>>,
+    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    /// Listens on `port` (0: any) and forwards each connection to 127.0.0.1:5432.
+    pub async fn start(port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let h = tokio::spawn(async move {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(h);
+                }
+            })
+        };
+        Proxy {
+            port,
+            accept: Some(accept),
+            conns,
+        }
+    }
+
+    /// Refuses new connections and cuts open ones, as a database outage does.
+    pub fn cut(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::support::*;
 
 /// Starts `taskgate worker` running `sh -c SCRIPT` per task.
-fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
+pub(crate) fn spawn_worker(base: &str, token: &str, script: &str) -> tokio::process::Child {
     taskgate_command(&[
         "worker", "--server", base, "--token", token, "--model", "remote", "--", "sh", "-c", script,
     ])
