@@ -463,3 +463,68 @@ async fn a_pull_worker_that_claims_and_goes_silent_loses_the_task_at_each_lease_
     let task = worker.claim_until(&["remote"]).await;
     assert_eq!(crate::faults::ids(&task).0, next);
 }
+
+#[tokio::test]
+async fn with_postgresql_a_full_disk_for_result_files_reruns_tasks_uncounted_until_space_returns() {
+    let Some(db) = create_db("the disk-full test on PostgreSQL").await else {
+        return;
+    };
+    let g = Gated::new(1);
+    let Some(disk) = SmallDisk::mount(&g.data, "8m") else {
+        db.drop_db().await;
+        return;
+    };
+    let server = g
+        .spawn(&["--retry-backoff", "200ms", "--database-url", &db.url])
+        .await;
+    let running = server.api.submit_ok("gated", json!({ "n": 1 })).await;
+    let script = g.started(&running, 1).await;
+
+    let filler = disk.fill();
+    // The database has room, so a submit is stored and answered 200.
+    let waiting = server.api.submit_ok("gated", json!({ "n": 2 })).await;
+    g.open_gate();
+    // The program fails to write its output, again and again: each time the task goes back
+    // uncounted and runs again.
+    wait_until(WAIT, "two attempts failed on the full disk", || {
+        let api = server.api.clone();
+        async move { deferred_attempts(&api, "gated").await >= 2 }
+    })
+    .await;
+    assert!(process_is_gone(script));
+    for id in [&running, &waiting] {
+        let (status, body) = server.api.status("gated", id).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            matches!(
+                body["data"]["state"].as_str(),
+                Some("processing" | "pending")
+            ),
+            "{body}"
+        );
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    for id in [&running, &waiting] {
+        server.api.wait_final("gated", id, WAIT).await;
+    }
+    check_invariants(
+        &server.api,
+        &[
+            (
+                "gated",
+                &running,
+                Want::Success(&[("result.txt", "attempt 1\n")]),
+            ),
+            (
+                "gated",
+                &waiting,
+                Want::Success(&[("result.txt", "attempt 1\n")]),
+            ),
+        ],
+    )
+    .await;
+    server.terminate().await;
+    drop(disk);
+    db.drop_db().await;
+}
