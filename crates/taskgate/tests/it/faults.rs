@@ -89,7 +89,7 @@ impl Worker {
         envelope(resp).await
     }
 
-    async fn upload(
+    pub(crate) async fn upload(
         &self,
         id: &str,
         name: &str,
@@ -111,7 +111,12 @@ impl Worker {
         envelope(resp).await
     }
 
-    async fn complete(&self, id: &str, lease: &str, outputs: &[&str]) -> (StatusCode, Value) {
+    pub(crate) async fn complete(
+        &self,
+        id: &str,
+        lease: &str,
+        outputs: &[&str],
+    ) -> (StatusCode, Value) {
         let resp = self
             .post(&format!("/tasks/{id}/complete"))
             .json(&json!({ "leaseToken": lease, "outputs": outputs }))

@@ -528,3 +528,42 @@ async fn with_postgresql_a_full_disk_for_result_files_reruns_tasks_uncounted_unt
     drop(disk);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_workers_upload_to_a_full_disk_is_refused_with_507_and_taken_once_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = SmallDisk::mount(&data, "8m") else {
+        return;
+    };
+    let config = dir.path().join("taskgate.toml");
+    std::fs::write(&config, WORKER_MODEL).unwrap();
+    let server = ServerProcess::spawn(&data, Some(&config)).await;
+    let token = worker_token(&data, None).await;
+    let worker = crate::faults::Worker::new(&server.api.base, &token);
+    let id = server.api.submit_ok("remote", json!({})).await;
+    let task = worker.claim_until(&["remote"]).await;
+    let (_, lease) = crate::faults::ids(&task);
+    let (status, body) = worker.heartbeat(&id, &lease).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let filler = disk.fill();
+    // Small enough to be sent whole before the refusal (an answer before the body is read
+    // ends the connection, and the client may see that instead of the 507).
+    let output = "y".repeat(1000);
+    let (status, body) = worker.upload(&id, "out.txt", &lease, output.clone()).await;
+    assert_eq!(status.as_u16(), 507, "{body}");
+    assert_eq!(error_code(&body), "insufficient_storage", "{body}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (status, body) = worker.upload(&id, "out.txt", &lease, output.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = worker.complete(&id, &lease, &["out.txt"]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    check_invariants(
+        &server.api,
+        &[("remote", &id, Want::Success(&[("out.txt", &output)]))],
+    )
+    .await;
+    server.terminate().await;
+}
