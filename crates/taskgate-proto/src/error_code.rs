@@ -82,6 +82,7 @@ error_codes! {
     InternalError = "internal_error", 500, "A fault on the server's side; it is logged there.";
     Unavailable = "unavailable", 503, "The database cannot be reached, or the server is stopping: retry shortly.";
     OutcomeNotRecorded = "outcome_not_recorded", 503, "A worker's outcome could not be written; nothing changed, report it again while the lease holds.";
+    InsufficientStorage = "insufficient_storage", 507, "The server's disk is full: nothing was stored (no task was created, no output kept); retry once space is freed.";
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use taskgate_proto::{Envelope, ErrorCode, ErrorData};
 
-use crate::report::error_chain;
+use crate::report::{error_chain, storage_full};
 
 /// A refused request: its machine-readable code (which fixes the HTTP status), a message for
 /// people, and for 429s when to ask again.
@@ -41,8 +41,21 @@ impl ApiError {
         }
     }
 
+    /// Our fault, unless the disk is full: that is answered 507 wherever it surfaces (a file
+    /// write, SQLite, PostgreSQL), so that a client and the operator learn what to do about it.
     pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if storage_full(&e) {
+            return ApiError::storage_full(&e);
+        }
         ApiError::Internal(Box::new(e))
+    }
+
+    fn storage_full(cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::warn!(error = %error_chain(cause), "the disk is full; a request was refused");
+        ApiError::new(
+            ErrorCode::InsufficientStorage,
+            "the server's disk is full: nothing was stored; retry once space is freed",
+        )
     }
 
     pub fn code(&self) -> ErrorCode {
@@ -60,6 +73,9 @@ impl ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
+            crate::store::StoreError::Unavailable(cause) if storage_full(&*cause) => {
+                ApiError::storage_full(&*cause)
+            }
             crate::store::StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %error_chain(&*cause), "database unavailable");
                 ApiError::new(

@@ -12,3 +12,51 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+/// A disk-full error told on to several callers by its text alone (the SQLite writer answers
+/// every write of a failed round with one error), kept recognisable by [`storage_full`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StorageFull(pub String);
+
+/// Whether `e`, or anything in its cause chain, says that the disk is full: `ENOSPC` or
+/// `EDQUOT` from a file write, `SQLITE_FULL`, PostgreSQL's `disk_full` (53100). These are
+/// answered 507 rather than 500 or 503: nothing was stored, and it will not get better by
+/// itself until someone frees space, which the operator must be told apart from a fault.
+pub fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<StorageFull>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io_full(io) {
+                return true;
+            }
+        }
+        if let Some(r) = c.downcast_ref::<rusqlite::Error>() {
+            if r.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                return true;
+            }
+        }
+        if let Some(s) = c.downcast_ref::<sqlx::Error>() {
+            match s {
+                sqlx::Error::Io(io) if io_full(io) => return true,
+                sqlx::Error::Database(db)
+                    if matches!(db.code().as_deref(), Some("13" | "53100")) =>
+                {
+                    return true
+                }
+                _ => {}
+            }
+        }
+        cur = c.source();
+    }
+    false
+}
+
+fn io_full(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(n) if n == Errno::ENOSPC as i32 || n == Errno::EDQUOT as i32)
+}

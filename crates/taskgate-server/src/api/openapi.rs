@@ -153,6 +153,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotAllowed,
                 ReadOnlyKey,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -166,6 +167,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotAllowed,
                 ReadOnlyKey,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -257,6 +259,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 TaskNotFound,
                 LeaseLost,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (

@@ -20,13 +20,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::completer::Settled;
+use super::completer::{Settled, FIRST_WRITE_PAUSE, MAX_WRITE_PAUSE};
 use super::{Dispatcher, ModelRuntime};
 use crate::artifacts::{output_names, staged_key};
 use crate::backends::{BackendError, Job, Produced, Progress};
 use crate::domain::{attempt_tag, fail_code, now_ms};
 use crate::report::error_chain;
 use crate::store::{Blob, Claim};
+
+/// Free space in the data dir's file system below which a failed attempt is deferred rather
+/// than counted ([`Dispatcher::disk_full`]): room for a few pages of SQLite and a small output.
+const LOW_SPACE: u64 = 1 << 20;
 
 /// When the attempt's lease ends, as far as this process knows: moved on by every renewal.
 pub(super) struct LeaseDeadline(Mutex<Instant>);
@@ -76,6 +80,10 @@ impl Dispatcher {
                         fail_code::INTERNAL_ERROR,
                         format!("cannot create an output directory: {e}"),
                     );
+                    if self.disk_full() {
+                        self.defer_for_space(&model.name, &claim, &err).await;
+                        return;
+                    }
                     self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
                         .await;
                     return;
@@ -143,6 +151,13 @@ impl Dispatcher {
         }
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
+        if let Err(e) = &result {
+            if self.disk_full() {
+                self.discard(&staged).await;
+                self.defer_for_space(&model.name, &claim, e).await;
+                return;
+            }
+        }
         let succeeded = result.is_ok();
         let settled = self
             .settle_as(
@@ -163,6 +178,63 @@ impl Dispatcher {
         if !succeeded || matches!(settled, Settled::NotOurs) {
             self.discard(&staged).await;
         }
+    }
+
+    /// Whether the data dir's file system is (all but) full. An attempt that failed then is
+    /// put down to the disk, not to the task: its program could not write its outputs, or we
+    /// could not keep them. Counting it would fail accepted tasks for want of space, and a
+    /// full disk is the operator's to fix, not the client's.
+    fn disk_full(&self) -> bool {
+        match fs4::available_space(&self.work_dir) {
+            Ok(free) => free < LOW_SPACE,
+            Err(e) => crate::report::storage_full(&e),
+        }
+    }
+
+    /// Puts the task back to pending without counting the attempt, to run again after the
+    /// first retry delay: it waits for space instead of failing. The database is likely on the
+    /// same full disk, so the write is tried again (the attempt keeps its slot meanwhile) until
+    /// it lands once space is freed, or the task turns out not to be ours; a shutdown leaves it
+    /// to the lease's expiry.
+    async fn defer_for_space(&self, model: &str, claim: &Claim, e: &BackendError) {
+        // Counted as the retryable failure it is: it will run again.
+        let code = match e {
+            BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. } => code,
+        };
+        self.metrics.backend_error(model, true, code);
+        let delay = self.retry.delay(1).unwrap_or(Duration::from_secs(1));
+        let mut pause = FIRST_WRITE_PAUSE;
+        loop {
+            let run_after = now_ms() + delay.as_millis() as i64;
+            match self
+                .store
+                .requeue(&claim.task.id, &claim.token, run_after, true)
+                .await
+            {
+                Ok(true) => {
+                    warn!(
+                        error = %e,
+                        retry_in = %humantime::format_duration(delay),
+                        "the disk is full; the attempt is not counted and the task waits for space"
+                    );
+                    break;
+                }
+                Ok(false) => {
+                    warn!(error = %e, "the disk is full, and the task was handed on or cancelled meanwhile");
+                    break;
+                }
+                Err(w) => {
+                    warn!(error = %e, requeue_error = %error_chain(&w), retry_in = ?pause, "the disk is full; cannot put the task back yet");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.interrupt.cancelled() => return,
+            }
+            pause = (pause * 2).min(MAX_WRITE_PAUSE);
+        }
+        self.events.changed(&claim.task.id);
+        self.notify(model);
     }
 
     async fn give_back(&self, dir: Option<PathBuf>, reusable: bool) {

@@ -23,14 +23,14 @@ fn models(toml: &str) -> std::collections::BTreeMap<String, ModelConfig> {
 
 /// A pull worker played by the test: one raw worker-API call per method.
 #[derive(Clone)]
-struct Worker {
+pub(crate) struct Worker {
     http: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl Worker {
-    fn new(base: &str, token: &str) -> Worker {
+    pub(crate) fn new(base: &str, token: &str) -> Worker {
         Worker {
             http: reqwest::Client::new(),
             base: base.to_owned(),
@@ -53,7 +53,7 @@ impl Worker {
     }
 
     /// One claim (long-polling up to `wait_ms`): the WorkerTask, or None for "no task".
-    async fn claim(&self, models: &[&str], wait_ms: u64) -> Option<Value> {
+    pub(crate) async fn claim(&self, models: &[&str], wait_ms: u64) -> Option<Value> {
         let resp = self
             .post("/claim")
             .json(&json!({ "models": models, "waitMs": wait_ms }))
@@ -66,7 +66,7 @@ impl Worker {
     }
 
     /// Claims until a task is handed out (at most [`WAIT`]).
-    async fn claim_until(&self, models: &[&str]) -> Value {
+    pub(crate) async fn claim_until(&self, models: &[&str]) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(task) = self.claim(models, 1000).await {
@@ -79,7 +79,7 @@ impl Worker {
         }
     }
 
-    async fn heartbeat(&self, id: &str, lease: &str) -> (StatusCode, Value) {
+    pub(crate) async fn heartbeat(&self, id: &str, lease: &str) -> (StatusCode, Value) {
         let resp = self
             .post(&format!("/tasks/{id}/heartbeat"))
             .json(&json!({ "leaseToken": lease }))
@@ -89,7 +89,7 @@ impl Worker {
         envelope(resp).await
     }
 
-    async fn upload(
+    pub(crate) async fn upload(
         &self,
         id: &str,
         name: &str,
@@ -111,7 +111,12 @@ impl Worker {
         envelope(resp).await
     }
 
-    async fn complete(&self, id: &str, lease: &str, outputs: &[&str]) -> (StatusCode, Value) {
+    pub(crate) async fn complete(
+        &self,
+        id: &str,
+        lease: &str,
+        outputs: &[&str],
+    ) -> (StatusCode, Value) {
         let resp = self
             .post(&format!("/tasks/{id}/complete"))
             .json(&json!({ "leaseToken": lease, "outputs": outputs }))
@@ -135,7 +140,7 @@ impl Worker {
 }
 
 /// The id and lease token of a WorkerTask.
-fn ids(task: &Value) -> (String, String) {
+pub(crate) fn ids(task: &Value) -> (String, String) {
     (
         task["taskId"].as_str().unwrap().to_owned(),
         task["leaseToken"].as_str().unwrap().to_owned(),

@@ -26,6 +26,7 @@ mod observe;
 mod openapi;
 mod operate;
 mod operator;
+mod outages;
 mod progress;
 mod recovery;
 mod retention;

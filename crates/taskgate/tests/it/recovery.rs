@@ -11,20 +11,20 @@ use crate::support::*;
 
 /// A data dir, a config with one command model `gated` (gate.sh: it records that it started,
 /// then waits for the gate file), and the paths the test drives it with.
-struct Gated {
+pub(crate) struct Gated {
     _dir: tempfile::TempDir,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     config: PathBuf,
     gate: PathBuf,
     marks: PathBuf,
 }
 
 impl Gated {
-    fn new(concurrency: usize) -> Gated {
+    pub(crate) fn new(concurrency: usize) -> Gated {
         Self::with_attempts(concurrency, 3)
     }
 
-    fn with_attempts(concurrency: usize, max_attempts: u32) -> Gated {
+    pub(crate) fn with_attempts(concurrency: usize, max_attempts: u32) -> Gated {
         let dir = tempfile::tempdir().unwrap();
         let marks = dir.path().join("marks");
         std::fs::create_dir(&marks).unwrap();
@@ -49,16 +49,16 @@ impl Gated {
         }
     }
 
-    async fn spawn(&self, extra: &[&str]) -> ServerProcess {
+    pub(crate) async fn spawn(&self, extra: &[&str]) -> ServerProcess {
         ServerProcess::spawn_with(&self.data, Some(&self.config), extra).await
     }
 
-    fn mark(&self, task: &str, attempt: u32) -> PathBuf {
+    pub(crate) fn mark(&self, task: &str, attempt: u32) -> PathBuf {
         self.marks.join(format!("started-{task}-{attempt}"))
     }
 
     /// Waits until attempt `attempt` of `task` has started; returns the script's pid.
-    async fn started(&self, task: &str, attempt: u32) -> i32 {
+    pub(crate) async fn started(&self, task: &str, attempt: u32) -> i32 {
         wait_for_file(&self.mark(task, attempt), Duration::from_secs(20))
             .await
             .trim()
@@ -66,13 +66,13 @@ impl Gated {
             .unwrap()
     }
 
-    fn open_gate(&self) {
+    pub(crate) fn open_gate(&self) {
         std::fs::write(&self.gate, "go").unwrap();
     }
 }
 
 /// Kills what is left of an orphaned script's process group (it outlives a SIGKILLed server).
-fn kill_group(pid: i32) {
+pub(crate) fn kill_group(pid: i32) {
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

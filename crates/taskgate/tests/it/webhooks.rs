@@ -47,6 +47,12 @@ pub(crate) struct Receiver {
 
 impl Receiver {
     pub(crate) async fn start(script: Vec<Reply>) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, script)
+    }
+
+    /// [`Receiver::start`] on a listener the test chose (a port that was closed until now).
+    pub(crate) fn start_on(listener: tokio::net::TcpListener, script: Vec<Reply>) -> Receiver {
         let (tx, rx) = watch::channel(0);
         let state = ReceiverState {
             script: Arc::new(Mutex::new(script.into())),
@@ -74,7 +80,6 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/hook", post(hook))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Receiver {
@@ -194,7 +199,7 @@ pub(crate) async fn start_app(tweak: impl FnOnce(&mut taskgate_server::Config)) 
     .await
 }
 
-async fn submit_callback(api: &Api, url: &str, input: Value) -> String {
+pub(crate) async fn submit_callback(api: &Api, url: &str, input: Value) -> String {
     let (status, body) = api
         .submit(
             "echo",
@@ -220,7 +225,11 @@ pub(crate) async fn deliveries(api: &Api, task_id: &str) -> Vec<Value> {
 }
 
 /// Polls the delivery list until the task's only delivery satisfies `cond`.
-async fn wait_delivery(api: &Api, task_id: &str, cond: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_delivery(
+    api: &Api,
+    task_id: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let list = deliveries(api, task_id).await;

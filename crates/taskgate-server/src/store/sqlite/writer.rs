@@ -213,14 +213,23 @@ fn write_loop(
             // landed into "not ours" (or a claim nobody runs), and wait out a timeout per write.
             Err(StoreError::Unavailable(e)) => {
                 let msg = e.to_string();
+                // A full disk stays recognisable to each caller (a submit answers 507).
+                let full = crate::report::storage_full(&*e);
+                let err = || {
+                    if full {
+                        StoreError::Unavailable(Box::new(crate::report::StorageFull(msg.clone())))
+                    } else {
+                        super::super::unavailable(&msg)
+                    }
+                };
                 for (_, reply) in inserts {
-                    let _ = reply.send(Err(super::super::unavailable(&msg)));
+                    let _ = reply.send(Err(err()));
                 }
                 for req in finishes {
-                    let _ = req.reply.send(Err(super::super::unavailable(&msg)));
+                    let _ = req.reply.send(Err(err()));
                 }
                 for req in claims {
-                    let _ = req.reply.send(Err(super::super::unavailable(&msg)));
+                    let _ = req.reply.send(Err(err()));
                 }
             }
             Err(e) if inserts.len() + finishes.len() + claims.len() == 1 => {
