@@ -80,7 +80,7 @@ impl Dispatcher {
                         fail_code::INTERNAL_ERROR,
                         format!("cannot create an output directory: {e}"),
                     );
-                    if self.disk_full() {
+                    if self.disk_full().await {
                         self.defer_for_space(&model.name, &claim, &err).await;
                         return;
                     }
@@ -152,7 +152,7 @@ impl Dispatcher {
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
         if let Err(e) = &result {
-            if self.disk_full() {
+            if self.disk_full().await {
                 self.discard(&staged).await;
                 self.defer_for_space(&model.name, &claim, e).await;
                 return;
@@ -184,10 +184,13 @@ impl Dispatcher {
     /// put down to the disk, not to the task: its program could not write its outputs, or we
     /// could not keep them. Counting it would fail accepted tasks for want of space, and a
     /// full disk is the operator's to fix, not the client's.
-    fn disk_full(&self) -> bool {
-        match fs4::available_space(&self.work_dir) {
-            Ok(free) => free < LOW_SPACE,
-            Err(e) => crate::report::storage_full(&e),
+    async fn disk_full(&self) -> bool {
+        // statvfs off the async threads: on a network file system it can block.
+        let dir = self.work_dir.clone();
+        match tokio::task::spawn_blocking(move || fs4::available_space(&dir)).await {
+            Ok(Ok(free)) => free < LOW_SPACE,
+            Ok(Err(e)) => crate::report::storage_full(&e),
+            Err(_) => false,
         }
     }
 
