@@ -371,6 +371,17 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
     if takes_key(op) {
         codes.extend_from_slice(CLIENT_AUTH);
     }
+    // A path whose escapes are not UTF-8 cannot be read (extract::PathParams).
+    let in_path = |p: &utoipa::openapi::path::Parameter| {
+        matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Path)
+    };
+    if op.parameters.iter().flatten().any(in_path) && !codes.contains(&ErrorCode::InvalidInput) {
+        codes.push(ErrorCode::InvalidInput);
+    }
+    // A body that does not arrive in time (serve::TimedBody).
+    if op.request_body.is_some() {
+        codes.push(ErrorCode::RequestTimeout);
+    }
     // Every client-key request counts against the key's requests per minute.
     if takes_scheme(op, &[CLIENT_KEY]) {
         codes.push(ErrorCode::RateLimited);

@@ -14,6 +14,7 @@ mod dashboard;
 mod dispatch;
 mod fair_share;
 mod faults;
+mod hostile_input;
 mod hot_paths;
 mod http_backend;
 mod idempotency;
