@@ -1,8 +1,8 @@
 //! Hostile clients at the HTTP edge: requests that are refused before their body is read,
 //! heads too large to hold, bytes that are not UTF-8 where text is expected, huge or odd ids and
-//! model names, and crowds of idle connections. Each is answered with a 4xx (an envelope
-//! wherever the request reached the router) or a closed connection, never a 5xx or a hang, and
-//! the server goes on serving.
+//! model names, crowds of idle connections, and a fuzzer (schemathesis) driven by the OpenAPI
+//! document. Each is answered with a 4xx (an envelope wherever the request reached the router)
+//! or a closed connection, never a 5xx or a hang, and the server goes on serving.
 //!
 //! `TASKGATE_HOSTILE_IDLE=N` runs the idle-connection test with N connections and the default
 //! connection cap (10,000) instead of 300 against a cap of 100; run it by hand, alone:
@@ -377,4 +377,50 @@ async fn idle_connections_cannot_keep_a_real_client_out() {
             .await
             .expect("an idle connection stayed open past the header timeout");
     }
+}
+
+#[tokio::test]
+async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_openapi_document() {
+    let app = TestApp::start().await;
+    let report = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new("st")
+        .arg("run")
+        .arg(format!("{}/openapi.json", app.api.base))
+        .args(["--url", &app.api.base])
+        .args(["--header", &format!("Authorization: Bearer {API_KEY}")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        ])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", "25", "--max-time", "90", "--seed", "14"])
+        .args(["--workers", "1", "--request-timeout", "10", "--no-color"])
+        .args(["--generation-database", "none"])
+        .arg("--report-dir")
+        .arg(report.path())
+        // It keeps state in the working directory: not in the source tree.
+        .current_dir(report.path())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return tool_missing(&format!("`st` (schemathesis) cannot run: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{stdout}\n{stderr}"
+    );
+    // The server is still up after the fuzzing.
+    app.api.submit_ok("echo", json!({})).await;
+}
+
+fn tool_missing(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must fuzz the API with schemathesis (pip install schemathesis), but {why}"
+    );
+    skip(&format!("fuzzing with schemathesis: {why}"));
 }
