@@ -51,7 +51,7 @@ impl ApiError {
             Some(timeout) => ApiError::new(
                 ErrorCode::RequestTimeout,
                 format!(
-                    "the request body did not arrive within {}s of its headers; send it without pausing",
+                    "the request body did not arrive in time: the server's body_timeout is {}s (a body within it of its headers, an upload without a pause that long)",
                     timeout.as_secs_f64()
                 ),
             ),
