@@ -71,6 +71,7 @@ error_codes! {
     DeliveryNotFound = "delivery_not_found", 404, "No webhook delivery with that id for this key.";
     FileNotFound = "file_not_found", 404, "The result file is gone, or this node does not serve result files.";
     MethodNotAllowed = "method_not_allowed", 405, "The path exists but not with this HTTP method.";
+    RequestTimeout = "request_timeout", 408, "The request body did not arrive within the server's `body_timeout`; the connection is closed.";
     LeaseLost = "lease_lost", 409, "A worker reported on a task it no longer holds (its lease ended and the task was handed on, it was cancelled, or it is final): stop working on it.";
     TaskAlreadyFinal = "task_already_final", 409, "A cancel of a task that is already `success` or `failed`: nothing was changed.";
     SecretRotationPending = "secret_rotation_pending", 409, "The previous webhook secret still signs deliveries; rotating again now would cut its overlap short.";

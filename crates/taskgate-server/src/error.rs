@@ -41,6 +41,24 @@ impl ApiError {
         }
     }
 
+    /// A request body that failed to arrive: 408 when the client was too slow
+    /// ([`crate::serve::TimedBody`]), else `otherwise(cause)`.
+    pub fn unread_body(
+        cause: &(dyn std::error::Error + 'static),
+        otherwise: impl FnOnce() -> ApiError,
+    ) -> Self {
+        match crate::serve::body_timed_out(cause) {
+            Some(timeout) => ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive in time: the server's body_timeout is {}s (a body within it of its headers, an upload without a pause that long)",
+                    timeout.as_secs_f64()
+                ),
+            ),
+            None => otherwise(),
+        }
+    }
+
     /// Our fault, unless the disk is full: that is answered 507 wherever it surfaces (a file
     /// write, SQLite, PostgreSQL), so that a client and the operator learn what to do about it.
     pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
@@ -145,6 +163,13 @@ impl IntoResponse for ApiError {
             }
         };
         let mut response = envelope_response(self.code(), message);
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come; nothing on the connection can be trusted
+            // to start a request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

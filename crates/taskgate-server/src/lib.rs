@@ -368,6 +368,7 @@ pub async fn run_with(
     }
     let limits = serve::Limits {
         header_timeout: config.server.header_timeout,
+        body_timeout: config.server.body_timeout,
         max_connections: config.server.max_connections,
         drain: config.server.shutdown_grace,
     };

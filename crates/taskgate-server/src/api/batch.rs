@@ -8,15 +8,13 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Map, Value};
 use taskgate_proto::{Envelope, ErrorCode, GenerateTasksRequest, TasksCreated, MAX_BATCH_TASKS};
 
-use super::extract::Writer;
+use super::extract::{PathParams, Writer};
 use super::idempotency::{self, IdempotencyHeader, GENERATE_TASKS};
 use super::models;
 use super::tasks::{
@@ -44,13 +42,13 @@ pub(super) fn router() -> Router<Arc<AppState>> {
 async fn generate_tasks(
     State(state): State<Arc<AppState>>,
     Writer(caller): Writer,
-    Path(model): Path<String>,
+    PathParams(model): PathParams<String>,
     idempotency: IdempotencyHeader,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Json<Envelope<TasksCreated>>, ApiError> {
     caller.may_use(&model)?;
     let runtime = model_or_404(&state, &model)?;
-    let body = read_body(&state, body)?;
+    let body = read_body(&state, request).await?;
     let key = idempotency.key()?;
     let items = parse_batch(&body)?;
     let now = now_ms();

@@ -196,3 +196,25 @@ fn bearer_key(headers: &HeaderMap) -> Result<&str, ApiError> {
             )
         })
 }
+
+/// A route's path parameters, refused in the envelope (400) when they cannot be read: axum's own
+/// `Path` answers a segment whose escapes are not UTF-8 (`%FF`) in plain text.
+pub struct PathParams<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for PathParams<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(params)) => Ok(PathParams(params)),
+            Err(rejection) => Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("the URL path cannot be read: {}", rejection.body_text()),
+            )),
+        }
+    }
+}

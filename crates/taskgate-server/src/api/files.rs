@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use taskgate_proto::ErrorCode;
 
+use super::extract::PathParams;
 use crate::domain::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -37,7 +38,7 @@ pub(super) fn router() -> Router<Arc<AppState>> {
 )]
 async fn get_untagged_file(
     State(state): State<Arc<AppState>>,
-    Path((task_id, name)): Path<(String, String)>,
+    PathParams((task_id, name)): PathParams<(String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     serve_file(state, format!("{task_id}/{name}"), name, uri).await
@@ -60,7 +61,7 @@ async fn get_untagged_file(
 )]
 async fn get_file(
     State(state): State<Arc<AppState>>,
-    Path((task_id, tag, name)): Path<(String, String, String)>,
+    PathParams((task_id, tag, name)): PathParams<(String, String, String)>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     serve_file(state, format!("{task_id}/{tag}/{name}"), name, uri).await

@@ -374,6 +374,17 @@ pub fn operation_errors(op: &Operation) -> Vec<ErrorCode> {
     if takes_key(op) {
         codes.extend_from_slice(CLIENT_AUTH);
     }
+    // A path whose escapes are not UTF-8 cannot be read (extract::PathParams).
+    let in_path = |p: &utoipa::openapi::path::Parameter| {
+        matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Path)
+    };
+    if op.parameters.iter().flatten().any(in_path) && !codes.contains(&ErrorCode::InvalidInput) {
+        codes.push(ErrorCode::InvalidInput);
+    }
+    // A body that does not arrive in time (serve::TimedBody).
+    if op.request_body.is_some() {
+        codes.push(ErrorCode::RequestTimeout);
+    }
     // Every client-key request counts against the key's requests per minute.
     if takes_scheme(op, &[CLIENT_KEY]) {
         codes.push(ErrorCode::RateLimited);
@@ -500,6 +511,9 @@ impl Modify for EventStreams {
                         let reference = serde_json::json!({
                             "$ref": format!("#/components/schemas/{schema}")
                         });
+                        // The schema of one event, as OpenAPI 3.2's `itemSchema` has it and
+                        // fuzzers (schemathesis) read it: the stream as a whole is text.
+                        content.schema = Some(event_schema(schema).into());
                         content
                             .extensions
                             .get_or_insert_with(Default::default)
@@ -509,6 +523,23 @@ impl Modify for EventStreams {
             }
         }
     }
+}
+
+/// One server-sent event of a stream whose `data` is the JSON of schema `data_schema`.
+fn event_schema(data_schema: &str) -> Schema {
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    ObjectBuilder::new()
+        .description(Some(format!(
+            "One server-sent event: `data` is the JSON of a `{data_schema}` (see `x-event-data`), `id` resumes the stream as `Last-Event-ID`."
+        )))
+        .property("id", text())
+        .property("event", text())
+        .property(
+            "data",
+            text().description(Some(format!("A `{data_schema}` as JSON."))),
+        )
+        .required("data")
+        .into()
 }
 
 /// A parameter is optional by being left out, never by being `null` (a query string or a

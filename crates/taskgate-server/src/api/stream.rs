@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
@@ -29,7 +29,7 @@ use futures::Stream;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::extract::ClientKey;
+use super::extract::{ClientKey, PathParams};
 use super::live::LOG_PAGE;
 use super::tasks::{model_or_404, required_task_id, task_not_found};
 use crate::domain::Task;
@@ -72,7 +72,7 @@ async fn stream_task(
         key,
         record,
     }: ClientKey,
-    Path(model): Path<String>,
+    PathParams(model): PathParams<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Bytes, HttpBody};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +20,7 @@ use taskgate_proto::{
     Envelope, ErrorCode, GenerateTaskRequest, RequestType, TaskCreated, TaskStatus, WebhookEvent,
 };
 
-use super::extract::{Caller, Writer};
+use super::extract::{Caller, PathParams, Writer};
 use super::idempotency::{self, IdempotencyHeader};
 use super::live::{add_live_fields, LogsQuery, PENDING_VIEW_FRESH_MS};
 use super::{models, operator, query_param, wait};
@@ -334,27 +334,38 @@ fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError
     Ok(url.to_string())
 }
 
-/// The request body within the server's limit (413 beyond it).
-pub(super) fn read_body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                "the request body is larger than the limit of {} bytes; pass large media as URLs",
-                state.max_body_bytes
-            ),
-            )
-        } else {
-            ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("cannot read the request body: {rejection}"),
-            )
-        }
-    })
+/// The request body within the server's limit (413 beyond it), read only when the handler asks:
+/// after the key and the model are checked, so a refused request costs no body.
+pub(super) async fn read_body(state: &AppState, request: Request) -> Result<Bytes, ApiError> {
+    // A declared length over the limit is refused at once: the limit alone would wait for the
+    // bytes to pass it, which a client that declares a gigabyte need never send.
+    if request.body().size_hint().lower() > state.max_body_bytes as u64 {
+        return Err(too_large(state));
+    }
+    Bytes::from_request(request, &())
+        .await
+        .map_err(|rejection| ApiError::unread_body(&rejection, || body_refused(state, &rejection)))
+}
+
+fn too_large(state: &AppState) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the request body is larger than the limit of {} bytes; pass large media as URLs",
+            state.max_body_bytes
+        ),
+    )
+}
+
+fn body_refused(state: &AppState, rejection: &BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(state)
+    } else {
+        ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("cannot read the request body: {rejection}"),
+        )
+    }
 }
 
 /// Submit a task (APIXO's generateTask).
@@ -374,14 +385,14 @@ pub(super) fn read_body(
 async fn generate_task(
     State(state): State<Arc<AppState>>,
     Writer(caller): Writer,
-    Path(model): Path<String>,
+    PathParams(model): PathParams<String>,
     idempotency: IdempotencyHeader,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     caller.may_use(&model)?;
     let runtime = model_or_404(&state, &model)?;
-    let body = read_body(&state, body)?;
+    let body = read_body(&state, request).await?;
     let key = idempotency.key()?;
     let mut submission = parse_submission(&body, state.webhooks.allow_private_callbacks)?;
     models::check_input(runtime, &mut submission.input)?;
@@ -513,7 +524,7 @@ async fn submit_one(
 async fn status_task(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(model): Path<String>,
+    PathParams(model): PathParams<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -698,7 +709,7 @@ async fn render_status_with(
 async fn cancel_task(
     State(state): State<Arc<AppState>>,
     Writer(caller): Writer,
-    Path(model): Path<String>,
+    PathParams(model): PathParams<String>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     caller.may_use(&model)?;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::Uri;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,7 +12,7 @@ use taskgate_proto::{
     WebhookSecretData,
 };
 
-use super::extract::{ClientTenant, Writer};
+use super::extract::{ClientTenant, PathParams, Writer};
 use super::query_param;
 use crate::domain::now_ms;
 use crate::error::ApiError;
@@ -179,7 +179,7 @@ async fn list_deliveries(
 async fn retry_delivery(
     State(state): State<Arc<AppState>>,
     Writer(caller): Writer,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<Envelope<WebhookDelivery>>, ApiError> {
     super::extract::tenant_wide(&caller.0)?;
     let tenant = caller.tenant();

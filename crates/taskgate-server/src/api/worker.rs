@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::Uri;
 use axum::routing::{post, put};
 use axum::{Json, Router};
@@ -24,7 +24,7 @@ use taskgate_proto::{
 use tokio::io::AsyncWriteExt;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::extract::WorkerToken;
+use super::extract::{PathParams, WorkerToken};
 use crate::artifacts::{sanitize_name, staged_key};
 use crate::backends::BackendError;
 use crate::dispatch::{ModelRuntime, Settled};
@@ -57,12 +57,14 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|r| {
-        let code = if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ErrorCode::PayloadTooLarge
-        } else {
-            ErrorCode::InvalidInput
-        };
-        ApiError::new(code, format!("cannot read the request body: {r}"))
+        ApiError::unread_body(&r, || {
+            let code = if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorCode::PayloadTooLarge
+            } else {
+                ErrorCode::InvalidInput
+            };
+            ApiError::new(code, format!("cannot read the request body: {r}"))
+        })
     })?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -262,7 +264,7 @@ async fn claim(
 async fn heartbeat(
     State(state): State<Arc<AppState>>,
     WorkerToken(worker): WorkerToken,
-    Path(task_id): Path<String>,
+    PathParams(task_id): PathParams<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     let hb: WorkerHeartbeat = parse_json(body)?;
@@ -367,7 +369,7 @@ async fn store_worker_logs(
 async fn upload(
     State(state): State<Arc<AppState>>,
     _worker: WorkerToken,
-    Path((task_id, name)): Path<(String, String)>,
+    PathParams((task_id, name)): PathParams<(String, String)>,
     uri: Uri,
     body: Body,
 ) -> Result<Json<Envelope<()>>, ApiError> {
@@ -394,7 +396,9 @@ async fn upload(
     let mut renewed = tokio::time::Instant::now();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorCode::InvalidInput, format!("upload interrupted: {e}"))
+            ApiError::unread_body(&e, || {
+                ApiError::new(ErrorCode::InvalidInput, format!("upload interrupted: {e}"))
+            })
         })?;
         written += chunk.len() as u64;
         if written > state.max_upload_bytes {
@@ -473,7 +477,7 @@ impl Drop for TempUpload {
 async fn complete(
     State(state): State<Arc<AppState>>,
     WorkerToken(worker): WorkerToken,
-    Path(task_id): Path<String>,
+    PathParams(task_id): PathParams<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     let req: WorkerComplete = parse_json(body)?;
@@ -519,7 +523,7 @@ async fn complete(
 async fn fail(
     State(state): State<Arc<AppState>>,
     WorkerToken(worker): WorkerToken,
-    Path(task_id): Path<String>,
+    PathParams(task_id): PathParams<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Envelope<()>>, ApiError> {
     let req: WorkerFail = parse_json(body)?;

@@ -19,6 +19,7 @@ pub fn server() -> ServerSettings {
         result_url_ttl: Duration::from_secs(24 * 3600),
         shutdown_grace: Duration::from_secs(30),
         header_timeout: Duration::from_secs(30),
+        body_timeout: Duration::from_secs(30),
         // Below the usual 65,536 open files, so that the limit, not the kernel, says no.
         max_connections: 10_000,
         // As long as result URLs stay valid: after that nobody can fetch them anyway.

@@ -803,6 +803,9 @@ impl Config {
         if self.server.header_timeout.is_zero() {
             return Err(invalid("header_timeout", "must be longer than 0s"));
         }
+        if self.server.body_timeout.is_zero() {
+            return Err(invalid("body_timeout", "must be longer than 0s"));
+        }
         if self.server.max_connections == 0 || self.server.max_connections > 1_000_000 {
             return Err(invalid("max_connections", "must be between 1 and 1000000"));
         }
@@ -840,7 +843,7 @@ impl Config {
             if !valid_model_name(name) {
                 return Err(invalid(
                     format!("models.{name}"),
-                    "model names use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
+                    "model names start with a lowercase letter or digit and use only lowercase letters, digits, '-', '_' and '.', at most 128 characters",
                 ));
             }
             // The backend first: a routed model's own limits are its routes' sums, so a bad
@@ -1142,9 +1145,13 @@ pub fn redact_url(raw: &str) -> String {
 /// assert!(valid_model_name("flux-2"));
 /// assert!(!valid_model_name("../etc"));
 /// assert!(!valid_model_name("Flux"));
+/// assert!(!valid_model_name(".."));
 /// ```
 pub fn valid_model_name(name: &str) -> bool {
-    !name.is_empty()
+    // A name of dots alone would be `.` or `..` as a path segment.
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name.len() <= 128
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')

@@ -130,6 +130,11 @@ settings_table! {
         #[arg(long, env = "TASKGATE_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
         #[serde(default, with = "humantime_serde::option")]
         header_timeout: Duration,
+        /// Longest a client may take to send a request's body, counted from the end of its
+        /// headers; an output upload only has to keep its bytes coming (no pause this long).
+        #[arg(long, env = "TASKGATE_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+        #[serde(default, with = "humantime_serde::option")]
+        body_timeout: Duration,
         /// Connections open at once; more wait until one closes.
         #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
         max_connections: usize,

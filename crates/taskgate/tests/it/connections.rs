@@ -1,18 +1,43 @@
-//! The server's connection limits: a deadline for headers, a cap on open connections, and a
-//! shutdown whose drain ends even when a client never finishes its request.
+//! The server's connection limits: deadlines for headers and bodies, a cap on open
+//! connections, and a shutdown whose drain ends even when a client never finishes its request.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{TestApp, API_KEY};
+use crate::support::{assert_error, TestApp, API_KEY};
 
 /// Reads until the server closes the connection; what it sent is returned.
-async fn read_to_close(stream: &mut TcpStream) -> String {
+pub(crate) async fn read_to_close(stream: &mut (impl AsyncRead + Unpin)) -> String {
     let mut got = Vec::new();
     let _ = stream.read_to_end(&mut got).await;
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The status and the JSON body of one raw HTTP/1.1 answer (with a `Content-Length` body, as
+/// every envelope has).
+pub(crate) fn parse_answer(answer: &str) -> (StatusCode, Value) {
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let body = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("the answer's body is not JSON ({e}): {answer:?}"));
+    (status, body)
+}
+
+/// The head of a generateTask request for the builtin `echo` model, declaring `length` bytes of
+/// body, with the test key.
+pub(crate) fn submit_head(length: usize) -> String {
+    format!(
+        "POST /api/v1/generateTask/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
 }
 
 /// Sends one keep-alive request and reads its whole answer (a `/healthz` body is small and
@@ -120,4 +145,54 @@ async fn shutdown_ends_even_when_a_client_never_finishes_its_request_body() {
     // The stuck connection was closed, not left open.
     let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut stuck)).await;
     assert!(rest.is_ok(), "the stuck connection is still open");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_is_answered_408_and_disconnected() {
+    let app = TestApp::start_with(|c| c.server.body_timeout = Duration::from_millis(500)).await;
+    let mut stuck = TcpStream::connect(app.addr).await.unwrap();
+    stuck
+        .write_all(format!("{}{{\"input\":", submit_head(1000)).as_bytes())
+        .await
+        .unwrap();
+    // Without the deadline this read would never end: the rest of the body never comes.
+    let answer = tokio::time::timeout(Duration::from_secs(20), read_to_close(&mut stuck))
+        .await
+        .expect("the server waited on a body that never came");
+    let (status, body) = parse_answer(&answer);
+    assert_error(status, &body, StatusCode::REQUEST_TIMEOUT, &["0.5s"]);
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // Others are still served.
+    app.api.submit_ok("echo", serde_json::json!({})).await;
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_trickling_is_cut_off_at_the_body_timeout_of_its_headers() {
+    let app = TestApp::start_with(|c| c.server.body_timeout = Duration::from_secs(1)).await;
+    let stream = TcpStream::connect(app.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    // 200 bytes at one every 100 ms: never a pause of a second, but 20 s in all.
+    let trickle = tokio::spawn(async move {
+        wr.write_all(submit_head(200).as_bytes()).await?;
+        for _ in 0..200 {
+            wr.write_all(b" ").await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::io::Result::Ok(())
+    });
+    let started = tokio::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(15), read_to_close(&mut rd))
+        .await
+        .expect("a body that kept moving was let run past the body timeout");
+    let (status, body) = parse_answer(&answer);
+    assert_error(status, &body, StatusCode::REQUEST_TIMEOUT, &["1s"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    trickle.abort();
 }

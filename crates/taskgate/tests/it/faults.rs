@@ -464,6 +464,8 @@ async fn an_upload_that_takes_longer_than_the_lease_keeps_the_claim() {
     let app = TestApp::start_with(|c| {
         c.models = models(WORKER_MODEL);
         c.server.lease = Duration::from_secs(1);
+        // Shorter than the upload too: an upload only has to keep moving.
+        c.server.body_timeout = Duration::from_millis(700);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;
@@ -503,6 +505,36 @@ async fn an_upload_that_takes_longer_than_the_lease_keeps_the_claim() {
         )],
     )
     .await;
+}
+
+#[tokio::test]
+async fn an_upload_that_stops_moving_for_the_body_timeout_is_answered_408() {
+    let app = TestApp::start_with(|c| {
+        c.models = models(WORKER_MODEL);
+        c.server.body_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let token = worker_token(&app.data_dir, None).await;
+    let w = Worker::new(&app.api.base, &token);
+    let id = app.api.submit_ok("remote", json!({})).await;
+    let (_, lease) = ids(&w.claim(&["remote"], 5000).await.expect("no task"));
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<&str, std::io::Error>>(1);
+    // One chunk, then silence (the sender is held, so the body never ends).
+    let mut tx = tx;
+    futures::SinkExt::send(&mut tx, Ok("first\n"))
+        .await
+        .unwrap();
+    let (status, body) = tokio::time::timeout(
+        WAIT,
+        w.upload(&id, "stalled.txt", &lease, reqwest::Body::wrap_stream(rx)),
+    )
+    .await
+    .expect("the server waited on an upload that stopped");
+    assert_error(status, &body, StatusCode::REQUEST_TIMEOUT, &["0.5s"]);
+    drop(tx);
+    // Nothing of it was kept: completing with it is refused.
+    let (status, body) = w.complete(&id, &lease, &["stalled.txt"]).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, &["never uploaded"]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ mod dispatch;
 mod fair_share;
 mod fault_suite;
 mod faults;
+mod hostile_input;
 mod hot_paths;
 mod http_backend;
 mod idempotency;
