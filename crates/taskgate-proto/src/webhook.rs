@@ -314,9 +314,12 @@ where
             tolerance_secs,
         });
     }
-    if -age > tolerance_secs {
+    // Not `-age`: with a clock near i64::MIN the age saturates there, and its negation
+    // overflows (a panic in debug builds, a far-future timestamp let through in release).
+    let ahead = ts.saturating_sub(now_secs);
+    if ahead > tolerance_secs {
         return Err(VerifyError::TooNew {
-            ahead_secs: -age,
+            ahead_secs: ahead,
             tolerance_secs,
         });
     }
@@ -510,6 +513,51 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Found by the fuzz target (crates/taskgate-fuzz): `now` and the timestamp so far apart
+    /// that their difference saturates, which the ahead-check once negated with overflow.
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_refused_without_overflow() {
+        let h = headers(SPEC_ID, "4589893755219370950", SPEC_SIG);
+        let err = verify(
+            &secret(SPEC_SECRET),
+            &h,
+            SPEC_BODY,
+            -7097850744398201412,
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::TooNew {
+                    ahead_secs: i64::MAX,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let min = i64::MIN.to_string();
+        let h = headers(SPEC_ID, &min, SPEC_SIG);
+        let err = verify(
+            &secret(SPEC_SECRET),
+            &h,
+            SPEC_BODY,
+            i64::MAX,
+            DEFAULT_TOLERANCE,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::TooOld {
+                    age_secs: i64::MAX,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ async fn generate_tasks(
 
 /// The items of `{"tasks": [...]}`, each a JSON object, 1 to [`MAX_BATCH_TASKS`] of them.
 /// Other top-level fields are ignored, as generateTask ignores unknown fields.
-fn parse_batch(bytes: &[u8]) -> Result<Vec<Map<String, Value>>, ApiError> {
+pub(super) fn parse_batch(bytes: &[u8]) -> Result<Vec<Map<String, Value>>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let example = "{\"tasks\": [{\"input\": {\"prompt\": \"...\"}}, ...]}";
     let value = super::tasks::parse_json_body(bytes, example)?;

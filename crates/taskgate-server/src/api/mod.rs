@@ -42,6 +42,38 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::{envelope_response, ApiError};
 use crate::state::AppState;
 
+/// The request-body checks of generateTask and generateTasks, reachable from the fuzz targets
+/// (`tests/fuzz.rs`), which cannot call private functions. Not an API: the HTTP routes are.
+#[doc(hidden)]
+pub mod fuzzing {
+    use serde_json::{Map, Value};
+
+    use crate::error::ApiError;
+
+    /// Deepest nesting of arrays and objects a request body may have.
+    pub const MAX_JSON_DEPTH: usize = super::tasks::MAX_JSON_DEPTH;
+    /// Most values a request body may hold.
+    pub const MAX_JSON_ELEMENTS: usize = super::tasks::MAX_JSON_ELEMENTS;
+
+    /// What a submit keeps of an accepted body: the task's input and its callback URL.
+    pub type Accepted = (Map<String, Value>, Option<String>);
+
+    /// A generateTask body through the checks the handler runs before the model's own.
+    pub fn generate_task(bytes: &[u8]) -> Result<Accepted, ApiError> {
+        super::tasks::parse_submission(bytes, false).map(|s| (s.input, s.callback_url))
+    }
+
+    /// A generateTasks body through the checks the handler runs before the model's own.
+    pub fn generate_tasks(bytes: &[u8]) -> Result<Vec<Accepted>, ApiError> {
+        super::batch::parse_batch(bytes)?
+            .into_iter()
+            .map(|item| {
+                super::tasks::submission_from_object(item, false).map(|s| (s.input, s.callback_url))
+            })
+            .collect()
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
     let http_metrics = metrics::HttpMetricsLayer::new(state.metrics.clone());

@@ -123,7 +123,7 @@ fn parse_scheduling(body: &Map<String, Value>) -> Result<(i32, Option<Duration>)
     Ok((priority, ttl))
 }
 
-fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
+pub(super) fn parse_submission(bytes: &[u8], allow_private: bool) -> Result<Submission, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
     let value = parse_json_body(bytes, "{\"input\": {\"prompt\": \"...\"}}")?;
     let Value::Object(body) = value else {
