@@ -211,6 +211,10 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(params)) => Ok(PathParams(params)),
+            // A route whose parameters do not fit its type is our bug, not the client's.
+            Err(rejection) if rejection.status().is_server_error() => {
+                Err(ApiError::internal(rejection))
+            }
             Err(rejection) => Err(ApiError::new(
                 ErrorCode::InvalidInput,
                 format!("the URL path cannot be read: {}", rejection.body_text()),

@@ -43,7 +43,7 @@ use crate::error::{envelope_response, ApiError};
 use crate::state::AppState;
 
 /// The request-body checks of generateTask and generateTasks, reachable from the fuzz targets
-/// (`tests/fuzz.rs`), which cannot call private functions. Not an API: the HTTP routes are.
+/// (`crates/taskgate-fuzz`), which cannot call private functions. Not an API: the HTTP routes are.
 #[doc(hidden)]
 pub mod fuzzing {
     use serde_json::{Map, Value};

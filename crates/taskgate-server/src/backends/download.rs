@@ -20,9 +20,18 @@ pub(crate) fn transport_error(what: &str, e: &reqwest::Error, timeout: Duration)
     let message = if e.is_timeout() {
         format!("{what} timed out after {}", human(timeout))
     } else {
-        format!("{what} failed: {}", crate::report::error_chain(e))
+        format!("{what} failed: {}", without_url(e))
     };
     BackendError::retryable(fail_code::MODEL_UNAVAILABLE, message)
+}
+
+/// A reqwest error's causes without its own line, which repeats the whole URL (credentials and
+/// query included); `what` names the URL already, redacted, and tenants read this message.
+fn without_url(e: &reqwest::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => crate::report::error_chain(cause),
+        None => e.to_string(),
+    }
 }
 
 /// 5xx and 429 may pass; other 4xx will not.
@@ -140,7 +149,7 @@ impl Download {
                 if crate::webhooks::ssrf::is_refused_address(&e) {
                     BackendError::fatal(
                         fail_code::GENERATION_FAILED,
-                        format!("{what} refused: {}", crate::report::error_chain(&e)),
+                        format!("{what} refused: {}", without_url(&e)),
                     )
                 } else {
                     transport_error(&what, &e, self.timeout)

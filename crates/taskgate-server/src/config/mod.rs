@@ -800,6 +800,15 @@ impl Config {
                 "must be at least 300ms (renewals come every third of it)",
             ));
         }
+        // Bounded above too: a deadline past what the clock can hold would panic on every
+        // request.
+        const A_DAY: Duration = Duration::from_secs(24 * 3600);
+        if self.server.header_timeout > A_DAY {
+            return Err(invalid("header_timeout", "must be at most 24h"));
+        }
+        if self.server.body_timeout > A_DAY {
+            return Err(invalid("body_timeout", "must be at most 24h"));
+        }
         if self.server.header_timeout.is_zero() {
             return Err(invalid("header_timeout", "must be longer than 0s"));
         }

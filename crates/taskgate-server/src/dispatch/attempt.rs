@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::completer::{Settled, FIRST_WRITE_PAUSE, MAX_WRITE_PAUSE};
+use super::completer::{Settled, FIRST_WRITE_PAUSE};
 use super::{Dispatcher, ModelRuntime};
 use crate::artifacts::{output_names, staged_key};
 use crate::backends::{BackendError, Job, Produced, Progress};
@@ -31,6 +31,29 @@ use crate::store::{Blob, Claim};
 /// Free space in the data dir's file system below which a failed attempt is deferred rather
 /// than counted ([`Dispatcher::disk_full`]): room for a few pages of SQLite and a small output.
 const LOW_SPACE: u64 = 1 << 20;
+
+/// How many attempts of one task a node puts back uncounted for want of space, their delays
+/// following the retry schedule (with the default one, about nine minutes of full disk). Past
+/// it attempts count again: free space is read as an unprivileged user sees it, so a disk
+/// that keeps root's reserved blocks can look full for good, and a task that fails for its own
+/// reasons must still end.
+const MAX_DEFERRALS: u32 = 20;
+
+/// Longest pause between two tries of putting a deferred task back.
+const DEFER_WRITE_PAUSE: Duration = Duration::from_millis(250);
+
+/// Failures that say nothing about the disk: they are counted whatever the free space.
+fn unrelated_to_space(e: &BackendError) -> bool {
+    let (BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. }) = e;
+    matches!(
+        code.as_str(),
+        fail_code::PROCESSING_TIMEOUT
+            | fail_code::INVALID_INPUT
+            | fail_code::CANCELLED
+            | fail_code::EXPIRED
+            | fail_code::MODEL_REMOVED
+    )
+}
 
 /// When the attempt's lease ends, as far as this process knows: moved on by every renewal.
 pub(super) struct LeaseDeadline(Mutex<Instant>);
@@ -80,7 +103,7 @@ impl Dispatcher {
                         fail_code::INTERNAL_ERROR,
                         format!("cannot create an output directory: {e}"),
                     );
-                    if self.disk_full().await {
+                    if self.disk_full().await && self.may_defer(&claim.task.id) {
                         self.defer_for_space(&model.name, &claim, &err).await;
                         return;
                     }
@@ -149,15 +172,22 @@ impl Dispatcher {
         if let Some(reports) = reports {
             reports.finish().await;
         }
+        // Free space is read before the attempt's directory is emptied: a program that filled
+        // the disk with a partial output was short of space, whatever is left once it is gone.
+        let short_of_space = match &result {
+            Err(e) if !unrelated_to_space(e) => self.disk_full().await,
+            _ => false,
+        };
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
         if let Err(e) = &result {
-            if self.disk_full().await {
+            if short_of_space && self.may_defer(&claim.task.id) {
                 self.discard(&staged).await;
                 self.defer_for_space(&model.name, &claim, e).await;
                 return;
             }
         }
+        self.forget_deferrals(&claim.task.id);
         let succeeded = result.is_ok();
         let settled = self
             .settle_as(
@@ -194,6 +224,30 @@ impl Dispatcher {
         }
     }
 
+    /// Whether another attempt of `task` may be put back uncounted ([`MAX_DEFERRALS`]); counts
+    /// it if so.
+    fn may_defer(&self, task: &str) -> bool {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        // Tasks whose next attempt never ran here leave entries behind; a bound keeps the map
+        // small (losing the counts only allows a few more deferrals).
+        if deferred.len() > 10_000 {
+            deferred.clear();
+        }
+        let n = deferred.entry(task.to_owned()).or_insert(0);
+        if *n >= MAX_DEFERRALS {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn forget_deferrals(&self, task: &str) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if !deferred.is_empty() {
+            deferred.remove(task);
+        }
+    }
+
     /// Puts the task back to pending without counting the attempt, to run again after the
     /// first retry delay: it waits for space instead of failing. The database is likely on the
     /// same full disk, so the write is tried again (the attempt keeps its slot meanwhile) until
@@ -205,7 +259,18 @@ impl Dispatcher {
             BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. } => code,
         };
         self.metrics.backend_error(model, true, code);
-        let delay = self.retry.delay(1).unwrap_or(Duration::from_secs(1));
+        let deferrals = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&claim.task.id)
+            .copied()
+            .unwrap_or(1);
+        let delay = self
+            .retry
+            .delay(deferrals)
+            .or_else(|| self.retry.delay(1))
+            .unwrap_or(Duration::from_secs(1));
         let mut pause = FIRST_WRITE_PAUSE;
         loop {
             let run_after = now_ms() + delay.as_millis() as i64;
@@ -234,7 +299,9 @@ impl Dispatcher {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.interrupt.cancelled() => return,
             }
-            pause = (pause * 2).min(MAX_WRITE_PAUSE);
+            // Kept short: once space returns this write must land before the lease sweep,
+            // which would count the attempt, reaches the task (it runs once per lease).
+            pause = (pause * 2).min(DEFER_WRITE_PAUSE);
         }
         self.events.changed(&claim.task.id);
         self.notify(model);

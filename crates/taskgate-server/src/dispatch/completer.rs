@@ -22,7 +22,7 @@ use crate::store::{AttemptEnd, Blob, Claim, Outcome, StoreError};
 
 /// First pause between two tries of a failed write; doubles up to [`MAX_WRITE_PAUSE`].
 pub(super) const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(100);
-pub(super) const MAX_WRITE_PAUSE: Duration = Duration::from_secs(2);
+const MAX_WRITE_PAUSE: Duration = Duration::from_secs(2);
 
 /// What became of an outcome.
 #[derive(Debug)]

@@ -103,6 +103,10 @@ pub struct Dispatcher {
     events: TaskEvents,
     /// This node's running local attempts, for cancels.
     running: running::Running,
+    /// Attempts of each task put back uncounted for want of space on this node
+    /// (`attempt::defer_for_space`), so a disk that looks full forever cannot keep a task from
+    /// ending. Forgotten when the task's next attempt is settled; cleared if it grows large.
+    deferred: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     metrics: Arc<Metrics>,
 }
 
@@ -149,6 +153,7 @@ impl Dispatcher {
             views,
             events,
             running: running::Running::default(),
+            deferred: Default::default(),
             metrics,
         })
     }

@@ -813,9 +813,14 @@ async fn claims_keep_their_pace_while_an_idle_transaction_holds_back_dead_rows()
     // them, dead but not removable, while the transaction is open (EXPLAIN at 50,000 tasks done:
     // ~50,000 heap fetches per scan, 30-50 ms). At the CI size the walk costs a few ms and does
     // not show; the by-hand size is the one that can fail.
+    //
+    // At the CI size each tenth lasts a fraction of a second, so a stall of the shared machine
+    // could fail the comparison without claims having slowed: it is asserted only for a size
+    // asked for by hand (the rates are printed at every size).
     let (first, last) = (rates[0], rates[9]);
+    let by_hand = std::env::var_os("TASKGATE_FAULT_TASKS").is_some();
     assert!(
-        last >= first / 3.0,
+        !by_hand || last >= first / 3.0,
         "the last tenth ran at {last:.0} tasks/s against {first:.0} at first: {rates:?}; claims \
          walk the dead index entries an open transaction keeps (see the comment above)"
     );

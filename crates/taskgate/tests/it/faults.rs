@@ -465,7 +465,7 @@ async fn an_upload_that_takes_longer_than_the_lease_keeps_the_claim() {
         c.models = models(WORKER_MODEL);
         c.server.lease = Duration::from_secs(1);
         // Shorter than the upload too: an upload only has to keep moving.
-        c.server.body_timeout = Duration::from_millis(700);
+        c.server.body_timeout = Duration::from_secs(2);
     })
     .await;
     let token = worker_token(&app.data_dir, None).await;

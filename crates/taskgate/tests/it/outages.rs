@@ -30,6 +30,11 @@ impl SmallDisk {
     /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) on `path`; `None`, said visibly,
     /// where that is not allowed (not root, no tmpfs).
     fn mount(path: &Path, size: &str) -> Option<SmallDisk> {
+        // CI runs as root with mount allowed: there a skip would hide an untested promise.
+        let skip = |why: &str| {
+            assert!(std::env::var_os("CI").is_none(), "CI must run {why}");
+            skip(why);
+        };
         std::fs::create_dir_all(path).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
