@@ -9,6 +9,23 @@ use taskgate_server::config::{self, ConfigError, FileConfig, Layers};
 /// defaults and validate. Refusals say what to fix: a parse error has a message, and an invalid
 /// setting names the setting.
 fn check_config(text: &str) {
+    // `serve` reads its config on the main thread, with 8 MiB of stack; a test thread has 2 MiB,
+    // which toml's recursion (bounded by its limit of 80 levels) outgrows in an unoptimised
+    // build: a stack overflow the fuzzer found here, where the binary answers "recursion limit
+    // exceeded". So the check runs on a thread with the main thread's stack.
+    let outcome = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn_scoped(scope, || check_config_text(text))
+            .unwrap()
+            .join()
+    });
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn check_config_text(text: &str) {
     let file = match FileConfig::parse(text) {
         Ok(file) => file,
         Err(message) => {
