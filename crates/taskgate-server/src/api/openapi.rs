@@ -200,6 +200,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotAllowed,
                 ReadOnlyKey,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         ("listTasks", &[InvalidInput, ModelNotAllowed, Unavailable]),
@@ -212,6 +213,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotAllowed,
                 ReadOnlyKey,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -227,6 +229,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotAllowed,
                 ReadOnlyKey,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         ("getFile", &[LinkInvalid, FileNotFound, Unavailable]),
@@ -239,6 +242,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 ModelNotForWorkers,
                 PayloadTooLarge,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -249,6 +253,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 TaskNotFound,
                 LeaseLost,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -272,6 +277,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 OutputNotUploaded,
                 OutcomeNotRecorded,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         (
@@ -283,6 +289,7 @@ pub const ERRORS: &[(&str, &[ErrorCode])] = {
                 LeaseLost,
                 OutcomeNotRecorded,
                 Unavailable,
+                InsufficientStorage,
             ],
         ),
         ("taskCounts", &[InvalidInput, ModelNotAllowed, Unavailable]),
