@@ -107,6 +107,13 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// The failCode, whichever kind.
+    pub fn code(&self) -> &str {
+        match self {
+            BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. } => code,
+        }
+    }
+
     /// An attempt that reported success but left no output file: a model that produced nothing
     /// is treated as broken, wherever it ran.
     pub fn no_output() -> Self {

@@ -44,9 +44,8 @@ const DEFER_WRITE_PAUSE: Duration = Duration::from_millis(250);
 
 /// Failures that say nothing about the disk: they are counted whatever the free space.
 fn unrelated_to_space(e: &BackendError) -> bool {
-    let (BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. }) = e;
     matches!(
-        code.as_str(),
+        e.code(),
         fail_code::PROCESSING_TIMEOUT
             | fail_code::INVALID_INPUT
             | fail_code::CANCELLED
@@ -103,8 +102,8 @@ impl Dispatcher {
                         fail_code::INTERNAL_ERROR,
                         format!("cannot create an output directory: {e}"),
                     );
-                    if self.disk_full().await && self.may_defer(&claim.task.id) {
-                        self.defer_for_space(&model.name, &claim, &err).await;
+                    if let Some(n) = self.next_deferral(&claim.task.id, self.disk_full().await) {
+                        self.defer_for_space(&model.name, &claim, &err, n).await;
                         return;
                     }
                     self.settle(&model.name, &claim, Err(err), Duration::ZERO, lease.get())
@@ -181,9 +180,9 @@ impl Dispatcher {
         let reusable = returned.load(Ordering::Acquire) && model.backend.writes_end_with_run();
         self.give_back(dir, reusable).await;
         if let Err(e) = &result {
-            if short_of_space && self.may_defer(&claim.task.id) {
+            if let Some(n) = self.next_deferral(&claim.task.id, short_of_space) {
                 self.discard(&staged).await;
-                self.defer_for_space(&model.name, &claim, e).await;
+                self.defer_for_space(&model.name, &claim, e, n).await;
                 return;
             }
         }
@@ -224,9 +223,12 @@ impl Dispatcher {
         }
     }
 
-    /// Whether another attempt of `task` may be put back uncounted ([`MAX_DEFERRALS`]); counts
-    /// it if so.
-    fn may_defer(&self, task: &str) -> bool {
+    /// When `short_of_space`, whether another attempt of `task` may be put back uncounted
+    /// ([`MAX_DEFERRALS`]): its number (from 1) if so, counted.
+    fn next_deferral(&self, task: &str, short_of_space: bool) -> Option<u32> {
+        if !short_of_space {
+            return None;
+        }
         let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         // Tasks whose next attempt never ran here leave entries behind; a bound keeps the map
         // small (losing the counts only allows a few more deferrals).
@@ -235,10 +237,10 @@ impl Dispatcher {
         }
         let n = deferred.entry(task.to_owned()).or_insert(0);
         if *n >= MAX_DEFERRALS {
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(*n)
     }
 
     fn forget_deferrals(&self, task: &str) {
@@ -249,26 +251,16 @@ impl Dispatcher {
     }
 
     /// Puts the task back to pending without counting the attempt, to run again after the
-    /// first retry delay: it waits for space instead of failing. The database is likely on the
+    /// retry schedule's `nth` delay: it waits for space instead of failing. The database is likely on the
     /// same full disk, so the write is tried again (the attempt keeps its slot meanwhile) until
     /// it lands once space is freed, or the task turns out not to be ours; a shutdown leaves it
     /// to the lease's expiry.
-    async fn defer_for_space(&self, model: &str, claim: &Claim, e: &BackendError) {
+    async fn defer_for_space(&self, model: &str, claim: &Claim, e: &BackendError, nth: u32) {
         // Counted as the retryable failure it is: it will run again.
-        let code = match e {
-            BackendError::Retryable { code, .. } | BackendError::Fatal { code, .. } => code,
-        };
-        self.metrics.backend_error(model, true, code);
-        let deferrals = self
-            .deferred
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&claim.task.id)
-            .copied()
-            .unwrap_or(1);
+        self.metrics.backend_error(model, true, e.code());
         let delay = self
             .retry
-            .delay(deferrals)
+            .delay(nth)
             .or_else(|| self.retry.delay(1))
             .unwrap_or(Duration::from_secs(1));
         let mut pause = FIRST_WRITE_PAUSE;

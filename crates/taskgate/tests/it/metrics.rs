@@ -94,11 +94,11 @@ fn parse(text: &str) -> Vec<Sample> {
 }
 
 /// The exposition, parsed.
-struct Scrape(Vec<Sample>);
+pub(crate) struct Scrape(Vec<Sample>);
 
 impl Scrape {
     /// The value of `name` with exactly these labels; `None` when there is no such series.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let want: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -112,6 +112,20 @@ impl Scrape {
         found.first().map(|s| s.value)
     }
 
+    /// The sum of the series of `name` that carry at least these labels (0 when none does).
+    pub(crate) fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
     /// Like `get`, asserting the series exists.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or_else(|| {
@@ -121,11 +135,10 @@ impl Scrape {
     }
 }
 
-async fn scrape_text(app: &TestApp) -> String {
-    let resp = app
-        .api
+async fn scrape_text(api: &Api) -> String {
+    let resp = api
         .http
-        .get(format!("{}/metrics", app.api.base))
+        .get(format!("{}/metrics", api.base))
         .send()
         .await
         .unwrap();
@@ -136,7 +149,12 @@ async fn scrape_text(app: &TestApp) -> String {
 }
 
 async fn scrape(app: &TestApp) -> Scrape {
-    Scrape(parse(&scrape_text(app).await))
+    scrape_api(&app.api).await
+}
+
+/// `GET /metrics` of the server `api` talks to, parsed (for servers run as child processes).
+pub(crate) async fn scrape_api(api: &Api) -> Scrape {
+    Scrape(parse(&scrape_text(api).await))
 }
 
 /// Scrapes until `cond` holds (counters move after the response that caused them: a delivery
@@ -378,7 +396,7 @@ async fn metrics_count_a_known_workload_by_model_state_fail_code_webhook_outcome
     );
 
     // No series names a task or a tenant: labels are models, states, codes, routes, statuses.
-    let text = scrape_text(&app).await;
+    let text = scrape_text(&app.api).await;
     for id in finals.iter().chain([&long]) {
         assert!(
             !text.contains(id.as_str()),
@@ -525,7 +543,7 @@ async fn a_fail_code_a_pull_worker_makes_up_is_counted_as_other() {
         .await;
     assert_eq!(data["state"], "failed", "{data}");
 
-    let text = scrape_text(&app).await;
+    let text = scrape_text(&app.api).await;
     assert!(
         !text.contains("OOM_"),
         "the made-up code became a label value:\n{text}"

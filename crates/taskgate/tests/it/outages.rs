@@ -104,23 +104,10 @@ async fn submit_until_refused(api: &Api, input: Value, tries: usize) -> (Vec<Str
 
 /// `taskgate_backend_errors_total` of `model`'s retryable failures, from /metrics.
 async fn deferred_attempts(api: &Api, model: &str) -> u64 {
-    let text = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("taskgate_backend_errors_total{")
-                && l.contains(&format!("model=\"{model}\""))
-                && l.contains("kind=\"retryable\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    crate::metrics::scrape_api(api).await.sum(
+        "taskgate_backend_errors_total",
+        &[("model", model), ("kind", "retryable")],
+    ) as u64
 }
 
 #[tokio::test]

@@ -110,24 +110,20 @@ async fn start(
     (up, app)
 }
 
-/// The value of one series of `/metrics` (`name{labels}` exactly as rendered), if shown.
-async fn metric(app: &TestApp, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", app.api.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+/// A route's breaker state (0 closed, 1 open, 2 half-open) from `/metrics`, if shown.
+async fn breaker(app: &TestApp, route: &str) -> Option<f64> {
+    route_metric(app, "taskgate_route_breaker_state", route).await
 }
 
-fn breaker(route: &str) -> String {
-    format!("taskgate_route_breaker_state{{model=\"m\",route=\"{route}\"}}")
+/// A route's failovers so far, from `/metrics`, if shown.
+async fn failovers(app: &TestApp, route: &str) -> Option<f64> {
+    route_metric(app, "taskgate_route_failovers_total", route).await
 }
 
-fn failovers(route: &str) -> String {
-    format!("taskgate_route_failovers_total{{model=\"m\",route=\"{route}\"}}")
+async fn route_metric(app: &TestApp, name: &str, route: &str) -> Option<f64> {
+    crate::metrics::scrape_api(&app.api)
+        .await
+        .get(name, &[("model", "m"), ("route", route)])
 }
 
 async fn files_of(data: &Value) -> Vec<Vec<u8>> {
@@ -148,8 +144,8 @@ async fn a_503_from_the_first_route_fails_over_to_the_second_which_serves_the_ta
     assert_eq!(data["route"], "cloud", "{data}");
     assert_eq!(files_of(&data).await, vec![CLOUD_PNG.to_vec()]);
     assert_eq!((up.calls("local"), up.calls("cloud")), (1, 1));
-    assert_eq!(metric(&app, &failovers("local")).await, Some(1.0));
-    assert_eq!(metric(&app, &breaker("local")).await, Some(0.0));
+    assert_eq!(failovers(&app, "local").await, Some(1.0));
+    assert_eq!(breaker(&app, "local").await, Some(0.0));
 }
 
 #[tokio::test]
@@ -167,7 +163,7 @@ async fn once_its_breaker_opens_the_first_route_is_not_called_and_tasks_go_to_th
         assert_eq!(data["route"], "cloud", "{data}");
     }
     assert_eq!(up.calls("local"), 2);
-    assert_eq!(metric(&app, &breaker("local")).await, Some(1.0), "open");
+    assert_eq!(breaker(&app, "local").await, Some(1.0), "open");
 
     for _ in 0..3 {
         let data = app.api.run_to_end("m", json!({})).await;
@@ -177,8 +173,8 @@ async fn once_its_breaker_opens_the_first_route_is_not_called_and_tasks_go_to_th
     }
     assert_eq!(up.calls("local"), 2, "an open breaker keeps attempts away");
     assert_eq!(up.calls("cloud"), 5);
-    assert_eq!(metric(&app, &failovers("local")).await, Some(5.0));
-    assert_eq!(metric(&app, &breaker("cloud")).await, Some(0.0));
+    assert_eq!(failovers(&app, "local").await, Some(5.0));
+    assert_eq!(breaker(&app, "cloud").await, Some(0.0));
 }
 
 #[tokio::test]
@@ -193,7 +189,7 @@ async fn after_the_cool_down_one_probe_reaches_the_first_route_and_its_success_c
     .await;
     let data = app.api.run_to_end("m", json!({})).await;
     assert_eq!(data["route"], "cloud", "{data}");
-    assert_eq!(metric(&app, &breaker("local")).await, Some(1.0), "open");
+    assert_eq!(breaker(&app, "local").await, Some(1.0), "open");
 
     // The first route is healthy again; tasks keep going to the second until the cool-down
     // lets one probe through.
@@ -220,7 +216,7 @@ async fn after_the_cool_down_one_probe_reaches_the_first_route_and_its_success_c
     assert_eq!(data["state"], "success", "{data}");
     assert_eq!(files_of(&data).await, vec![LOCAL_PNG.to_vec()]);
     assert_eq!(up.calls("local"), 2, "the failure, then exactly one probe");
-    assert_eq!(metric(&app, &breaker("local")).await, Some(0.0), "closed");
+    assert_eq!(breaker(&app, "local").await, Some(0.0), "closed");
     let data = app.api.run_to_end("m", json!({})).await;
     assert_eq!(
         data["route"], "local",
@@ -250,8 +246,8 @@ async fn a_fatal_4xx_from_the_first_route_neither_fails_over_nor_counts_against_
         "{data}"
     );
     assert_eq!(up.calls("cloud"), 0, "no failover on the input's fault");
-    assert_eq!(metric(&app, &breaker("local")).await, Some(0.0), "closed");
-    assert_eq!(metric(&app, &failovers("local")).await, Some(0.0));
+    assert_eq!(breaker(&app, "local").await, Some(0.0), "closed");
+    assert_eq!(failovers(&app, "local").await, Some(0.0));
     up.answer("local", Answer::Png(LOCAL_PNG));
     let data = app.api.run_to_end("m", json!({ "prompt": "a cat" })).await;
     assert_eq!(data["route"], "local", "{data}");
