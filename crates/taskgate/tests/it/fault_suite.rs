@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, RngCore, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -50,9 +52,8 @@ fn env_size(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// splitmix64: enough randomness for kill moments and a mix of submits, and replayable from its
-/// seed without another dependency.
-struct Rng(u64);
+/// Kill moments and a mix of submits, replayable from a printed seed.
+struct Rng(StdRng);
 
 impl Rng {
     /// From `TASKGATE_FAULT_SEED`, else the clock; prints the seed.
@@ -69,20 +70,20 @@ impl Rng {
         say(&format!(
             "{what}: seed {seed} (TASKGATE_FAULT_SEED={seed} replays it)"
         ));
-        Rng(seed)
+        Rng::from_seed(seed)
+    }
+
+    fn from_seed(seed: u64) -> Rng {
+        Rng(StdRng::seed_from_u64(seed))
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// A number in `lo..hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
+        self.0.gen_range(lo..hi)
     }
 }
 
@@ -209,7 +210,7 @@ impl Load {
             .map(|_| {
                 let (api, stop, tally) = (api.clone(), stop.clone(), tally.clone());
                 let callback_url = callback_url.to_owned();
-                let mut rng = Rng(rng.next());
+                let mut rng = Rng::from_seed(rng.next());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::SeqCst) {
                         let kind = Kind::pick(&mut rng);
