@@ -56,7 +56,27 @@ pub fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn io_full(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    e.kind() == std::io::ErrorKind::StorageFull
-        || matches!(e.raw_os_error(), Some(n) if n == Errno::ENOSPC as i32 || n == Errno::EDQUOT as i32)
+    // std decodes ENOSPC and EDQUOT into these kinds.
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    matches!(e.kind(), StorageFull | QuotaExceeded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_and_edquot_are_a_full_disk_down_the_cause_chain_and_other_errors_are_not() {
+        for errno in [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT] {
+            let io = std::io::Error::from_raw_os_error(errno as i32);
+            assert!(storage_full(&io), "{errno}");
+            let wrapped = sqlx::Error::Io(std::io::Error::from_raw_os_error(errno as i32));
+            assert!(storage_full(&wrapped), "{errno} inside sqlx");
+        }
+        assert!(storage_full(&StorageFull(
+            "database or disk is full".into()
+        )));
+        let other = std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32);
+        assert!(!storage_full(&other));
+    }
 }
