@@ -590,8 +590,18 @@ async fn a_postgresql_outage_under_load_answers_503_and_every_accepted_task_stil
     .await;
 
     proxy.cut();
-    // The outage itself: its length is the fault, not a wait for something.
+    // The outage lasts at least 3 s, and until the load has met it (a loaded machine may send no
+    // submit in a fixed window): the 503 asserted below is then waited for, not hoped for.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "a submit answered 503 during the outage",
+        || {
+            let n = tally.lock().unwrap().unavailable;
+            async move { n >= 1 }
+        },
+    )
+    .await;
     let during = tally.lock().unwrap().unavailable;
     let _restored = Proxy::start(proxy.port).await;
     let at_restore = accepted();
